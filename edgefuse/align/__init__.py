@@ -1,0 +1,38 @@
+"""Matching methods: each is a registered function `(models, spec, data, seed) -> list of perms per model`."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+from torch import nn
+
+from ..errors import EdgefuseError
+from ..spec import PermSpec, permute
+
+METHODS: dict[str, Callable] = {}
+
+
+def register(name: str) -> Callable:
+    def deco(fn: Callable) -> Callable:
+        METHODS[name] = fn
+        return fn
+    return deco
+
+
+def align_perms(models: list[nn.Module], spec: PermSpec, method: str = "weight", data: Iterable | None = None,
+                seed: int = 0) -> list[dict]:
+    """Permutations that line every model up with models[0] (whose permutation is the identity)."""
+    if len(models) < 2:
+        raise EdgefuseError(f"alignment needs at least 2 models, got {len(models)}")
+    if method not in METHODS:
+        raise EdgefuseError(f"unknown alignment method '{method}' (available: {', '.join(sorted(METHODS))})")
+    return METHODS[method](models, spec, data=data, seed=seed)
+
+
+def align(models: list[nn.Module], spec: PermSpec, method: str = "weight", data: Iterable | None = None,
+          seed: int = 0) -> list[nn.Module]:
+    """New modules, each computing the same function as its input, with hidden units in models[0]'s order."""
+    perms = align_perms(models, spec, method, data, seed)
+    return [permute(m, spec, p) for m, p in zip(models, perms)]
+
+
+from . import weight  # noqa: E402,F401  (registers "weight")

@@ -1,0 +1,82 @@
+"""Datasets that exist on this machine without a download: Fashion-MNIST (Debian package) and sklearn digits."""
+from __future__ import annotations
+
+import gzip
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import EdgefuseError
+
+FASHION_DIRS = (os.environ.get("EDGEFUSE_FASHION_MNIST", ""), "/usr/share/datasets/fashion-mnist")
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+
+
+def fashion_mnist_dir() -> Path:
+    """The folder with the four IDX files, or a one-line error saying how to get them."""
+    for d in FASHION_DIRS:
+        if d and (Path(d) / "t10k-labels-idx1-ubyte.gz").is_file():
+            return Path(d)
+    raise EdgefuseError("Fashion-MNIST not found in /usr/share/datasets/fashion-mnist: run "
+                        "'apt-get install dataset-fashion-mnist' (or set EDGEFUSE_FASHION_MNIST to its folder)")
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise EdgefuseError(f"cannot read {path}: {e}") from None
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise EdgefuseError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {data.size}")
+    return data.reshape(dims)
+
+
+def fashion_mnist(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """Images as float32 in [0, 1], shape (n, 1, 28, 28), and int64 labels: the zoo models' input contract."""
+    prefix = {"train": "train", "test": "t10k"}[split]
+    root = fashion_mnist_dir()
+    x = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
+    y = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz")
+    images = torch.from_numpy(x.astype(np.float32) / 255.0).unsqueeze(1)
+    return images, torch.from_numpy(y.astype(np.int64))
+
+
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """sklearn's 8x8 digits as (n, 1, 8, 8) floats in [0, 1]: small enough for fast tests."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)
+    return x, torch.tensor(d.target, dtype=torch.int64)
+
+
+def batches(x: torch.Tensor, y: torch.Tensor | None = None, batch_size: int = 256) -> list:
+    """A plain list of batches, the simplest form of `data` the public functions accept."""
+    out = []
+    for i in range(0, len(x), batch_size):
+        out.append(x[i:i + batch_size] if y is None else (x[i:i + batch_size], y[i:i + batch_size]))
+    return out
+
+
+def inputs_of(data: Iterable) -> Iterator[torch.Tensor]:
+    """Input tensors of `data`, whether it yields tensors or (inputs, labels) pairs."""
+    for item in data:
+        yield item[0] if isinstance(item, (tuple, list)) else item
+
+
+def require_batches(data: Iterable | None, what: str) -> list[torch.Tensor]:
+    """Materialise calibration inputs, refusing an empty or missing set with a message that says what needs it."""
+    if data is None:
+        raise EdgefuseError(f"{what} needs calibration data (data=...), none was given")
+    xs = list(inputs_of(data))
+    if not xs or sum(len(x) for x in xs) == 0:
+        raise EdgefuseError(f"{what} needs calibration data, but the calibration set is empty")
+    return xs

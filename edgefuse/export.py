@@ -1,0 +1,95 @@
+"""One self-contained ONNX file with a dynamic batch axis, simplified, and checked against PyTorch before it lands."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import EdgefuseError
+from .files import commit, new_temp_path
+
+INPUT, OUTPUT = "input", "logits"
+TORCHSCRIPT_MAX_OPSET = 17
+DEFAULT_OPSET = 18
+
+
+def _export(module: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    """Dynamo exporter from opset 18 up; the TorchScript exporter for opset <= 17 (TensorRT 8.x parses no more)."""
+    dynamo = opset > TORCHSCRIPT_MAX_OPSET
+    kwargs: dict = dict(input_names=[INPUT], output_names=[OUTPUT], opset_version=opset, dynamo=dynamo)
+    if dynamo:
+        kwargs.update(dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False)
+    else:
+        kwargs.update(dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), str(path), **kwargs)
+
+
+def _simplify(path: Path) -> None:
+    import onnx
+    import onnxsim
+
+    model = onnx.load(str(path))
+    simplified, ok = onnxsim.simplify(model)
+    if ok:
+        onnx.save(simplified, str(path))
+
+
+def parity(onnx_path: str | Path, module: nn.Module, inputs: list[torch.Tensor]) -> float:
+    """Largest |ONNX - PyTorch| over the given input batches, run with onnxruntime on the CPU."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    with torch.no_grad():
+        for x in inputs:
+            ref = module(x).numpy()
+            got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+            if got.shape != ref.shape:
+                raise EdgefuseError(f"ONNX output shape {got.shape} differs from PyTorch {ref.shape}")
+            worst = max(worst, float(np.abs(got - ref).max()))
+    return worst
+
+
+def parity_inputs(example: torch.Tensor, sizes: tuple[int, ...] = (1, 3), seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.rand((b, *example.shape[1:]), generator=gen, dtype=example.dtype) for b in sizes]
+
+
+def export_onnx(module: nn.Module, example_input: torch.Tensor, path: str | Path, opset: int | None = None,
+                simplify: bool = True, atol: float = 1e-4) -> Path:
+    """Export, check and simplify into a temporary file beside `path`, verify parity at batch 1 and 3 (max abs
+    difference <= atol, scaled by the output magnitude), and only then replace `path`."""
+    import onnx
+
+    path = Path(path)
+    opset = opset or DEFAULT_OPSET
+    module = module.eval()
+    example = example_input if example_input.shape[0] >= 2 else example_input.repeat(2, *[1] * (example_input.ndim - 1))
+    tmp = new_temp_path(path, ".onnx")
+    try:
+        try:
+            _export(module, example, tmp, opset)
+        except Exception as e:  # exporter failures are many types; report the first line
+            raise EdgefuseError(f"ONNX export failed: {str(e).strip().splitlines()[0]}") from None
+        onnx.checker.check_model(str(tmp), full_check=True)
+        if simplify:
+            _simplify(tmp)
+        inputs = parity_inputs(example)
+        with torch.no_grad():
+            scale = max(1.0, float(module(inputs[-1]).abs().max()))
+        diff = parity(tmp, module, inputs)
+        if not diff <= atol * scale:
+            raise EdgefuseError(f"ONNX output differs from PyTorch by {diff:.3g} (tolerance {atol * scale:.3g})")
+        commit(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

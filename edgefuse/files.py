@@ -1,0 +1,49 @@
+"""Atomic output: write beside the destination, then rename, so a failure never leaves a half-written file."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def new_temp_path(dest: Path, suffix: str = "") -> Path:
+    """An empty temporary file beside `dest` (same filesystem, so the final rename is atomic)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.stem}-", suffix=suffix)
+    os.close(fd)
+    return Path(name)
+
+
+def commit(tmp: Path, dest: Path) -> None:
+    """Give the temporary file normal permissions (mkstemp makes it private) and rename it over `dest`."""
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o666 & ~umask)
+    os.replace(tmp, dest)
+
+
+def atomic_write_bytes(dest: str | Path, data: bytes) -> Path:
+    dest = Path(dest)
+    tmp = new_temp_path(dest)
+    try:
+        tmp.write_bytes(data)
+        commit(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def atomic_write_text(dest: str | Path, text: str) -> Path:
+    return atomic_write_bytes(dest, text.encode())
+
+
+def atomic_copy(src: str | Path, dest: str | Path) -> Path:
+    dest = Path(dest)
+    tmp = new_temp_path(dest)
+    try:
+        shutil.copyfile(src, tmp)
+        commit(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest

@@ -1,0 +1,121 @@
+"""The main job: models → spec → align → fuse at every depth → export → measure → report, for one target."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from torch import nn
+
+from . import data as datasets
+from .align import align
+from .errors import EdgefuseError
+from .export import export_onnx, parity, parity_inputs
+from .files import atomic_copy
+from .fuse import fuse
+from .spec import permutation_spec
+from .targets import Target, load_target
+from .verify import agreement, mean_rows, measure, public, scores, write_report
+
+CALIBRATION_IMAGES = 2000
+
+
+def load_dataset(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(calibration inputs from the training split, test inputs, test labels)."""
+    if name == "fashion-mnist":
+        x_train, _ = datasets.fashion_mnist("train")
+        x_test, y_test = datasets.fashion_mnist("test")
+        gen = torch.Generator().manual_seed(0)
+        return x_train[torch.randperm(len(x_train), generator=gen)[:CALIBRATION_IMAGES]], x_test, y_test
+    if name == "digits":
+        x, y = datasets.digits()
+        return x[:1000], x[1000:], y[1000:]
+    raise EdgefuseError(f"unknown dataset '{name}' (choose from fashion-mnist, digits)")
+
+
+def choose_depth(candidates: list[dict], ensemble: dict, target: Target) -> int:
+    """The most accurate fused depth (>= 1) at or under the target's share of the ensemble's MACs and, when the
+    target names one, under its latency budget; the cheapest candidate when none fits."""
+    fused = [c for c in candidates if c["depth"] >= 1]
+    fits = [c for c in fused if c["macs"] <= target.max_macs_ratio * ensemble["macs"]
+            and (target.latency_budget_ms is None or c["latency_ms"]["p50"] <= target.latency_budget_ms)]
+    if not fits:
+        return min(fused, key=lambda c: c["macs"])["depth"]
+    return max(fits, key=lambda c: (c["accuracy"], -c["macs"]))["depth"]
+
+
+def run_export(target: str = "cpu-ort", models: list[nn.Module] | None = None, arch: str = "cnn", n: int = 4,
+               dataset: str = "fashion-mnist", out_root: str | Path = "build", cache: str | Path = "build/cache",
+               method: str = "weight", depth: int | None = None, console: Console | None = None) -> dict:
+    """Write build/<target>/{model.onnx, report.json, report.md, pareto.png} and return the report."""
+    console = console or Console(stderr=True)
+    tgt = load_target(target)
+    if tgt.runtime != "onnxruntime":
+        raise EdgefuseError(f"target '{tgt.name}' uses {tgt.runtime}; this version exports for onnxruntime targets only")
+    out_dir = Path(out_root) / tgt.name
+    if models is None:
+        from .zoo import zoo_models
+        console.print(f"[bold]zoo[/]: {n} × {arch} on Fashion-MNIST (cached under {cache})")
+        models, _ = zoo_models(arch, n, cache=cache, quiet=console.quiet)
+    if len(models) < 2:
+        raise EdgefuseError(f"need at least 2 models to fuse, got {len(models)}")
+    calib, x_test, y_test = load_dataset(dataset)
+    example = x_test[:2]
+    spec = permutation_spec(models[0], example)
+    t0 = time.perf_counter()
+    aligned = align(models, spec, method=method, data=datasets.batches(calib, batch_size=200))
+    align_s = time.perf_counter() - t0
+    console.print(f"[bold]align[/]: {method} matching of {len(models)} models, {len(spec.groups)} groups, "
+                  f"{align_s:.1f} s; {len(spec.cut_points)} cut points")
+    calib_batches = datasets.batches(calib, batch_size=200)
+    cand_dir = out_dir / "candidates"
+    kw = dict(batch_sizes=tgt.batch_sizes, threads=tgt.threads)
+    rows, files = [], {}
+    depths = range(len(spec.cut_points) + 1)
+    with Progress(console=console, disable=console.quiet) as progress:
+        task = progress.add_task("fuse, export, measure", total=len(depths) + len(models))
+        singles = []
+        for i, m in enumerate(models):
+            path = export_onnx(m, example, cand_dir / f"single{i}.onnx", opset=tgt.opset) if i == 0 else None
+            singles.append(measure(m, x_test, y_test, path, **kw) if i == 0 else
+                           dict(scores(_torch_logits(m, x_test), y_test)))
+            progress.advance(task)
+        for k in depths:
+            fused = fuse(aligned, spec, depth=k, data=calib_batches)
+            files[k] = export_onnx(fused, example, cand_dir / f"depth{k}.onnx", opset=tgt.opset)
+            row = measure(fused, x_test, y_test, files[k], **kw)
+            row["depth"] = k
+            row["module"] = fused
+            rows.append(row)
+            progress.advance(task)
+    ensemble = rows[0]
+    naive = fuse(models, spec, depth=len(spec.cut_points), data=calib_batches)
+    chosen = depth if depth is not None else choose_depth(rows, ensemble, tgt)
+    if not 0 <= chosen < len(rows):
+        raise EdgefuseError(f"depth must be between 0 and {len(rows) - 1}, got {chosen}")
+    best = rows[chosen]
+    for r in rows:
+        r["agreement"] = agreement(r, ensemble)
+    report = {
+        "target": tgt.name, "arch": arch if dataset == "fashion-mnist" else type(models[0]).__name__,
+        "n_models": len(models), "depth": chosen, "alpha": None, "max_depth": len(spec.cut_points),
+        "align_method": method, "align_seconds": align_s, "dataset": dataset, "n_test": len(x_test),
+        "threads": tgt.threads, "batch_sizes": list(tgt.batch_sizes),
+        "single": mean_rows([singles[0] | {"accuracy": s["accuracy"], "nll": s["nll"]} for s in singles]),
+        "ensemble": public(ensemble),
+        "fused": public(best) | {"depth": chosen},
+        "candidates": [public(r) for r in rows],
+        "naive_merge": scores(_torch_logits(naive, x_test), y_test),
+        "parity": {"max_abs_diff": parity(files[chosen], best["module"], parity_inputs(example)),
+                   "batch_sizes": [1, 3]},
+    }
+    write_report(report, out_dir)
+    atomic_copy(files[chosen], out_dir / "model.onnx")
+    return report
+
+
+def _torch_logits(model: nn.Module, x: torch.Tensor) -> "np.ndarray":  # noqa: F821
+    from .runtime import TorchRunner, predict
+    return predict(TorchRunner(model.eval(), threads=torch.get_num_threads()), x)

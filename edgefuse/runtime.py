@@ -1,0 +1,72 @@
+"""One runner interface over PyTorch and onnxruntime, and latency measured the same way for every candidate."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class Runner(Protocol):
+    name: str
+
+    def __call__(self, x: np.ndarray) -> np.ndarray: ...
+
+
+class TorchRunner:
+    def __init__(self, module: nn.Module, threads: int = 1) -> None:
+        self.module, self.threads, self.name = module.eval(), threads, "torch"
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        torch.set_num_threads(self.threads)
+        with torch.no_grad():
+            return self.module(torch.from_numpy(x)).numpy()
+
+
+class OrtRunner:
+    """onnxruntime with a fixed thread count and no spinning: on 2 cores spinning threads double p50."""
+
+    def __init__(self, onnx_path: str | Path, threads: int = 1,
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.log_severity_level = 3
+        available = set(ort.get_available_providers())
+        self.session = ort.InferenceSession(str(onnx_path), opts,
+                                            providers=[p for p in providers if p in available] or
+                                            ["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+        self.name = "onnxruntime:" + self.session.get_providers()[0]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input: x})[0]
+
+
+def latency(runner: Runner, x: np.ndarray, warmup: int = 10, min_runs: int = 30, budget_s: float = 1.0) -> dict:
+    """Milliseconds per call: min and percentiles over at least `min_runs` calls or `budget_s` seconds."""
+    for _ in range(warmup):
+        runner(x)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < budget_s:
+        t = time.perf_counter()
+        runner(x)
+        times.append((time.perf_counter() - t) * 1e3)
+        if len(times) >= 10000:
+            break
+    a = np.asarray(times)
+    return {"min": float(a.min()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+            "p99": float(np.percentile(a, 99)), "runs": len(times)}
+
+
+def predict(runner: Runner, x: torch.Tensor, batch_size: int = 500) -> np.ndarray:
+    """Outputs for a whole dataset, batch by batch."""
+    return np.concatenate([runner(x[i:i + batch_size].numpy()) for i in range(0, len(x), batch_size)])

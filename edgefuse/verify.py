@@ -1,0 +1,140 @@
+"""Fused vs ensemble vs single models on the same data, in the same run: accuracy, NLL, cost and latency."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .files import atomic_write_text
+from .metrics import macs, params
+from .runtime import OrtRunner, TorchRunner, latency, predict
+
+
+def scores(logits: np.ndarray, labels: torch.Tensor) -> dict:
+    """Accuracy and mean negative log-likelihood of log-softmax(logits)."""
+    t = torch.from_numpy(logits).double()
+    nll = torch.nn.functional.cross_entropy(t, labels).item()
+    return {"accuracy": float((t.argmax(1) == labels).double().mean()), "nll": float(nll)}
+
+
+def measure(module: nn.Module, x: torch.Tensor, y: torch.Tensor, onnx_path: str | Path | None = None,
+            batch_sizes: tuple[int, ...] = (1,), threads: int = 1, budget_s: float = 1.0) -> dict:
+    """One candidate's row: scores on (x, y) and latency, from the ONNX file when given, else from PyTorch."""
+    runner = OrtRunner(onnx_path, threads) if onnx_path else TorchRunner(module, threads)
+    out = predict(runner, x)
+    row = scores(out, y)
+    row["predictions"] = out.argmax(1)
+    row["macs"] = macs(module, x[:1])
+    row["params"] = params(module)
+    row["runtime"] = runner.name
+    row["latency_by_batch"] = {}
+    for b in batch_sizes:
+        xb = x[:b].numpy() if len(x) >= b else np.repeat(x[:1].numpy(), b, axis=0)
+        row["latency_by_batch"][str(b)] = latency(runner, xb, budget_s=budget_s)
+    row["latency_ms"] = row["latency_by_batch"][str(batch_sizes[0])]
+    return row
+
+
+def agreement(row: dict, reference: dict) -> float:
+    return float((row["predictions"] == reference["predictions"]).mean())
+
+
+def public(row: dict) -> dict:
+    """A row without the raw predictions and the module, for the JSON report."""
+    return {k: v for k, v in row.items() if k not in ("predictions", "module")}
+
+
+def mean_rows(rows: list[dict]) -> dict:
+    """The `single` entry: accuracy and NLL averaged over the members, cost and latency of one member."""
+    out = dict(public(rows[0]))
+    out["accuracy"] = float(np.mean([r["accuracy"] for r in rows]))
+    out["nll"] = float(np.mean([r["nll"] for r in rows]))
+    out["members"] = [{"accuracy": r["accuracy"], "nll": r["nll"]} for r in rows]
+    return out
+
+
+def markdown(report: dict) -> str:
+    """The table a person reads: one row per candidate, costs as ratios to the ensemble measured in the same run."""
+    ens = report["ensemble"]
+    batches = list(ens["latency_by_batch"])
+    head = ("| model | accuracy | NLL | MACs | MACs / ens | params | " +
+            " | ".join(f"p50 ms b{b} | / ens" for b in batches) + " |")
+    lines = [f"# edgefuse report: {report['target']}", "",
+             f"{report['n_models']} × {report.get('arch', 'model')}, aligned by {report['align_method']} matching, "
+             f"test set: {report['dataset']} ({report['n_test']} images). Latency: {ens['runtime']}, "
+             f"{report['threads']} thread(s), p50 of repeated runs.", "",
+             head, "|" + "---|" * (6 + 2 * len(batches))]
+
+    def row(name: str, r: dict) -> str:
+        cells = [name, f"{r['accuracy']:.4f}", f"{r['nll']:.4f}", f"{r['macs']:,}", f"{r['macs'] / ens['macs']:.2f}",
+                 f"{r['params']:,}"]
+        for b in batches:
+            p50 = r["latency_by_batch"][b]["p50"]
+            cells += [f"{p50:.3f}", f"{p50 / ens['latency_by_batch'][b]['p50']:.2f}"]
+        return "| " + " | ".join(cells) + " |"
+
+    lines.append(row("single (mean of members)", report["single"]))
+    lines.append(row("ensemble", ens))
+    for c in report["candidates"]:
+        mark = " ← model.onnx" if c["depth"] == report["depth"] else ""
+        lines.append(row(f"fused depth {c['depth']}/{report['max_depth']}{mark}", c))
+    if "naive_merge" in report:
+        n = report["naive_merge"]
+        lines += ["", f"Unaligned weight average (full merge, BN reset): accuracy {n['accuracy']:.4f}; "
+                  f"aligned full merge: {report['candidates'][-1]['accuracy']:.4f}."]
+    lines += ["", f"ONNX vs PyTorch parity of model.onnx: max |diff| = {report['parity']['max_abs_diff']:.2e}."]
+    return "\n".join(lines) + "\n"
+
+
+def pareto_plot(report: dict, path: str | Path) -> Path:
+    """Accuracy vs MACs and vs p50 latency: one point per depth, the ensemble, singles and the chosen point marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .files import new_temp_path, commit
+
+    ens, single = report["ensemble"], report["single"]
+    b = next(iter(ens["latency_by_batch"]))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "macs", "MACs / ensemble"), (axes[1], "p50", f"p50 latency / ensemble (b{b})")):
+        def x(r: dict) -> float:
+            if key == "macs":
+                return r["macs"] / ens["macs"]
+            return r["latency_by_batch"][b]["p50"] / ens["latency_by_batch"][b]["p50"]
+        cands = report["candidates"]
+        ax.plot([x(c) for c in cands], [c["accuracy"] for c in cands], "o-", color="tab:blue", label="fused (depth k)")
+        for c in cands:
+            ax.annotate(str(c["depth"]), (x(c), c["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        chosen = next(c for c in cands if c["depth"] == report["depth"])
+        ax.plot([x(chosen)], [chosen["accuracy"]], "*", ms=16, color="tab:red", label="chosen (model.onnx)")
+        ax.plot([1.0], [ens["accuracy"]], "s", color="black", label="ensemble")
+        ax.plot([x(single)], [single["accuracy"]], "^", color="tab:green", label="single (mean)")
+        if "naive_merge" in report:
+            ax.axhline(report["naive_merge"]["accuracy"], ls=":", color="gray", label="unaligned average")
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"edgefuse: {report['n_models']} × {report.get('arch', 'model')} on {report['target']}")
+    fig.tight_layout()
+    path = Path(path)
+    tmp = new_temp_path(path, ".png")
+    try:
+        fig.savefig(tmp, dpi=110)
+        commit(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
+    out = Path(out_dir)
+    return {"json": atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n"),
+            "md": atomic_write_text(out / "report.md", markdown(report)),
+            "png": pareto_plot(report, out / "pareto.png")}
