@@ -1,0 +1,45 @@
+# Two commands on a fresh machine: `make export` (the main job) and `make test`. Both set up what they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TARGET ?= cpu-ort
+TORCH := torch==2.13.0
+FASHION := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
+
+.PHONY: export test bench setup data clean
+
+export: setup data
+	$(BIN)/edgefuse export --target $(TARGET)
+
+test: setup
+	@$(MAKE) --no-print-directory data || echo "make test: Fashion-MNIST unavailable, its tests will skip"
+	$(BIN)/python -m pytest
+
+bench: setup data
+	$(BIN)/python benchmarks/bench.py
+
+setup: $(VENV)/.installed
+
+# The CPU torch wheel first (a bare `torch` requirement would pull a CUDA build of several GB), then the project.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+# Fashion-MNIST comes from the Debian package; install it when we may, else say exactly what to run.
+data:
+	@if [ -f $(FASHION) ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then \
+		(apt-get install -y -q dataset-fashion-mnist || (apt-get update -q && apt-get install -y -q dataset-fashion-mnist)) >/dev/null; \
+	elif sudo -n true 2>/dev/null; then \
+		(sudo apt-get install -y -q dataset-fashion-mnist || (sudo apt-get update -q && sudo apt-get install -y -q dataset-fashion-mnist)) >/dev/null; \
+	fi; \
+	if [ ! -f $(FASHION) ]; then \
+		echo "Fashion-MNIST is missing: run 'sudo apt-get install dataset-fashion-mnist', then retry"; exit 1; \
+	fi
+
+clean:
+	rm -rf build

@@ -1,0 +1,193 @@
+"""Thin click layer over the library: each command says what it reads and what it writes."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import EdgefuseError
+
+DEBUG = {"on": False}
+
+
+class Cli(click.Group):
+    """Errors a user can cause are one line on stderr with exit 1; --debug shows the traceback instead."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except EdgefuseError as e:
+            if DEBUG["on"]:
+                raise
+            click.echo(f"edgefuse: error: {e}", err=True)
+            sys.exit(1)
+        except Exception as e:  # a bug: still one line, with the way to see more
+            if DEBUG["on"]:
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            click.echo(f"edgefuse: internal error: {type(e).__name__}: {first} (rerun with --debug for the "
+                       "traceback)", err=True)
+            sys.exit(3)
+
+
+def _console(quiet: bool):
+    from rich.console import Console
+    return Console(stderr=True, quiet=quiet)
+
+
+def _models(arch: str | None, model: str | None, checkpoints: tuple[str, ...], n: int, cache: str, quiet: bool):
+    """User checkpoints when --model is given, else the cached zoo."""
+    if model:
+        from .models import load_models
+        if len(checkpoints) < 2:
+            raise EdgefuseError(f"--model needs at least 2 checkpoints, got {len(checkpoints)}")
+        return load_models(model, list(checkpoints))
+    if checkpoints:
+        raise EdgefuseError("checkpoints were given without --model (say which architecture they are for)")
+    from .zoo import zoo_models
+    return zoo_models(arch or "cnn", n, cache=cache, quiet=quiet)[0]
+
+
+model_options = [
+    click.option("--arch", type=click.Choice(["cnn", "mlp"]), default="cnn", show_default=True,
+                 help="Zoo architecture, used when --model is not given."),
+    click.option("--model", "model", metavar="MODULE:FUNCTION",
+                 help="Factory of your architecture (e.g. mypkg.nets:make_net, or zoo:cnn)."),
+    click.option("-n", "--n-models", "n", type=click.IntRange(2, 64), default=4, show_default=True,
+                 help="Number of zoo models (seeds 0..N-1)."),
+    click.option("--cache", default="build/cache", show_default=True, help="Folder of cached zoo checkpoints."),
+    click.option("--dataset", type=click.Choice(["fashion-mnist", "digits"]), default="fashion-mnist",
+                 show_default=True, help="Calibration and test data."),
+]
+
+
+def with_models(f):
+    for opt in reversed(model_options):
+        f = opt(f)
+    return click.argument("checkpoints", nargs=-1, type=click.Path())(f)
+
+
+@click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
+    """edgefuse: align N models of one architecture, fuse them into a shared trunk with N heads, export one ONNX
+    graph and verify it against the ensemble."""
+    DEBUG["on"] = debug
+    ctx.obj = {"quiet": quiet}
+
+
+@cli.command()
+@click.option("--arch", type=click.Choice(["cnn", "mlp"]), default="cnn", show_default=True)
+@click.option("-n", "--n-models", "n", type=click.IntRange(2, 64), default=4, show_default=True)
+@click.option("--epochs", type=click.IntRange(1, 100), default=None, help="Default: 2 (cnn), 4 (mlp).")
+@click.option("--width", type=click.IntRange(1, 4096), default=None, help="Default: 16 (cnn), 256 (mlp).")
+@click.option("--cache", default="build/cache", show_default=True)
+@click.pass_obj
+def train(obj: dict, arch: str, n: int, epochs: int | None, width: int | None, cache: str) -> None:
+    """Train N zoo models on Fashion-MNIST (seeds 0..N-1).
+
+    Reads /usr/share/datasets/fashion-mnist; writes CACHE/<arch>-w<width>-e<epochs>/seed<i>.safetensors.
+    Cached models are not retrained."""
+    from .zoo import zoo_models
+    _, paths = zoo_models(arch, n, width=width, epochs=epochs, cache=cache, quiet=obj["quiet"])
+    for p in paths:
+        click.echo(str(p))
+
+
+@cli.command("fuse")
+@with_models
+@click.option("--depth", type=click.IntRange(0, None), required=True,
+              help="Shared layers: 0 = ensemble, the number of cut points = full merge.")
+@click.option("--method", default="weight", show_default=True, help="Alignment method.")
+@click.option("--repair", type=click.Choice(["bn", "none"]), default="bn", show_default=True)
+@click.option("--opset", type=click.IntRange(9, 23), default=None, help="Default 18 (dynamo exporter); <=17 uses "
+              "the TorchScript exporter.")
+@click.option("-o", "--out", type=click.Path(dir_okay=False), required=True, help="ONNX file to write.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@click.pass_obj
+def fuse_cmd(obj: dict, checkpoints, arch, model, n, cache, dataset, depth, method, repair, opset, out,
+             force) -> None:
+    """Align and fuse N models at one depth, write the fused model as ONNX.
+
+    Reads CHECKPOINTS (safetensors or weights-only torch files) with --model, else the zoo cache; reads the
+    dataset's training split for calibration. Writes OUT (parity-checked against PyTorch)."""
+    from . import align, fuse, permutation_spec
+    from .data import batches
+    from .export import export_onnx
+    from .pipeline import load_dataset
+
+    if Path(out).exists() and not force:
+        raise EdgefuseError(f"{out} exists (use --force to overwrite)")
+    models = _models(arch, model, checkpoints, n, cache, obj["quiet"])
+    calib, x_test, _ = load_dataset(dataset)
+    spec = permutation_spec(models[0], x_test[:2])
+    aligned = align(models, spec, method=method)
+    fused = fuse(aligned, spec, depth=depth, data=batches(calib, batch_size=200),
+                 repair=None if repair == "none" else repair)
+    click.echo(str(export_onnx(fused, x_test[:2], out, opset=opset)))
+
+
+@cli.command()
+@with_models
+@click.option("--target", default="cpu-ort", show_default=True, help="Name of a file in targets/, or a .toml path.")
+@click.option("--method", default="weight", show_default=True, help="Alignment method.")
+@click.option("--depth", type=click.IntRange(0, None), default=None,
+              help="Fusion depth of model.onnx; default: the most accurate within the target's MACs share.")
+@click.option("--out-root", default="build", show_default=True)
+@click.pass_obj
+def export(obj: dict, checkpoints, arch, model, n, cache, dataset, target, method, depth, out_root) -> None:
+    """The main job: align, fuse at every depth, export, measure, pick one for the target.
+
+    Reads CHECKPOINTS with --model (else trains or loads the zoo), the dataset and targets/TARGET.toml.
+    Writes OUT_ROOT/TARGET/{model.onnx, report.json, report.md, pareto.png, candidates/}."""
+    from .pipeline import run_export
+    from .verify import markdown
+
+    console = _console(obj["quiet"])
+    models = _models(arch, model, checkpoints, n, cache, obj["quiet"]) if model else None
+    report = run_export(target, models=models, arch=arch, n=n, dataset=dataset, out_root=out_root, cache=cache,
+                        method=method, depth=depth, console=console)
+    click.echo(markdown(report))
+    click.echo(f"wrote {Path(out_root) / report['target']}/ (model.onnx: fused depth {report['depth']})")
+
+
+@cli.command()
+@click.argument("onnx_file", type=click.Path())
+@click.option("--dataset", type=click.Choice(["fashion-mnist", "digits"]), default="fashion-mnist",
+              show_default=True)
+@click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True)
+@click.option("--batch", "batch_sizes", type=click.IntRange(1, 4096), multiple=True, default=(1,),
+              show_default=True, help="Batch size(s) for latency; repeat the option for several.")
+def verify(onnx_file: str, dataset: str, threads: int, batch_sizes: tuple[int, ...]) -> None:
+    """Accuracy, NLL and latency of an ONNX model on the dataset's test split (onnxruntime CPU).
+
+    Reads ONNX_FILE and the dataset; writes nothing (prints JSON)."""
+    import json
+
+    from .pipeline import load_dataset
+    from .runtime import OrtRunner, latency, predict
+    from .verify import scores
+
+    if not Path(onnx_file).is_file():
+        raise EdgefuseError(f"ONNX file not found: {onnx_file}")
+    try:
+        runner = OrtRunner(onnx_file, threads)
+    except Exception as e:  # onnxruntime raises its own exception types for bad files
+        raise EdgefuseError(f"cannot load {onnx_file}: {str(e).strip().splitlines()[0]}") from None
+    _, x_test, y_test = load_dataset(dataset)
+    try:
+        result = scores(predict(runner, x_test), y_test)
+    except Exception as e:
+        raise EdgefuseError(f"{onnx_file} does not run on {dataset} inputs {tuple(x_test.shape[1:])}: "
+                            f"{str(e).strip().splitlines()[0]}") from None
+    result["latency_ms"] = {str(b): latency(runner, x_test[:b].numpy()) for b in batch_sizes}
+    click.echo(json.dumps(result, indent=2))
+
+
+def main() -> None:
+    cli(prog_name="edgefuse")

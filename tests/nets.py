@@ -1,0 +1,65 @@
+"""Small architectures on 8x8 digits for fast tests, and a few the spec must refuse."""
+import torch
+from torch import nn
+
+from edgefuse import zoo
+
+
+def digits_mlp() -> nn.Module:
+    return zoo.mlp(width=32, depth=2, in_features=64)
+
+
+def digits_cnn() -> nn.Module:
+    return zoo.cnn(width=4, image=8)
+
+
+class GroupedConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.b(torch.relu(self.a(x))).mean((2, 3)))
+
+
+class HiddenCat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(64, 16)
+        self.b = nn.Linear(64, 16)
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.head(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=1))
+
+
+class Residual(nn.Module):
+    """Residual add over a hidden width: both sides must share one permutation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(64, 24)
+        self.f = nn.Linear(24, 24)
+        self.g = nn.Linear(24, 24)
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x.flatten(1)))
+        h = h + self.g(torch.relu(self.f(h)))
+        return self.head(h)
+
+
+def randomize_bn(model: nn.Module, seed: int) -> nn.Module:
+    """Trained-like BN statistics and affine parameters: defaults would hide a spec that forgets them."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=gen))
+            m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.randn(n, generator=gen))
+            m.bias.data.copy_(torch.randn(n, generator=gen))
+    return model.eval()

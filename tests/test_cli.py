@@ -1,0 +1,103 @@
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+import edgefuse as ef
+from edgefuse.cli import cli
+from edgefuse.data import batches
+from edgefuse.pipeline import load_dataset
+
+REPORT_KEYS = ("accuracy", "nll", "macs", "params", "latency_ms")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(cnns, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    paths = []
+    for i, m in enumerate(cnns[:3]):
+        save_file(m.state_dict(), d / f"m{i}.safetensors")
+        paths.append(str(d / f"m{i}.safetensors"))
+    return paths
+
+
+def run(*args):
+    return CliRunner().invoke(cli, ["-q", *args])
+
+
+def test_export_end_to_end(checkpoints, tmp_path):
+    res = run("export", "--model", "tests.nets:digits_cnn", *checkpoints, "--dataset", "digits",
+              "--out-root", str(tmp_path))
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "cpu-ort"
+    for name in ("model.onnx", "report.json", "report.md", "pareto.png"):
+        assert (out / name).is_file()
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((out / "report.json").read_text())
+    assert report["target"] == "cpu-ort" and report["n_models"] == 3 and report["alpha"] is None
+    for entry in ("single", "ensemble", "fused"):
+        assert all(k in report[entry] for k in REPORT_KEYS)
+        assert set(report[entry]["latency_ms"]) >= {"min", "p50", "p90", "p99"}
+    assert report["parity"]["max_abs_diff"] < 1e-4
+    assert report["fused"]["macs"] <= 0.5 * report["ensemble"]["macs"]
+    assert report["candidates"][0]["accuracy"] == report["ensemble"]["accuracy"]
+
+
+def test_fuse_then_verify(checkpoints, tmp_path):
+    out = tmp_path / "f.onnx"
+    res = run("fuse", "--model", "tests.nets:digits_cnn", *checkpoints, "--dataset", "digits", "--depth", "2",
+              "-o", str(out))
+    assert res.exit_code == 0, res.output
+    res = run("verify", str(out), "--dataset", "digits", "--batch", "1", "--batch", "4")
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout)
+    assert set(result["latency_ms"]) == {"1", "4"}
+    models = ef.load_models("tests.nets:digits_cnn", checkpoints)  # the same job through the Python API
+    calib, x, y = load_dataset("digits")
+    spec = ef.permutation_spec(models[0], x[:2])
+    fused = ef.fuse(ef.align(models, spec), spec, depth=2, data=batches(calib, batch_size=200))
+    with torch.no_grad():
+        expected = (fused(x).argmax(1) == y).double().mean().item()
+    assert result["accuracy"] == pytest.approx(expected, abs=2e-3)
+
+
+def _one_line_error(res, code, text):
+    assert res.exit_code == code, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and text in lines[0] and "Traceback" not in res.output
+
+
+def test_existing_output_needs_force(checkpoints, tmp_path):
+    out = tmp_path / "f.onnx"
+    out.write_bytes(b"keep me")
+    res = run("fuse", "--model", "tests.nets:digits_cnn", *checkpoints, "--dataset", "digits", "--depth", "1",
+              "-o", str(out))
+    _one_line_error(res, 1, "use --force")
+    assert out.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("args,text", [
+    (["export", "--target", "nowhere"], "unknown target 'nowhere'"),
+    (["fuse", "--model", "tests.nets:digits_cnn", "missing.pt", "other.pt", "--depth", "1", "-o", "x.onnx"],
+     "checkpoint not found"),
+    (["fuse", "--model", "tests.nets:digits_cnn", "only.pt", "--depth", "1", "-o", "x.onnx"], "at least 2"),
+    (["verify", "nothing.onnx"], "ONNX file not found"),
+])
+def test_bad_input_is_one_line(args, text, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _one_line_error(run(*args), 1, text)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+def test_truncated_onnx_is_one_line(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"\x08\x07\x12\x04trun")
+    _one_line_error(run("verify", str(bad), "--dataset", "digits"), 1, "cannot load")
+
+
+def test_help_says_what_commands_read_and_write():
+    for cmd in ("train", "fuse", "export", "verify"):
+        res = run(cmd, "--help")
+        assert res.exit_code == 0 and "Reads" in res.output and "rite" in res.output

@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+import edgefuse as ef
+from edgefuse import zoo
+
+from . import nets
+
+CASES = [(lambda: zoo.mlp(), (2, 1, 28, 28)), (lambda: zoo.cnn(), (2, 1, 28, 28)),
+         (nets.digits_cnn, (2, 1, 8, 8)), (nets.Residual, (2, 1, 8, 8))]
+
+
+@pytest.mark.parametrize("make,shape", CASES)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_permutation_keeps_function(make, shape, seed):
+    torch.manual_seed(seed)
+    model = nets.randomize_bn(make(), seed)
+    x = torch.rand(shape)
+    spec = ef.permutation_spec(model, x)
+    perms = spec.random_perms(seed)
+    assert any(not torch.equal(p, torch.arange(len(p))) for p in perms.values())
+    permuted = ef.permute(model, spec, perms)
+    assert not torch.equal(permuted.state_dict()[next(iter(spec.params))], model.state_dict()[next(iter(spec.params))])
+    with torch.no_grad():
+        torch.testing.assert_close(permuted(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_spec_groups_and_cut_points():
+    spec = ef.permutation_spec(zoo.cnn(width=8), torch.rand(2, 1, 28, 28))
+    assert sorted(spec.groups.values()) == [8, 8, 16, 16, 32]
+    assert len(spec.cut_points) == 5  # one before every weight layer but the first
+    flat = [a for axes in spec.params.values() for a in axes if a is not None and a.repeat > 1]
+    assert flat and flat[0].repeat == 49  # conv channels flattened over 7x7 into the classifier
+
+
+def test_residual_add_ties_both_sides():
+    spec = ef.permutation_spec(nets.Residual(), torch.rand(2, 1, 8, 8))
+    assert spec.params["inp.weight"][0] == spec.params["g.weight"][0]
+    assert spec.params["f.weight"][0] != spec.params["g.weight"][0]
+
+
+def test_classifier_outputs_never_permuted():
+    spec = ef.permutation_spec(zoo.mlp(), torch.rand(2, 1, 28, 28))
+    assert spec.params["8.weight"][0] is None and "8.bias" not in spec.params
+
+
+@pytest.mark.parametrize("make,op", [(nets.GroupedConv, "Conv2d"), (nets.HiddenCat, "cat")])
+def test_unsupported_models_are_refused_by_node(make, op):
+    with pytest.raises(ef.UnsupportedModelError) as err:
+        ef.permutation_spec(make(), torch.rand(2, 1, 8, 8))
+    assert op in str(err.value) and "node" in str(err.value)
