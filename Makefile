@@ -10,7 +10,7 @@ FASHION := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 .PHONY: export test bench setup data clean
 
 export: setup data
-	$(BIN)/edgefuse export --target $(TARGET)
+	$(BIN)/edgefuse export --force --target $(TARGET)
 
 test: setup
 	@$(MAKE) --no-print-directory data || echo "make test: Fashion-MNIST unavailable, its tests will skip"

@@ -18,16 +18,16 @@ ARCHS = ("mlp", "cnn")
 
 
 def main(out_root: Path = Path("build/bench")) -> int:
-    console = Console()
+    console = Console(width=160)
     results = {}
     for arch in ARCHS:
-        report = run_export("cpu-ort", arch=arch, n=4, out_root=out_root / arch)
+        report = run_export("cpu-ort", arch=arch, n=4, out_root=out_root / arch, force=True)
         ens = report["ensemble"]
         batches = list(ens["latency_by_batch"])
         table = Table(title=f"{arch} × 4, cpu-ort (align {report['align_seconds']:.2f} s, unaligned full merge "
                             f"{report['naive_merge']['accuracy']:.4f})")
         for col in ["model", "accuracy", "agreement", "MACs / ens"] + [f"p50 / ens b{b}" for b in batches] + \
-                   [f"(p50/ens) / (MACs/ens) b{b}" for b in batches]:
+                   [f"lat/MACs b{b}" for b in batches]:
             table.add_column(col, justify="right")
         rows = [("single", report["single"]), *((f"depth {c['depth']}", c) for c in report["candidates"])]
         summary = []

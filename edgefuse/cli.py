@@ -139,8 +139,9 @@ def fuse_cmd(obj: dict, checkpoints, arch, model, n, cache, dataset, depth, meth
 @click.option("--depth", type=click.IntRange(0, None), default=None,
               help="Fusion depth of model.onnx; default: the most accurate within the target's MACs share.")
 @click.option("--out-root", default="build", show_default=True)
+@click.option("--force", is_flag=True, help="Replace an earlier export of this target.")
 @click.pass_obj
-def export(obj: dict, checkpoints, arch, model, n, cache, dataset, target, method, depth, out_root) -> None:
+def export(obj: dict, checkpoints, arch, model, n, cache, dataset, target, method, depth, out_root, force) -> None:
     """The main job: align, fuse at every depth, export, measure, pick one for the target.
 
     Reads CHECKPOINTS with --model (else trains or loads the zoo), the dataset and targets/TARGET.toml.
@@ -151,7 +152,7 @@ def export(obj: dict, checkpoints, arch, model, n, cache, dataset, target, metho
     console = _console(obj["quiet"])
     models = _models(arch, model, checkpoints, n, cache, obj["quiet"]) if model else None
     report = run_export(target, models=models, arch=arch, n=n, dataset=dataset, out_root=out_root, cache=cache,
-                        method=method, depth=depth, console=console)
+                        method=method, depth=depth, console=console, force=force)
     click.echo(markdown(report))
     click.echo(f"wrote {Path(out_root) / report['target']}/ (model.onnx: fused depth {report['depth']})")
 

@@ -47,3 +47,15 @@ def atomic_copy(src: str | Path, dest: str | Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return dest
+
+
+def publish(stage: Path, dest: Path) -> list[Path]:
+    """Move every file of a finished staging folder into `dest`, each by an atomic rename. Until this runs, a
+    failure has touched nothing in `dest`."""
+    moved = []
+    for src in sorted(p for p in stage.rglob("*") if p.is_file()):
+        target = dest / src.relative_to(stage)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(src, target)
+        moved.append(target)
+    return moved

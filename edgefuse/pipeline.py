@@ -1,6 +1,8 @@
 """The main job: models → spec → align → fuse at every depth → export → measure → report, for one target."""
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -11,9 +13,10 @@ from torch import nn
 
 from . import data as datasets
 from .align import align
+from .checks import check_models
 from .errors import EdgefuseError
 from .export import export_onnx, parity, parity_inputs
-from .files import atomic_copy
+from .files import atomic_copy, publish
 from .fuse import fuse
 from .spec import permutation_spec
 from .targets import Target, load_target
@@ -48,22 +51,39 @@ def choose_depth(candidates: list[dict], ensemble: dict, target: Target) -> int:
 
 def run_export(target: str = "cpu-ort", models: list[nn.Module] | None = None, arch: str = "cnn", n: int = 4,
                dataset: str = "fashion-mnist", out_root: str | Path = "build", cache: str | Path = "build/cache",
-               method: str = "weight", depth: int | None = None, console: Console | None = None) -> dict:
-    """Write build/<target>/{model.onnx, report.json, report.md, pareto.png} and return the report."""
+               method: str = "weight", depth: int | None = None, console: Console | None = None,
+               force: bool = False) -> dict:
+    """Write build/<target>/{model.onnx, report.json, report.md, pareto.png} and return the report. Everything is
+    written to a staging folder first, so a failure midway leaves an earlier export as it was."""
     console = console or Console(stderr=True)
     tgt = load_target(target)
     if tgt.runtime != "onnxruntime":
         raise EdgefuseError(f"target '{tgt.name}' uses {tgt.runtime}; this version exports for onnxruntime targets only")
     out_dir = Path(out_root) / tgt.name
+    if (out_dir / "model.onnx").exists() and not force:
+        raise EdgefuseError(f"{out_dir} holds an earlier export (use --force to replace it)")
+    Path(out_root).mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out_root, prefix=f".{tgt.name}-staging-"))
+    try:
+        report = _run(tgt, models, arch, n, dataset, stage, cache, method, depth, console)
+        publish(stage, out_dir)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    return report
+
+
+def _run(tgt: Target, models: list[nn.Module] | None, arch: str, n: int, dataset: str, out_dir: Path,
+         cache: str | Path, method: str, depth: int | None, console: Console) -> dict:
     if models is None:
         from .zoo import zoo_models
         console.print(f"[bold]zoo[/]: {n} × {arch} on Fashion-MNIST (cached under {cache})")
         models, _ = zoo_models(arch, n, cache=cache, quiet=console.quiet)
-    if len(models) < 2:
-        raise EdgefuseError(f"need at least 2 models to fuse, got {len(models)}")
+    check_models(models, "export")
     calib, x_test, y_test = load_dataset(dataset)
     example = x_test[:2]
     spec = permutation_spec(models[0], example)
+    if depth is not None and not 0 <= depth <= len(spec.cut_points):
+        raise EdgefuseError(f"depth must be between 0 and {len(spec.cut_points)} for this model, got {depth}")
     t0 = time.perf_counter()
     aligned = align(models, spec, method=method, data=datasets.batches(calib, batch_size=200))
     align_s = time.perf_counter() - t0
@@ -93,8 +113,6 @@ def run_export(target: str = "cpu-ort", models: list[nn.Module] | None = None, a
     ensemble = rows[0]
     naive = fuse(models, spec, depth=len(spec.cut_points), data=calib_batches)
     chosen = depth if depth is not None else choose_depth(rows, ensemble, tgt)
-    if not 0 <= chosen < len(rows):
-        raise EdgefuseError(f"depth must be between 0 and {len(rows) - 1}, got {chosen}")
     best = rows[chosen]
     for r in rows:
         r["agreement"] = agreement(r, ensemble)

@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import UnsupportedModelError
+from .errors import EdgefuseError, UnsupportedModelError
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,6 @@ def permute(model: nn.Module, spec: PermSpec, perms: dict[str, torch.Tensor]) ->
     """A new module whose hidden units are reordered by `perms`: the same function, different weights."""
     unknown = set(perms) - set(spec.groups)
     if unknown:
-        from .errors import EdgefuseError
         raise EdgefuseError(f"permutation for unknown group(s): {', '.join(sorted(unknown))}")
     new = copy.deepcopy(model)
     new.load_state_dict(permute_state(model.state_dict(), spec, perms))
@@ -257,8 +256,12 @@ def trace(model: nn.Module, example_input: torch.Tensor | None = None) -> fx.Gra
         raise UnsupportedModelError("<trace>", type(model).__name__, f"torch.fx cannot trace it: {e}".splitlines()[0])
     if example_input is not None:
         from torch.fx.passes.shape_prop import ShapeProp
-        with torch.no_grad():
-            ShapeProp(gm).propagate(example_input)
+        try:
+            with torch.no_grad():
+                ShapeProp(gm).propagate(example_input)
+        except Exception as e:  # torch reports shape errors as RuntimeError and others
+            raise EdgefuseError(f"an input of shape {tuple(example_input.shape[1:])} does not fit the model: "
+                                f"{str(e).strip().splitlines()[0]}") from None
     return gm
 
 

@@ -5,6 +5,7 @@ from collections.abc import Callable, Iterable
 
 from torch import nn
 
+from ..checks import check_models
 from ..errors import EdgefuseError
 from ..spec import PermSpec, permute
 
@@ -21,8 +22,7 @@ def register(name: str) -> Callable:
 def align_perms(models: list[nn.Module], spec: PermSpec, method: str = "weight", data: Iterable | None = None,
                 seed: int = 0) -> list[dict]:
     """Permutations that line every model up with models[0] (whose permutation is the identity)."""
-    if len(models) < 2:
-        raise EdgefuseError(f"alignment needs at least 2 models, got {len(models)}")
+    check_models(models, "alignment")
     if method not in METHODS:
         raise EdgefuseError(f"unknown alignment method '{method}' (available: {', '.join(sorted(METHODS))})")
     return METHODS[method](models, spec, data=data, seed=seed)

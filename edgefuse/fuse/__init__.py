@@ -5,6 +5,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from ..checks import check_models
 from ..errors import EdgefuseError
 from ..spec import PermSpec
 from .model import FusedModel, ensemble
@@ -15,8 +16,7 @@ from .split import fuse_depth
 def fuse(aligned: list[nn.Module], spec: PermSpec, depth: int | None = None, alpha=None,
          data: Iterable | None = None, repair: str | None = "bn", combine: str = "mean") -> FusedModel:
     """Partially fuse aligned models. The inputs are never modified: the result owns copies of every tensor."""
-    if len(aligned) < 2:
-        raise EdgefuseError(f"fusion needs at least 2 models, got {len(aligned)}")
+    check_models(aligned, "fusion")
     if alpha is not None:
         raise EdgefuseError("neuron-level fusion (alpha=...) is not available in this version; use depth=")
     if depth is None:

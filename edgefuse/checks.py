@@ -1,0 +1,34 @@
+"""Checks on the N models before anything is aligned or fused: one clear error instead of a wrong fused model."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import EdgefuseError
+
+
+def check_models(models: list[nn.Module], what: str = "fusion") -> None:
+    """Same architecture, eval mode, finite weights, BatchNorm with running statistics."""
+    if len(models) < 2:
+        raise EdgefuseError(f"{what} needs at least 2 models, got {len(models)}")
+    ref = models[0].state_dict()
+    for i, m in enumerate(models):
+        if m.training:
+            raise EdgefuseError(f"model {i} is in training mode: call .eval() first (dropout and BatchNorm "
+                                "statistics would change its outputs)")
+        for name, mod in m.named_modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and not mod.track_running_stats:
+                raise EdgefuseError(f"model {i}: BatchNorm '{name}' has no running statistics "
+                                    "(track_running_stats=False); it cannot be exported for inference")
+        state = m.state_dict()
+        if i:
+            diff = next((k for k in list(ref) + list(state) if k not in ref or k not in state), None)
+            if diff is not None:
+                raise EdgefuseError(f"model {i} has a different architecture from model 0: key '{diff}'")
+            shaped = next((k for k in ref if ref[k].shape != state[k].shape), None)
+            if shaped is not None:
+                raise EdgefuseError(f"model {i} has a different architecture from model 0: '{shaped}' has shape "
+                                    f"{tuple(state[shaped].shape)}, model 0 {tuple(ref[shaped].shape)}")
+        bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if bad is not None:
+            raise EdgefuseError(f"model {i}: '{bad}' holds NaN or Inf values")
