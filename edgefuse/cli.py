@@ -150,7 +150,7 @@ def export(obj: dict, checkpoints, arch, model, n, cache, dataset, target, metho
     from .verify import markdown
 
     console = _console(obj["quiet"])
-    models = _models(arch, model, checkpoints, n, cache, obj["quiet"]) if model else None
+    models = _models(arch, model, checkpoints, n, cache, obj["quiet"]) if model or checkpoints else None
     report = run_export(target, models=models, arch=arch, n=n, dataset=dataset, out_root=out_root, cache=cache,
                         method=method, depth=depth, console=console, force=force)
     click.echo(markdown(report))

@@ -74,6 +74,7 @@ def run_export(target: str = "cpu-ort", models: list[nn.Module] | None = None, a
 
 def _run(tgt: Target, models: list[nn.Module] | None, arch: str, n: int, dataset: str, out_dir: Path,
          cache: str | Path, method: str, depth: int | None, console: Console) -> dict:
+    label = arch if models is None else type(models[0]).__name__
     if models is None:
         from .zoo import zoo_models
         console.print(f"[bold]zoo[/]: {n} × {arch} on Fashion-MNIST (cached under {cache})")
@@ -117,7 +118,7 @@ def _run(tgt: Target, models: list[nn.Module] | None, arch: str, n: int, dataset
     for r in rows:
         r["agreement"] = agreement(r, ensemble)
     report = {
-        "target": tgt.name, "arch": arch if dataset == "fashion-mnist" else type(models[0]).__name__,
+        "target": tgt.name, "arch": label,
         "n_models": len(models), "depth": chosen, "alpha": None, "max_depth": len(spec.cut_points),
         "align_method": method, "align_seconds": align_s, "dataset": dataset, "n_test": len(x_test),
         "threads": tgt.threads, "batch_sizes": list(tgt.batch_sizes),
