@@ -34,7 +34,7 @@ def main(out_root: Path = Path("build/bench")) -> int:
         for name, r in rows:
             macs_ratio = r["macs"] / ens["macs"]
             lat = [r["latency_by_batch"][b]["p50"] / ens["latency_by_batch"][b]["p50"] for b in batches]
-            table.add_row(name, f"{r['accuracy']:.4f}", f"{r.get('agreement', float('nan')):.3f}",
+            table.add_row(name, f"{r['accuracy']:.4f}", f"{r['agreement']:.3f}" if "agreement" in r else "-",
                           f"{macs_ratio:.2f}", *(f"{v:.2f}" for v in lat), *(f"{v / macs_ratio:.2f}" for v in lat))
             summary.append({"model": name, "accuracy": r["accuracy"], "macs_ratio": macs_ratio,
                             "p50_ratio": dict(zip(batches, lat))})
