@@ -6,6 +6,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import Progress
@@ -19,6 +20,7 @@ from .export import export_onnx, parity, parity_inputs
 from .files import atomic_copy, publish
 from .fuse import fuse
 from .spec import permutation_spec
+from .runtime import TorchRunner, predict
 from .targets import Target, load_target
 from .verify import agreement, mean_rows, measure, public, scores, write_report
 
@@ -85,23 +87,23 @@ def _run(tgt: Target, models: list[nn.Module] | None, arch: str, n: int, dataset
     spec = permutation_spec(models[0], example)
     if depth is not None and not 0 <= depth <= len(spec.cut_points):
         raise EdgefuseError(f"depth must be between 0 and {len(spec.cut_points)} for this model, got {depth}")
+    calib_batches = datasets.batches(calib, batch_size=200)
     t0 = time.perf_counter()
-    aligned = align(models, spec, method=method, data=datasets.batches(calib, batch_size=200))
+    aligned = align(models, spec, method=method, data=calib_batches)
     align_s = time.perf_counter() - t0
     console.print(f"[bold]align[/]: {method} matching of {len(models)} models, {len(spec.groups)} groups, "
                   f"{align_s:.1f} s; {len(spec.cut_points)} cut points")
-    calib_batches = datasets.batches(calib, batch_size=200)
     cand_dir = out_dir / "candidates"
     kw = dict(batch_sizes=tgt.batch_sizes, threads=tgt.threads)
     rows, files = [], {}
     depths = range(len(spec.cut_points) + 1)
     with Progress(console=console, disable=console.quiet) as progress:
         task = progress.add_task("fuse, export, measure", total=len(depths) + len(models))
-        singles = []
-        for i, m in enumerate(models):
-            path = export_onnx(m, example, cand_dir / f"single{i}.onnx", opset=tgt.opset) if i == 0 else None
-            singles.append(measure(m, x_test, y_test, path, **kw) if i == 0 else
-                           dict(scores(_torch_logits(m, x_test), y_test)))
+        single_file = export_onnx(models[0], example, cand_dir / "single0.onnx", opset=tgt.opset)
+        singles = [measure(models[0], x_test, y_test, single_file, **kw)]
+        progress.advance(task)
+        for m in models[1:]:  # the members share one cost; only their scores differ
+            singles.append(scores(_torch_logits(m, x_test), y_test))
             progress.advance(task)
         for k in depths:
             fused = fuse(aligned, spec, depth=k, data=calib_batches)
@@ -122,7 +124,7 @@ def _run(tgt: Target, models: list[nn.Module] | None, arch: str, n: int, dataset
         "n_models": len(models), "depth": chosen, "alpha": None, "max_depth": len(spec.cut_points),
         "align_method": method, "align_seconds": align_s, "dataset": dataset, "n_test": len(x_test),
         "threads": tgt.threads, "batch_sizes": list(tgt.batch_sizes),
-        "single": mean_rows([singles[0] | {"accuracy": s["accuracy"], "nll": s["nll"]} for s in singles]),
+        "single": mean_rows(singles),
         "ensemble": public(ensemble),
         "fused": public(best) | {"depth": chosen},
         "candidates": [public(r) for r in rows],
@@ -135,6 +137,5 @@ def _run(tgt: Target, models: list[nn.Module] | None, arch: str, n: int, dataset
     return report
 
 
-def _torch_logits(model: nn.Module, x: torch.Tensor) -> "np.ndarray":  # noqa: F821
-    from .runtime import TorchRunner, predict
+def _torch_logits(model: nn.Module, x: torch.Tensor) -> np.ndarray:
     return predict(TorchRunner(model.eval(), threads=torch.get_num_threads()), x)
