@@ -171,7 +171,7 @@ def verify(onnx_file: str, dataset: str, threads: int, batch_sizes: tuple[int, .
     import json
 
     from .pipeline import load_dataset
-    from .runtime import OrtRunner, latency, predict
+    from .runtime import OrtRunner, latency, latency_batch, predict
     from .verify import scores
 
     if not Path(onnx_file).is_file():
@@ -186,7 +186,7 @@ def verify(onnx_file: str, dataset: str, threads: int, batch_sizes: tuple[int, .
     except Exception as e:
         raise EdgefuseError(f"{onnx_file} does not run on {dataset} inputs {tuple(x_test.shape[1:])}: "
                             f"{str(e).strip().splitlines()[0]}") from None
-    result["latency_ms"] = {str(b): latency(runner, x_test[:b].numpy()) for b in batch_sizes}
+    result["latency_ms"] = {str(b): latency(runner, latency_batch(x_test, b)) for b in batch_sizes}
     click.echo(json.dumps(result, indent=2))
 
 

@@ -67,6 +67,13 @@ def latency(runner: Runner, x: np.ndarray, warmup: int = 10, min_runs: int = 30,
             "p99": float(np.percentile(a, 99)), "runs": len(times)}
 
 
+def latency_batch(x: torch.Tensor, batch_size: int) -> np.ndarray:
+    """An input of exactly `batch_size` rows, repeating the first sample when the data set is smaller."""
+    if len(x) >= batch_size:
+        return x[:batch_size].numpy()
+    return np.repeat(x[:1].numpy(), batch_size, axis=0)
+
+
 def predict(runner: Runner, x: torch.Tensor, batch_size: int = 500) -> np.ndarray:
     """Outputs for a whole dataset, batch by batch."""
     return np.concatenate([runner(x[i:i + batch_size].numpy()) for i in range(0, len(x), batch_size)])

@@ -10,7 +10,7 @@ from torch import nn
 
 from .files import atomic_write_text
 from .metrics import macs, params
-from .runtime import OrtRunner, TorchRunner, latency, predict
+from .runtime import OrtRunner, TorchRunner, latency, latency_batch, predict
 
 
 def scores(logits: np.ndarray, labels: torch.Tensor) -> dict:
@@ -32,8 +32,7 @@ def measure(module: nn.Module, x: torch.Tensor, y: torch.Tensor, onnx_path: str 
     row["runtime"] = runner.name
     row["latency_by_batch"] = {}
     for b in batch_sizes:
-        xb = x[:b].numpy() if len(x) >= b else np.repeat(x[:1].numpy(), b, axis=0)
-        row["latency_by_batch"][str(b)] = latency(runner, xb, budget_s=budget_s)
+        row["latency_by_batch"][str(b)] = latency(runner, latency_batch(x, b), budget_s=budget_s)
     row["latency_ms"] = row["latency_by_batch"][str(batch_sizes[0])]
     return row
 
