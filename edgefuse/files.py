@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -36,17 +35,6 @@ def atomic_write_bytes(dest: str | Path, data: bytes) -> Path:
 
 def atomic_write_text(dest: str | Path, text: str) -> Path:
     return atomic_write_bytes(dest, text.encode())
-
-
-def atomic_copy(src: str | Path, dest: str | Path) -> Path:
-    dest = Path(dest)
-    tmp = new_temp_path(dest)
-    try:
-        shutil.copyfile(src, tmp)
-        commit(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dest
 
 
 def publish(stage: Path, dest: Path) -> list[Path]:
