@@ -15,24 +15,36 @@ from .trace import FIXED, GroupTracer, trace
 
 @dataclass(frozen=True)
 class Axis:
-    """One axis of a parameter permuted by `group`; each unit spans `repeat` consecutive entries (conv → flatten)."""
-    group: str
+    """One segment of a parameter axis: `units` units of `group` (None: never permuted), each spanning `repeat`
+    consecutive entries (conv → flatten). An axis is a tuple of segments, several after a channel `cat`."""
+    group: str | None
     repeat: int = 1
+    units: int = 0
 
 
 @dataclass(frozen=True)
 class PermSpec:
-    """Permutation groups of a model. `params` maps state-dict keys to one `Axis | None` per tensor axis;
-    `cut_points` are fx node names, in order, where a single tensor carries everything downstream needs."""
+    """Permutation groups of a model. `params` maps state-dict keys to, per tensor axis, a tuple of `Axis`
+    segments or None; `cut_points` are fx node names, in order, where a single tensor carries everything
+    downstream needs; `probes` name, per group, the last node whose channels are exactly that group (where
+    activation matching observes it)."""
     groups: MappingProxyType
     params: MappingProxyType
     cut_points: tuple[str, ...]
     weight_layers: tuple[str, ...] = field(default=())
+    probes: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
 
-    def members(self, group: str) -> list[tuple[str, int, int]]:
-        """(param, axis, repeat) for every parameter axis the group permutes."""
-        return [(p, i, a.repeat) for p, axes in self.params.items() for i, a in enumerate(axes)
-                if a is not None and a.group == group]
+    def members(self, group: str) -> list[tuple[str, int, int, int]]:
+        """(param, axis, start, repeat) for every parameter axis segment the group permutes."""
+        out = []
+        for p, axes in self.params.items():
+            for i, segments in enumerate(axes):
+                start = 0
+                for a in segments or ():
+                    if a.group == group:
+                        out.append((p, i, start, a.repeat))
+                    start += a.units * a.repeat
+        return out
 
     def random_perms(self, seed: int = 0) -> dict[str, torch.Tensor]:
         gen = torch.Generator().manual_seed(seed)
@@ -49,6 +61,17 @@ def expand(perm: torch.Tensor, repeat: int) -> torch.Tensor:
     return (perm[:, None] * repeat + torch.arange(repeat)).reshape(-1)
 
 
+def axis_index(segments: tuple[Axis, ...], perms: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The index that permutes one parameter axis: each segment permuted by its group, shifted to its place."""
+    parts, start = [], 0
+    for a in segments:
+        size = a.units * a.repeat
+        idx = expand(perms[a.group], a.repeat) if a.group in perms else torch.arange(size)
+        parts.append(idx + start)
+        start += size
+    return torch.cat(parts)
+
+
 def permute_state(state: dict[str, torch.Tensor], spec: PermSpec,
                   perms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Permuted copy of `state`; keys outside the spec, and spec keys absent from `state`, are left alone."""
@@ -57,9 +80,9 @@ def permute_state(state: dict[str, torch.Tensor], spec: PermSpec,
         if name not in state:
             continue
         t = state[name]
-        for i, a in enumerate(axes):
-            if a is not None and a.group in perms:
-                t = t.index_select(i, expand(perms[a.group], a.repeat))
+        for i, segments in enumerate(axes):
+            if segments is not None and any(a.group in perms for a in segments):
+                t = t.index_select(i, axis_index(segments, perms))
         out[name] = t
     return out
 
@@ -97,15 +120,19 @@ def permutation_spec(model: nn.Module, example_input: torch.Tensor) -> PermSpec:
     params: dict[str, tuple] = {}
     for p, axes in t.axes.items():
         resolved = []
-        for a in axes:
-            root = t.find(a[0]) if a is not None else FIXED
-            if root == FIXED:
+        for segments in axes:
+            roots = [(t.find(g), r, t.sizes[g]) for g, r in segments or ()]
+            if all(root == FIXED for root, _, _ in roots):
                 resolved.append(None)
-            else:
-                groups[root] = t.sizes[root]
-                resolved.append(Axis(root, a[1]))
+                continue
+            resolved.append(tuple(Axis(None if root == FIXED else root, r, n) for root, r, n in roots))
+            groups.update((root, n) for root, _, n in roots if root != FIXED)
         if any(a is not None for a in resolved):
             params[p] = tuple(resolved)
+    probes = {}
+    for node, value in t.value.items():
+        if value is not None and len(value) == 1 and value[0][1] == 1 and t.find(value[0][0]) in groups:
+            probes[t.find(value[0][0])] = node.name
     return PermSpec(groups=MappingProxyType(groups), params=MappingProxyType(params),
                     cut_points=tuple(_cut_points(gm, t.weight_layers, t.value)),
-                    weight_layers=tuple(n.target for n in t.weight_layers))
+                    weight_layers=tuple(n.target for n in t.weight_layers), probes=MappingProxyType(probes))

@@ -22,10 +22,14 @@ _NON_TENSOR_METHOD = {"size", "dim"}
 FIXED = "__fixed__"
 
 
+Segments = tuple  # of (group, repeat): the channel axis of a tensor, one segment per concatenated part
+
+
 class GroupTracer:
-    """Walks the fx graph once, giving each tensor the group of its channel axis (dim 1) and unioning the groups
-    that an operation ties together. A group that reaches the output, or meets a tensor it cannot be permuted
-    with, is tied to FIXED and never permuted."""
+    """Walks the fx graph once, giving each tensor the groups of its channel axis (dim 1) and unioning the groups
+    that an operation ties together. A tensor's channels are a tuple of segments (group, repeat): one segment
+    normally, several after a `cat`; `repeat` > 1 after a flatten. A group that reaches the output, or meets a
+    tensor it cannot be permuted with, is tied to FIXED and never permuted."""
 
     def __init__(self, gm: fx.GraphModule) -> None:
         self.gm = gm
@@ -33,7 +37,7 @@ class GroupTracer:
         self.parent: dict[str, str] = {FIXED: FIXED}
         self.sizes: dict[str, int] = {}
         self.axes: dict[str, list] = {}
-        self.value: dict[fx.Node, tuple[str, int] | None] = {}
+        self.value: dict[fx.Node, Segments | None] = {}
         self.weight_layers: list[fx.Node] = []
 
     def find(self, g: str) -> str:
@@ -52,19 +56,31 @@ class GroupTracer:
             ra, rb = rb, ra
         self.parent[rb] = ra
 
-    def new_group(self, name: str, size: int) -> str:
+    def union_segments(self, a: Segments, b: Segments, node: fx.Node) -> None:
+        if len(a) != len(b) or any(x[1] != y[1] for x, y in zip(a, b)):
+            raise UnsupportedModelError(node.name, _op(node, self.modules),
+                                        "combines tensors whose channels are laid out differently "
+                                        "(a concatenation or flatten on one side only)")
+        for x, y in zip(a, b):
+            self.union(x[0], y[0], node)
+
+    def fix(self, segments: Segments, node: fx.Node) -> None:
+        for g, _ in segments:
+            self.union(g, FIXED, node)
+
+    def new_group(self, name: str, size: int) -> Segments:
         g = name
         while g in self.parent:
             g += "_"
         self.parent[g], self.sizes[g] = g, size
-        return g
+        return ((g, 1),)
 
-    def bind(self, param: str, ndim: int, axis: int, group: str, repeat: int, node: fx.Node) -> None:
+    def bind(self, param: str, ndim: int, axis: int, segments: Segments, node: fx.Node) -> None:
         axes = self.axes.setdefault(param, [None] * ndim)
         if axes[axis] is None:
-            axes[axis] = (group, repeat)
+            axes[axis] = segments
         else:
-            self.union(axes[axis][0], group, node)
+            self.union_segments(axes[axis], segments, node)
 
     def run(self) -> None:
         for node in self.gm.graph.nodes:
@@ -76,7 +92,7 @@ class GroupTracer:
         if node.op == "output":
             for n in node.all_input_nodes:
                 if self.value.get(n) is not None:
-                    self.union(self.value[n][0], FIXED, node)
+                    self.fix(self.value[n], node)
             return None
         ins = [self.value.get(n) for n in node.all_input_nodes]
         grouped = [v for v in ins if v is not None]
@@ -87,14 +103,16 @@ class GroupTracer:
         if not grouped:
             return None
         src = ins[0] if ins and ins[0] is not None else grouped[0]
-        if node.target in _SAME_FN or (node.op == "call_method" and node.target in _SAME_METHOD):
+        method = node.op == "call_method"
+        if node.target in _SAME_FN or (method and node.target in _SAME_METHOD):
             return src
-        if node.target in _ELEMENTWISE or (node.op == "call_method" and node.target in _ELEMENTWISE_METHOD):
+        if node.target in _ELEMENTWISE or (method and node.target in _ELEMENTWISE_METHOD):
             return self.visit_elementwise(node)
-        if node.target in (torch.flatten,) or (node.op == "call_method" and node.target in ("flatten", "view",
-                                                                                             "reshape")):
+        if node.target in (torch.cat, torch.concat):
+            return self.visit_cat(node)
+        if node.target in (torch.flatten,) or (method and node.target in ("flatten", "view", "reshape")):
             return self.visit_flatten(node, src)
-        if node.target in (torch.mean, torch.sum) or (node.op == "call_method" and node.target in ("mean", "sum")):
+        if node.target in (torch.mean, torch.sum) or (method and node.target in ("mean", "sum")):
             dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
             dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
             if dims and 1 not in dims and all(d > 1 for d in dims):
@@ -103,34 +121,23 @@ class GroupTracer:
 
     def visit_module(self, node: fx.Node, mod: nn.Module, src):
         name = node.target
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.groups != 1:
+            return self.visit_depthwise(node, mod, src)
         if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.groups != 1:
-                raise UnsupportedModelError(node.name, type(mod).__name__, "grouped/depthwise convolutions are not "
-                                            "supported yet")
-            if isinstance(mod, nn.Linear) and src is not None and _shape(node.args[0]) is not None \
-                    and len(_shape(node.args[0])) != 2:
-                raise UnsupportedModelError(node.name, "Linear", "Linear over a non-2D tensor (tokens) is not "
-                                            "supported yet")
+            if isinstance(mod, nn.Linear) and src is not None and len(_shape(node.args[0]) or ()) != 2:
+                raise UnsupportedModelError(node.name, "Linear", "Linear over a non-2D tensor (tokens, as in "
+                                            "attention blocks) is not supported yet")
             w = mod.weight
             if src is not None:
-                self.bind(f"{name}.weight", w.ndim, 1, src[0], src[1], node)
+                self.bind(f"{name}.weight", w.ndim, 1, src, node)
             out = self.new_group(name, w.shape[0])
-            self.bind(f"{name}.weight", w.ndim, 0, out, 1, node)
+            self.bind(f"{name}.weight", w.ndim, 0, out, node)
             if mod.bias is not None:
-                self.bind(f"{name}.bias", 1, 0, out, 1, node)
+                self.bind(f"{name}.bias", 1, 0, out, node)
             self.weight_layers.append(node)
-            return (out, 1)
-        if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)):
-            if src is None:
-                return None
-            if isinstance(mod, nn.LayerNorm) and (len(mod.normalized_shape) != 1 or len(_shape(node.args[0])) != 2):
-                raise UnsupportedModelError(node.name, "LayerNorm", "only LayerNorm over 2-D features is supported")
-            if src[1] != 1:
-                raise UnsupportedModelError(node.name, type(mod).__name__, "normalisation after a flatten")
-            for p, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
-                if t is not None and t.ndim == 1:
-                    self.bind(f"{name}.{p}", 1, 0, src[0], 1, node)
-            return src
+            return out
+        if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
+            return self.visit_norm(node, mod, src)
         if isinstance(mod, _SAME):
             return src
         if isinstance(mod, nn.Flatten):
@@ -139,27 +146,65 @@ class GroupTracer:
             return None  # a module on tensors that are never permuted needs nothing
         raise UnsupportedModelError(node.name, type(mod).__name__)
 
+    def visit_depthwise(self, node: fx.Node, mod: nn.Module, src):
+        """A depthwise conv maps channel c to channel c: its filters follow the input's permutation."""
+        if not (mod.groups == mod.in_channels == mod.out_channels):
+            raise UnsupportedModelError(node.name, type(mod).__name__, f"grouped convolution (groups={mod.groups}) "
+                                        "needs block-wise permutations, not supported yet; depthwise is")
+        self.weight_layers.append(node)
+        if src is None:
+            return None
+        self.bind(f"{node.target}.weight", mod.weight.ndim, 0, src, node)
+        if mod.bias is not None:
+            self.bind(f"{node.target}.bias", 1, 0, src, node)
+        return src
+
+    def visit_norm(self, node: fx.Node, mod: nn.Module, src):
+        if src is None:
+            return None
+        if isinstance(mod, nn.LayerNorm) and (len(mod.normalized_shape) != 1 or len(_shape(node.args[0])) != 2):
+            raise UnsupportedModelError(node.name, "LayerNorm", "only LayerNorm over 2-D features is supported")
+        if isinstance(mod, nn.GroupNorm) and mod.num_groups not in (1, mod.num_channels):
+            raise UnsupportedModelError(node.name, "GroupNorm", f"{mod.num_groups} groups of channels would need "
+                                        "block-wise permutations; only 1 group or one per channel is supported")
+        if any(r != 1 for _, r in src):
+            raise UnsupportedModelError(node.name, type(mod).__name__, "normalisation after a flatten")
+        for p, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            if t is not None and t.ndim == 1:
+                self.bind(f"{node.target}.{p}", 1, 0, src, node)
+        return src
+
     def visit_elementwise(self, node: fx.Node):
-        tensors = [n for n in node.all_input_nodes]
+        tensors = list(node.all_input_nodes)
         grouped = [self.value[n] for n in tensors if self.value[n] is not None]
         first = grouped[0]
         for v in grouped[1:]:
-            if v[1] != first[1]:
-                raise UnsupportedModelError(node.name, _op(node, self.modules), "flattened tensors of different shapes")
-            self.union(first[0], v[0], node)
+            self.union_segments(first, v, node)
         for n in tensors:
             if self.value[n] is None:
                 shape = _shape(n)
                 if shape is None or (len(shape) > 1 and shape[1] != 1 and _numel(shape) != 1):
-                    self.union(first[0], FIXED, node)
+                    self.fix(first, node)
         return first
+
+    def visit_cat(self, node: fx.Node):
+        parts = node.args[0]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        ndim = len(_shape(node) or ())
+        if dim % max(ndim, 1) != 1:
+            raise UnsupportedModelError(node.name, "cat", f"concatenation along dim {dim}, not channels")
+        values = [self.value.get(p) for p in parts]
+        if any(v is None for v in values):
+            raise UnsupportedModelError(node.name, "cat", "concatenates permuted with un-permuted tensors")
+        return tuple(seg for v in values for seg in v)
 
     def visit_flatten(self, node: fx.Node, src):
         shape_in, shape_out = _shape(node.args[0]), _shape(node)
         if shape_in is None or shape_out is None:
             raise UnsupportedModelError(node.name, _op(node, self.modules), "shape unknown")
         if len(shape_out) == 2 and shape_out[0] == shape_in[0] and _numel(shape_in[1:]) == shape_out[1]:
-            return (src[0], src[1] * _numel(shape_in[2:]))
+            spatial = _numel(shape_in[2:])
+            return tuple((g, r * spatial) for g, r in src)
         if tuple(shape_out) == tuple(shape_in):
             return src
         raise UnsupportedModelError(node.name, _op(node, self.modules), "reshape other than flatten to (batch, -1)")

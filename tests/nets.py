@@ -36,6 +36,46 @@ class HiddenCat(nn.Module):
         return self.head(torch.cat([torch.relu(self.a(x)), torch.relu(self.b(x))], dim=1))
 
 
+class InputCat(nn.Module):
+    """Concatenates a hidden layer with the raw input: those channels can never be permuted together."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(64, 16)
+        self.head = nn.Linear(80, 10)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        return self.head(torch.cat([torch.relu(self.a(x)), x], dim=1))
+
+
+class TinyViTBlock(nn.Module):
+    """Patch tokens through a Linear: attention-style token layouts are refused, not guessed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(16, 12)
+        self.mlp = nn.Linear(12, 12)
+        self.head = nn.Linear(12, 10)
+
+    def forward(self, x):
+        tokens = x.reshape(x.shape[0], 4, 16)
+        h = self.embed(tokens)
+        h = h + self.mlp(torch.relu(h))
+        return self.head(h.mean(1))
+
+
+class BlockGroupNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 8, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 8)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.norm(self.a(x))).mean((2, 3)))
+
+
 class Residual(nn.Module):
     """Residual add over a hidden width: both sides must share one permutation."""
 

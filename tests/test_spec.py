@@ -7,7 +7,7 @@ from edgefuse import zoo
 from . import nets
 
 CASES = [(lambda: zoo.mlp(), (2, 1, 28, 28)), (lambda: zoo.cnn(), (2, 1, 28, 28)),
-         (nets.digits_cnn, (2, 1, 8, 8)), (nets.Residual, (2, 1, 8, 8))]
+         (nets.digits_cnn, (2, 1, 8, 8)), (nets.Residual, (2, 1, 8, 8)), (nets.HiddenCat, (2, 1, 8, 8))]
 
 
 @pytest.mark.parametrize("make,shape", CASES)
@@ -29,7 +29,7 @@ def test_spec_groups_and_cut_points():
     spec = ef.permutation_spec(zoo.cnn(width=8), torch.rand(2, 1, 28, 28))
     assert sorted(spec.groups.values()) == [8, 8, 16, 16, 32]
     assert len(spec.cut_points) == 5  # one before every weight layer but the first
-    flat = [a for axes in spec.params.values() for a in axes if a is not None and a.repeat > 1]
+    flat = [a for axes in spec.params.values() for segments in axes for a in segments or () if a.repeat > 1]
     assert flat and flat[0].repeat == 49  # conv channels flattened over 7x7 into the classifier
 
 
@@ -44,8 +44,17 @@ def test_classifier_outputs_never_permuted():
     assert spec.params["8.weight"][0] is None and "8.bias" not in spec.params
 
 
-@pytest.mark.parametrize("make,op", [(nets.GroupedConv, "Conv2d"), (nets.HiddenCat, "cat")])
+@pytest.mark.parametrize("make,op", [(nets.GroupedConv, "Conv2d"), (nets.InputCat, "cat"),
+                                     (nets.TinyViTBlock, "Linear"), (nets.BlockGroupNorm, "GroupNorm")])
 def test_unsupported_models_are_refused_by_node(make, op):
     with pytest.raises(ef.UnsupportedModelError) as err:
         ef.permutation_spec(make(), torch.rand(2, 1, 8, 8))
-    assert op in str(err.value) and "node" in str(err.value)
+    assert f"(op {op})" in str(err.value) and "node '" in str(err.value)
+
+
+def test_cat_gives_one_axis_two_segments():
+    spec = ef.permutation_spec(nets.HiddenCat(), torch.rand(2, 1, 8, 8))
+    segments = spec.params["head.weight"][1]
+    assert [a.group for a in segments] == [spec.params["a.weight"][0][0].group, spec.params["b.weight"][0][0].group]
+    assert [(p, start) for p, _, start, _ in spec.members(segments[1].group)] == [("b.weight", 0), ("b.bias", 0),
+                                                                                  ("head.weight", 16)]

@@ -7,7 +7,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from ..spec import PermSpec, expand, permute_state
+from ..spec import PermSpec, axis_index, permute_state
 from . import register
 
 
@@ -17,8 +17,9 @@ def _float_params(model: nn.Module, spec: PermSpec) -> dict[str, torch.Tensor]:
     return {k: v.detach().double() for k, v in model.state_dict().items() if k in names and k in spec.params}
 
 
-def _unit_rows(t: torch.Tensor, axis: int, n: int) -> torch.Tensor:
-    return t.movedim(axis, 0).reshape(n, -1)
+def _unit_rows(t: torch.Tensor, axis: int, start: int, n: int, repeat: int) -> torch.Tensor:
+    """One row per unit of the group: its segment of `axis`, everything else flattened."""
+    return t.movedim(axis, 0)[start:start + n * repeat].reshape(n, -1)
 
 
 def match_pair(target: dict[str, torch.Tensor], other: dict[str, torch.Tensor], spec: PermSpec,
@@ -31,12 +32,12 @@ def match_pair(target: dict[str, torch.Tensor], other: dict[str, torch.Tensor], 
         for g in rng.permutation(list(spec.groups)):
             n = spec.groups[g]
             cost = torch.zeros(n, n, dtype=torch.float64)
-            for name, axis, repeat in members[g]:
+            for name, axis, start, repeat in members[g]:
                 b = other[name]
-                for i, a in enumerate(spec.params[name]):
-                    if i != axis and a is not None:
-                        b = b.index_select(i, expand(perms[a.group], a.repeat))
-                cost += _unit_rows(target[name], axis, n) @ _unit_rows(b, axis, n).T
+                for i, segments in enumerate(spec.params[name]):
+                    if i != axis and segments is not None:
+                        b = b.index_select(i, axis_index(segments, perms))
+                cost += _unit_rows(target[name], axis, start, n, repeat) @ _unit_rows(b, axis, start, n, repeat).T
             c = cost.numpy()
             _, cols = linear_sum_assignment(c, maximize=True)
             old = perms[g].numpy()
