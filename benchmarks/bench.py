@@ -1,4 +1,5 @@
-"""`make bench`: the zoo (Fashion-MNIST, N=4) through the whole pipeline on cpu-ort, every depth measured in one run.
+"""`make bench`: the zoo (Fashion-MNIST, N=4) through the whole pipeline on cpu-ort, every depth measured in one run,
+and alignment: loss barriers and merged accuracy per method on trained MLPs, and the time to align ResNet-20s.
 
 Prints, per architecture, accuracy and the MACs and p50 latency ratios against the ensemble measured in the same
 run, and writes build/bench/bench.json."""
@@ -6,20 +7,91 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
+import edgefuse as ef
+from edgefuse import data, zoo
 from edgefuse.files import atomic_write_text
+from edgefuse.fuse.split import average_state
 from edgefuse.pipeline import run_export
 
 ARCHS = ("mlp", "cnn")
+METHODS = (("weight", {}), ("activation", {}), ("ot", {}), ("ot", {"reg": 0.05}))
+
+
+def _name(method: str, options: dict) -> str:
+    return method + "".join(f" {k}={v}" for k, v in options.items())
+
+
+def _merged_accuracy(models: list, spec, x: torch.Tensor, y: torch.Tensor) -> float:
+    merged = ef.permute(models[0], spec, spec.identity_perms())
+    merged.load_state_dict(average_state(models))
+    with torch.no_grad():
+        return float((merged(x).argmax(1) == y).double().mean())
+
+
+def alignment_quality(console: Console) -> dict:
+    """Trained Fashion-MNIST MLPs: barrier of a pair and accuracy of the 4-model average, naive vs each method."""
+    models, _ = zoo.zoo_models("mlp", 4, quiet=True)
+    x, y = data.fashion_mnist("test")
+    calib = data.batches(data.fashion_mnist("train")[0][:2000], batch_size=250)
+    test = data.batches(x, y, batch_size=1000)
+    spec = ef.permutation_spec(models[0], x[:2])
+    rows = {"naive": {"loss_barrier": ef.barrier(*models[:2], test)["loss_barrier"],
+                      "midpoint_accuracy": ef.barrier(*models[:2], test, steps=3)["accuracy"][1],
+                      "merged4_accuracy": _merged_accuracy(models, spec, x, y)}}
+    for method, options in METHODS:
+        opts = dict(options, data=calib) if method == "activation" else options
+        pair = ef.align(models[:2], spec, method, **opts)
+        curve = ef.barrier(*pair, test)
+        rows[_name(method, options)] = {"loss_barrier": curve["loss_barrier"], "midpoint_accuracy": curve["accuracy"][5],
+                                        "merged4_accuracy": _merged_accuracy(ef.align(models, spec, method, **opts),
+                                                                             spec, x, y)}
+    table = Table(title="alignment quality: 4 × MLP on Fashion-MNIST (pair barrier over 11 points, test set)")
+    for col in ("method", "loss barrier", "/ naive", "midpoint acc", "average of 4: acc"):
+        table.add_column(col, justify="right")
+    for name, r in rows.items():
+        table.add_row(name, f"{r['loss_barrier']:.4f}", f"{r['loss_barrier'] / rows['naive']['loss_barrier']:.3f}",
+                      f"{r['midpoint_accuracy']:.4f}", f"{r['merged4_accuracy']:.4f}")
+    console.print(table)
+    return rows
+
+
+def alignment_time(console: Console, sizes: tuple[int, ...] = (2, 4, 8)) -> dict:
+    """Seconds to align N ResNet-20s (width 16, independent random inits: timing, not quality) per method."""
+    x = data.fashion_mnist("train")[0][:256]
+    models = []
+    for seed in range(max(sizes)):
+        torch.manual_seed(seed)
+        models.append(zoo.resnet20().eval())
+    spec = ef.permutation_spec(models[0], x[:2])
+    out: dict = {}
+    table = Table(title=f"alignment time: ResNet-20 w16 ({len(spec.groups)} groups), seconds, {torch.get_num_threads()} "
+                        "threads")
+    table.add_column("method")
+    for n in sizes:
+        table.add_column(f"N={n}", justify="right")
+    for method, options in METHODS:
+        opts = dict(options, data=data.batches(x, batch_size=64)) if method == "activation" else options
+        times = []
+        for n in sizes:
+            t0 = time.perf_counter()
+            ef.align_perms(models[:n], spec, method, **opts)
+            times.append(time.perf_counter() - t0)
+        out[_name(method, options)] = dict(zip(map(str, sizes), times))
+        table.add_row(_name(method, options), *(f"{t:.2f}" for t in times))
+    console.print(table)
+    return out
 
 
 def main(out_root: Path = Path("build/bench")) -> int:
     console = Console(width=160)
-    results = {}
+    results: dict = {"alignment_quality": alignment_quality(console), "alignment_seconds": alignment_time(console)}
     for arch in ARCHS:
         report = run_export("cpu-ort", arch=arch, n=4, out_root=out_root / arch, force=True)
         ens = report["ensemble"]

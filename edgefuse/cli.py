@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from .errors import EdgefuseError
+from .zoo import ARCHITECTURES
 
 DEBUG = {"on": False}
 
@@ -52,7 +53,7 @@ def _models(arch: str | None, model: str | None, checkpoints: tuple[str, ...], n
 
 
 model_options = [
-    click.option("--arch", type=click.Choice(["cnn", "mlp"]), default="cnn", show_default=True,
+    click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default="cnn", show_default=True,
                  help="Zoo architecture, used when --model is not given."),
     click.option("--model", "model", metavar="MODULE:FUNCTION",
                  help="Factory of your architecture (e.g. mypkg.nets:make_net, or zoo:cnn)."),
@@ -82,10 +83,10 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 
 @cli.command()
-@click.option("--arch", type=click.Choice(["cnn", "mlp"]), default="cnn", show_default=True)
+@click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default="cnn", show_default=True)
 @click.option("-n", "--n-models", "n", type=click.IntRange(2, 64), default=4, show_default=True)
-@click.option("--epochs", type=click.IntRange(1, 100), default=None, help="Default: 2 (cnn), 4 (mlp).")
-@click.option("--width", type=click.IntRange(1, 4096), default=None, help="Default: 16 (cnn), 256 (mlp).")
+@click.option("--epochs", type=click.IntRange(1, 100), default=None, help="Default: 4 (mlp), 2 (others).")
+@click.option("--width", type=click.IntRange(1, 4096), default=None, help="Default: 256 (mlp), 16 (others).")
 @click.option("--cache", default="build/cache", show_default=True)
 @click.pass_obj
 def train(obj: dict, arch: str, n: int, epochs: int | None, width: int | None, cache: str) -> None:

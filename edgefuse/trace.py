@@ -14,7 +14,9 @@ _SAME = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU,
          nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _SAME_FN = {torch.relu, torch.nn.functional.relu, torch.nn.functional.gelu, torch.nn.functional.silu,
             torch.sigmoid, torch.tanh, torch.nn.functional.dropout, torch.nn.functional.max_pool2d,
-            torch.nn.functional.avg_pool2d, torch.nn.functional.adaptive_avg_pool2d, torch.nn.functional.relu6}
+            torch.nn.functional.avg_pool2d, torch.nn.functional.adaptive_avg_pool2d, torch.nn.functional.relu6,
+            torch.nn.functional.hardsigmoid, torch.nn.functional.hardswish, torch.nn.functional.sigmoid,
+            torch.nn.functional.leaky_relu}
 _SAME_METHOD = {"relu", "sigmoid", "tanh", "contiguous", "clone"}
 _ELEMENTWISE = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul}
 _ELEMENTWISE_METHOD = {"add", "sub", "mul", "div"}

@@ -2,8 +2,10 @@ import pytest
 import torch
 
 import edgefuse as ef
-from edgefuse import data
+from edgefuse import data, zoo
 from edgefuse.fuse.split import average_state
+
+from . import nets
 
 
 def _merged(models, spec):
@@ -31,29 +33,61 @@ def test_aligned_models_compute_the_same_function(which, request, digits_split):
         assert torch.equal(aligned[0].state_dict()[k], v)
 
 
-def test_weight_matching_halves_the_barrier(mlps, digits_split):
-    _, x, y = digits_split
+METHODS = [("weight", {}), ("activation", {}), ("ot", {}), ("ot", {"reg": 0.05})]
+
+
+def _options(method, options, calib):
+    return dict(options, data=data.batches(calib, batch_size=250)) if method == "activation" else options
+
+
+@pytest.mark.parametrize("method,options", METHODS)
+def test_alignment_halves_the_barrier(method, options, mlps, digits_split):
+    calib, x, y = digits_split
     pair = mlps[:2]
     spec = ef.permutation_spec(pair[0], x[:2])
-    ends = sum(_loss_acc(m, x, y)[0] for m in pair) / 2
-    naive = _loss_acc(_merged(pair, spec), x, y)[0] - ends
-    aligned = _loss_acc(_merged(ef.align(pair, spec), spec), x, y)[0] - ends
-    assert naive > 0 and aligned <= naive / 2
+    labelled = data.batches(x, y)
+    naive = ef.barrier(*pair, labelled)["loss_barrier"]
+    aligned = ef.barrier(*ef.align(pair, spec, method, **_options(method, options, calib)), labelled)
+    assert naive > 0 and aligned["loss_barrier"] <= naive / 2
+    assert aligned["loss"][0] == pytest.approx(_loss_acc(pair[0], x, y)[0], rel=1e-5)
 
 
-def test_matched_merge_of_four_beats_naive_average(mlps, digits_split):
-    _, x, y = digits_split
+@pytest.mark.parametrize("method,options", METHODS)
+def test_matched_merge_of_four_beats_naive_average(method, options, mlps, digits_split):
+    calib, x, y = digits_split
     spec = ef.permutation_spec(mlps[0], x[:2])
     naive = _loss_acc(_merged(mlps, spec), x, y)[1]
-    matched = _loss_acc(_merged(ef.align(mlps, spec), spec), x, y)[1]
+    matched = _loss_acc(_merged(ef.align(mlps, spec, method, **_options(method, options, calib)), spec), x, y)[1]
     assert matched > naive + 0.1
 
 
-def test_alignment_is_deterministic(mlps, digits_split):
-    _, x, _ = digits_split
+@pytest.mark.parametrize("method,options", METHODS)
+def test_alignment_is_deterministic(method, options, mlps, digits_split):
+    calib, x, _ = digits_split
     spec = ef.permutation_spec(mlps[0], x[:2])
-    a, b = ef.align_perms(mlps, spec, seed=3), ef.align_perms(mlps, spec, seed=3)
+    opts = _options(method, options, calib)
+    a, b = ef.align_perms(mlps, spec, method, seed=3, **opts), ef.align_perms(mlps, spec, method, seed=3, **opts)
     assert all(torch.equal(p[g], q[g]) for p, q in zip(a, b) for g in p)
+
+
+ZOO = [("mlp", 16), ("cnn", 4), ("resnet20", 4), ("mobilenetv2", 4)]
+
+
+@pytest.mark.parametrize("arch,width", ZOO)
+@pytest.mark.parametrize("method,options", METHODS)
+def test_every_zoo_architecture_aligns_without_changing_functions(arch, width, method, options):
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(nets.randomize_bn(zoo.build(arch, width=width), seed))
+    x = torch.rand(16, 1, 28, 28)
+    spec = ef.permutation_spec(models[0], x[:2])
+    opts = dict(options, data=[torch.rand(32, 1, 28, 28)]) if method == "activation" else options
+    perms = ef.align_perms(models, spec, method, **opts)
+    assert any(not torch.equal(p, torch.arange(len(p))) for p in perms[1].values())
+    with torch.no_grad():
+        for m, p in zip(models, perms):
+            torch.testing.assert_close(ef.permute(m, spec, p)(x), m(x), atol=1e-5, rtol=1e-4)
 
 
 def test_bad_align_arguments(mlps, digits_split):
@@ -63,3 +97,16 @@ def test_bad_align_arguments(mlps, digits_split):
         ef.align(mlps, spec, method="magic")
     with pytest.raises(ef.EdgefuseError, match="at least 2"):
         ef.align(mlps[:1], spec, data=data.batches(x))
+
+
+def test_activation_matching_needs_data(mlps, digits_split):
+    _, x, _ = digits_split
+    spec = ef.permutation_spec(mlps[0], x[:2])
+    with pytest.raises(ef.EdgefuseError, match="activation matching needs calibration data"):
+        ef.align(mlps, spec, method="activation")
+
+
+def test_barrier_needs_labels(mlps, digits_split):
+    _, x, _ = digits_split
+    with pytest.raises(ef.EdgefuseError, match="labelled data"):
+        ef.barrier(mlps[0], mlps[1], [x])

@@ -7,6 +7,7 @@ from edgefuse import zoo
 from . import nets
 
 CASES = [(lambda: zoo.mlp(), (2, 1, 28, 28)), (lambda: zoo.cnn(), (2, 1, 28, 28)),
+         (lambda: zoo.resnet20(width=4), (2, 1, 28, 28)), (lambda: zoo.mobilenetv2(width=4), (2, 1, 28, 28)),
          (nets.digits_cnn, (2, 1, 8, 8)), (nets.Residual, (2, 1, 8, 8)), (nets.HiddenCat, (2, 1, 8, 8))]
 
 
@@ -58,3 +59,18 @@ def test_cat_gives_one_axis_two_segments():
     assert [a.group for a in segments] == [spec.params["a.weight"][0][0].group, spec.params["b.weight"][0][0].group]
     assert [(p, start) for p, _, start, _ in spec.members(segments[1].group)] == [("b.weight", 0), ("b.bias", 0),
                                                                                   ("head.weight", 16)]
+
+
+def test_depthwise_and_squeeze_excite_share_the_block_units():
+    spec = ef.permutation_spec(zoo.mobilenetv2(width=4), torch.rand(2, 1, 28, 28))
+    expand = spec.params["6.block.0.weight"][0]
+    assert spec.params["6.block.3.weight"][0] == expand  # depthwise filters follow their input channels
+    assert spec.params["6.block.3.weight"][1] is None
+    assert spec.params["6.block.6.expand.weight"][0] == expand  # the SE gate multiplies those channels
+
+
+def test_resnet_shortcut_joins_the_residual_stream():
+    spec = ef.permutation_spec(zoo.resnet20(width=4), torch.rand(2, 1, 28, 28))
+    assert spec.params["7.shortcut.0.weight"][0] == spec.params["7.conv2.weight"][0] == \
+        spec.params["8.conv2.weight"][0] == spec.params["9.bn2.weight"][0]
+    assert spec.params["7.conv1.weight"][0] != spec.params["7.conv2.weight"][0]

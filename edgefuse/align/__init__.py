@@ -20,19 +20,20 @@ def register(name: str) -> Callable:
 
 
 def align_perms(models: list[nn.Module], spec: PermSpec, method: str = "weight", data: Iterable | None = None,
-                seed: int = 0) -> list[dict]:
-    """Permutations that line every model up with models[0] (whose permutation is the identity)."""
+                seed: int = 0, **options) -> list[dict]:
+    """Permutations that line every model up with models[0] (whose permutation is the identity). `data` is needed
+    by "activation"; `options` go to the method (e.g. reg=0.05 for entropic "ot")."""
     check_models(models, "alignment")
     if method not in METHODS:
         raise EdgefuseError(f"unknown alignment method '{method}' (available: {', '.join(sorted(METHODS))})")
-    return METHODS[method](models, spec, data=data, seed=seed)
+    return METHODS[method](models, spec, data=data, seed=seed, **options)
 
 
 def align(models: list[nn.Module], spec: PermSpec, method: str = "weight", data: Iterable | None = None,
-          seed: int = 0) -> list[nn.Module]:
+          seed: int = 0, **options) -> list[nn.Module]:
     """New modules, each computing the same function as its input, with hidden units in models[0]'s order."""
-    perms = align_perms(models, spec, method, data, seed)
+    perms = align_perms(models, spec, method, data, seed, **options)
     return [permute(m, spec, p) for m, p in zip(models, perms)]
 
 
-from . import weight  # noqa: E402,F401  (registers "weight")
+from . import activation, ot, weight  # noqa: E402,F401  (register the methods)

@@ -2,6 +2,8 @@
 others until no permutation changes (MergeMany, with models[0] held fixed so the result stays in its basis)."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -22,9 +24,19 @@ def _unit_rows(t: torch.Tensor, axis: int, start: int, n: int, repeat: int) -> t
     return t.movedim(axis, 0)[start:start + n * repeat].reshape(n, -1)
 
 
+Solver = Callable[[np.ndarray], np.ndarray]
+
+
+def lsa(similarity: np.ndarray) -> np.ndarray:
+    """Exact assignment maximising total similarity: column (unit of the other model) for each row."""
+    return linear_sum_assignment(similarity, maximize=True)[1]
+
+
 def match_pair(target: dict[str, torch.Tensor], other: dict[str, torch.Tensor], spec: PermSpec,
-               perms: dict[str, torch.Tensor], rng: np.random.Generator, max_iter: int = 100) -> dict:
-    """Coordinate descent over groups: each step solves one group's assignment exactly with the others fixed."""
+               perms: dict[str, torch.Tensor], rng: np.random.Generator, max_iter: int = 100,
+               solve: Solver = lsa) -> dict:
+    """Coordinate descent over groups: each step solves one group's assignment with the others fixed, and keeps
+    it only if it raises the similarity (so an approximate solver cannot make things worse)."""
     perms = {g: p.clone() for g, p in perms.items()}
     members = {g: [m for m in spec.members(g) if m[0] in target] for g in spec.groups}
     for _ in range(max_iter):
@@ -39,7 +51,7 @@ def match_pair(target: dict[str, torch.Tensor], other: dict[str, torch.Tensor], 
                         b = b.index_select(i, axis_index(segments, perms))
                 cost += _unit_rows(target[name], axis, start, n, repeat) @ _unit_rows(b, axis, start, n, repeat).T
             c = cost.numpy()
-            _, cols = linear_sum_assignment(c, maximize=True)
+            cols = solve(c)
             old = perms[g].numpy()
             if c[np.arange(n), cols].sum() > c[np.arange(n), old].sum() + 1e-12:
                 perms[g] = torch.from_numpy(cols).long()
@@ -51,12 +63,12 @@ def match_pair(target: dict[str, torch.Tensor], other: dict[str, torch.Tensor], 
 
 @register("weight")
 def weight_matching(models: list[nn.Module], spec: PermSpec, data=None, seed: int = 0,
-                    max_rounds: int = 20) -> list[dict]:
+                    max_rounds: int = 20, solve: Solver = lsa) -> list[dict]:
     rng = np.random.default_rng(seed)
     states = [_float_params(m, spec) for m in models]
     perms = [spec.identity_perms() for _ in models]
     for i in range(1, len(models)):
-        perms[i] = match_pair(states[0], states[i], spec, perms[i], rng)
+        perms[i] = match_pair(states[0], states[i], spec, perms[i], rng, solve=solve)
     if len(models) > 2:
         for _ in range(max_rounds):
             changed = False
@@ -64,7 +76,7 @@ def weight_matching(models: list[nn.Module], spec: PermSpec, data=None, seed: in
             for i in range(1, len(models)):
                 others = [aligned[j] for j in range(len(models)) if j != i]
                 mean = {k: sum(s[k] for s in others) / len(others) for k in states[0]}
-                new = match_pair(mean, states[i], spec, perms[i], rng)
+                new = match_pair(mean, states[i], spec, perms[i], rng, solve=solve)
                 if any(not torch.equal(new[g], perms[i][g]) for g in new):
                     changed = True
                     perms[i] = new

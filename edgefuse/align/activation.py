@@ -1,0 +1,90 @@
+"""Activation matching: pair units whose activations correlate over calibration data. Each group is observed at
+its probe node; cross-covariances of every model pair are accumulated in one pass, so N models cost N forward
+passes per batch and no activations are stored."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..data import require_batches
+from ..errors import EdgefuseError
+from ..spec import PermSpec
+from . import register
+from .weight import lsa
+
+
+class _Probe(fx.Interpreter):
+    """Runs a traced model and keeps the outputs of the named nodes as (samples, units) matrices."""
+
+    def __init__(self, gm: fx.GraphModule, names: dict[str, str]) -> None:
+        super().__init__(gm)
+        self.names = names
+        self.seen: dict[str, torch.Tensor] = {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n.name in self.names:
+            self.seen[self.names[n.name]] = out.movedim(1, -1).reshape(-1, out.shape[1]).double()
+        return out
+
+
+def correlations(models: list[nn.Module], spec: PermSpec, xs: list[torch.Tensor]) -> dict[str, np.ndarray]:
+    """Per group, an (N, N, units, units) array: correlation of model i's unit u with model j's unit v."""
+    missing = set(spec.groups) - set(spec.probes)
+    if missing:
+        raise EdgefuseError(f"activation matching cannot observe group(s) {', '.join(sorted(missing))}")
+    by_node = {node: g for g, node in spec.probes.items()}
+    gms = [fx.symbolic_trace(m) for m in models]
+    n = len(models)
+    sums = {g: [torch.zeros(k, dtype=torch.float64) for _ in models] for g, k in spec.groups.items()}
+    sq = {g: [torch.zeros(k, dtype=torch.float64) for _ in models] for g, k in spec.groups.items()}
+    cross = {g: torch.zeros(n, n, k, k, dtype=torch.float64) for g, k in spec.groups.items()}
+    count = dict.fromkeys(spec.groups, 0)
+    with torch.no_grad():
+        for x in xs:
+            seen = []
+            for gm in gms:
+                probe = _Probe(gm, by_node)
+                probe.run(x)
+                seen.append(probe.seen)
+            for g in spec.groups:
+                acts = [s[g] for s in seen]
+                count[g] += acts[0].shape[0]
+                for i in range(n):
+                    sums[g][i] += acts[i].sum(0)
+                    sq[g][i] += (acts[i] ** 2).sum(0)
+                    for j in range(n):
+                        cross[g][i, j] += acts[i].T @ acts[j]
+    out = {}
+    for g in spec.groups:
+        mean = torch.stack(sums[g]) / count[g]
+        std = (torch.stack(sq[g]) / count[g] - mean ** 2).clamp_min(0).sqrt() + 1e-8
+        cov = cross[g] / count[g] - mean[:, None, :, None] * mean[None, :, None, :]
+        out[g] = (cov / (std[:, None, :, None] * std[None, :, None, :])).numpy()
+    return out
+
+
+@register("activation")
+def activation_matching(models: list[nn.Module], spec: PermSpec, data: Iterable | None = None, seed: int = 0,
+                        max_rounds: int = 20) -> list[dict]:
+    """Match each model to models[0], then each to the mean of the others' aligned units until nothing changes."""
+    corr = correlations(models, spec, require_batches(data, "activation matching"))
+    n = len(models)
+    perms = [spec.identity_perms() for _ in models]
+    for g, c in corr.items():
+        for i in range(1, n):
+            perms[i][g] = torch.from_numpy(lsa(c[0, i])).long()
+        for _ in range(max_rounds if n > 2 else 0):
+            changed = False
+            for i in range(1, n):
+                sim = sum(c[j, i][perms[j][g].numpy()] for j in range(n) if j != i)
+                new = torch.from_numpy(lsa(sim)).long()
+                if not torch.equal(new, perms[i][g]):
+                    perms[i][g], changed = new, True
+            if not changed:
+                break
+    return perms
