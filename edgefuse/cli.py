@@ -104,7 +104,8 @@ def train(obj: dict, arch: str, n: int, epochs: int | None, width: int | None, c
 @with_models
 @click.option("--depth", type=click.IntRange(0, None), required=True,
               help="Shared layers: 0 = ensemble, the number of cut points = full merge.")
-@click.option("--method", default="weight", show_default=True, help="Alignment method.")
+@click.option("--method", type=click.Choice(["weight", "activation", "ot"]), default="weight", show_default=True,
+              help="Alignment method.")
 @click.option("--repair", type=click.Choice(["bn", "none"]), default="bn", show_default=True)
 @click.option("--opset", type=click.IntRange(9, 23), default=None, help="Default 18 (dynamo exporter); <=17 uses "
               "the TorchScript exporter.")
@@ -127,8 +128,9 @@ def fuse_cmd(obj: dict, checkpoints, arch, model, n, cache, dataset, depth, meth
     models = _models(arch, model, checkpoints, n, cache, obj["quiet"])
     calib, x_test, _ = load_dataset(dataset)
     spec = permutation_spec(models[0], x_test[:2])
-    aligned = align(models, spec, method=method)
-    fused = fuse(aligned, spec, depth=depth, data=batches(calib, batch_size=200),
+    calib_batches = batches(calib, batch_size=200)
+    aligned = align(models, spec, method=method, data=calib_batches)
+    fused = fuse(aligned, spec, depth=depth, data=calib_batches,
                  repair=None if repair == "none" else repair)
     click.echo(str(export_onnx(fused, x_test[:2], out, opset=opset)))
 
@@ -136,7 +138,8 @@ def fuse_cmd(obj: dict, checkpoints, arch, model, n, cache, dataset, depth, meth
 @cli.command()
 @with_models
 @click.option("--target", default="cpu-ort", show_default=True, help="Name of a file in targets/, or a .toml path.")
-@click.option("--method", default="weight", show_default=True, help="Alignment method.")
+@click.option("--method", type=click.Choice(["weight", "activation", "ot"]), default="weight", show_default=True,
+              help="Alignment method.")
 @click.option("--depth", type=click.IntRange(0, None), default=None,
               help="Fusion depth of model.onnx; default: the most accurate within the target's MACs share.")
 @click.option("--out-root", default="build", show_default=True)
