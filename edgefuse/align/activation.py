@@ -57,10 +57,13 @@ def correlations(models: list[nn.Module], spec: PermSpec, xs: list[torch.Tensor]
                 for i in range(n):
                     sums[g][i] += acts[i].sum(0)
                     sq[g][i] += (acts[i] ** 2).sum(0)
-                    for j in range(n):
+                    for j in range(i, n):  # the (j, i) block is the transpose, filled in below
                         cross[g][i, j] += acts[i].T @ acts[j]
     out = {}
     for g in spec.groups:
+        for i in range(n):
+            for j in range(i):
+                cross[g][i, j] = cross[g][j, i].T
         mean = torch.stack(sums[g]) / count[g]
         std = (torch.stack(sq[g]) / count[g] - mean ** 2).clamp_min(0).sqrt() + 1e-8
         cov = cross[g] / count[g] - mean[:, None, :, None] * mean[None, :, None, :]
