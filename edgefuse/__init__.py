@@ -3,11 +3,11 @@ from .align import align, align_perms
 from .barrier import barrier
 from .errors import EdgefuseError, UnsupportedModelError
 from .export import export_onnx
-from .fuse import FusedModel, ensemble, fuse
+from .fuse import FusedModel, batch_models, ensemble, fuse
 from .metrics import macs, params
 from .models import load_models
 from .spec import PermSpec, permutation_spec, permute
 
-__all__ = ["EdgefuseError", "FusedModel", "PermSpec", "UnsupportedModelError", "align", "align_perms", "barrier", "ensemble",
+__all__ = ["EdgefuseError", "FusedModel", "PermSpec", "UnsupportedModelError", "align", "align_perms", "barrier", "batch_models", "ensemble",
            "export_onnx", "fuse", "load_models", "macs", "params", "permutation_spec", "permute"]
 __version__ = "0.1.0"

@@ -93,3 +93,10 @@ def export_onnx(module: nn.Module, example_input: torch.Tensor, path: str | Path
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def onnx_nodes(path: str | Path) -> int:
+    """Nodes in the main graph: on a Jetson at batch 1 each costs a kernel launch, so fewer is faster."""
+    import onnx
+
+    return len(onnx.load(str(path), load_external_data=False).graph.node)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import importlib
+import pickle
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,7 +45,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about pickle protocols on stderr; the error says enough
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise EdgefuseError(f"cannot read checkpoint {path}: it holds Python objects, not only tensors "
+                            "(refused: loading it could run code; save a state_dict or use safetensors)") from None
     except Exception as e:  # corrupt files raise many types; the user needs the file name and the first line
         raise EdgefuseError(f"cannot read checkpoint {path}: {str(e).strip().splitlines()[0] if str(e) else e!r}") \
             from None

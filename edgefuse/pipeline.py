@@ -16,13 +16,13 @@ from . import data as datasets
 from .align import align
 from .checks import check_models
 from .errors import EdgefuseError
-from .export import export_onnx, parity, parity_inputs
+from .export import export_onnx, onnx_nodes, parity, parity_inputs
 from .files import publish
 from .fuse import fuse
 from .spec import permutation_spec
-from .runtime import TorchRunner, predict
+from .runtime import SessionsRunner, TorchRunner, predict
 from .targets import Target, load_target
-from .verify import agreement, mean_rows, measure, public, scores, write_report
+from .verify import agreement, best_exact, mean_rows, measure, public, scores, write_report
 
 CALIBRATION_IMAGES = 2000
 
@@ -40,10 +40,16 @@ def load_dataset(name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     raise EdgefuseError(f"unknown dataset '{name}' (choose from fashion-mnist, digits)")
 
 
-def choose_depth(candidates: list[dict], ensemble: dict, target: Target) -> int:
+def choose_depth(candidates: list[dict], ensemble: dict, target: Target, baseline: dict | None = None) -> int:
     """The most accurate fused depth (>= 1) at or under the target's share of the ensemble's MACs and, when the
-    target names one, under its latency budget; the cheapest candidate when none fits."""
+    target names one, under its latency budget; the cheapest candidate when none fits. A candidate slower than
+    the best exact ensemble at any of the target's batch sizes is never chosen (the exact one is more accurate,
+    so it dominates): when every candidate is, the answer is depth 0, the ensemble itself."""
     fused = [c for c in candidates if c["depth"] >= 1]
+    if baseline:
+        fused = [c for c in fused if all(c["latency_by_batch"][b]["p50"] < base["p50"] for b, base in baseline.items())]
+        if not fused:
+            return 0
     fits = [c for c in fused if c["macs"] <= target.max_macs_ratio * ensemble["macs"]
             and (target.latency_budget_ms is None or c["latency_ms"]["p50"] <= target.latency_budget_ms)]
     if not fits:
@@ -98,42 +104,60 @@ def _run(tgt: Target, models: list[nn.Module] | None, arch: str, n: int, dataset
     rows, files = [], {}
     depths = range(len(spec.cut_points) + 1)
     with Progress(console=console, disable=console.quiet) as progress:
-        task = progress.add_task("fuse, export, measure", total=len(depths) + len(models))
-        single_file = export_onnx(models[0], example, cand_dir / "single0.onnx", opset=tgt.opset)
-        singles = [measure(models[0], x_test, y_test, single_file, **kw)]
+        task = progress.add_task("fuse, export, measure", total=len(depths) + len(models) + 2)
+        single_files = [export_onnx(m, example, cand_dir / f"single{i}.onnx", opset=tgt.opset)
+                        for i, m in enumerate(models)]
+        singles = [measure(models[0], x_test, y_test, single_files[0], **kw)]
         progress.advance(task)
         for m in models[1:]:  # the members share one cost; only their scores differ
             singles.append(scores(_torch_logits(m, x_test), y_test))
             progress.advance(task)
         for k in depths:
-            fused = fuse(aligned, spec, depth=k, data=calib_batches)
+            fused = fuse(aligned, spec, depth=k, data=calib_batches, batch_heads=k > 0 and tgt.batch_heads)
             files[k] = export_onnx(fused, example, cand_dir / f"depth{k}.onnx", opset=tgt.opset)
             row = measure(fused, x_test, y_test, files[k], **kw)
-            row["depth"] = k
-            row["module"] = fused
+            row |= {"depth": k, "module": fused, "onnx_nodes": onnx_nodes(files[k]),
+                    "batched_heads": k > 0 and tgt.batch_heads}
             rows.append(row)
             progress.advance(task)
+        ens_batched = rows[0]["module"].batch_heads()
+        files["batched"] = export_onnx(ens_batched, example, cand_dir / "ensemble_batched.onnx", opset=tgt.opset)
+        batched_row = measure(ens_batched, x_test, y_test, files["batched"], **kw)
+        batched_row |= {"module": ens_batched, "onnx_nodes": onnx_nodes(files["batched"])}
+        progress.advance(task)
+        sessions_row = measure(rows[0]["module"], x_test, y_test, runner=SessionsRunner(single_files, tgt.threads),
+                               **kw)
+        sessions_row["onnx_nodes"] = sum(onnx_nodes(f) for f in single_files)
+        progress.advance(task)
     ensemble = rows[0]
+    exact = {"ensemble": ensemble, "ensemble_batched": batched_row, "ensemble_sessions": sessions_row}
+    baseline = best_exact(exact)
     naive = fuse(models, spec, depth=len(spec.cut_points), data=calib_batches)
-    chosen = depth if depth is not None else choose_depth(rows, ensemble, tgt)
-    best = rows[chosen]
-    for r in rows:
+    chosen = depth if depth is not None else choose_depth(rows, ensemble, tgt, baseline)
+    best = batched_row if chosen == 0 else rows[chosen]
+    best_file = files["batched"] if chosen == 0 else files[chosen]
+    for r in [*rows, batched_row, sessions_row]:
         r["agreement"] = agreement(r, ensemble)
     report = {
         "target": tgt.name, "arch": label,
         "n_models": len(models), "depth": chosen, "alpha": None, "max_depth": len(spec.cut_points),
         "align_method": method, "align_seconds": align_s, "dataset": dataset, "n_test": len(x_test),
-        "threads": tgt.threads, "batch_sizes": list(tgt.batch_sizes),
+        "threads": tgt.threads, "batch_sizes": list(tgt.batch_sizes), "batched_heads": tgt.batch_heads,
         "single": mean_rows(singles),
-        "ensemble": public(ensemble),
+        **{name: public(r) for name, r in exact.items()},
+        "baseline_by_batch": baseline,
         "fused": public(best) | {"depth": chosen},
         "candidates": [public(r) for r in rows],
         "naive_merge": scores(_torch_logits(naive, x_test), y_test),
-        "parity": {"max_abs_diff": parity(files[chosen], best["module"], parity_inputs(example)),
+        "parity": {"max_abs_diff": parity(best_file, best["module"], parity_inputs(example)),
                    "batch_sizes": [1, 3]},
     }
+    if chosen > 0 and tgt.batch_heads:
+        unbatched = fuse(aligned, spec, depth=chosen, data=calib_batches)
+        report["fused"]["onnx_nodes_unbatched"] = onnx_nodes(
+            export_onnx(unbatched, example, cand_dir / f"depth{chosen}_unbatched.onnx", opset=tgt.opset))
     write_report(report, out_dir)
-    shutil.copyfile(files[chosen], out_dir / "model.onnx")  # out_dir is the staging folder: publish() is atomic
+    shutil.copyfile(best_file, out_dir / "model.onnx")  # out_dir is the staging folder: publish() is atomic
     return report
 
 

@@ -50,6 +50,20 @@ class OrtRunner:
         return self.session.run(None, {self.input: x})[0]
 
 
+class SessionsRunner:
+    """The ensemble as N separate onnxruntime sessions run one after another and averaged: what a user deploys
+    without edgefuse, so it is one of the exact baselines."""
+
+    def __init__(self, onnx_paths: list[str | Path], threads: int = 1, combine: str = "mean") -> None:
+        self.sessions = [OrtRunner(p, threads) for p in onnx_paths]
+        self.combine, self.name = combine, f"{self.sessions[0].name} ×{len(onnx_paths)} sessions"
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        from .fuse.model import combine_outputs
+
+        return combine_outputs(torch.from_numpy(np.stack([s(x) for s in self.sessions])), 0, self.combine).numpy()
+
+
 def latency(runner: Runner, x: np.ndarray, warmup: int = 10, min_runs: int = 30, budget_s: float = 1.0) -> dict:
     """Milliseconds per call: min and percentiles over at least `min_runs` calls or `budget_s` seconds."""
     for _ in range(warmup):

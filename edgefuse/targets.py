@@ -24,6 +24,7 @@ class Target:
     max_macs_ratio: float = 0.5
     latency_budget_ms: float | None = None
     memory_budget_mb: float | None = None
+    batch_heads: bool = True
     description: str = ""
 
 

@@ -103,3 +103,37 @@ def randomize_bn(model: nn.Module, seed: int) -> nn.Module:
             m.weight.data.copy_(torch.randn(n, generator=gen))
             m.bias.data.copy_(torch.randn(n, generator=gen))
     return model.eval()
+
+
+class Normed(nn.Module):
+    """LayerNorm over features and GroupNorm in blocks of channels: both become GroupNorms when batched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(1, 8, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 8)
+        self.fc = nn.Linear(8, 16)
+        self.ln = nn.LayerNorm(16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = torch.relu(self.gn(self.a(x))).mean((2, 3))
+        return self.head(torch.relu(self.ln(self.fc(h))))
+
+
+class HiddenSoftmax(nn.Module):
+    """A softmax across hidden channels mixes them: no grouped-kernel form exists."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(64, 16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(torch.softmax(self.a(x.flatten(1)), dim=1))
+
+
+def member(factory, seed: int) -> nn.Module:
+    """One ensemble member: its own random init and trained-like BN statistics, so exactness cannot be luck."""
+    torch.manual_seed(seed)
+    return randomize_bn(factory(), seed)

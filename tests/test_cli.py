@@ -37,12 +37,17 @@ def test_export_end_to_end(checkpoints, tmp_path):
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "report.json").read_text())
     assert report["target"] == "cpu-ort" and report["n_models"] == 3 and report["alpha"] is None
-    for entry in ("single", "ensemble", "fused"):
+    for entry in ("single", "ensemble", "ensemble_batched", "ensemble_sessions", "fused"):
         assert all(k in report[entry] for k in REPORT_KEYS)
         assert set(report[entry]["latency_ms"]) >= {"min", "p50", "p90", "p99"}
     assert report["parity"]["max_abs_diff"] < 1e-4
     assert report["fused"]["macs"] <= 0.5 * report["ensemble"]["macs"]
     assert report["candidates"][0]["accuracy"] == report["ensemble"]["accuracy"]
+    assert report["ensemble_batched"]["accuracy"] == report["ensemble"]["accuracy"]
+    assert report["ensemble_batched"]["onnx_nodes"] < report["ensemble"]["onnx_nodes"]
+    for b, base in report["baseline_by_batch"].items():
+        assert base["p50"] == min(report[e]["latency_by_batch"][b]["p50"]
+                                  for e in ("ensemble", "ensemble_batched", "ensemble_sessions"))
 
 
 def test_fuse_then_verify(checkpoints, tmp_path):

@@ -8,14 +8,17 @@ from torch import nn
 from ..checks import check_models
 from ..errors import EdgefuseError
 from ..spec import PermSpec
+from .batched import batch_models
 from .model import FusedModel, ensemble
 from .repair import REPAIRS, repair as apply_repair
 from .split import fuse_depth
 
 
 def fuse(aligned: list[nn.Module], spec: PermSpec, depth: int | None = None, alpha=None,
-         data: Iterable | None = None, repair: str | None = "bn", combine: str = "mean") -> FusedModel:
-    """Partially fuse aligned models. The inputs are never modified: the result owns copies of every tensor."""
+         data: Iterable | None = None, repair: str | None = "bn", combine: str = "mean",
+         batch_heads: bool = False) -> FusedModel:
+    """Partially fuse aligned models. The inputs are never modified: the result owns copies of every tensor.
+    `batch_heads=True` runs the N heads as one network of grouped kernels (same outputs, fewer kernels)."""
     check_models(aligned, "fusion")
     if alpha is not None:
         raise EdgefuseError("neuron-level fusion (alpha=...) is not available in this version; use depth=")
@@ -26,7 +29,7 @@ def fuse(aligned: list[nn.Module], spec: PermSpec, depth: int | None = None, alp
     fused = fuse_depth(aligned, spec, depth, combine)
     if depth > 0:
         apply_repair(fused, repair, data)
-    return fused
+    return fused.batch_heads() if batch_heads else fused
 
 
-__all__ = ["FusedModel", "ensemble", "fuse"]
+__all__ = ["FusedModel", "batch_models", "ensemble", "fuse"]

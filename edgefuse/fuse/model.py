@@ -1,6 +1,9 @@
 """FusedModel: one shared trunk feeding N heads whose outputs are averaged. A plain module, so it traces and exports."""
 from __future__ import annotations
 
+import copy
+import math
+
 import torch
 from torch import nn
 
@@ -9,11 +12,21 @@ from ..errors import EdgefuseError
 COMBINES = ("mean", "probs")
 
 
+def combine_outputs(outs: torch.Tensor, dim: int, combine: str) -> torch.Tensor:
+    """Mean over the members along `dim`; for "probs" the log of the mean probability, computed as a logsumexp
+    of log-softmaxes so that confident members never produce log(0)."""
+    if combine == "probs":
+        return torch.logsumexp(torch.log_softmax(outs, dim=-1), dim) - math.log(outs.shape[dim])
+    return outs.mean(dim)
+
+
 class FusedModel(nn.Module):
     """`combine="mean"` averages logits; `"probs"` averages softmax probabilities and returns their log, so the
-    output stays a log-score that argmax and NLL read the same way."""
+    output stays a log-score that argmax and NLL read the same way. With `batched=True` the heads list holds one
+    module that runs all N heads as grouped kernels and already combines their outputs (see `batch_heads`)."""
 
-    def __init__(self, trunk: nn.Module, heads: list[nn.Module], combine: str = "mean") -> None:
+    def __init__(self, trunk: nn.Module, heads: list[nn.Module], combine: str = "mean", batched: bool = False,
+                 n_heads: int | None = None) -> None:
         super().__init__()
         if combine not in COMBINES:
             raise EdgefuseError(f"unknown combine '{combine}' (choose from {', '.join(COMBINES)})")
@@ -22,19 +35,30 @@ class FusedModel(nn.Module):
         self.trunk = trunk
         self.heads = nn.ModuleList(heads)
         self.combine = combine
+        self.batched = batched
+        self.n_heads = n_heads or len(heads)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.trunk(x)
+        if self.batched:
+            return self.heads[0](h)
         outs = torch.stack([head(h) for head in self.heads])
-        if self.combine == "probs":
-            return torch.log(torch.softmax(outs, dim=-1).mean(0))
-        return outs.mean(0)
+        return combine_outputs(outs, 0, self.combine)
+
+    def batch_heads(self) -> FusedModel:
+        """The same function with the N heads as one network of grouped kernels: fewer, larger kernels."""
+        from .batched import batch_models
+
+        if self.batched:
+            return copy.deepcopy(self)
+        return FusedModel(copy.deepcopy(self.trunk), [batch_models(list(self.heads), self.combine)], self.combine,
+                          batched=True, n_heads=len(self.heads)).eval()
 
 
-def ensemble(models: list[nn.Module], combine: str = "mean") -> FusedModel:
-    """The exact ensemble as one module: an identity trunk and every model as a head (copies, never shared)."""
-    import copy
-
+def ensemble(models: list[nn.Module], combine: str = "mean", batched: bool = False) -> FusedModel:
+    """The exact ensemble as one module: an identity trunk and every model as a head (copies, never shared);
+    `batched=True` runs the members as one network of grouped kernels, with the same outputs."""
     if len(models) < 2:
         raise EdgefuseError(f"an ensemble needs at least 2 models, got {len(models)}")
-    return FusedModel(nn.Identity(), [copy.deepcopy(m).eval() for m in models], combine).eval()
+    ens = FusedModel(nn.Identity(), [copy.deepcopy(m).eval() for m in models], combine).eval()
+    return ens.batch_heads() if batched else ens

@@ -1,0 +1,312 @@
+"""N models of one architecture as one network of grouped kernels: an exact rewrite, fewer and larger kernels.
+
+Every hidden tensor carries the N members' channels side by side, model-major: [model 0 | model 1 | ...]. A layer
+fed by a tensor all members share (the input, or a fused trunk's output) concatenates the members' output channels;
+later convs become grouped convs (groups × N), Linear layers one grouped 1×1 conv, BatchNorm and GroupNorm
+concatenate their parameters, LayerNorm becomes a GroupNorm of N groups. The mean over members closes the graph; a
+final Linear and that mean fold into one Linear. Used for the batched exact ensemble and for a FusedModel's heads.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import operator
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..errors import EdgefuseError, UnsupportedModelError
+from ..trace import _ELEMENTWISE, _ELEMENTWISE_METHOD, _SAME, _SAME_FN, _SAME_METHOD
+from .model import COMBINES, combine_outputs
+
+_REDUCE = {torch.mean, torch.sum, torch.amax, torch.amin}
+_REDUCE_METHOD = {"mean", "sum", "amax", "amin"}
+
+
+def _require_2d(x: torch.Tensor, node: str, op: str) -> None:
+    """Features must sit on dim 1: over token tensors (batch, tokens, features) the members' blocks would land on
+    the last dim instead. The check runs on static shapes, so it costs nothing in an exported graph."""
+    if x.dim() != 2:
+        raise UnsupportedModelError(node, op, f"{op} over a {x.dim()}-D tensor (tokens, as in attention blocks) "
+                                    "has no batched form yet")
+
+
+class WideLinear(nn.Linear):
+    """N Linear layers reading the same features: one Linear with their outputs side by side."""
+
+    def __init__(self, linears: list[nn.Linear], node: str) -> None:
+        first = linears[0]
+        super().__init__(first.in_features, len(linears) * first.out_features, bias=first.bias is not None)
+        self.node = node
+        self.weight = _param(_cat([m.weight for m in linears]))
+        if self.bias is not None:
+            self.bias = _param(_cat([m.bias for m in linears]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _require_2d(x, self.node, "Linear")
+        return super().forward(x)
+
+
+class BatchedLayerNorm(nn.GroupNorm):
+    """N LayerNorms over features side by side: a GroupNorm with one group per member."""
+
+    def __init__(self, norms: list[nn.LayerNorm], node: str) -> None:
+        first = norms[0]
+        if len(first.normalized_shape) != 1:
+            raise UnsupportedModelError(node, "LayerNorm", "only LayerNorm over one feature axis is batched")
+        super().__init__(len(norms), len(norms) * first.normalized_shape[0], eps=first.eps,
+                         affine=first.elementwise_affine)
+        self.node = node
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _require_2d(x, self.node, "LayerNorm")
+        return super().forward(x)
+
+
+class GroupedLinear(nn.Module):
+    """N Linear layers on N blocks of features, run as one grouped 1×1 convolution (one kernel instead of N)."""
+
+    def __init__(self, linears: list[nn.Linear], node: str) -> None:
+        super().__init__()
+        self.node = node
+        n, (out, inp) = len(linears), linears[0].weight.shape
+        self.conv = nn.Conv1d(n * inp, n * out, 1, groups=n, bias=linears[0].bias is not None)
+        self.conv.weight = _param(_cat([m.weight for m in linears]).unsqueeze(-1))
+        if self.conv.bias is not None:
+            self.conv.bias = _param(_cat([m.bias for m in linears]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _require_2d(x, self.node, "Linear")
+        return self.conv(x.unsqueeze(-1)).squeeze(-1)
+
+
+def _cat(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    return torch.cat([t.detach() for t in tensors], dim).clone()
+
+
+def _param(t: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(t)
+
+
+def _batched_conv(convs: list[nn.Module], shared_input: bool) -> nn.Module:
+    n, first = len(convs), convs[0]
+    new = copy.deepcopy(first)
+    new.weight = _param(_cat([c.weight for c in convs]))
+    if first.bias is not None:
+        new.bias = _param(_cat([c.bias for c in convs]))
+    new.out_channels = n * first.out_channels
+    if not shared_input:
+        new.in_channels, new.groups = n * first.in_channels, n * first.groups
+    return new
+
+
+def _batched_norm(norms: list[nn.Module], node: fx.Node) -> nn.Module:
+    n, first = len(norms), norms[0]
+    if isinstance(first, nn.LayerNorm):
+        new = BatchedLayerNorm(norms, node.name)
+    elif isinstance(first, nn.GroupNorm):
+        new = nn.GroupNorm(n * first.num_groups, n * first.num_channels, eps=first.eps, affine=first.affine)
+    else:
+        new = copy.deepcopy(first)
+        new.num_features = n * first.num_features
+        for buf in ("running_mean", "running_var"):
+            if getattr(first, buf) is not None:
+                setattr(new, buf, _cat([getattr(m, buf) for m in norms]))
+    for p in ("weight", "bias"):
+        if getattr(new, p, None) is not None:
+            parts = [getattr(m, p) if getattr(m, p, None) is not None else
+                     (torch.ones_like if p == "weight" else torch.zeros_like)(m.weight) for m in norms]
+            setattr(new, p, _param(_cat(parts)))
+    return new
+
+
+class _Rewriter:
+    """Walks the members' identical fx graphs once, building the batched graph and its modules."""
+
+    def __init__(self, models: list[nn.Module], combine: str) -> None:
+        try:
+            self.gms = [m if isinstance(m, fx.GraphModule) else fx.symbolic_trace(m) for m in models]
+        except Exception as e:  # fx raises many kinds on data-dependent Python
+            raise UnsupportedModelError("<trace>", type(models[0]).__name__,
+                                        f"torch.fx cannot trace it: {e}".splitlines()[0]) from None
+        self.n, self.combine = len(models), combine
+        self.mods = [dict(g.named_modules()) for g in self.gms]
+        self.graph, self.env, self.owned = fx.Graph(), {}, {}
+        self.batched: set[fx.Node] = set()
+        self.shape_of_batched: set[fx.Node] = set()
+        self.combined = False
+
+    def run(self) -> fx.GraphModule:
+        node_lists = [list(g.graph.nodes) for g in self.gms]
+        if len({len(ns) for ns in node_lists}) != 1:
+            raise EdgefuseError("the models differ in structure: their traced graphs have different lengths")
+        for group in zip(*node_lists):
+            ref = group[0]
+            if any(nd.op != ref.op or nd.target != ref.target for nd in group):
+                raise EdgefuseError(f"the models differ in structure at node '{ref.name}'")
+            self.env[ref] = self.visit(ref, group)
+        gm = fx.GraphModule(self.owned, self.graph)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        return gm.eval()
+
+    def arg(self, a):
+        return fx.node.map_arg(a, lambda n: self.env[n])
+
+    def is_batched(self, a) -> bool:
+        found = []
+        fx.node.map_arg(a, lambda n: found.append(self.env[n] in self.batched))
+        return any(found)
+
+    def expand(self, new: fx.Node) -> fx.Node:
+        """A shared tensor joins batched ones: every member gets its own copy of the channels."""
+        if new in self.batched or not isinstance(new, fx.Node):
+            return new
+        if new.op == "get_attr" and getattr(self.owned.get(new.target), "ndim", 2) < 2:
+            return new  # a scalar or a per-column constant broadcasts to every member as it is
+        out = self.graph.call_function(torch.cat, ([new] * self.n, 1))
+        self.batched.add(out)
+        return out
+
+    def emit(self, op: str, target, args, kwargs, batched: bool) -> fx.Node:
+        out = self.graph.create_node(op, target, args, kwargs)
+        if batched:
+            self.batched.add(out)
+        return out
+
+    def visit(self, node: fx.Node, group: tuple[fx.Node, ...]):
+        if node.op == "placeholder":
+            return self.graph.node_copy(node)
+        if node.op == "get_attr":
+            return self.visit_attr(node)
+        if node.op == "output":
+            return self.visit_output(node)
+        if node.op == "call_module":
+            return self.visit_module(node, [m[node.target] for m in self.mods])
+        return self.visit_function(node)
+
+    def visit_attr(self, node: fx.Node) -> fx.Node:
+        values = [functools.reduce(getattr, node.target.split("."), g) for g in self.gms]
+        if isinstance(values[0], torch.Tensor) and not all(torch.equal(values[0], v) for v in values[1:]):
+            raise UnsupportedModelError(node.name, "get_attr", "a tensor used outside a layer differs between "
+                                        "the models; it has no batched form yet")
+        self.owned[node.target] = copy.deepcopy(values[0])
+        return self.graph.get_attr(node.target)
+
+    def visit_output(self, node: fx.Node):
+        (out,) = node.args
+        if not isinstance(out, fx.Node):
+            raise UnsupportedModelError(node.name, "output", "models with several outputs are not batched yet")
+        new = self.env[out]
+        if new in self.batched and not self.combined:
+            members = self.graph.call_method("unflatten", (new, 1, (self.n, -1)))
+            new = self.graph.call_function(combine_outputs, (members, 1, self.combine))
+        return self.graph.output(new)
+
+    def visit_module(self, node: fx.Node, mods: list[nn.Module]):
+        first, (src,) = mods[0], node.args[:1] or (None,)
+        x = self.env[src] if isinstance(src, fx.Node) else None
+        batched = x in self.batched
+        name = node.target
+        if isinstance(first, nn.Linear):
+            if self.folds(node):
+                folded = copy.deepcopy(first)
+                if batched:
+                    folded.in_features *= self.n
+                    folded.weight = _param(_cat([m.weight for m in mods], 1) / self.n)
+                else:
+                    folded.weight = _param(_cat([m.weight.unsqueeze(0) for m in mods]).mean(0))
+                if first.bias is not None:
+                    folded.bias = _param(_cat([m.bias.unsqueeze(0) for m in mods]).mean(0))
+                self.owned[name], self.combined = folded, True
+                return self.emit("call_module", name, (x,), {}, batched=False)
+            self.owned[name] = GroupedLinear(mods, node.name) if batched else WideLinear(mods, node.name)
+        elif isinstance(first, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            if not batched and first.groups != 1:
+                x, batched = self.expand(x), True
+            self.owned[name] = _batched_conv(mods, shared_input=not batched)
+        elif isinstance(first, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)):
+            x = self.expand(x)
+            self.owned[name] = _batched_norm(mods, node)
+        elif isinstance(first, nn.Flatten):
+            if batched and (first.start_dim != 1 or first.end_dim != -1):
+                raise UnsupportedModelError(node.name, "Flatten", "only flatten from dim 1 to the end is batched")
+            self.owned[name] = copy.deepcopy(first)
+            return self.emit("call_module", name, (x,), {}, batched)
+        elif isinstance(first, _SAME) or (not batched and not list(first.parameters()) + list(first.buffers())):
+            self.owned[name] = copy.deepcopy(first)
+            return self.emit("call_module", name, self.arg(node.args), self.arg(node.kwargs), batched)
+        else:
+            raise UnsupportedModelError(node.name, type(first).__name__, "no batched form for this layer yet")
+        return self.emit("call_module", name, (x,), {}, batched=True)
+
+    def folds(self, node: fx.Node) -> bool:
+        """A last Linear followed only by the output folds the mean over members into itself (mean of logits)."""
+        users = list(node.users)
+        return self.combine == "mean" and len(users) == 1 and users[0].op == "output"
+
+    def visit_function(self, node: fx.Node):
+        method = node.op == "call_method"
+        args, kwargs = self.arg(node.args), self.arg(node.kwargs)
+        batched = self.is_batched(node.args) or self.is_batched(node.kwargs)
+        target = node.target
+        if (method and target in ("size", "dim")) or target is getattr:
+            out = self.emit(node.op, target, args, kwargs, batched=False)
+            if batched and target != "dim":
+                dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")) if method else None
+                if dim is None:  # the whole shape: only its batch entry may be read later
+                    self.shape_of_batched.add(out)
+                elif dim != 0:
+                    raise UnsupportedModelError(node.name, "size", "reads the channel count of a batched tensor")
+            return out
+        if target is operator.getitem and self.env[node.args[0]] in self.shape_of_batched:
+            if node.args[1] != 0:
+                raise UnsupportedModelError(node.name, "getitem", "reads the channel count of a batched tensor")
+            return self.emit(node.op, target, args, kwargs, batched=False)
+        if not batched:
+            return self.emit(node.op, target, args, kwargs, batched=False)
+        if target in _SAME_FN or (method and target in _SAME_METHOD):
+            return self.emit(node.op, target, args, kwargs, batched=True)
+        if target in _ELEMENTWISE or (method and target in _ELEMENTWISE_METHOD):
+            args = tuple(self.expand(a) if isinstance(a, fx.Node) else a for a in args)
+            return self.emit(node.op, target, args, kwargs, batched=True)
+        if target in (torch.cat, torch.concat):
+            return self.visit_cat(node, args, kwargs)
+        if target is torch.flatten or (method and target == "flatten"):
+            start = (node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0))
+            end = (node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1))
+            if start == 1 and end == -1:
+                return self.emit(node.op, target, args, kwargs, batched=True)
+        if method and target in ("view", "reshape") and len(node.args) == 3 and node.args[2] == -1:
+            return self.emit(node.op, target, args, kwargs, batched=True)
+        if target in _REDUCE or (method and target in _REDUCE_METHOD):
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+            if dims and all(isinstance(d, int) and d >= 2 for d in dims):
+                return self.emit(node.op, target, args, kwargs, batched=True)
+        name = getattr(target, "__name__", str(target))
+        raise UnsupportedModelError(node.name, name, "no batched form for this operation on hidden channels yet")
+
+    def visit_cat(self, node: fx.Node, args, kwargs) -> fx.Node:
+        parts = [self.expand(p) for p in args[0]]
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        if not isinstance(dim, int) or dim < 0:
+            raise UnsupportedModelError(node.name, "cat", "concatenation along a negative or computed dim")
+        if dim != 1:
+            return self.emit(node.op, node.target, (parts, dim), {}, batched=True)
+        # Channel concatenation: per member, so each member's block stays contiguous.
+        split = [self.graph.call_method("unflatten", (p, 1, (self.n, -1))) for p in parts]
+        joined = self.graph.call_function(torch.cat, (split, 2))
+        return self.emit("call_method", "flatten", (joined, 1, 2), {}, batched=True)
+
+
+def batch_models(models: list[nn.Module], combine: str = "mean") -> fx.GraphModule:
+    """One module computing the `combine` of the N members' outputs with grouped kernels. It owns copies of every
+    tensor; an operation without a batched form raises UnsupportedModelError naming the node."""
+    if combine not in COMBINES:
+        raise EdgefuseError(f"unknown combine '{combine}' (choose from {', '.join(COMBINES)})")
+    if len(models) < 1:
+        raise EdgefuseError("batching needs at least one model")
+    with torch.no_grad():
+        return _Rewriter(list(models), combine).run()
