@@ -7,7 +7,7 @@ TARGET ?= cpu-ort
 TORCH := torch==2.13.0
 FASHION := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
-.PHONY: export test bench setup data clean
+.PHONY: export test bench gpu-check setup data clean
 
 export: setup data
 	$(BIN)/edgefuse export --force --target $(TARGET)
@@ -18,6 +18,12 @@ test: setup
 
 bench: setup data
 	$(BIN)/python benchmarks/bench.py
+
+# On a machine with one CUDA GPU and the repository with build/cache (trained zoo weights) copied in. No install
+# step: that machine may have no package registry, so it runs on its own python3 (torch with CUDA, numpy, scipy,
+# onnx, safetensors, click, rich). Fashion-MNIST: the Debian package, or its four files in build/data/fashion-mnist.
+gpu-check:
+	PYTHONPATH=. $(PYTHON) -m edgefuse.gpucheck
 
 setup: $(VENV)/.installed
 

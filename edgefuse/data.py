@@ -11,7 +11,11 @@ import torch
 
 from .errors import EdgefuseError
 
-FASHION_DIRS = (os.environ.get("EDGEFUSE_FASHION_MNIST", ""), "/usr/share/datasets/fashion-mnist")
+FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz")
+# build/data/fashion-mnist: where a machine without the Debian package (the lent GPU machine) gets a copy.
+FASHION_DIRS = (os.environ.get("EDGEFUSE_FASHION_MNIST", ""), "/usr/share/datasets/fashion-mnist",
+                "build/data/fashion-mnist")
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
@@ -22,7 +26,8 @@ def fashion_mnist_dir() -> Path:
         if d and (Path(d) / "t10k-labels-idx1-ubyte.gz").is_file():
             return Path(d)
     raise EdgefuseError("Fashion-MNIST not found in /usr/share/datasets/fashion-mnist: run "
-                        "'apt-get install dataset-fashion-mnist' (or set EDGEFUSE_FASHION_MNIST to its folder)")
+                        "'apt-get install dataset-fashion-mnist', or copy its files (" + ", ".join(FASHION_FILES) +
+                        ") into build/data/fashion-mnist or the folder named by EDGEFUSE_FASHION_MNIST")
 
 
 def _read_idx(path: Path) -> np.ndarray:

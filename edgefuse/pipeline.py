@@ -65,6 +65,11 @@ def run_export(target: str = "cpu-ort", models: list[nn.Module] | None = None, a
     written to a staging folder first, so a failure midway leaves an earlier export as it was."""
     console = console or Console(stderr=True)
     tgt = load_target(target)
+    if tgt.runtime == "cuda":
+        if models is not None:
+            raise EdgefuseError(f"target '{tgt.name}' measures the zoo's cached models; pass no checkpoints")
+        from .gpucheck import run_gpu_check
+        return run_gpu_check(tgt, arch, n, cache, out_root, console=console)
     if tgt.runtime != "onnxruntime":
         raise EdgefuseError(f"target '{tgt.name}' uses {tgt.runtime}; this version exports for onnxruntime targets only")
     out_dir = Path(out_root) / tgt.name

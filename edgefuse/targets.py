@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .errors import EdgefuseError
 
-RUNTIMES = ("onnxruntime", "tensorrt")
+RUNTIMES = ("onnxruntime", "tensorrt", "cuda")
 PRECISIONS = ("fp32", "fp16")
 
 

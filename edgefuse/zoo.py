@@ -164,8 +164,10 @@ def cache_dir(root: Path, arch: str, width: int, epochs: int) -> Path:
 
 
 def zoo_models(arch: str = "cnn", n: int = 4, width: int | None = None, epochs: int | None = None,
-               cache: Path | str = "build/cache", quiet: bool = False) -> tuple[list[nn.Module], list[Path]]:
-    """Train (or load from the cache) N models of one zoo architecture on Fashion-MNIST, seeds 0..N-1."""
+               cache: Path | str = "build/cache", quiet: bool = False,
+               train: bool = True) -> tuple[list[nn.Module], list[Path]]:
+    """Train (or load from the cache) N models of one zoo architecture on Fashion-MNIST, seeds 0..N-1.
+    `train=False` only reads the cache (machines that must never retrain) and names what is missing."""
     from safetensors.torch import load_file, save_file
     from rich.progress import Progress
 
@@ -178,6 +180,9 @@ def zoo_models(arch: str = "cnn", n: int = 4, width: int | None = None, epochs: 
     folder = cache_dir(Path(cache), arch, width, epochs)
     paths = [folder / f"seed{s}.safetensors" for s in range(n)]
     missing = [s for s, p in enumerate(paths) if not p.is_file()]
+    if missing and not train:
+        raise EdgefuseError(f"trained weights missing: {', '.join(str(paths[s]) for s in missing)} (run 'make export' "
+                            f"where training is possible, then copy {cache} here)")
     if missing:
         x, y = fashion_mnist("train")
         folder.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,147 @@
+"""`make gpu-check`: single / ensemble / batched ensemble / fused at every depth on one CUDA GPU, fp32 and fp16,
+eager and CUDA-graph replay, at the target's batch sizes, on the Fashion-MNIST test set.
+
+Runs with `PYTHONPATH=.` and no install step on a machine that has torch (CUDA), numpy, scipy, onnx, click, rich,
+matplotlib and safetensors: no onnxsim, no POT, no onnxruntime-gpu. Trained weights are read from build/cache and
+never retrained there."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from torch import nn
+
+from . import data as datasets
+from .align import align
+from .cuda import DTYPES, CudaRunner, require_cuda
+from .files import atomic_write_text
+from .fuse import fuse
+from .metrics import macs, params
+from .spec import permutation_spec
+from .targets import Target, load_target
+from .verify import scores
+
+EXACT = ("ensemble", "ensemble_batched")
+MODES = ("graph", "eager")
+
+
+def _variants(models: list[nn.Module], arch: str, calib: list[torch.Tensor], example: torch.Tensor) -> dict:
+    spec = permutation_spec(models[0], example)
+    aligned = align(models, spec, method="weight")
+    ens = fuse(aligned, spec, depth=0)
+    out = {"single": models[0], "ensemble": ens, "ensemble_batched": ens.batch_heads()}
+    for k in range(1, len(spec.cut_points) + 1):
+        fused = fuse(aligned, spec, depth=k, data=calib)
+        out[f"fused_d{k}"] = fused
+        out[f"fused_d{k}_batched"] = fused.batch_heads()
+    return out
+
+
+def _row(module: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str, batch_sizes: tuple[int, ...],
+         budget_s: float) -> dict:
+    row: dict = {"latency_ms": {}, "peak_memory_mb": {}}
+    for mode in MODES:
+        runner = CudaRunner(module, precision, graphs=mode == "graph")
+        if mode == "graph":
+            logits = np.concatenate([runner(x[i:i + 250].numpy()) for i in range(0, len(x), 250)])
+            row |= scores(logits.astype(np.float64), y)
+            row["logits"] = logits
+        for b in batch_sizes:
+            xb = x[:b].numpy() if len(x) >= b else np.repeat(x[:1].numpy(), b, axis=0)
+            row["latency_ms"].setdefault(str(b), {})[mode] = runner.latency(xb, budget_s=budget_s)
+            if mode == "graph":
+                row["peak_memory_mb"][str(b)] = runner.peak_memory_mb(xb)
+        del runner
+        torch.cuda.empty_cache()
+    return row
+
+
+def run_gpu_check(target: str | Target = "desktop-cuda", arch: str = "cnn", n: int = 4,
+                  cache: str | Path = "build/cache", out_root: str | Path = "build", budget_s: float = 0.25,
+                  console: Console | None = None) -> dict:
+    """Measure every variant and write out_root/<target>/report.{json,md}; returns the report."""
+    from .pipeline import load_dataset
+    from .zoo import zoo_models
+
+    console = console or Console(stderr=True)
+    tgt = target if isinstance(target, Target) else load_target(target)
+    gpu = require_cuda()
+    started = time.perf_counter()
+    models, _ = zoo_models(arch, n, cache=cache, quiet=True, train=False)
+    calib, x_test, y_test = load_dataset("fashion-mnist")
+    variants = _variants(models, arch, datasets.batches(calib, batch_size=200), x_test[:2])
+    console.print(f"[bold]gpu-check[/] on {gpu}: {len(variants)} variants × {len(DTYPES)} precisions × "
+                  f"{len(MODES)} modes × batch {', '.join(map(str, tgt.batch_sizes))}")
+    report: dict = {"target": tgt.name, "gpu": gpu, "torch": torch.__version__, "arch": arch, "n_models": n,
+                    "dataset": "fashion-mnist", "n_test": len(x_test), "batch_sizes": list(tgt.batch_sizes),
+                    "precisions": {}}
+    for precision in DTYPES:
+        rows = {}
+        for name, module in variants.items():
+            rows[name] = _row(module, x_test, y_test, precision, tgt.batch_sizes, budget_s)
+            rows[name] |= {"macs": macs(module, x_test[:1]), "params": params(module)}
+            console.print(f"  {precision} {name}: accuracy {rows[name]['accuracy']:.4f}")
+        ref = rows["ensemble"]["logits"]
+        for name, r in rows.items():
+            got = r.pop("logits")
+            if name in EXACT:
+                r["max_rel_diff_vs_ensemble"] = float(np.abs(got - ref).max() / np.abs(ref).max())
+        report["precisions"][precision] = rows
+    report["seconds"] = time.perf_counter() - started
+    out = Path(out_root) / tgt.name
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "report.md", markdown(report))
+    console.print(f"wrote {out}/report.json and report.md in {report['seconds']:.0f} s")
+    return report
+
+
+def best_exact(rows: dict, batch: str, mode: str) -> tuple[str, float]:
+    return min(((name, rows[name]["latency_ms"][batch][mode]["p50"]) for name in EXACT), key=lambda e: e[1])
+
+
+def markdown(report: dict) -> str:
+    """One table per precision: p50 per batch size in both modes, as ratios to the fastest exact ensemble."""
+    batches = [str(b) for b in report["batch_sizes"]]
+    lines = [f"# edgefuse gpu-check: {report['target']} on {report['gpu']}", "",
+             f"{report['n_models']} × {report['arch']}, Fashion-MNIST test set ({report['n_test']} images), torch "
+             f"{report['torch']}. Latency: p50 from CUDA events, input already on the GPU; 'graph' is CUDA-graph "
+             "replay. Ratios are against the fastest exact ensemble (sequential or batched) at that precision, "
+             "batch size and mode.", ""]
+    for precision, rows in report["precisions"].items():
+        ens_macs = rows["ensemble"]["macs"]
+        cols = [f"b{b} {m} ms | / best" for b in batches for m in MODES]
+        lines += [f"## {precision}", "", "| model | accuracy | MACs / ens | " + " | ".join(cols) + " |",
+                  "|" + "---|" * (3 + 2 * len(cols))]
+        for name, r in rows.items():
+            cells = [name, f"{r['accuracy']:.4f}", f"{r['macs'] / ens_macs:.2f}"]
+            for b in batches:
+                for m in MODES:
+                    p50 = r["latency_ms"][b][m]["p50"]
+                    cells += [f"{p50:.3f}", f"{p50 / best_exact(rows, b, m)[1]:.2f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        diff = rows["ensemble_batched"]["max_rel_diff_vs_ensemble"]
+        lines += ["", f"Batched vs sequential ensemble: max relative difference {diff:.2e}. Fastest exact ensemble: " +
+                  ", ".join(f"b{b} {m}: {best_exact(rows, b, m)[0]}" for b in batches for m in MODES) + ".", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Entry point of `make gpu-check`: errors a user can fix are one line and exit 1."""
+    import sys
+
+    from .errors import EdgefuseError
+
+    try:
+        run_gpu_check()
+    except EdgefuseError as e:
+        print(f"gpu-check: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""The cuda runtime: real checks on a GPU, a clear one-line refusal everywhere else."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import edgefuse as ef
+from edgefuse import zoo
+from edgefuse.cuda import CudaRunner
+
+from . import nets
+
+HAS_CUDA = torch.cuda.is_available()
+NO_GPU = "no CUDA GPU on this machine (CI never has one); run `make gpu-check` on a GPU machine"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this machine has a GPU: the refusal path cannot be exercised")
+def test_cuda_runner_refuses_without_a_gpu():
+    with pytest.raises(ef.EdgefuseError, match="no CUDA GPU"):
+        CudaRunner(zoo.mlp(width=8, depth=1))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this machine has a GPU: the refusal path cannot be exercised")
+def test_gpu_check_without_a_gpu_is_one_line():
+    res = subprocess.run([sys.executable, "-m", "edgefuse.gpucheck"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1
+    assert res.stderr.strip().count("\n") == 0 and "no CUDA GPU" in res.stderr
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_GPU)
+@pytest.mark.parametrize("precision,tol", [("fp32", 1e-4), ("fp16", 1e-2)])
+@pytest.mark.parametrize("graphs", [False, True])
+def test_cuda_runner_matches_cpu(precision, tol, graphs):
+    models = [nets.member(lambda: zoo.cnn(width=4), s) for s in range(3)]
+    ens = ef.ensemble(models, batched=True)
+    x = torch.rand(5, 1, 28, 28)
+    with torch.no_grad():
+        ref = ens(x)
+    runner = CudaRunner(ens, precision, graphs=graphs)
+    got = torch.from_numpy(runner(x.numpy()))
+    assert float((got - ref).abs().max() / ref.abs().max()) <= tol
+    lat = runner.latency(x.numpy(), budget_s=0.05)
+    assert 0 < lat["min"] <= lat["p50"] <= lat["p99"]
