@@ -94,22 +94,26 @@ def main(out_root: Path = Path("build/bench")) -> int:
     results: dict = {"alignment_quality": alignment_quality(console), "alignment_seconds": alignment_time(console)}
     for arch in ARCHS:
         report = run_export("cpu-ort", arch=arch, n=4, out_root=out_root / arch, force=True)
-        ens = report["ensemble"]
+        ens, base = report["ensemble"], report["baseline_by_batch"]
         batches = list(ens["latency_by_batch"])
         table = Table(title=f"{arch} × 4, cpu-ort (align {report['align_seconds']:.2f} s, unaligned full merge "
-                            f"{report['naive_merge']['accuracy']:.4f})")
-        for col in ["model", "accuracy", "agreement", "MACs / ens"] + [f"p50 / ens b{b}" for b in batches] + \
-                   [f"lat/MACs b{b}" for b in batches]:
+                            f"{report['naive_merge']['accuracy']:.4f}); latency ratios against the fastest exact "
+                            "ensemble: " + ", ".join(f"b{b} {e['name']}" for b, e in base.items()))
+        for col in ["model", "accuracy", "agreement", "ONNX nodes", "MACs / ens"] + \
+                   [f"p50 / best ens b{b}" for b in batches] + [f"lat/MACs b{b}" for b in batches]:
             table.add_column(col, justify="right")
-        rows = [("single", report["single"]), *((f"depth {c['depth']}", c) for c in report["candidates"])]
+        rows = [("single", report["single"]), ("ensemble", ens), ("ensemble batched", report["ensemble_batched"]),
+                (f"ensemble {report['n_models']} sessions", report["ensemble_sessions"]),
+                *((f"depth {c['depth']}", c) for c in report["candidates"][1:])]
         summary = []
         for name, r in rows:
             macs_ratio = r["macs"] / ens["macs"]
-            lat = [r["latency_by_batch"][b]["p50"] / ens["latency_by_batch"][b]["p50"] for b in batches]
+            lat = [r["latency_by_batch"][b]["p50"] / base[b]["p50"] for b in batches]
             table.add_row(name, f"{r['accuracy']:.4f}", f"{r['agreement']:.3f}" if "agreement" in r else "-",
-                          f"{macs_ratio:.2f}", *(f"{v:.2f}" for v in lat), *(f"{v / macs_ratio:.2f}" for v in lat))
+                          str(r.get("onnx_nodes", "-")), f"{macs_ratio:.2f}", *(f"{v:.2f}" for v in lat),
+                          *(f"{v / macs_ratio:.2f}" for v in lat))
             summary.append({"model": name, "accuracy": r["accuracy"], "macs_ratio": macs_ratio,
-                            "p50_ratio": dict(zip(batches, lat))})
+                            "onnx_nodes": r.get("onnx_nodes"), "p50_ratio": dict(zip(batches, lat))})
         console.print(table)
         results[arch] = {"ensemble_accuracy": ens["accuracy"], "single_accuracy": report["single"]["accuracy"],
                          "align_seconds": report["align_seconds"], "rows": summary}

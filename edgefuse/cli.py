@@ -109,11 +109,14 @@ def train(obj: dict, arch: str, n: int, epochs: int | None, width: int | None, c
 @click.option("--repair", type=click.Choice(["bn", "none"]), default="bn", show_default=True)
 @click.option("--opset", type=click.IntRange(9, 23), default=None, help="Default 18 (dynamo exporter); <=17 uses "
               "the TorchScript exporter.")
+@click.option("--batch-heads/--no-batch-heads", default=True, show_default=True,
+              help="Run the N heads as one network of grouped kernels (same outputs, fewer ONNX nodes).")
+@click.option("--head-outputs", is_flag=True, help="Also output every head's logits (head_logits: batch × N × classes).")
 @click.option("-o", "--out", type=click.Path(dir_okay=False), required=True, help="ONNX file to write.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.pass_obj
-def fuse_cmd(obj: dict, checkpoints, arch, model, n, cache, dataset, depth, method, repair, opset, out,
-             force) -> None:
+def fuse_cmd(obj: dict, checkpoints, arch, model, n, cache, dataset, depth, method, repair, batch_heads, head_outputs,
+             opset, out, force) -> None:
     """Align and fuse N models at one depth, write the fused model as ONNX.
 
     Reads CHECKPOINTS (safetensors or weights-only torch files) with --model, else the zoo cache; reads the
@@ -130,8 +133,8 @@ def fuse_cmd(obj: dict, checkpoints, arch, model, n, cache, dataset, depth, meth
     spec = permutation_spec(models[0], x_test[:2])
     calib_batches = batches(calib, batch_size=200)
     aligned = align(models, spec, method=method, data=calib_batches)
-    fused = fuse(aligned, spec, depth=depth, data=calib_batches,
-                 repair=None if repair == "none" else repair)
+    fused = fuse(aligned, spec, depth=depth, data=calib_batches, repair=None if repair == "none" else repair,
+                 batch_heads=batch_heads, head_outputs=head_outputs)
     click.echo(str(export_onnx(fused, x_test[:2], out, opset=opset)))
 
 

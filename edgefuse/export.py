@@ -14,19 +14,27 @@ from torch import nn
 from .errors import EdgefuseError
 from .files import commit, new_temp_path
 
-INPUT, OUTPUT = "input", "logits"
+INPUT, OUTPUT, HEADS = "input", "logits", "head_logits"
 TORCHSCRIPT_MAX_OPSET = 17
 DEFAULT_OPSET = 18
 
 
+def _outputs(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    with torch.no_grad():
+        out = module(x)
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
 def _export(module: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
-    """Dynamo exporter from opset 18 up; the TorchScript exporter for opset <= 17 (TensorRT 8.x parses no more)."""
+    """Dynamo exporter from opset 18 up; the TorchScript exporter for opset <= 17 (TensorRT 8.x parses no more).
+    A second output (a FusedModel's per-head outputs) is named head_logits."""
     dynamo = opset > TORCHSCRIPT_MAX_OPSET
-    kwargs: dict = dict(input_names=[INPUT], output_names=[OUTPUT], opset_version=opset, dynamo=dynamo)
+    names = [OUTPUT, HEADS][:len(_outputs(module, example))]
+    kwargs: dict = dict(input_names=[INPUT], output_names=names, opset_version=opset, dynamo=dynamo)
     if dynamo:
         kwargs.update(dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False)
     else:
-        kwargs.update(dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}})
+        kwargs.update(dynamic_axes={INPUT: {0: "batch"}, **{n: {0: "batch"} for n in names}})
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
@@ -49,13 +57,15 @@ def parity(onnx_path: str | Path, module: nn.Module, inputs: list[torch.Tensor])
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     worst = 0.0
-    with torch.no_grad():
-        for x in inputs:
-            ref = module(x).numpy()
-            got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
-            if got.shape != ref.shape:
-                raise EdgefuseError(f"ONNX output shape {got.shape} differs from PyTorch {ref.shape}")
-            worst = max(worst, float(np.abs(got - ref).max()))
+    for x in inputs:
+        refs = _outputs(module, x)
+        gots = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+        if len(gots) != len(refs):
+            raise EdgefuseError(f"the ONNX graph has {len(gots)} outputs, PyTorch {len(refs)}")
+        for got, ref in zip(gots, refs):
+            if got.shape != tuple(ref.shape):
+                raise EdgefuseError(f"ONNX output shape {got.shape} differs from PyTorch {tuple(ref.shape)}")
+            worst = max(worst, float(np.abs(got - ref.numpy()).max()))
     return worst
 
 
@@ -84,8 +94,7 @@ def export_onnx(module: nn.Module, example_input: torch.Tensor, path: str | Path
         if simplify:
             _simplify(tmp)
         inputs = parity_inputs(example)
-        with torch.no_grad():
-            scale = max(1.0, float(module(inputs[-1]).abs().max()))
+        scale = max(1.0, max(float(o.abs().max()) for o in _outputs(module, inputs[-1])))
         diff = parity(tmp, module, inputs)
         if not diff <= atol * scale:
             raise EdgefuseError(f"ONNX output differs from PyTorch by {diff:.3g} (tolerance {atol * scale:.3g})")

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 import edgefuse as ef
-from edgefuse import data
+from edgefuse import data, zoo
 from edgefuse.runtime import OrtRunner
+
+from . import nets
 
 
 @pytest.mark.parametrize("which", ["mlps", "cnns"])
@@ -42,3 +44,38 @@ def test_export_failure_leaves_previous_file(mlps, digits_split, tmp_path):
     with pytest.raises(ef.EdgefuseError, match="differs from PyTorch"):
         ef.export_onnx(Stateful(), x[:2], dest)
     assert dest.read_bytes() == b"previous" and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+ZOO = {"mlp": lambda: zoo.mlp(width=16, depth=2), "cnn": lambda: zoo.cnn(width=4),
+       "resnet20": lambda: zoo.resnet20(width=4), "mobilenetv2": lambda: zoo.mobilenetv2(width=4, expand=2)}
+
+
+@pytest.mark.parametrize("arch", list(ZOO))
+@pytest.mark.parametrize("batched", [False, True])
+def test_every_zoo_architecture_exports_fused(arch, batched, tmp_path):
+    """Parity is checked inside export_onnx at batch 1 and 3; here the file also runs at batch 7."""
+    models = [nets.member(ZOO[arch], s) for s in range(3)]
+    x = torch.rand(7, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    spec = ef.permutation_spec(models[0], x[:2])
+    fused = ef.fuse(models, spec, depth=len(spec.cut_points) // 2, data=[x], batch_heads=batched)
+    path = ef.export_onnx(fused, x[:2], tmp_path / "m.onnx", opset=17 if batched else None)
+    with torch.no_grad():
+        np.testing.assert_allclose(OrtRunner(path)(x.numpy()), fused(x).numpy(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_head_outputs_beside_the_mean(cnns, digits_split, tmp_path, batched):
+    import onnxruntime as ort
+
+    calib, x, _ = digits_split
+    spec = ef.permutation_spec(cnns[0], x[:2])
+    fused = ef.fuse(cnns, spec, depth=2, data=[calib[:200]], batch_heads=batched, head_outputs=True)
+    path = ef.export_onnx(fused, x[:2], tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(path))
+    assert [o.name for o in sess.get_outputs()] == ["logits", "head_logits"]
+    mean, heads = sess.run(None, {"input": x[:5].numpy()})
+    assert heads.shape == (5, len(cnns), 10)
+    np.testing.assert_allclose(heads.mean(1), mean, atol=1e-5)
+    plain = ef.fuse(cnns, spec, depth=2, data=[calib[:200]])
+    with torch.no_grad():
+        np.testing.assert_allclose(mean, plain(x[:5]).numpy(), atol=1e-4)

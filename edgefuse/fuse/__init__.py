@@ -16,9 +16,10 @@ from .split import fuse_depth
 
 def fuse(aligned: list[nn.Module], spec: PermSpec, depth: int | None = None, alpha=None,
          data: Iterable | None = None, repair: str | None = "bn", combine: str = "mean",
-         batch_heads: bool = False) -> FusedModel:
+         batch_heads: bool = False, head_outputs: bool = False) -> FusedModel:
     """Partially fuse aligned models. The inputs are never modified: the result owns copies of every tensor.
-    `batch_heads=True` runs the N heads as one network of grouped kernels (same outputs, fewer kernels)."""
+    `batch_heads=True` runs the N heads as one network of grouped kernels (same outputs, fewer kernels);
+    `head_outputs=True` adds every head's output as a second output."""
     check_models(aligned, "fusion")
     if alpha is not None:
         raise EdgefuseError("neuron-level fusion (alpha=...) is not available in this version; use depth=")
@@ -29,6 +30,7 @@ def fuse(aligned: list[nn.Module], spec: PermSpec, depth: int | None = None, alp
     fused = fuse_depth(aligned, spec, depth, combine)
     if depth > 0:
         apply_repair(fused, repair, data)
+    fused.head_outputs = head_outputs
     return fused.batch_heads() if batch_heads else fused
 
 

@@ -124,13 +124,13 @@ def _batched_norm(norms: list[nn.Module], node: fx.Node) -> nn.Module:
 class _Rewriter:
     """Walks the members' identical fx graphs once, building the batched graph and its modules."""
 
-    def __init__(self, models: list[nn.Module], combine: str) -> None:
+    def __init__(self, models: list[nn.Module], combine: str, head_outputs: bool) -> None:
         try:
             self.gms = [m if isinstance(m, fx.GraphModule) else fx.symbolic_trace(m) for m in models]
         except Exception as e:  # fx raises many kinds on data-dependent Python
             raise UnsupportedModelError("<trace>", type(models[0]).__name__,
                                         f"torch.fx cannot trace it: {e}".splitlines()[0]) from None
-        self.n, self.combine = len(models), combine
+        self.n, self.combine, self.head_outputs = len(models), combine, head_outputs
         self.mods = [dict(g.named_modules()) for g in self.gms]
         self.graph, self.env, self.owned = fx.Graph(), {}, {}
         self.batched: set[fx.Node] = set()
@@ -202,6 +202,8 @@ class _Rewriter:
         if new in self.batched and not self.combined:
             members = self.graph.call_method("unflatten", (new, 1, (self.n, -1)))
             new = self.graph.call_function(combine_outputs, (members, 1, self.combine))
+            if self.head_outputs:
+                new = (new, members)
         return self.graph.output(new)
 
     def visit_module(self, node: fx.Node, mods: list[nn.Module]):
@@ -244,7 +246,7 @@ class _Rewriter:
     def folds(self, node: fx.Node) -> bool:
         """A last Linear followed only by the output folds the mean over members into itself (mean of logits)."""
         users = list(node.users)
-        return self.combine == "mean" and len(users) == 1 and users[0].op == "output"
+        return self.combine == "mean" and not self.head_outputs and len(users) == 1 and users[0].op == "output"
 
     def visit_function(self, node: fx.Node):
         method = node.op == "call_method"
@@ -301,12 +303,13 @@ class _Rewriter:
         return self.emit("call_method", "flatten", (joined, 1, 2), {}, batched=True)
 
 
-def batch_models(models: list[nn.Module], combine: str = "mean") -> fx.GraphModule:
-    """One module computing the `combine` of the N members' outputs with grouped kernels. It owns copies of every
-    tensor; an operation without a batched form raises UnsupportedModelError naming the node."""
+def batch_models(models: list[nn.Module], combine: str = "mean", head_outputs: bool = False) -> fx.GraphModule:
+    """One module computing the `combine` of the N members' outputs with grouped kernels (and, with
+    `head_outputs`, every member's output too). It owns copies of every tensor; an operation without a batched form
+    raises UnsupportedModelError naming the node."""
     if combine not in COMBINES:
         raise EdgefuseError(f"unknown combine '{combine}' (choose from {', '.join(COMBINES)})")
     if len(models) < 1:
         raise EdgefuseError("batching needs at least one model")
     with torch.no_grad():
-        return _Rewriter(list(models), combine).run()
+        return _Rewriter(list(models), combine, head_outputs).run()

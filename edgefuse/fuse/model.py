@@ -23,10 +23,11 @@ def combine_outputs(outs: torch.Tensor, dim: int, combine: str) -> torch.Tensor:
 class FusedModel(nn.Module):
     """`combine="mean"` averages logits; `"probs"` averages softmax probabilities and returns their log, so the
     output stays a log-score that argmax and NLL read the same way. With `batched=True` the heads list holds one
-    module that runs all N heads as grouped kernels and already combines their outputs (see `batch_heads`)."""
+    module that runs all N heads as grouped kernels and already combines their outputs (see `batch_heads`).
+    `head_outputs=True` also returns every head's output, shape (batch, N, ...), for on-device diagnostics."""
 
     def __init__(self, trunk: nn.Module, heads: list[nn.Module], combine: str = "mean", batched: bool = False,
-                 n_heads: int | None = None) -> None:
+                 n_heads: int | None = None, head_outputs: bool = False) -> None:
         super().__init__()
         if combine not in COMBINES:
             raise EdgefuseError(f"unknown combine '{combine}' (choose from {', '.join(COMBINES)})")
@@ -37,13 +38,15 @@ class FusedModel(nn.Module):
         self.combine = combine
         self.batched = batched
         self.n_heads = n_heads or len(heads)
+        self.head_outputs = head_outputs
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         h = self.trunk(x)
         if self.batched:
             return self.heads[0](h)
         outs = torch.stack([head(h) for head in self.heads])
-        return combine_outputs(outs, 0, self.combine)
+        combined = combine_outputs(outs, 0, self.combine)
+        return (combined, outs.transpose(0, 1)) if self.head_outputs else combined
 
     def batch_heads(self) -> FusedModel:
         """The same function with the N heads as one network of grouped kernels: fewer, larger kernels."""
@@ -51,8 +54,9 @@ class FusedModel(nn.Module):
 
         if self.batched:
             return copy.deepcopy(self)
-        return FusedModel(copy.deepcopy(self.trunk), [batch_models(list(self.heads), self.combine)], self.combine,
-                          batched=True, n_heads=len(self.heads)).eval()
+        heads = batch_models(list(self.heads), self.combine, head_outputs=self.head_outputs)
+        return FusedModel(copy.deepcopy(self.trunk), [heads], self.combine, batched=True, n_heads=len(self.heads),
+                          head_outputs=self.head_outputs).eval()
 
 
 def ensemble(models: list[nn.Module], combine: str = "mean", batched: bool = False) -> FusedModel:
