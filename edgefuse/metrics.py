@@ -6,16 +6,20 @@ from torch import nn
 
 
 def macs(module: nn.Module, example_input: torch.Tensor) -> int:
-    """MACs for one sample: Linear and Conv layers as they are actually called (a head run N times counts N times)."""
+    """MACs for one sample: Linear and Conv layers as they are actually called (a head run N times counts N times),
+    and any layer that says how many inputs each of its outputs reads (`inputs_per_output`)."""
     total = 0
 
     def hook(mod: nn.Module, inputs, output) -> None:
         nonlocal total
-        per_out = mod.weight.shape[1] if isinstance(mod, nn.Linear) else mod.weight[0].numel()
+        if hasattr(mod, "inputs_per_output"):
+            per_out = mod.inputs_per_output
+        else:
+            per_out = mod.weight.shape[1] if isinstance(mod, nn.Linear) else mod.weight[0].numel()
         total += output.numel() // output.shape[0] * per_out
 
     handles = [m.register_forward_hook(hook) for m in module.modules()
-               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or hasattr(m, "inputs_per_output")]
     try:
         with torch.no_grad():
             module.eval()(example_input[:1])

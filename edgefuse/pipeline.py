@@ -50,8 +50,9 @@ def choose_depth(candidates: list[dict], ensemble: dict, target: Target, baselin
         fused = [c for c in fused if all(c["latency_by_batch"][b]["p50"] < base["p50"] for b, base in baseline.items())]
         if not fused:
             return 0
+    budget = target.latency_budget_ms if target.runtime == "onnxruntime" else None  # device latency is not ours
     fits = [c for c in fused if c["macs"] <= target.max_macs_ratio * ensemble["macs"]
-            and (target.latency_budget_ms is None or c["latency_ms"]["p50"] <= target.latency_budget_ms)]
+            and (budget is None or c["latency_ms"]["p50"] <= budget)]
     if not fits:
         return min(fused, key=lambda c: c["macs"])["depth"]
     return max(fits, key=lambda c: (c["accuracy"], -c["macs"]))["depth"]
@@ -70,8 +71,6 @@ def run_export(target: str = "cpu-ort", models: list[nn.Module] | None = None, a
             raise EdgefuseError(f"target '{tgt.name}' measures the zoo's cached models; pass no checkpoints")
         from .gpucheck import run_gpu_check
         return run_gpu_check(tgt, arch, n, cache, out_root, console=console)
-    if tgt.runtime != "onnxruntime":
-        raise EdgefuseError(f"target '{tgt.name}' uses {tgt.runtime}; this version exports for onnxruntime targets only")
     out_dir = Path(out_root) / tgt.name
     if (out_dir / "model.onnx").exists() and not force:
         raise EdgefuseError(f"{out_dir} holds an earlier export (use --force to replace it)")
@@ -161,6 +160,11 @@ def _run(tgt: Target, models: list[nn.Module] | None, arch: str, n: int, dataset
         unbatched = fuse(aligned, spec, depth=chosen, data=calib_batches)
         report["fused"]["onnx_nodes_unbatched"] = onnx_nodes(
             export_onnx(unbatched, example, cand_dir / f"depth{chosen}_unbatched.onnx", opset=tgt.opset))
+    if tgt.runtime == "tensorrt":
+        from .build import prepare_device
+
+        summary = f"{len(models)} × {label}, depth {chosen}/{len(spec.cut_points)}, accuracy {best['accuracy']:.4f}"
+        report |= prepare_device(tgt, best["module"], best_file, example, x_test, y_test, out_dir, summary, console)
     write_report(report, out_dir)
     shutil.copyfile(best_file, out_dir / "model.onnx")  # out_dir is the staging folder: publish() is atomic
     return report

@@ -26,6 +26,74 @@ class Target:
     memory_budget_mb: float | None = None
     batch_heads: bool = True
     description: str = ""
+    tensorrt: str | None = None
+    workspace_mb: int = 1024
+    profile: tuple[int, int, int] | None = None
+    dla_core: int | None = None
+    gpu_fallback: bool = True
+    strongly_typed: bool = False
+    io_precision: str = "fp32"
+    atol: float = 1e-3
+    rtol: float = 1e-3
+    source: str = ""
+
+    @property
+    def batch_profile(self) -> tuple[int, int, int]:
+        """(min, opt, max) batch of the engine's optimization profile; by default it spans the batch sizes."""
+        return self.profile or (min(self.batch_sizes), self.batch_sizes[0], max(self.batch_sizes))
+
+    @property
+    def trt_version(self) -> tuple[int, int] | None:
+        if self.tensorrt is None:
+            return None
+        major, minor = self.tensorrt.split(".")[:2]
+        return int(major), int(minor)
+
+
+def opset_range(trt: tuple[int, int]) -> tuple[int, int]:
+    """Opsets the TensorRT ONNX parser takes: 8.x up to 17, 10.x 9 to 20 (shared/tensorrt/README.md); 11.x is
+    not in the table and is assumed to take what 10.x takes."""
+    return (7, 17) if trt[0] < 10 else (9, 20)
+
+
+def _validate(raw: dict, source: str) -> None:
+    """Impossible combinations, each as one line naming the file."""
+    def fail(msg: str) -> None:
+        raise EdgefuseError(f"target file {source}: {msg}")
+
+    trt = raw.get("tensorrt")
+    if raw["runtime"] == "tensorrt":
+        if not isinstance(trt, str) or not all(p.isdigit() for p in trt.split(".")[:2]) or "." not in trt:
+            fail("a tensorrt target needs tensorrt = \"MAJOR.MINOR\" (e.g. \"10.3\")")
+        version = tuple(int(p) for p in trt.split(".")[:2])
+        low, high = opset_range(version)
+        if not low <= raw.get("opset", 18) <= high:
+            fail(f"TensorRT {trt} parses ONNX opsets {low} to {high}, not {raw.get('opset', 18)}")
+        if version[0] >= 11 and not raw.get("strongly_typed", False):
+            fail("TensorRT 11 builds strongly typed networks only: set strongly_typed = true")
+    elif trt is not None or raw.get("dla_core") is not None:
+        fail(f"tensorrt and dla_core apply to runtime = \"tensorrt\" only, not {raw['runtime']}")
+    if raw.get("io_precision", "fp32") not in PRECISIONS:
+        fail(f"io_precision must be one of {', '.join(PRECISIONS)}")
+    profile = raw.get("profile")
+    if profile is not None:
+        if len(profile) != 3 or not all(isinstance(b, int) and b >= 1 for b in profile) or \
+                not profile[0] <= profile[1] <= profile[2]:
+            fail("profile must be [min, opt, max] batch sizes with 1 <= min <= opt <= max")
+        if not all(profile[0] <= b <= profile[2] for b in raw.get("batch_sizes", [1])):
+            fail(f"batch_sizes {raw.get('batch_sizes')} fall outside the profile {profile}")
+    if raw.get("dla_core") is not None:
+        version = tuple(int(p) for p in trt.split(".")[:2])
+        if raw.get("precision", "fp32") == "fp32":
+            fail("DLA runs FP16 or INT8 only: set precision = \"fp16\"")
+        batches = raw.get("batch_sizes", [1])
+        lo_hi = (profile[0], profile[2]) if profile else (min(batches), max(batches))
+        if lo_hi[0] != lo_hi[1]:
+            fail(f"DLA needs a static batch (profile min = max), this target spans batch {lo_hi[0]} to {lo_hi[1]}")
+        if (11, 0) <= version < (11, 4):
+            fail(f"TensorRT {trt} has no DLA (11.0 to 11.3 dropped it)")
+        if version >= (11, 4) and not raw.get("strongly_typed", False):
+            fail("DLA on TensorRT 11.4+ needs a strongly typed network: set strongly_typed = true")
 
 
 def targets_dirs() -> list[Path]:
@@ -42,7 +110,7 @@ def parse_target(name: str, text: str, source: str = "<string>") -> Target:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise EdgefuseError(f"malformed target file {source}: {e}") from None
-    known = {f.name for f in fields(Target)} - {"name"}
+    known = {f.name for f in fields(Target)} - {"name", "source"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise EdgefuseError(f"target file {source}: unknown key '{unknown[0]}' (known: {', '.join(sorted(known))})")
@@ -58,8 +126,11 @@ def parse_target(name: str, text: str, source: str = "<string>") -> Target:
         raise EdgefuseError(f"target file {source}: batch_sizes must be a list of positive integers")
     if not 0 < float(raw.get("max_macs_ratio", 0.5)) <= 1:
         raise EdgefuseError(f"target file {source}: max_macs_ratio must be in (0, 1]")
+    _validate(raw, source)
     raw["batch_sizes"] = tuple(batches)
-    return Target(name=name, **raw)
+    if "profile" in raw:
+        raw["profile"] = tuple(raw["profile"])
+    return Target(name=name, source=source, **raw)
 
 
 def load_target(name: str) -> Target:

@@ -113,7 +113,35 @@ def markdown(report: dict) -> str:
         lines += ["", f"Unaligned weight average (full merge, BN reset): accuracy {n['accuracy']:.4f}; "
                   f"aligned full merge: {report['candidates'][-1]['accuracy']:.4f}."]
     lines += ["", f"ONNX vs PyTorch parity of model.onnx: max |diff| = {report['parity']['max_abs_diff']:.2e}."]
+    lines += _device_lines(report)
     return "\n".join(lines) + "\n"
+
+
+def _device_lines(report: dict) -> list[str]:
+    """TensorRT targets: what was checked here, and what the device still has to do."""
+    if "static_check" not in report:
+        return []
+    c = report["static_check"]
+    lines = ["", "## TensorRT target", "",
+             "Latencies above were measured on this machine with onnxruntime (CPU), a proxy for ranking candidates; "
+             "the device's own latency comes from `bundle/deploy.py`.", "",
+             f"Static check (TensorRT {c['tensorrt']}, operator table {c['table_version']}, opset {c['opset']}): "
+             f"{'passes' if c['ok'] else 'FAILS'}; operators: " +
+             ", ".join(f"{op}×{n}" for op, n in sorted(c["operators"].items())) + "."]
+    lines += [f"- note: {n}" for n in c["notes"]]
+    if c["dla_fallback"]:
+        lines.append("- falls back from DLA to the GPU: " + ", ".join(c["dla_fallback"]))
+    if "fp16" in report:
+        f = report["fp16"]
+        lines.append(f"- FP16 graph: accuracy {f['fp16_accuracy']:.4f} vs FP32 {f['fp32_accuracy']:.4f} "
+                     f"(drop {f['accuracy_drop']:+.4f}), predictions agree on {f['prediction_agreement']:.4f}, "
+                     f"max |logit diff| {f['max_abs_logit_diff']:.3g}.")
+    if "bundle" in report:
+        b = report["bundle"]["self_check_onnxruntime"]
+        lines.append(f"- bundle/: self-check with onnxruntime in place of TensorRT "
+                     f"{'passes' if b['ok'] else 'FAILS'} (batch {b['batch']}); copy it to the device and run "
+                     "`python3 deploy.py` there.")
+    return lines
 
 
 def baseline(report: dict) -> dict[str, dict]:

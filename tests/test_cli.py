@@ -106,3 +106,18 @@ def test_help_says_what_commands_read_and_write():
     for cmd in ("train", "fuse", "export", "verify"):
         res = run(cmd, "--help")
         assert res.exit_code == 0 and "Reads" in res.output and "rite" in res.output
+
+
+def test_export_for_a_tensorrt_target_writes_a_checked_bundle(checkpoints, tmp_path):
+    import onnx
+
+    res = run("export", "--model", "tests.nets:digits_cnn", *checkpoints, "--dataset", "digits",
+              "--target", "jetson-xavier-nx-jp5", "--out-root", str(tmp_path))
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "jetson-xavier-nx-jp5"
+    assert onnx.load(str(out / "model.onnx")).opset_import[0].version == 17
+    assert onnx.load(str(out / "bundle" / "model.onnx")).opset_import[0].version == 17
+    report = json.loads((out / "report.json").read_text())
+    assert report["static_check"]["ok"] and report["bundle"]["self_check_onnxruntime"]["ok"]
+    assert abs(report["fp16"]["accuracy_drop"]) < 0.02
+    assert "TensorRT target" in (out / "report.md").read_text()

@@ -1,0 +1,169 @@
+"""Targets, the static TensorRT check, FP16 graphs and the deploy bundle, all without a GPU."""
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import edgefuse as ef
+from edgefuse import zoo
+from edgefuse.build import build_engine, check_onnx, write_bundle
+from edgefuse.build.precision import export_fp16
+from edgefuse.runtime import OrtRunner
+from edgefuse.targets import available_targets, load_target, parse_target
+
+from . import nets
+
+ROOT = Path(__file__).resolve().parents[1]
+TRT_TARGETS = ["jetson-orin-nano-jp6", "jetson-agx-orin-jp6", "jetson-xavier-nx-jp5", "desktop-trt10", "desktop-trt11"]
+X = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+NO_TRT = "TensorRT Python bindings not installed (their wheels fetch the libraries from NVIDIA's own index)"
+
+
+@pytest.fixture(scope="module")
+def fused_cnn():
+    models = [nets.member(lambda: zoo.cnn(width=4), s) for s in range(3)]
+    spec = ef.permutation_spec(models[0], X[:2])
+    return ef.fuse(models, spec, depth=2, data=[X], batch_heads=True)
+
+
+def test_every_target_file_loads():
+    assert set(TRT_TARGETS) | {"cpu-ort", "desktop-cuda"} <= set(available_targets())
+    for name in available_targets():
+        t = load_target(name)
+        assert t.name == name and min(t.batch_sizes) >= t.batch_profile[0]
+    assert load_target("jetson-xavier-nx-jp5").opset == 17
+    assert load_target("desktop-trt11").strongly_typed
+
+
+BASE = 'runtime = "tensorrt"\ndevice = "jetson-agx-orin"\ntensorrt = "10.3"\nprecision = "fp16"\n'
+
+
+@pytest.mark.parametrize("extra,message", [
+    ('dla_core = 0\nbatch_sizes = [1, 8]\n', "DLA needs a static batch"),
+    ('dla_core = 0\nbatch_sizes = [1]\nprecision = "fp32"\n', "DLA runs FP16 or INT8 only"),
+    ('opset = 18\ntensorrt = "8.5"\n', "parses ONNX opsets 7 to 17"),
+    ('tensorrt = "11.0"\n', "strongly typed"),
+    ('tensorrt = "11.1"\nstrongly_typed = true\ndla_core = 0\n', "has no DLA"),
+    ('profile = [8, 1, 4]\n', "profile must be"),
+    ('workspace = 3\n', "unknown key 'workspace'"),
+])
+def test_impossible_targets_are_refused(extra, message):
+    text = "\n".join(dict((line.split(" = ")[0], line) for line in (BASE + extra).splitlines()).values())
+    with pytest.raises(ef.EdgefuseError, match=message):
+        parse_target("bad", text, "bad.toml")
+
+
+def test_opset17_target_gets_an_opset17_model_that_passes(fused_cnn, tmp_path):
+    target = load_target("jetson-xavier-nx-jp5")
+    path = ef.export_onnx(fused_cnn, X[:2], tmp_path / "m.onnx", opset=target.opset)
+    assert onnx.load(str(path)).opset_import[0].version == 17
+    report = check_onnx(path, target)
+    assert report.ok, report.errors
+    assert report.table_version == "8.5" and "Conv" in report.operators
+
+
+def test_static_check_flags_an_unsupported_operator(tmp_path):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), nn.Hardswish(), nn.Linear(16, 10)).eval()
+    path = ef.export_onnx(model, X[:2], tmp_path / "hs.onnx", opset=17)
+    assert "HardSwish" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    report = check_onnx(path, load_target("jetson-xavier-nx-jp5"))
+    assert not report.ok and any("HardSwish" in e for e in report.errors)
+    assert check_onnx(path, load_target("desktop-trt10")).ok  # 10.x parses HardSwish
+
+
+def test_static_check_flags_opset_and_fixed_batch(tmp_path):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).eval()
+    path = tmp_path / "fixed.onnx"
+    torch.onnx.export(model, (X[:1],), str(path), opset_version=18, dynamo=False, input_names=["input"])
+    report = check_onnx(path, load_target("jetson-xavier-nx-jp5"))
+    assert any("opset 18" in e for e in report.errors)
+    assert any("fixed batch" in e for e in report.errors)
+
+
+def test_dla_fallback_is_listed(fused_cnn, tmp_path):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 10))
+    target = load_target("jetson-agx-orin-jp6")
+    path = ef.export_onnx(model.eval(), X[:2], tmp_path / "gap.onnx", opset=target.opset)
+    report = check_onnx(path, target)
+    assert report.ok and "ReduceMean" in report.dla_fallback and "Conv" not in report.dla_fallback
+
+
+@pytest.mark.parametrize("io", ["fp32", "fp16"])
+def test_fp16_graph_matches_fp32(fused_cnn, tmp_path, io):
+    path = export_fp16(fused_cnn, X[:2], tmp_path / "h.onnx", opset=18, io_precision=io)
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+    types = {init.data_type for init in onnx.load(str(path)).graph.initializer} & floats
+    assert types == {onnx.TensorProto.FLOAT16}  # every weight in half precision
+    x = X.half().numpy() if io == "fp16" else X.numpy()
+    got = OrtRunner(path)(x).astype(np.float32)
+    with torch.no_grad():
+        ref = fused_cnn(X).numpy()
+    assert np.abs(got - ref).max() <= 1e-2 * max(1.0, np.abs(ref).max())
+
+
+def _bundle(fused_cnn, tmp_path):
+    target = load_target("desktop-trt11")
+    path = export_fp16(fused_cnn, X[:2], tmp_path / "h.onnx", opset=18)
+    check = write_bundle(tmp_path, target, Path(target.source), path, fused_cnn, X, "test")
+    return tmp_path / "bundle", check
+
+
+def test_bundle_self_check_passes_and_catches_tampering(fused_cnn, tmp_path):
+    bundle, check = _bundle(fused_cnn, tmp_path)
+    assert check["ok"] and check["batch"] == load_target("desktop-trt11").batch_profile[2]
+    assert {p.name for p in bundle.iterdir()} >= {"model.onnx", "deploy.py", "golden_inputs.npy",
+                                                 "reference_outputs.npz", "target.json", "desktop-trt11.toml",
+                                                 "README.md"}
+    run = [sys.executable, str(bundle / "deploy.py"), "--runtime", "onnxruntime"]
+    ok = subprocess.run(run, capture_output=True, text=True, timeout=300, cwd="/")  # standalone, no edgefuse
+    assert ok.returncode == 0 and "PASS" in ok.stdout, ok.stdout + ok.stderr
+    refs = dict(np.load(bundle / "reference_outputs.npz"))
+    refs["out0"][0, 0] += 1.0
+    np.savez(bundle / "reference_outputs.npz", **refs)
+    bad = subprocess.run(run, capture_output=True, text=True, timeout=300, cwd="/")
+    assert bad.returncode == 1 and "FAIL" in bad.stdout and "output 0" in bad.stdout
+
+
+def test_bundle_without_tensorrt_says_why(fused_cnn, tmp_path):
+    bundle, _ = _bundle(fused_cnn, tmp_path)
+    if importlib.util.find_spec("tensorrt"):
+        pytest.skip("TensorRT is installed here: the missing-bindings path cannot be exercised")
+    res = subprocess.run([sys.executable, str(bundle / "deploy.py"), "--runtime", "tensorrt"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "TensorRT Python bindings" in res.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(), reason=NO_TRT)
+def test_engine_builds_and_matches(fused_cnn, tmp_path):
+    from edgefuse.build.deploy import check_bundle
+
+    bundle, _ = _bundle(fused_cnn, tmp_path)
+    result = check_bundle(bundle, "tensorrt")
+    assert result["ok"], result["problems"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: the refusal path cannot be exercised")
+def test_build_without_a_gpu_is_one_clear_error(fused_cnn, tmp_path):
+    path = ef.export_onnx(fused_cnn, X[:2], tmp_path / "m.onnx")
+    with pytest.raises(ef.EdgefuseError, match="needs an NVIDIA GPU"):
+        build_engine(path, load_target("desktop-trt10"), tmp_path / "m.engine")
+    assert not (tmp_path / "m.engine").exists()
+
+
+def test_check_cli_exit_codes(fused_cnn, tmp_path):
+    from click.testing import CliRunner
+
+    from edgefuse.cli import cli
+
+    good = ef.export_onnx(fused_cnn, X[:2], tmp_path / "m.onnx", opset=17)
+    res = CliRunner().invoke(cli, ["check", "--target", "jetson-xavier-nx-jp5", "--json", str(good)])
+    assert res.exit_code == 0 and json.loads(res.output)["ok"]
+    res = CliRunner().invoke(cli, ["check", "--target", "cpu-ort", str(good)])
+    assert res.exit_code == 1 and "not TensorRT" in res.output
