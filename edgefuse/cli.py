@@ -102,11 +102,17 @@ def train(obj: dict, arch: str, n: int, epochs: int | None, width: int | None, c
 
 @cli.command("fuse")
 @with_models
-@click.option("--depth", type=click.IntRange(0, None), required=True,
+@click.option("--depth", type=click.IntRange(0, None), default=None,
               help="Shared layers: 0 = ensemble, the number of cut points = full merge.")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=None,
+              help="Neuron-level fusion instead of --depth: share of units kept per model (1 = ensemble, 0 = merge).")
 @click.option("--method", type=click.Choice(["weight", "activation", "ot"]), default="weight", show_default=True,
               help="Alignment method.")
-@click.option("--repair", type=click.Choice(["bn", "none"]), default="bn", show_default=True)
+@click.option("--repair", type=click.Choice(["bn", "repair", "distill", "none"]), default="bn", show_default=True,
+              help="bn: reset BatchNorm; repair: REPAIR rescaling (nets without BN); distill: train towards the "
+              "ensemble on calibration images.")
+@click.option("--steps", type=click.IntRange(1, 100000), default=600, show_default=True,
+              help="Distillation steps (--repair distill).")
 @click.option("--opset", type=click.IntRange(9, 23), default=None, help="Default 18 (dynamo exporter); <=17 uses "
               "the TorchScript exporter.")
 @click.option("--batch-heads/--no-batch-heads", default=True, show_default=True,
@@ -115,8 +121,8 @@ def train(obj: dict, arch: str, n: int, epochs: int | None, width: int | None, c
 @click.option("-o", "--out", type=click.Path(dir_okay=False), required=True, help="ONNX file to write.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.pass_obj
-def fuse_cmd(obj: dict, checkpoints, arch, model, n, cache, dataset, depth, method, repair, batch_heads, head_outputs,
-             opset, out, force) -> None:
+def fuse_cmd(obj: dict, checkpoints, arch, model, n, cache, dataset, depth, alpha, method, repair, steps, batch_heads,
+             head_outputs, opset, out, force) -> None:
     """Align and fuse N models at one depth, write the fused model as ONNX.
 
     Reads CHECKPOINTS (safetensors or weights-only torch files) with --model, else the zoo cache; reads the
@@ -128,13 +134,16 @@ def fuse_cmd(obj: dict, checkpoints, arch, model, n, cache, dataset, depth, meth
 
     if Path(out).exists() and not force:
         raise EdgefuseError(f"{out} exists (use --force to overwrite)")
+    if (depth is None) == (alpha is None):
+        raise EdgefuseError("give exactly one of --depth and --alpha")
     models = _models(arch, model, checkpoints, n, cache, obj["quiet"])
     calib, x_test, _ = load_dataset(dataset)
     spec = permutation_spec(models[0], x_test[:2])
     calib_batches = batches(calib, batch_size=200)
     aligned = align(models, spec, method=method, data=calib_batches)
-    fused = fuse(aligned, spec, depth=depth, data=calib_batches, repair=None if repair == "none" else repair,
-                 batch_heads=batch_heads, head_outputs=head_outputs)
+    fused = fuse(aligned, spec, depth=depth, alpha=alpha, data=calib_batches, steps=steps,
+                 repair=None if repair == "none" else repair, batch_heads=batch_heads and alpha is None,
+                 head_outputs=head_outputs)
     click.echo(str(export_onnx(fused, x_test[:2], out, opset=opset)))
 
 

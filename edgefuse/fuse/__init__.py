@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from ..checks import check_models
@@ -10,28 +11,74 @@ from ..errors import EdgefuseError
 from ..spec import PermSpec
 from .batched import batch_models
 from .model import FusedModel, ensemble
-from .repair import REPAIRS, repair as apply_repair
+from .neuron import fuse_alpha
+from .repair import DISTILL_STEPS, REPAIRS, distill, reset_bn, rescale_units
 from .split import fuse_depth
 
 
 def fuse(aligned: list[nn.Module], spec: PermSpec, depth: int | None = None, alpha=None,
          data: Iterable | None = None, repair: str | None = "bn", combine: str = "mean",
-         batch_heads: bool = False, head_outputs: bool = False) -> FusedModel:
+         batch_heads: bool = False, head_outputs: bool = False, steps: int = DISTILL_STEPS) -> FusedModel:
     """Partially fuse aligned models. The inputs are never modified: the result owns copies of every tensor.
     `batch_heads=True` runs the N heads as one network of grouped kernels (same outputs, fewer kernels);
-    `head_outputs=True` adds every head's output as a second output."""
+    `head_outputs=True` adds every head's output as a second output. `repair`: "bn" (reset BatchNorm statistics),
+    "repair" (REPAIR: rescale merged units to their parents' statistics, then reset BN), "distill" (BN reset, then
+    `steps` steps of distillation towards the ensemble on the calibration inputs) or None."""
     check_models(aligned, "fusion")
-    if alpha is not None:
-        raise EdgefuseError("neuron-level fusion (alpha=...) is not available in this version; use depth=")
-    if depth is None:
-        raise EdgefuseError("fuse needs depth=k (0 = ensemble, len(spec.cut_points) = full merge)")
+    if alpha is not None and depth is not None:
+        raise EdgefuseError("give depth= or alpha=, not both (a depth split is alpha 0 below the cut, 1 above)")
     if repair not in REPAIRS:
         raise EdgefuseError(f"unknown repair '{repair}' (choose from {', '.join(str(r) for r in REPAIRS)})")
+    if alpha is not None:
+        if head_outputs:
+            raise EdgefuseError("head_outputs needs a depth split: with alpha, units are shared up to the logits")
+        net, layouts = fuse_alpha(aligned, spec, alpha, combine)
+        fused = FusedModel(nn.Identity(), [net], combine, batched=True, n_heads=len(aligned))
+        fused.widths = {g: len(lay.fused) + len(aligned) * len(lay.isolated) for g, lay in layouts.items()}
+        if any(len(lay.fused) for lay in layouts.values()):  # alpha=1 is the ensemble itself: nothing to repair
+            _repair(fused.eval(), repair, data, aligned, spec, layouts, steps)
+        return fused.eval()
+    if depth is None:
+        raise EdgefuseError("fuse needs depth=k (0 = ensemble, len(spec.cut_points) = full merge) or alpha=a "
+                            "(1 = ensemble, 0 = full merge)")
     fused = fuse_depth(aligned, spec, depth, combine)
     if depth > 0:
-        apply_repair(fused, repair, data)
+        _repair(fused, repair, data, aligned, spec, None, steps)
     fused.head_outputs = head_outputs
     return fused.batch_heads() if batch_heads else fused
+
+
+def _repair(fused: FusedModel, method: str | None, data, aligned: list[nn.Module], spec: PermSpec,
+            layouts: dict | None, steps: int) -> None:
+    if method == "repair":
+        rescale_units(fused, aligned, _merged_layers(fused, spec, layouts), data)
+    if method is not None:
+        reset_bn(fused, data)
+    if method == "distill":
+        distill(fused, ensemble(aligned), data, steps=steps)
+
+
+def _merged_layers(fused: FusedModel, spec: PermSpec, layouts: dict | None) -> list:
+    """(output module, layer to rescale, parents' layer name, parents' unit indices) of every merged hidden layer,
+    in order: the trunk's layers for a depth split, the fused part of every MixedLayer for alpha."""
+    from .neuron import MixedLayer
+
+    out = []
+    net = fused.trunk if layouts is None else fused.heads[0]
+    for name in spec.weight_layers:
+        axes = spec.params.get(f"{name}.weight")
+        if not axes or axes[0] is None:
+            continue  # the output layer: its units are the logits, never rescaled
+        try:
+            layer = net.get_submodule(name)
+        except AttributeError:
+            continue  # not in the trunk: a head's layer, not merged
+        if isinstance(layer, MixedLayer):
+            if layer.fused is not None:
+                out.append((layer, layer.fused, name, layouts[axes[0][0].group].fused))
+        elif isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)) and getattr(layer, "groups", 1) == 1:
+            out.append((layer, layer, name, torch.arange(layer.weight.shape[0])))
+    return out
 
 
 __all__ = ["FusedModel", "batch_models", "ensemble", "fuse"]

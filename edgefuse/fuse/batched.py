@@ -138,6 +138,7 @@ class _Rewriter:
         self.graph, self.env, self.owned = fx.Graph(), {}, {}
         self.batched: set[fx.Node] = set()
         self.shape_of_batched: set[fx.Node] = set()
+        self.layout: dict[fx.Node, object] = {}
         self.combined = False
 
     def run(self) -> fx.GraphModule:
@@ -172,10 +173,18 @@ class _Rewriter:
         self.batched.add(out)
         return out
 
-    def emit(self, op: str, target, args, kwargs, batched: bool) -> fx.Node:
+    def emit(self, op: str, target, args, kwargs, batched: bool, layout=None) -> fx.Node:
+        """A node of the new graph; a batched one inherits the channel layout of its first batched argument
+        (used by neuron-level fusion, where fused and isolated units share the channel axis)."""
         out = self.graph.create_node(op, target, args, kwargs)
         if batched:
             self.batched.add(out)
+            if layout is None:
+                found: list = []
+                fx.node.map_arg((args, kwargs), lambda n: found.append(self.layout.get(n)))
+                layout = next((f for f in found if f is not None), None)
+            if layout is not None:
+                self.layout[out] = layout
         return out
 
     def visit(self, node: fx.Node, group: tuple[fx.Node, ...]):

@@ -1,6 +1,9 @@
-"""Repair after merging: averaged units have shrunken activation statistics, so BatchNorm must be re-estimated."""
+"""Repair after merging. Averaged units have shrunken activation statistics (variance collapse), so a merged model
+must be corrected before it is useful: re-estimate BatchNorm ("bn"), rescale merged units to the statistics of their
+parents (REPAIR, for nets without BN: "repair"), or distil the fused model towards the ensemble ("distill")."""
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 
 import torch
@@ -9,7 +12,8 @@ from torch import nn
 from ..data import require_batches
 from ..errors import EdgefuseError
 
-REPAIRS = ("bn", None)
+REPAIRS = ("bn", "repair", "distill", None)
+DISTILL_STEPS = 600
 
 
 def reset_bn(model: nn.Module, data: Iterable) -> nn.Module:
@@ -33,7 +37,72 @@ def reset_bn(model: nn.Module, data: Iterable) -> nn.Module:
     return model
 
 
-def repair(model: nn.Module, method: str | None, data: Iterable | None) -> nn.Module:
-    if method not in REPAIRS:
-        raise EdgefuseError(f"unknown repair '{method}' (choose from {', '.join(str(r) for r in REPAIRS)})")
-    return reset_bn(model, data) if method == "bn" else model
+def _channel_stats(model: nn.Module, layer: nn.Module, xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation per output channel of `layer` (over batch and space) on the inputs."""
+    total, sq, count = 0.0, 0.0, 0
+
+    def hook(_m, _i, out: torch.Tensor) -> None:
+        nonlocal total, sq, count
+        flat = out.transpose(0, 1).reshape(out.shape[1], -1).double()
+        total, sq, count = total + flat.sum(1), sq + (flat ** 2).sum(1), count + flat.shape[1]
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            for x in xs:
+                model(x)
+    finally:
+        handle.remove()
+    mean = total / count
+    return mean, (sq / count - mean ** 2).clamp_min(0).sqrt()
+
+
+def rescale_units(fused: nn.Module, parents: list[nn.Module], layers: list[tuple[nn.Module, nn.Module, str, torch.Tensor]],
+                  data: Iterable) -> nn.Module:
+    """REPAIR: layer by layer, give each merged unit the mean and standard deviation that the parents' units
+    have on average. `layers` holds (module whose output holds the merged units first, the Linear/Conv to rescale,
+    the parents' layer name, the parents' unit indices)."""
+    xs = require_batches(data, "REPAIR")
+    for out_module, layer, name, units in layers:
+        stats = [_channel_stats(p, p.get_submodule(name), xs) for p in parents]
+        target_mean = torch.stack([s[0][units] for s in stats]).mean(0)
+        target_std = torch.stack([s[1][units] for s in stats]).mean(0)
+        mean, std = _channel_stats(fused, out_module, xs)
+        mean, std = mean[:len(units)], std[:len(units)]
+        scale = (target_std / std.clamp_min(1e-8)).float()
+        with torch.no_grad():
+            layer.weight.mul_(scale.view(-1, *[1] * (layer.weight.ndim - 1)))
+            bias = layer.bias if layer.bias is not None else torch.zeros_like(scale)
+            new_bias = (bias - mean.float()) * scale + target_mean.float()
+            layer.bias = nn.Parameter(new_bias)
+    return fused
+
+
+def distill(student: nn.Module, teacher: nn.Module, data: Iterable, steps: int = DISTILL_STEPS,
+            lr: float = 1e-3, temperature: float = 2.0, quiet: bool | None = None) -> nn.Module:
+    """A short distillation of the fused model towards the ensemble's outputs on unlabeled calibration inputs
+    (KL divergence at `temperature`), BatchNorm statistics frozen. Only the student's own tensors change."""
+    from rich.console import Console
+    from rich.progress import Progress
+
+    xs = require_batches(data, "distillation")
+    if steps < 1:
+        raise EdgefuseError(f"distillation needs at least 1 step, got {steps}")
+    with torch.no_grad():
+        targets = [torch.log_softmax(teacher.eval()(x) / temperature, -1) for x in xs]
+    opt = torch.optim.Adam(student.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    student.eval()
+    quiet = not sys.stderr.isatty() if quiet is None else quiet
+    with Progress(console=Console(stderr=True), disable=quiet, transient=True) as progress:
+        task = progress.add_task("distilling towards the ensemble", total=steps)
+        for step in range(steps):
+            i = step % len(xs)
+            log_p = torch.log_softmax(student(xs[i]) / temperature, -1)
+            loss = nn.functional.kl_div(log_p, targets[i], log_target=True, reduction="batchmean") * temperature ** 2
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            progress.advance(task)
+    return student.eval()

@@ -1,0 +1,240 @@
+"""Neuron-level partial fusion (the paper's α): per permutation group, the most dissimilar fraction α of aligned
+units stays isolated (one copy per model), the rest is averaged into fused units.
+
+A hidden tensor's channels are laid out [fused | model 1's isolated | … | model N's isolated]. A fused unit reads
+every input (its weights are the mean of the models' weights on fused inputs and 1/N of each model's weights on that
+model's isolated inputs); an isolated unit of model m reads the fused inputs and model m's isolated inputs only.
+Only those blocks are computed — a dense layer for the fused units, a dense layer from the fused inputs and a
+grouped (block-diagonal) layer from the isolated inputs for the isolated units — so α=1 costs exactly the ensemble's
+MACs, α=0 exactly one model's, and cost falls monotonically in between. A layer's width is n_f + N·n_i with
+n_i = floor(α·n + 0.5) and n_f = n − n_i, i.e. n·(1 + (N−1)·α) rounded to whole units.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..errors import EdgefuseError, UnsupportedModelError
+from ..spec import PermSpec, expand
+from .batched import GroupedLinear, _cat, _param, _Rewriter
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which units of a group are fused and which isolated (indices into the aligned models' units)."""
+    group: str | None
+    fused: torch.Tensor
+    isolated: torch.Tensor
+
+
+def unit_costs(models: list[nn.Module], spec: PermSpec, group: str) -> torch.Tensor:
+    """Per aligned unit: the spread of the models' weights around their mean, summed over every parameter the
+    group touches (incoming and outgoing weights, norms), each parameter scaled to unit mean square so no layer
+    dominates. The paper's matching cost, evaluated on the matching alignment already found."""
+    n = spec.groups[group]
+    states = [m.state_dict() for m in models]
+    cost = torch.zeros(n, dtype=torch.float64)
+    for param, axis, start, repeat in spec.members(group):
+        t = torch.stack([s[param].double() for s in states]).narrow(axis + 1, start, n * repeat)
+        t = t.movedim(axis + 1, 1).reshape(len(states), n, -1)
+        spread = ((t - t.mean(0)) ** 2).sum((0, 2))
+        cost += spread / max(float((t ** 2).mean()), 1e-12)
+    return cost
+
+
+def choose_layouts(models: list[nn.Module], spec: PermSpec, alpha: float | Mapping[str, float]) -> dict:
+    """{group: Layout}: the floor(α·n + 0.5) costliest units of each group stay isolated."""
+    per_group = alpha if isinstance(alpha, Mapping) else {g: alpha for g in spec.groups}
+    unknown = set(per_group) - set(spec.groups)
+    if unknown:
+        raise EdgefuseError(f"alpha names unknown group(s): {', '.join(sorted(unknown))}")
+    layouts = {}
+    for g, n in spec.groups.items():
+        a = float(per_group.get(g, 0.0))
+        if not 0.0 <= a <= 1.0 or math.isnan(a):
+            raise EdgefuseError(f"alpha must be between 0 and 1, got {a} for group {g}")
+        k = int(math.floor(a * n + 0.5))
+        order = torch.argsort(unit_costs(models, spec, g), descending=True, stable=True)
+        layouts[g] = Layout(g, order[k:].sort().values, order[:k].sort().values)
+    return layouts
+
+
+class MixedLayer(nn.Module):
+    """One Linear/Conv of a partially fused net, computing only its non-zero blocks (see the module docstring).
+    `split` is the number of fused input features; None when the input is shared by every model."""
+
+    def __init__(self, fused: nn.Module | None, from_fused: nn.Module | None, from_isolated: nn.Module | None,
+                 split: int | None) -> None:
+        super().__init__()
+        self.fused, self.from_fused, self.from_isolated, self.split = fused, from_fused, from_isolated, split
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        parts = [self.fused(x)] if self.fused is not None else []
+        if self.split is None:
+            if self.from_fused is not None:
+                parts.append(self.from_fused(x))
+        elif self.from_fused is not None or self.from_isolated is not None:
+            iso = self.from_fused(x[:, :self.split]) if self.from_fused is not None else None
+            if self.from_isolated is not None:
+                own = self.from_isolated(x[:, self.split:])
+                iso = own if iso is None else iso + own
+            parts.append(iso)
+        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
+def _like(first: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, groups: int = 1) -> nn.Module:
+    """A Linear/Conv with the hyper-parameters of `first` and the given weights (groups > 1: block-diagonal)."""
+    if isinstance(first, nn.Linear) and groups > 1:
+        out, inp = weight.shape[0] // groups, weight.shape[1]
+        parts = []
+        for w, b in zip(weight.split(out), bias.split(out) if bias is not None else [None] * groups):
+            lin = nn.Linear(inp, out, bias=b is not None)
+            lin.weight = _param(w.clone())
+            if b is not None:
+                lin.bias = _param(b.clone())
+            parts.append(lin)
+        return GroupedLinear(parts, "alpha")
+    new = copy.deepcopy(first)
+    new.weight = _param(weight.clone())
+    new.bias = _param(bias.clone()) if bias is not None else None
+    if isinstance(new, nn.Linear):
+        new.out_features, new.in_features = weight.shape
+    else:
+        new.out_channels, new.groups = weight.shape[0], groups
+        new.in_channels = weight.shape[1] * groups
+    return new
+
+
+class _AlphaRewriter(_Rewriter):
+    """The batched rewrite with a mixed channel layout: shared ops pass through, weight layers and norms are
+    assembled from the fused/isolated split of their groups."""
+
+    def __init__(self, models: list[nn.Module], spec: PermSpec, layouts: dict, combine: str) -> None:
+        super().__init__(models, combine, head_outputs=False)
+        self.spec, self.layouts, self.models = spec, layouts, models
+
+    def out_layout(self, name: str, width: int) -> Layout:
+        axes = self.spec.params.get(f"{name}.weight")
+        segments = axes[0] if axes else None
+        if segments is None:  # never permuted (the output): one copy per model, combined at the end
+            return Layout(None, torch.zeros(0, dtype=torch.long), torch.arange(width))
+        if len(segments) != 1:
+            raise UnsupportedModelError(name, "layer", "outputs split across several groups")
+        return self.layouts[segments[0].group]
+
+    def in_columns(self, name: str, layout: Layout | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Input columns of the fused and of the isolated units (repeated per spatial position after a flatten)."""
+        if layout is None:
+            return None
+        segments = self.spec.params[f"{name}.weight"][1]
+        repeat = segments[0].repeat if segments and len(segments) == 1 else 1
+        return expand(layout.fused, repeat), expand(layout.isolated, repeat)
+
+    def expand(self, new: fx.Node) -> fx.Node:
+        if new in self.batched or not isinstance(new, fx.Node):
+            return new
+        if new.op == "get_attr" and getattr(self.owned.get(new.target), "ndim", 2) < 2:
+            return new
+        raise UnsupportedModelError(new.name, "operand", "a tensor shared by all models meets partially fused "
+                                    "channels; neuron-level fusion cannot place it")
+
+    def visit_cat(self, node: fx.Node, args, kwargs) -> fx.Node:
+        raise UnsupportedModelError(node.name, "cat", "concatenation is not supported by neuron-level fusion yet")
+
+    def visit_module(self, node: fx.Node, mods: list[nn.Module]):
+        first = mods[0]
+        src = node.args[0] if node.args else None
+        x = self.env[src] if isinstance(src, fx.Node) else None
+        layout = self.layout.get(x) if x in self.batched else None
+        name = node.target
+        if isinstance(first, nn.Linear) or (isinstance(first, (nn.Conv1d, nn.Conv2d)) and first.groups == 1):
+            module, out = self.mixed_layer(node, mods, layout)
+        elif isinstance(first, (nn.Conv1d, nn.Conv2d)) and layout is not None:
+            module, out = self.channelwise(node, mods, layout, conv=True), layout
+        elif isinstance(first, (nn.BatchNorm1d, nn.BatchNorm2d)) and layout is not None:
+            module, out = self.channelwise(node, mods, layout, conv=False), layout
+        elif isinstance(first, (nn.LayerNorm, nn.GroupNorm)) and layout is not None:
+            raise UnsupportedModelError(node.name, type(first).__name__, "normalises across units, so fused and "
+                                        "isolated units cannot be normalised separately; use depth= instead")
+        else:
+            return super().visit_module(node, mods)
+        if out is None:  # folded into the combined output
+            self.owned[name] = module
+            return self.emit("call_module", name, (x,), {}, batched=False)
+        self.owned[name] = module
+        return self.emit("call_module", name, (x,), {}, batched=True, layout=out)
+
+    def mixed_layer(self, node: fx.Node, mods: list[nn.Module], layout: Layout | None):
+        n, first, name = self.n, mods[0], node.target
+        ws = [m.weight.detach() for m in mods]
+        bs = [m.bias.detach() for m in mods] if first.bias is not None else None
+        out = self.out_layout(name, ws[0].shape[0])
+        fold = out.group is None and self.folds(node)
+        fused_rows = torch.arange(ws[0].shape[0]) if fold else out.fused
+        iso_rows = torch.zeros(0, dtype=torch.long) if fold else out.isolated
+        cols = self.in_columns(name, layout)
+        fused = from_fused = from_iso = None
+        if len(fused_rows):
+            if cols is None:
+                w = torch.stack([w[fused_rows] for w in ws]).mean(0)
+            else:
+                fc, ic = cols
+                w = torch.cat([torch.stack([w[fused_rows][:, fc] for w in ws]).mean(0)] +
+                              [w[fused_rows][:, ic] / n for w in ws], 1)
+            b = torch.stack([b[fused_rows] for b in bs]).mean(0) if bs else None
+            fused = _like(first, w, b)
+        if len(iso_rows):
+            b = _cat([b[iso_rows] for b in bs]) if bs else None
+            if cols is None:
+                from_fused = _like(first, _cat([w[iso_rows] for w in ws]), b)
+            else:
+                fc, ic = cols
+                if len(fc):
+                    from_fused = _like(first, _cat([w[iso_rows][:, fc] for w in ws]), b)
+                if len(ic):
+                    from_iso = _like(first, _cat([w[iso_rows][:, ic] for w in ws]), None if len(fc) else b, groups=n)
+        split = None if cols is None else len(cols[0])
+        if fold:
+            self.combined = True
+            return MixedLayer(fused, None, None, split), None
+        return MixedLayer(fused, from_fused, from_iso, split), out
+
+    def channelwise(self, node: fx.Node, mods: list[nn.Module], layout: Layout, conv: bool) -> nn.Module:
+        """Depthwise convs and BatchNorm: per channel, the mean over models for fused units, each model's own
+        parameters for its isolated units."""
+        first = mods[0]
+
+        def assemble(tensors: list[torch.Tensor]) -> torch.Tensor:
+            fused = torch.stack([t[layout.fused] for t in tensors]).mean(0)
+            return torch.cat([fused] + [t[layout.isolated] for t in tensors])
+
+        new = copy.deepcopy(first)
+        width = len(layout.fused) + self.n * len(layout.isolated)
+        if conv:
+            if not first.groups == first.in_channels == first.out_channels:
+                raise UnsupportedModelError(node.name, type(first).__name__, "grouped convolution")
+            new.weight = _param(assemble([m.weight.detach() for m in mods]))
+            new.in_channels = new.out_channels = new.groups = width
+        else:
+            new.num_features = width
+            for buf in ("running_mean", "running_var"):
+                if getattr(first, buf) is not None:
+                    setattr(new, buf, assemble([getattr(m, buf) for m in mods]))
+        for p in ("weight", "bias") if not conv else ("bias",):
+            if getattr(first, p, None) is not None:
+                setattr(new, p, _param(assemble([getattr(m, p).detach() for m in mods])))
+        return new
+
+
+def fuse_alpha(aligned: list[nn.Module], spec: PermSpec, alpha: float | Mapping[str, float],
+               combine: str = "mean") -> tuple[fx.GraphModule, dict]:
+    """The partially fused network and the layouts it used. The models must be aligned (ef.align)."""
+    layouts = choose_layouts(aligned, spec, alpha)
+    with torch.no_grad():
+        return _AlphaRewriter(list(aligned), spec, layouts, combine).run(), layouts
