@@ -207,6 +207,44 @@ def verify(onnx_file: str, dataset: str, threads: int, batch_sizes: tuple[int, .
 
 
 @cli.command()
+@with_models
+@click.option("--target", default="cpu-ort", show_default=True, help="Name of a file in targets/, or a .toml path.")
+@click.option("--latency-ms", type=click.FloatRange(0, None, min_open=True), default=None,
+              help="p50 latency budget at the target's first batch size (default: the target's).")
+@click.option("--memory-mb", type=click.FloatRange(0, None, min_open=True), default=None,
+              help="Peak memory budget (default: the target's).")
+@click.option("--max-drop", type=click.FloatRange(0, 1), default=None,
+              help="Instead of the most accurate: the fastest within this accuracy drop from the ensemble.")
+@click.option("--alpha", "alphas", type=click.FloatRange(0, 1), multiple=True, default=(0.1, 0.25, 0.5, 0.75),
+              show_default=True, help="Alpha values to try (repeat the option).")
+@click.option("--method", "methods", type=click.Choice(["weight", "activation", "ot"]), multiple=True,
+              default=("weight",), show_default=True, help="Alignment methods to try (repeat the option).")
+@click.option("--repair", "repairs", type=click.Choice(["bn", "repair", "distill", "none"]), multiple=True,
+              default=("bn",), show_default=True, help="Repairs to try (repeat the option).")
+@click.option("--workers", type=click.IntRange(0, 64), default=1, show_default=True,
+              help="Local worker processes (0: in this process).")
+@click.option("--ray", "ray_address", default=None, help="Run candidates on a Ray cluster (needs edgefuse[ray]).")
+@click.option("--out-root", default="build", show_default=True)
+@click.pass_obj
+def sweep(obj: dict, checkpoints, arch, model, n, cache, dataset, target, latency_ms, memory_mb, max_drop, alphas,
+          methods, repairs, workers, ray_address, out_root) -> None:
+    """Measure depths and alphas, choose the most accurate candidate within the budget.
+
+    Reads the models (as export does) and the target; writes OUT_ROOT/TARGET/sweep/{sweep.json, sweep.md,
+    pareto.png, points/, candidates/}. Finished points are kept in points/, so an interrupted sweep resumes."""
+    from .sweep import run_sweep
+    from .verify import markdown
+
+    console = _console(obj["quiet"])
+    models = _models(arch, model, checkpoints, n, cache, obj["quiet"]) if model or checkpoints else None
+    result = run_sweep(target, models, arch, n, dataset, out_root, cache, tuple(dict.fromkeys(methods)),
+                       tuple(alphas), tuple(None if r == "none" else r for r in dict.fromkeys(repairs)), latency_ms,
+                       memory_mb, max_drop, workers, ray_address, console=console)
+    click.echo(markdown(result))
+    click.echo(f"chose {result['fused']['label']}; wrote {Path(out_root) / result['target'] / 'sweep'}/")
+
+
+@cli.command()
 @click.argument("onnx_file", type=click.Path())
 @click.option("--target", required=True, help="A TensorRT target: a name in targets/ or a .toml path.")
 @click.option("--json", "as_json", is_flag=True, help="Print the check as JSON.")

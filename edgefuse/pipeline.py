@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,8 @@ from .export import export_onnx, onnx_nodes, parity, parity_inputs
 from .files import publish
 from .fuse import fuse
 from .spec import permutation_spec
-from .runtime import SessionsRunner, TorchRunner, predict
+from .runtime import SessionsRunner, TorchRunner, peak_memory_mb, predict
+from .sweep import DEFAULT_ALPHAS, Job, choose, grid, run_points
 from .targets import Target, load_target
 from .verify import agreement, best_exact, mean_rows, measure, public, scores, write_report
 
@@ -45,7 +47,7 @@ def choose_depth(candidates: list[dict], ensemble: dict, target: Target, baselin
     target names one, under its latency budget; the cheapest candidate when none fits. A candidate slower than
     the best exact ensemble at any of the target's batch sizes is never chosen (the exact one is more accurate,
     so it dominates): when every candidate is, the answer is depth 0, the ensemble itself."""
-    fused = [c for c in candidates if c["depth"] >= 1]
+    fused = [c for c in candidates if (c.get("depth") or 0) >= 1]
     if baseline:
         fused = [c for c in fused if all(c["latency_by_batch"][b]["p50"] < base["p50"] for b, base in baseline.items())]
         if not fused:
@@ -84,8 +86,26 @@ def run_export(target: str = "cpu-ort", models: list[nn.Module] | None = None, a
     return report
 
 
-def _run(tgt: Target, models: list[nn.Module] | None, arch: str, n: int, dataset: str, out_dir: Path,
-         cache: str | Path, method: str, depth: int | None, console: Console) -> dict:
+@dataclass
+class Setup:
+    """Models, data and alignment shared by every candidate of one run."""
+    models: list[nn.Module]
+    label: str
+    calib: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    spec: object
+    aligned: dict[str, list[nn.Module]]
+    align_seconds: dict[str, float]
+    dataset: str
+
+    @property
+    def example(self) -> torch.Tensor:
+        return self.x_test[:2]
+
+
+def prepare(models: list[nn.Module] | None, arch: str, n: int, dataset: str, cache: str | Path,
+            methods: tuple[str, ...], console: Console) -> Setup:
     label = arch if models is None else type(models[0]).__name__
     if models is None:
         from .zoo import zoo_models
@@ -93,80 +113,93 @@ def _run(tgt: Target, models: list[nn.Module] | None, arch: str, n: int, dataset
         models, _ = zoo_models(arch, n, cache=cache, quiet=console.quiet)
     check_models(models, "export")
     calib, x_test, y_test = load_dataset(dataset)
-    example = x_test[:2]
-    spec = permutation_spec(models[0], example)
-    if depth is not None and not 0 <= depth <= len(spec.cut_points):
-        raise EdgefuseError(f"depth must be between 0 and {len(spec.cut_points)} for this model, got {depth}")
-    calib_batches = datasets.batches(calib, batch_size=200)
-    t0 = time.perf_counter()
-    aligned = align(models, spec, method=method, data=calib_batches)
-    align_s = time.perf_counter() - t0
-    console.print(f"[bold]align[/]: {method} matching of {len(models)} models, {len(spec.groups)} groups, "
-                  f"{align_s:.1f} s; {len(spec.cut_points)} cut points")
-    cand_dir = out_dir / "candidates"
+    spec = permutation_spec(models[0], x_test[:2])
+    aligned, seconds = {}, {}
+    for method in methods:
+        t0 = time.perf_counter()
+        aligned[method] = align(models, spec, method=method, data=datasets.batches(calib, batch_size=200))
+        seconds[method] = time.perf_counter() - t0
+        console.print(f"[bold]align[/]: {method} matching of {len(models)} models, {len(spec.groups)} groups, "
+                      f"{seconds[method]:.1f} s; {len(spec.cut_points)} cut points")
+    return Setup(models, label, calib, x_test, y_test, spec, aligned, seconds, dataset)
+
+
+def baselines(s: Setup, tgt: Target, cand_dir: Path) -> tuple[list[dict], dict[str, dict]]:
+    """The members' scores and the three exact ensembles (one graph, batched, N sessions), measured alike."""
     kw = dict(batch_sizes=tgt.batch_sizes, threads=tgt.threads)
-    rows, files = [], {}
-    depths = range(len(spec.cut_points) + 1)
+    big = max(tgt.batch_sizes)
+    files = [export_onnx(m, s.example, cand_dir / f"single{i}.onnx", opset=tgt.opset) for i, m in enumerate(s.models)]
+    singles = [measure(s.models[0], s.x_test, s.y_test, files[0], **kw) | {"onnx_nodes": onnx_nodes(files[0]),
+                                                                          "peak_memory_mb": peak_memory_mb(files[:1], big)}]
+    singles += [scores(_torch_logits(m, s.x_test), s.y_test) for m in s.models[1:]]
+    seq = fuse(s.models, s.spec, depth=0)
+    exact = {}
+    for name, module in (("ensemble", seq), ("ensemble_batched", seq.batch_heads())):
+        path = export_onnx(module, s.example, cand_dir / f"{name}.onnx", opset=tgt.opset)
+        exact[name] = measure(module, s.x_test, s.y_test, path, **kw) | {
+            "module": module, "file": str(path), "onnx_nodes": onnx_nodes(path), "depth": 0, "alpha": None,
+            "peak_memory_mb": peak_memory_mb([path], big, tgt.threads)}
+    exact["ensemble_sessions"] = measure(seq, s.x_test, s.y_test, runner=SessionsRunner(files, tgt.threads), **kw) | {
+        "onnx_nodes": sum(onnx_nodes(f) for f in files), "peak_memory_mb": peak_memory_mb(files, big, tgt.threads)}
+    for r in exact.values():
+        r["agreement"] = agreement(r, exact["ensemble"])
+    return singles, exact
+
+
+def candidates(s: Setup, tgt: Target, points: list, cand_dir: Path, ensemble_predictions: np.ndarray,
+               console: Console, workers: int = 0, ray_address: str | None = None, store: Path | None = None,
+               key: str = "", steps: int = 600) -> list[dict]:
+    jobs = [Job(p, s.aligned[p.method], s.dataset, tgt.opset, tgt.batch_sizes, tgt.threads, tgt.batch_heads,
+                str(cand_dir), ensemble_predictions, steps, keep_module=workers == 0 and store is None)
+            for p in points]
     with Progress(console=console, disable=console.quiet) as progress:
-        task = progress.add_task("fuse, export, measure", total=len(depths) + len(models) + 2)
-        single_files = [export_onnx(m, example, cand_dir / f"single{i}.onnx", opset=tgt.opset)
-                        for i, m in enumerate(models)]
-        singles = [measure(models[0], x_test, y_test, single_files[0], **kw)]
-        progress.advance(task)
-        for m in models[1:]:  # the members share one cost; only their scores differ
-            singles.append(scores(_torch_logits(m, x_test), y_test))
-            progress.advance(task)
-        for k in depths:
-            fused = fuse(aligned, spec, depth=k, data=calib_batches, batch_heads=k > 0 and tgt.batch_heads)
-            files[k] = export_onnx(fused, example, cand_dir / f"depth{k}.onnx", opset=tgt.opset)
-            row = measure(fused, x_test, y_test, files[k], **kw)
-            row |= {"depth": k, "module": fused, "onnx_nodes": onnx_nodes(files[k]),
-                    "batched_heads": k > 0 and tgt.batch_heads}
-            rows.append(row)
-            progress.advance(task)
-        ens_batched = rows[0]["module"].batch_heads()
-        files["batched"] = export_onnx(ens_batched, example, cand_dir / "ensemble_batched.onnx", opset=tgt.opset)
-        batched_row = measure(ens_batched, x_test, y_test, files["batched"], **kw)
-        batched_row |= {"module": ens_batched, "onnx_nodes": onnx_nodes(files["batched"])}
-        progress.advance(task)
-        sessions_row = measure(rows[0]["module"], x_test, y_test, runner=SessionsRunner(single_files, tgt.threads),
-                               **kw)
-        sessions_row["onnx_nodes"] = sum(onnx_nodes(f) for f in single_files)
-        progress.advance(task)
-    ensemble = rows[0]
-    exact = {"ensemble": ensemble, "ensemble_batched": batched_row, "ensemble_sessions": sessions_row}
-    baseline = best_exact(exact)
-    naive = fuse(models, spec, depth=len(spec.cut_points), data=calib_batches)
-    chosen = depth if depth is not None else choose_depth(rows, ensemble, tgt, baseline)
-    best = batched_row if chosen == 0 else rows[chosen]
-    best_file = files["batched"] if chosen == 0 else files[chosen]
-    for r in [*rows, batched_row, sessions_row]:
-        r["agreement"] = agreement(r, ensemble)
+        task = progress.add_task(f"fuse, export, measure {len(jobs)} candidates", total=len(jobs))
+        return run_points(jobs, workers, ray_address, store, key, (progress, task))
+
+
+def _run(tgt: Target, models: list[nn.Module] | None, arch: str, n: int, dataset: str, out_dir: Path,
+         cache: str | Path, method: str, depth: int | None, console: Console) -> dict:
+    s = prepare(models, arch, n, dataset, cache, (method,), console)
+    if depth is not None and not 0 <= depth <= len(s.spec.cut_points):
+        raise EdgefuseError(f"depth must be between 0 and {len(s.spec.cut_points)} for this model, got {depth}")
+    cand_dir = out_dir / "candidates"
+    singles, exact = baselines(s, tgt, cand_dir)
+    budget = tgt.runtime == "onnxruntime" and (tgt.latency_budget_ms or tgt.memory_budget_mb)
+    points = grid(len(s.spec.cut_points), DEFAULT_ALPHAS if budget and depth is None else (), (method,))
+    rows = candidates(s, tgt, points, cand_dir, exact["ensemble"]["predictions"], console)
+    base = best_exact(exact)
+    if depth is not None:
+        best = exact["ensemble_batched"] if depth == 0 else next(r for r in rows if r["depth"] == depth)
+    elif budget:
+        best = choose(rows, exact, tgt.latency_budget_ms, tgt.memory_budget_mb)
+    else:
+        chosen = choose_depth([exact["ensemble"] | {"depth": 0}] + rows, exact["ensemble"], tgt, base)
+        best = exact["ensemble_batched"] if chosen == 0 else next(r for r in rows if r["depth"] == chosen)
+    naive = fuse(s.models, s.spec, depth=len(s.spec.cut_points), data=datasets.batches(s.calib, batch_size=200))
     report = {
-        "target": tgt.name, "arch": label,
-        "n_models": len(models), "depth": chosen, "alpha": None, "max_depth": len(spec.cut_points),
-        "align_method": method, "align_seconds": align_s, "dataset": dataset, "n_test": len(x_test),
+        "target": tgt.name, "arch": s.label, "n_models": len(s.models), "depth": best["depth"],
+        "alpha": best["alpha"], "max_depth": len(s.spec.cut_points), "align_method": method,
+        "align_seconds": s.align_seconds[method], "dataset": dataset, "n_test": len(s.x_test),
         "threads": tgt.threads, "batch_sizes": list(tgt.batch_sizes), "batched_heads": tgt.batch_heads,
-        "single": mean_rows(singles),
-        **{name: public(r) for name, r in exact.items()},
-        "baseline_by_batch": baseline,
-        "fused": public(best) | {"depth": chosen},
-        "candidates": [public(r) for r in rows],
-        "naive_merge": scores(_torch_logits(naive, x_test), y_test),
-        "parity": {"max_abs_diff": parity(best_file, best["module"], parity_inputs(example)),
+        "single": mean_rows(singles), **{name: public(r) for name, r in exact.items()},
+        "baseline_by_batch": base, "fused": public(best) | {"label": best.get("label", "ensemble, batched")},
+        "candidates": [public(exact["ensemble"]) | {"label": "ensemble"}] + [public(r) for r in rows],
+        "naive_merge": scores(_torch_logits(naive, s.x_test), s.y_test),
+        "parity": {"max_abs_diff": parity(best["file"], best["module"], parity_inputs(s.example)),
                    "batch_sizes": [1, 3]},
     }
-    if chosen > 0 and tgt.batch_heads:
-        unbatched = fuse(aligned, spec, depth=chosen, data=calib_batches)
+    if best["depth"] and tgt.batch_heads:
+        unbatched = fuse(s.aligned[method], s.spec, depth=best["depth"], data=datasets.batches(s.calib, batch_size=200))
         report["fused"]["onnx_nodes_unbatched"] = onnx_nodes(
-            export_onnx(unbatched, example, cand_dir / f"depth{chosen}_unbatched.onnx", opset=tgt.opset))
+            export_onnx(unbatched, s.example, cand_dir / "chosen_unbatched.onnx", opset=tgt.opset))
     if tgt.runtime == "tensorrt":
         from .build import prepare_device
 
-        summary = f"{len(models)} × {label}, depth {chosen}/{len(spec.cut_points)}, accuracy {best['accuracy']:.4f}"
-        report |= prepare_device(tgt, best["module"], best_file, example, x_test, y_test, out_dir, summary, console)
+        summary = f"{len(s.models)} × {s.label}, {report['fused']['label']}, accuracy {best['accuracy']:.4f}"
+        report |= prepare_device(tgt, best["module"], Path(best["file"]), s.example, s.x_test, s.y_test, out_dir,
+                                 summary, console)
     write_report(report, out_dir)
-    shutil.copyfile(best_file, out_dir / "model.onnx")  # out_dir is the staging folder: publish() is atomic
+    shutil.copyfile(best["file"], out_dir / "model.onnx")  # out_dir is the staging folder: publish() is atomic
     return report
 
 

@@ -88,6 +88,19 @@ def summarize(times: list[float]) -> dict:
             "p99": float(np.percentile(a, 99)), "runs": len(times)}
 
 
+def peak_memory_mb(onnx_paths: list[str | Path], batch_size: int, threads: int = 1) -> float:
+    """Memory onnxruntime adds to a fresh process to load the file(s) and run one batch (weights, arena,
+    activations), from the process's peak resident size."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "edgefuse.memprobe", str(batch_size), str(threads),
+                          *map(str, onnx_paths)], capture_output=True, text=True, timeout=600)
+    if res.returncode != 0:
+        raise RuntimeError(f"memory probe failed: {res.stderr.strip().splitlines()[-1:]}")
+    return float(res.stdout.strip())
+
+
 def latency_batch(x: torch.Tensor, batch_size: int) -> np.ndarray:
     """An input of exactly `batch_size` rows, repeating the first sample when the data set is smaller."""
     if len(x) >= batch_size:

@@ -13,11 +13,20 @@ from .metrics import macs, params
 from .runtime import OrtRunner, Runner, TorchRunner, latency, latency_batch, predict
 
 
-def scores(logits: np.ndarray, labels: torch.Tensor) -> dict:
-    """Accuracy and mean negative log-likelihood of log-softmax(logits)."""
+def scores(logits: np.ndarray, labels: torch.Tensor, bins: int = 15) -> dict:
+    """Accuracy, mean negative log-likelihood of log-softmax(logits), and expected calibration error (15 equal-width
+    confidence bins): fused models can be as accurate yet over-confident."""
     t = torch.from_numpy(logits).double()
     nll = torch.nn.functional.cross_entropy(t, labels).item()
-    return {"accuracy": float((t.argmax(1) == labels).double().mean()), "nll": float(nll)}
+    conf, pred = torch.softmax(t, 1).max(1)
+    correct = (pred == labels).double()
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            ece += float(inside.double().mean() * (conf[inside].mean() - correct[inside].mean()).abs())
+    return {"accuracy": float(correct.mean()), "nll": float(nll), "ece": ece}
 
 
 def measure(module: nn.Module, x: torch.Tensor, y: torch.Tensor, onnx_path: str | Path | None = None,
@@ -63,7 +72,8 @@ def mean_rows(rows: list[dict]) -> dict:
     out = dict(public(rows[0]))
     out["accuracy"] = float(np.mean([r["accuracy"] for r in rows]))
     out["nll"] = float(np.mean([r["nll"] for r in rows]))
-    out["members"] = [{"accuracy": r["accuracy"], "nll": r["nll"]} for r in rows]
+    out["ece"] = float(np.mean([r["ece"] for r in rows]))
+    out["members"] = [{"accuracy": r["accuracy"], "nll": r["nll"], "ece": r["ece"]} for r in rows]
     return out
 
 
@@ -73,7 +83,7 @@ def markdown(report: dict) -> str:
     ens = report["ensemble"]
     base = baseline(report)
     batches = list(ens["latency_by_batch"])
-    head = ("| model | accuracy | NLL | MACs | MACs / ens | params | ONNX nodes | " +
+    head = ("| model | accuracy | NLL | ECE | agreement | MACs / ens | params | ONNX nodes | peak MB | " +
             " | ".join(f"p50 ms b{b} | / best ens" for b in batches) + " |")
     lines = [f"# edgefuse report: {report['target']}", "",
              f"{report['n_models']} × {report.get('arch', 'model')}, aligned by {report['align_method']} matching, "
@@ -82,11 +92,13 @@ def markdown(report: dict) -> str:
              f"{'yes' if report.get('batched_heads') else 'no'}.", "",
              "Latency ratios are against the fastest exact ensemble at each batch size: " +
              ", ".join(f"b{b}: {e['name']} ({e['p50']:.3f} ms)" for b, e in base.items()) + ".", "",
-             head, "|" + "---|" * (7 + 2 * len(batches))]
+             head, "|" + "---|" * (9 + 2 * len(batches))]
 
     def row(name: str, r: dict) -> str:
-        cells = [name, f"{r['accuracy']:.4f}", f"{r['nll']:.4f}", f"{r['macs']:,}", f"{r['macs'] / ens['macs']:.2f}",
-                 f"{r['params']:,}", str(r.get("onnx_nodes", "-"))]
+        cells = [name, f"{r['accuracy']:.4f}", f"{r['nll']:.4f}", f"{r['ece']:.4f}" if "ece" in r else "-",
+                 f"{r['agreement']:.3f}" if "agreement" in r else "-", f"{r['macs'] / ens['macs']:.2f}",
+                 f"{r['params']:,}", str(r.get("onnx_nodes", "-")),
+                 f"{r['peak_memory_mb']:.1f}" if r.get("peak_memory_mb") is not None else "-"]
         for b in batches:
             p50 = r["latency_by_batch"][b]["p50"]
             cells += [f"{p50:.3f}", f"{p50 / base[b]['p50']:.2f}"]
@@ -99,8 +111,9 @@ def markdown(report: dict) -> str:
         if name in report:
             lines.append(row(label, report[name]))
     for c in report["candidates"][1:]:
-        mark = " ← model.onnx" if c["depth"] == report["depth"] else ""
-        lines.append(row(f"fused depth {c['depth']}/{report['max_depth']}{mark}", c))
+        mark = " ← model.onnx" if c.get("key") == report["fused"].get("key") else ""
+        name = f"fused depth {c['depth']}/{report['max_depth']}" if c.get("depth") else f"fused {c['label']}"
+        lines.append(row(name + mark, c))
     if report["depth"] == 0:
         lines += ["", "No fused depth is faster than the best exact ensemble here, so model.onnx is the batched "
                   "exact ensemble: it is more accurate and at least as fast."]
@@ -112,7 +125,11 @@ def markdown(report: dict) -> str:
         n = report["naive_merge"]
         lines += ["", f"Unaligned weight average (full merge, BN reset): accuracy {n['accuracy']:.4f}; "
                   f"aligned full merge: {report['candidates'][-1]['accuracy']:.4f}."]
-    lines += ["", f"ONNX vs PyTorch parity of model.onnx: max |diff| = {report['parity']['max_abs_diff']:.2e}."]
+    if "budget" in report:
+        b = {k: v for k, v in report["budget"].items() if v is not None}
+        lines += ["", f"Chosen within {', '.join(f'{k} = {v}' for k, v in b.items())}: {report['fused']['label']}."]
+    if "parity" in report:
+        lines += ["", f"ONNX vs PyTorch parity of model.onnx: max |diff| = {report['parity']['max_abs_diff']:.2e}."]
     lines += _device_lines(report)
     return "\n".join(lines) + "\n"
 
@@ -169,10 +186,15 @@ def pareto_plot(report: dict, path: str | Path) -> Path:
             if key == "macs":
                 return r["macs"] / ens["macs"]
             return r["latency_by_batch"][b]["p50"] / base[b]["p50"]
-        cands = report["candidates"][1:]
-        ax.plot([x(c) for c in cands], [c["accuracy"] for c in cands], "o-", color="tab:blue", label="fused (depth k)")
-        for c in cands:
-            ax.annotate(str(c["depth"]), (x(c), c["accuracy"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        depths = [c for c in report["candidates"][1:] if c.get("depth")]
+        alphas = [c for c in report["candidates"][1:] if c.get("alpha") is not None]
+        for cands, style, name, tag in ((depths, "o-", "fused, depth k", "depth"), (alphas, "v--", "fused, alpha",
+                                                                                   "alpha")):
+            if cands:
+                ax.plot([x(c) for c in cands], [c["accuracy"] for c in cands], style, label=name)
+            for c in cands:
+                ax.annotate(f"{c[tag]:g}", (x(c), c["accuracy"]), textcoords="offset points", xytext=(4, 4),
+                            fontsize=8)
         chosen = report["fused"]
         ax.plot([x(chosen)], [chosen["accuracy"]], "*", ms=16, color="tab:red", label="chosen (model.onnx)")
         for name, marker in (("ensemble", "s"), ("ensemble_batched", "D"), ("ensemble_sessions", "P")):
