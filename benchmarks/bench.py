@@ -21,6 +21,7 @@ from edgefuse.fuse.split import average_state
 from edgefuse.pipeline import run_export
 
 ARCHS = ("mlp", "cnn")
+CURVE_ARCHS = ("cnn", "resnet20")
 METHODS = (("weight", {}), ("activation", {}), ("ot", {}), ("ot", {"reg": 0.05}))
 
 
@@ -89,6 +90,29 @@ def alignment_time(console: Console, sizes: tuple[int, ...] = (2, 4, 8)) -> dict
     return out
 
 
+def half_latency_sweep(console: Console, out_root: Path) -> dict:
+    """cpu-ort with a latency budget of half the fastest exact ensemble's p50 at batch 1: what does the sweep pick?"""
+    from edgefuse.errors import EdgefuseError
+    from edgefuse.sweep import run_sweep
+
+    report = json.loads((out_root / "cnn" / "cpu-ort" / "report.json").read_text())
+    budget = 0.5 * report["baseline_by_batch"]["1"]["p50"]
+    try:
+        sweep = run_sweep("cpu-ort", arch="cnn", latency_ms=budget, out_root=out_root / "cnn", console=console)
+    except EdgefuseError as e:
+        console.print(f"half-latency sweep: {e}")
+        return {"latency_ms": budget, "error": str(e)}
+    chosen = sweep["fused"]
+    base = sweep["baseline_by_batch"]["1"]
+    console.print(f"half-latency sweep (p50 ≤ {budget:.3f} ms at b1): {chosen['label']}, accuracy "
+                  f"{chosen['accuracy']:.4f}, MACs {chosen['macs'] / sweep['ensemble']['macs']:.2f}, p50 "
+                  f"{chosen['latency_by_batch']['1']['p50']:.3f} ms ({chosen['latency_by_batch']['1']['p50'] / base['p50']:.2f}"
+                  f" of {base['name']})")
+    return {"latency_ms": budget, "chosen": chosen["label"], "accuracy": chosen["accuracy"],
+            "macs_ratio": chosen["macs"] / sweep["ensemble"]["macs"],
+            "p50_ratio": chosen["latency_by_batch"]["1"]["p50"] / base["p50"], "baseline": base["name"]}
+
+
 def main(out_root: Path = Path("build/bench")) -> int:
     console = Console(width=160)
     results: dict = {"alignment_quality": alignment_quality(console), "alignment_seconds": alignment_time(console)}
@@ -117,6 +141,10 @@ def main(out_root: Path = Path("build/bench")) -> int:
         console.print(table)
         results[arch] = {"ensemble_accuracy": ens["accuracy"], "single_accuracy": report["single"]["accuracy"],
                          "align_seconds": report["align_seconds"], "rows": summary}
+    results["sweep_half_latency"] = half_latency_sweep(console, out_root)
+    from curves import curves
+
+    results["curves"] = {arch: curves(arch, console, out_root) for arch in CURVE_ARCHS}
     atomic_write_text(out_root / "bench.json", json.dumps(results, indent=2) + "\n")
     console.print(f"wrote {out_root / 'bench.json'}")
     return 0

@@ -18,113 +18,14 @@ from torch import nn
 
 from ..errors import EdgefuseError, UnsupportedModelError
 from ..trace import _ELEMENTWISE, _ELEMENTWISE_METHOD, _SAME, _SAME_FN, _SAME_METHOD
+from .layers import GroupedLinear, WideLinear, as_param, batched_conv, batched_norm, cat_copy
 from .model import COMBINES, combine_outputs
 
 _REDUCE = {torch.mean, torch.sum, torch.amax, torch.amin}
 _REDUCE_METHOD = {"mean", "sum", "amax", "amin"}
 
 
-def _require_2d(x: torch.Tensor, node: str, op: str) -> None:
-    """Features must sit on dim 1: over token tensors (batch, tokens, features) the members' blocks would land on
-    the last dim instead. The check runs on static shapes, so it costs nothing in an exported graph."""
-    if x.dim() != 2:
-        raise UnsupportedModelError(node, op, f"{op} over a {x.dim()}-D tensor (tokens, as in attention blocks) "
-                                    "has no batched form yet")
-
-
-class WideLinear(nn.Linear):
-    """N Linear layers reading the same features: one Linear with their outputs side by side."""
-
-    def __init__(self, linears: list[nn.Linear], node: str) -> None:
-        first = linears[0]
-        super().__init__(first.in_features, len(linears) * first.out_features, bias=first.bias is not None)
-        self.node = node
-        self.weight = _param(_cat([m.weight for m in linears]))
-        if self.bias is not None:
-            self.bias = _param(_cat([m.bias for m in linears]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _require_2d(x, self.node, "Linear")
-        return super().forward(x)
-
-
-class BatchedLayerNorm(nn.GroupNorm):
-    """N LayerNorms over features side by side: a GroupNorm with one group per member."""
-
-    def __init__(self, norms: list[nn.LayerNorm], node: str) -> None:
-        first = norms[0]
-        if len(first.normalized_shape) != 1:
-            raise UnsupportedModelError(node, "LayerNorm", "only LayerNorm over one feature axis is batched")
-        super().__init__(len(norms), len(norms) * first.normalized_shape[0], eps=first.eps,
-                         affine=first.elementwise_affine)
-        self.node = node
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _require_2d(x, self.node, "LayerNorm")
-        return super().forward(x)
-
-
-class GroupedLinear(nn.Module):
-    """N Linear layers on N blocks of features as one batched MatMul: (N, batch, in) @ (N, in, out). On
-    onnxruntime CPU this runs 2.7× faster at batch 32 than the same layers as a grouped 1×1 convolution."""
-
-    def __init__(self, linears: list[nn.Linear], node: str) -> None:
-        super().__init__()
-        self.node, self.n = node, len(linears)
-        self.weight = _param(torch.stack([m.weight.detach().t() for m in linears]).contiguous())
-        self.bias = _param(_cat([m.bias for m in linears])) if linears[0].bias is not None else None
-
-    @property
-    def inputs_per_output(self) -> int:
-        return self.weight.shape[1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _require_2d(x, self.node, "Linear")
-        out = torch.matmul(x.unflatten(1, (self.n, -1)).transpose(0, 1), self.weight).transpose(0, 1).flatten(1)
-        return out if self.bias is None else out + self.bias
-
-
-def _cat(tensors: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
-    return torch.cat([t.detach() for t in tensors], dim).clone()
-
-
-def _param(t: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(t)
-
-
-def _batched_conv(convs: list[nn.Module], shared_input: bool) -> nn.Module:
-    n, first = len(convs), convs[0]
-    new = copy.deepcopy(first)
-    new.weight = _param(_cat([c.weight for c in convs]))
-    if first.bias is not None:
-        new.bias = _param(_cat([c.bias for c in convs]))
-    new.out_channels = n * first.out_channels
-    if not shared_input:
-        new.in_channels, new.groups = n * first.in_channels, n * first.groups
-    return new
-
-
-def _batched_norm(norms: list[nn.Module], node: fx.Node) -> nn.Module:
-    n, first = len(norms), norms[0]
-    if isinstance(first, nn.LayerNorm):
-        new = BatchedLayerNorm(norms, node.name)
-    elif isinstance(first, nn.GroupNorm):
-        new = nn.GroupNorm(n * first.num_groups, n * first.num_channels, eps=first.eps, affine=first.affine)
-    else:
-        new = copy.deepcopy(first)
-        new.num_features = n * first.num_features
-        for buf in ("running_mean", "running_var"):
-            if getattr(first, buf) is not None:
-                setattr(new, buf, _cat([getattr(m, buf) for m in norms]))
-    for p in ("weight", "bias"):
-        if getattr(new, p, None) is not None:
-            parts = [getattr(m, p) if getattr(m, p, None) is not None else
-                     (torch.ones_like if p == "weight" else torch.zeros_like)(m.weight) for m in norms]
-            setattr(new, p, _param(_cat(parts)))
-    return new
-
-
-class _Rewriter:
+class BatchRewriter:
     """Walks the members' identical fx graphs once, building the batched graph and its modules."""
 
     def __init__(self, models: list[nn.Module], combine: str, head_outputs: bool) -> None:
@@ -228,21 +129,21 @@ class _Rewriter:
                 folded = copy.deepcopy(first)
                 if batched:
                     folded.in_features *= self.n
-                    folded.weight = _param(_cat([m.weight for m in mods], 1) / self.n)
+                    folded.weight = as_param(cat_copy([m.weight for m in mods], 1) / self.n)
                 else:
-                    folded.weight = _param(_cat([m.weight.unsqueeze(0) for m in mods]).mean(0))
+                    folded.weight = as_param(cat_copy([m.weight.unsqueeze(0) for m in mods]).mean(0))
                 if first.bias is not None:
-                    folded.bias = _param(_cat([m.bias.unsqueeze(0) for m in mods]).mean(0))
+                    folded.bias = as_param(cat_copy([m.bias.unsqueeze(0) for m in mods]).mean(0))
                 self.owned[name], self.combined = folded, True
                 return self.emit("call_module", name, (x,), {}, batched=False)
             self.owned[name] = GroupedLinear(mods, node.name) if batched else WideLinear(mods, node.name)
         elif isinstance(first, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             if not batched and first.groups != 1:
                 x, batched = self.expand(x), True
-            self.owned[name] = _batched_conv(mods, shared_input=not batched)
+            self.owned[name] = batched_conv(mods, shared_input=not batched)
         elif isinstance(first, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)):
             x = self.expand(x)
-            self.owned[name] = _batched_norm(mods, node)
+            self.owned[name] = batched_norm(mods, node)
         elif isinstance(first, nn.Flatten):
             if batched and (first.start_dim != 1 or first.end_dim != -1):
                 raise UnsupportedModelError(node.name, "Flatten", "only flatten from dim 1 to the end is batched")
@@ -324,4 +225,4 @@ def batch_models(models: list[nn.Module], combine: str = "mean", head_outputs: b
     if len(models) < 1:
         raise EdgefuseError("batching needs at least one model")
     with torch.no_grad():
-        return _Rewriter(list(models), combine, head_outputs).run()
+        return BatchRewriter(list(models), combine, head_outputs).run()

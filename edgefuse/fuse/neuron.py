@@ -22,7 +22,8 @@ from torch import nn
 
 from ..errors import EdgefuseError, UnsupportedModelError
 from ..spec import PermSpec, expand
-from .batched import GroupedLinear, _cat, _param, _Rewriter
+from .batched import BatchRewriter
+from .layers import GroupedLinear, cat_copy, as_param
 
 
 @dataclass(frozen=True)
@@ -95,14 +96,14 @@ def _like(first: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, gro
         parts = []
         for w, b in zip(weight.split(out), bias.split(out) if bias is not None else [None] * groups):
             lin = nn.Linear(inp, out, bias=b is not None)
-            lin.weight = _param(w.clone())
+            lin.weight = as_param(w.clone())
             if b is not None:
-                lin.bias = _param(b.clone())
+                lin.bias = as_param(b.clone())
             parts.append(lin)
         return GroupedLinear(parts, "alpha")
     new = copy.deepcopy(first)
-    new.weight = _param(weight.clone())
-    new.bias = _param(bias.clone()) if bias is not None else None
+    new.weight = as_param(weight.clone())
+    new.bias = as_param(bias.clone()) if bias is not None else None
     if isinstance(new, nn.Linear):
         new.out_features, new.in_features = weight.shape
     else:
@@ -111,7 +112,7 @@ def _like(first: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, gro
     return new
 
 
-class _AlphaRewriter(_Rewriter):
+class AlphaRewriter(BatchRewriter):
     """The batched rewrite with a mixed channel layout: shared ops pass through, weight layers and norms are
     assembled from the fused/isolated split of their groups."""
 
@@ -190,15 +191,15 @@ class _AlphaRewriter(_Rewriter):
             b = torch.stack([b[fused_rows] for b in bs]).mean(0) if bs else None
             fused = _like(first, w, b)
         if len(iso_rows):
-            b = _cat([b[iso_rows] for b in bs]) if bs else None
+            b = cat_copy([b[iso_rows] for b in bs]) if bs else None
             if cols is None:
-                from_fused = _like(first, _cat([w[iso_rows] for w in ws]), b)
+                from_fused = _like(first, cat_copy([w[iso_rows] for w in ws]), b)
             else:
                 fc, ic = cols
                 if len(fc):
-                    from_fused = _like(first, _cat([w[iso_rows][:, fc] for w in ws]), b)
+                    from_fused = _like(first, cat_copy([w[iso_rows][:, fc] for w in ws]), b)
                 if len(ic):
-                    from_iso = _like(first, _cat([w[iso_rows][:, ic] for w in ws]), None if len(fc) else b, groups=n)
+                    from_iso = _like(first, cat_copy([w[iso_rows][:, ic] for w in ws]), None if len(fc) else b, groups=n)
         split = None if cols is None else len(cols[0])
         if fold:
             self.combined = True
@@ -219,7 +220,7 @@ class _AlphaRewriter(_Rewriter):
         if conv:
             if not first.groups == first.in_channels == first.out_channels:
                 raise UnsupportedModelError(node.name, type(first).__name__, "grouped convolution")
-            new.weight = _param(assemble([m.weight.detach() for m in mods]))
+            new.weight = as_param(assemble([m.weight.detach() for m in mods]))
             new.in_channels = new.out_channels = new.groups = width
         else:
             new.num_features = width
@@ -228,7 +229,7 @@ class _AlphaRewriter(_Rewriter):
                     setattr(new, buf, assemble([getattr(m, buf) for m in mods]))
         for p in ("weight", "bias") if not conv else ("bias",):
             if getattr(first, p, None) is not None:
-                setattr(new, p, _param(assemble([getattr(m, p).detach() for m in mods])))
+                setattr(new, p, as_param(assemble([getattr(m, p).detach() for m in mods])))
         return new
 
 
@@ -237,4 +238,4 @@ def fuse_alpha(aligned: list[nn.Module], spec: PermSpec, alpha: float | Mapping[
     """The partially fused network and the layouts it used. The models must be aligned (ef.align)."""
     layouts = choose_layouts(aligned, spec, alpha)
     with torch.no_grad():
-        return _AlphaRewriter(list(aligned), spec, layouts, combine).run(), layouts
+        return AlphaRewriter(list(aligned), spec, layouts, combine).run(), layouts

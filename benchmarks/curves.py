@@ -1,0 +1,99 @@
+"""Fusion curves for `make bench`: accuracy and MACs at every depth and alpha, with and without repair, on the zoo
+(Fashion-MNIST, N=4), against the mean single model and the ensemble; distillation at the point nearest half the
+ensemble's MACs. Accuracy is from PyTorch on the 10k test images; cost from ef.macs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import edgefuse as ef
+from edgefuse import data, zoo
+from edgefuse.files import commit, new_temp_path
+from edgefuse.pipeline import load_dataset
+
+ALPHAS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
+REPAIRS = (None, "bn", "repair")
+
+
+def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        pred = torch.cat([model.eval()(x[i:i + 1000]).argmax(1) for i in range(0, len(x), 1000)])
+    return float((pred == y).double().mean())
+
+
+def curves(arch: str, console: Console, out_dir: Path, distill_steps: int = 600) -> dict:
+    models, _ = zoo.zoo_models(arch, 4, quiet=True)
+    calib, x, y = load_dataset("fashion-mnist")
+    calib_batches = data.batches(calib, batch_size=200)
+    spec = ef.permutation_spec(models[0], x[:2])
+    aligned = ef.align(models, spec)
+    ens_macs = ef.macs(ef.ensemble(aligned), x)
+    ens_acc = _accuracy(ef.ensemble(aligned), x, y)
+    single = sum(_accuracy(m, x, y) for m in models) / len(models)
+    points = [("depth", k) for k in range(1, len(spec.cut_points) + 1)] + [("alpha", a) for a in ALPHAS]
+    rows = []
+    for kind, value in points:
+        row = {"kind": kind, "value": value}
+        for repair in REPAIRS:
+            fused = ef.fuse(aligned, spec, data=calib_batches, repair=repair, **{kind: value})
+            row[str(repair)] = _accuracy(fused, x, y)
+        row["macs_ratio"] = ef.macs(fused, x) / ens_macs
+        rows.append(row)
+    for kind in ("depth", "alpha"):  # distillation where it matters: the most accurate point at <= 50 % MACs
+        under = [r for r in rows if r["kind"] == kind and r["macs_ratio"] <= 0.5] or \
+            [min((r for r in rows if r["kind"] == kind), key=lambda r: r["macs_ratio"])]
+        best = max(under, key=lambda r: max(r[str(p)] for p in REPAIRS))
+        fused = ef.fuse(aligned, spec, data=calib_batches, repair="distill", steps=distill_steps,
+                        **{kind: best["value"]})
+        best["distill"] = _accuracy(fused, x, y)
+    gain = ens_acc - single
+    at_half = [max(v for k, v in r.items() if k in ("None", "bn", "repair", "distill")) for r in rows
+               if r["macs_ratio"] <= 0.5]
+    kept = (max(at_half) - single) / gain if at_half and gain > 0 else float("nan")
+    table = Table(title=f"{arch} × 4: accuracy by fusion point (single {single:.4f}, ensemble {ens_acc:.4f}; "
+                        f"gain kept at ≤ 50 % MACs: {kept:.0%})")
+    for col in ("point", "MACs / ens", "no repair", "bn", "REPAIR", "distill"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(f"{r['kind']} {r['value']:g}", f"{r['macs_ratio']:.2f}",
+                      *(f"{r[str(p)]:.4f}" for p in REPAIRS), f"{r['distill']:.4f}" if "distill" in r else "-")
+    console.print(table)
+    _plot(arch, rows, single, ens_acc, out_dir / f"curves_{arch}.png")
+    return {"single_accuracy": single, "ensemble_accuracy": ens_acc, "gain_kept_at_half_macs": kept,
+            "distill_steps": distill_steps, "rows": rows}
+
+
+def _plot(arch: str, rows: list[dict], single: float, ens: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for kind, marker in (("depth", "o"), ("alpha", "v")):
+        pts = [r for r in rows if r["kind"] == kind]
+        for repair, style in (("None", ":"), ("bn", "-"), ("repair", "--")):
+            ax.plot([r["macs_ratio"] for r in pts], [r[repair] for r in pts], marker + style,
+                    label=f"{kind}, {'no repair' if repair == 'None' else repair}", ms=4)
+        ax.plot([r["macs_ratio"] for r in pts if "distill" in r], [r["distill"] for r in pts if "distill" in r],
+                marker, ms=11, mfc="none", color="tab:red", label=f"{kind}, distilled")
+    ax.axhline(ens, color="black", label="ensemble")
+    ax.axhline(single, color="tab:green", ls="--", label="single (mean)")
+    ax.axvline(0.5, color="gray", ls=":")
+    ax.set_xlabel("MACs / ensemble")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"edgefuse: {arch} × 4 on Fashion-MNIST")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = new_temp_path(path, ".png")
+    try:
+        fig.savefig(tmp, dpi=110)
+        commit(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
