@@ -34,6 +34,18 @@ class Cli(click.Group):
             sys.exit(3)
 
 
+def _show(md: str) -> None:
+    """The report's table: rendered by rich on a terminal, plain Markdown when piped."""
+    import sys
+
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.markdown import Markdown
+        Console().print(Markdown(md))
+    else:
+        click.echo(md)
+
+
 def _console(quiet: bool):
     from rich.console import Console
     return Console(stderr=True, quiet=quiet)
@@ -169,7 +181,7 @@ def export(obj: dict, checkpoints, arch, model, n, cache, dataset, target, metho
     models = _models(arch, model, checkpoints, n, cache, obj["quiet"]) if model or checkpoints else None
     report = run_export(target, models=models, arch=arch, n=n, dataset=dataset, out_root=out_root, cache=cache,
                         method=method, depth=depth, console=console, force=force)
-    click.echo(markdown(report))
+    _show(markdown(report))
     click.echo(f"wrote {Path(out_root) / report['target']}/ (model.onnx: fused depth {report['depth']})")
 
 
@@ -240,52 +252,14 @@ def sweep(obj: dict, checkpoints, arch, model, n, cache, dataset, target, latenc
     result = run_sweep(target, models, arch, n, dataset, out_root, cache, tuple(dict.fromkeys(methods)),
                        tuple(alphas), tuple(None if r == "none" else r for r in dict.fromkeys(repairs)), latency_ms,
                        memory_mb, max_drop, workers, ray_address, console=console)
-    click.echo(markdown(result))
+    _show(markdown(result))
     click.echo(f"chose {result['fused']['label']}; wrote {Path(out_root) / result['target'] / 'sweep'}/")
 
 
-@cli.command()
-@click.argument("onnx_file", type=click.Path())
-@click.option("--target", required=True, help="A TensorRT target: a name in targets/ or a .toml path.")
-@click.option("--json", "as_json", is_flag=True, help="Print the check as JSON.")
-def check(onnx_file: str, target: str, as_json: bool) -> None:
-    """Static TensorRT check: opset, operators and their types, DLA fallbacks, batch profile.
+from .cli_targets import build, check  # noqa: E402  (commands of the device stage)
 
-    Reads ONNX_FILE and the target; writes nothing. Exits 1 when the model cannot build for that target."""
-    import json
-
-    from .build.check import check_onnx, format_report
-    from .targets import load_target
-
-    if not Path(onnx_file).is_file():
-        raise EdgefuseError(f"ONNX file not found: {onnx_file}")
-    report = check_onnx(onnx_file, load_target(target))
-    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else format_report(report))
-    if not report.ok:
-        raise EdgefuseError(f"{onnx_file} will not build for {report.target}: {report.errors[0]}")
-
-
-@cli.command()
-@click.argument("onnx_file", type=click.Path())
-@click.option("--target", required=True, help="A TensorRT target: a name in targets/ or a .toml path.")
-@click.option("-o", "--out", type=click.Path(dir_okay=False), required=True, help="Engine file to write.")
-@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None, help="Timing cache to reuse/update.")
-def build(onnx_file: str, target: str, out: str, timing_cache: str | None) -> None:
-    """Build a TensorRT engine here (needs an NVIDIA GPU and `pip install 'edgefuse[tensorrt]'`).
-
-    Reads ONNX_FILE and the target; writes OUT (and the timing cache). On a Jetson, the bundle's deploy.py does
-    the same without edgefuse installed."""
-    from .build import build_engine
-    from .build.check import check_onnx
-    from .targets import load_target
-
-    if not Path(onnx_file).is_file():
-        raise EdgefuseError(f"ONNX file not found: {onnx_file}")
-    tgt = load_target(target)
-    report = check_onnx(onnx_file, tgt)
-    if not report.ok:
-        raise EdgefuseError(f"{onnx_file} will not build for {tgt.name}: {report.errors[0]}")
-    click.echo(str(build_engine(onnx_file, tgt, out, timing_cache)))
+cli.add_command(check)
+cli.add_command(build)
 
 
 def main() -> None:

@@ -86,3 +86,17 @@ def test_sweep_on_a_local_ray_instance(checkpoints, tmp_path):
     res = CliRunner().invoke(cli, ["-q", "sweep", "--model", "tests.nets:digits_mlp", *checkpoints, "--dataset",
                                    "digits", "--alpha", "0.5", "--ray", "local", "--out-root", str(tmp_path)])
     assert res.exit_code == 0, res.output
+
+
+def test_verify_from_python(mlps, digits_split, tmp_path):
+    calib, x, y = digits_split
+    spec = ef.permutation_spec(mlps[0], x[:2])
+    fused = ef.fuse(ef.align(mlps, spec), spec, alpha=0.5, data=[calib])
+    report = ef.verify(fused, mlps, (x, y), out_dir=tmp_path)
+    for key in ("single", "ensemble", "ensemble_batched", "ensemble_sessions", "fused"):
+        assert {"accuracy", "nll", "ece", "macs", "params", "latency_ms"} <= set(report[key])
+    assert report["ensemble_batched"]["accuracy"] == report["ensemble"]["accuracy"]
+    assert report["fused"]["macs"] < report["ensemble"]["macs"]
+    assert json.loads((tmp_path / "report.json").read_text())["fused"]["accuracy"] == report["fused"]["accuracy"]
+    with pytest.raises(ef.EdgefuseError, match="labelled data"):
+        ef.verify(fused, mlps, [x])
