@@ -128,7 +128,7 @@ def main(out_root: Path = Path("build/bench")) -> int:
             table.add_column(col, justify="right")
         rows = [("single", report["single"]), ("ensemble", ens), ("ensemble batched", report["ensemble_batched"]),
                 (f"ensemble {report['n_models']} sessions", report["ensemble_sessions"]),
-                *((f"depth {c['depth']}", c) for c in report["candidates"][1:])]
+                *((c["label"], c) for c in report["candidates"][1:])]
         summary = []
         for name, r in rows:
             macs_ratio = r["macs"] / ens["macs"]

@@ -15,6 +15,8 @@ from edgefuse.files import commit, new_temp_path
 from edgefuse.pipeline import load_dataset
 
 ALPHAS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
+# ResNet-20 distillation costs ~1 s a step on 2 cores: fewer steps keep make bench near half an hour.
+DISTILL_STEPS = {"cnn": 600, "resnet20": 300}
 REPAIRS = (None, "bn", "repair")
 
 
@@ -24,7 +26,8 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float
     return float((pred == y).double().mean())
 
 
-def curves(arch: str, console: Console, out_dir: Path, distill_steps: int = 600) -> dict:
+def curves(arch: str, console: Console, out_dir: Path, distill_steps: int | None = None) -> dict:
+    distill_steps = distill_steps or DISTILL_STEPS.get(arch, 600)
     models, _ = zoo.zoo_models(arch, 4, quiet=True)
     calib, x, y = load_dataset("fashion-mnist")
     calib_batches = data.batches(calib, batch_size=200)

@@ -22,7 +22,7 @@ from .files import publish
 from .fuse import fuse
 from .spec import permutation_spec
 from .runtime import SessionsRunner, TorchRunner, peak_memory_mb, predict
-from .sweep import DEFAULT_ALPHAS, Job, choose, grid, run_points
+from .sweep import DEFAULT_ALPHAS, Job, Point, choose, grid, run_points
 from .targets import Target, load_target
 from .verify import agreement, best_exact, mean_rows, measure, public, scores, write_report
 
@@ -175,6 +175,12 @@ def _run(tgt: Target, models: list[nn.Module] | None, arch: str, n: int, dataset
     else:
         chosen = choose_depth([exact["ensemble"] | {"depth": 0}] + rows, exact["ensemble"], tgt, base)
         best = exact["ensemble_batched"] if chosen == 0 else next(r for r in rows if r["depth"] == chosen)
+    if tgt.distill_steps and "point" in best:  # the chosen point, distilled towards the ensemble
+        point = Point(**(best["point"] | {"repair": "distill"}))
+        console.print(f"[bold]distill[/]: {best['label']}, {tgt.distill_steps} steps towards the ensemble")
+        best = candidates(s, tgt, [point], cand_dir, exact["ensemble"]["predictions"], console,
+                          steps=tgt.distill_steps)[0]
+        rows.append(best)
     naive = fuse(s.models, s.spec, depth=len(s.spec.cut_points), data=datasets.batches(s.calib, batch_size=200))
     report = {
         "target": tgt.name, "arch": s.label, "n_models": len(s.models), "depth": best["depth"],

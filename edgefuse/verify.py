@@ -112,8 +112,7 @@ def markdown(report: dict) -> str:
             lines.append(row(label, report[name]))
     for c in report["candidates"][1:]:
         mark = " ← model.onnx" if c.get("key") == report["fused"].get("key") else ""
-        name = f"fused depth {c['depth']}/{report['max_depth']}" if c.get("depth") else f"fused {c['label']}"
-        lines.append(row(name + mark, c))
+        lines.append(row(f"fused {c['label']}{mark}", c))
     if report["depth"] == 0:
         lines += ["", "No fused depth is faster than the best exact ensemble here, so model.onnx is the batched "
                   "exact ensemble: it is more accurate and at least as fast."]
@@ -124,7 +123,7 @@ def markdown(report: dict) -> str:
     if "naive_merge" in report:
         n = report["naive_merge"]
         lines += ["", f"Unaligned weight average (full merge, BN reset): accuracy {n['accuracy']:.4f}; "
-                  f"aligned full merge: {report['candidates'][-1]['accuracy']:.4f}."]
+                  f"aligned full merge: {_full_merge(report)['accuracy']:.4f}."]
     if "budget" in report:
         b = {k: v for k, v in report["budget"].items() if v is not None}
         lines += ["", f"Chosen within {', '.join(f'{k} = {v}' for k, v in b.items())}: {report['fused']['label']}."]
@@ -159,6 +158,10 @@ def _device_lines(report: dict) -> list[str]:
                      f"{'passes' if b['ok'] else 'FAILS'} (batch {b['batch']}); copy it to the device and run "
                      "`python3 deploy.py` there.")
     return lines
+
+
+def _full_merge(report: dict) -> dict:
+    return next(c for c in report["candidates"] if c.get("depth") == report["max_depth"])
 
 
 def baseline(report: dict) -> dict[str, dict]:
