@@ -11,7 +11,7 @@ from rich.table import Table
 
 import edgefuse as ef
 from edgefuse import data, zoo
-from edgefuse.files import commit, new_temp_path
+from edgefuse.files import save_figure
 from edgefuse.pipeline import load_dataset
 
 ALPHAS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
@@ -92,11 +92,4 @@ def _plot(arch: str, rows: list[dict], single: float, ens: float, path: Path) ->
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = new_temp_path(path, ".png")
-    try:
-        fig.savefig(tmp, dpi=110)
-        commit(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
+    save_figure(fig, path)

@@ -47,3 +47,19 @@ def publish(stage: Path, dest: Path) -> list[Path]:
         os.replace(src, target)
         moved.append(target)
     return moved
+
+
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """A matplotlib figure written atomically, then closed."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = new_temp_path(path, path.suffix)
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        commit(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path

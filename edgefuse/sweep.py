@@ -72,7 +72,8 @@ def evaluate(job: Job) -> dict:
     from .spec import permutation_spec
     from .verify import measure, public
 
-    torch.set_num_threads(max(1, job.threads))
+    if multiprocessing.parent_process() is not None:  # a worker: several share the cores
+        torch.set_num_threads(max(1, job.threads))
     calib, x_test, y_test = load_dataset(job.dataset)
     spec = permutation_spec(job.aligned[0], x_test[:2])
     p = job.point

@@ -178,7 +178,7 @@ def pareto_plot(report: dict, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .files import new_temp_path, commit
+    from .files import save_figure
 
     ens, single, base = report["ensemble"], report["single"], baseline(report)
     b = next(iter(ens["latency_by_batch"]))
@@ -213,15 +213,7 @@ def pareto_plot(report: dict, path: str | Path) -> Path:
     axes[0].legend(fontsize=8, loc="lower right")
     fig.suptitle(f"edgefuse: {report['n_models']} × {report.get('arch', 'model')} on {report['target']}")
     fig.tight_layout()
-    path = Path(path)
-    tmp = new_temp_path(path, ".png")
-    try:
-        fig.savefig(tmp, dpi=110)
-        commit(tmp, path)
-    finally:
-        plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:

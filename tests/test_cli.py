@@ -3,7 +3,6 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
-from safetensors.torch import save_file
 
 import edgefuse as ef
 from edgefuse.cli import cli
@@ -13,14 +12,9 @@ from edgefuse.pipeline import load_dataset
 REPORT_KEYS = ("accuracy", "nll", "macs", "params", "latency_ms")
 
 
-@pytest.fixture(scope="module")
-def checkpoints(cnns, tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt")
-    paths = []
-    for i, m in enumerate(cnns[:3]):
-        save_file(m.state_dict(), d / f"m{i}.safetensors")
-        paths.append(str(d / f"m{i}.safetensors"))
-    return paths
+@pytest.fixture
+def checkpoints(cnn_checkpoints):
+    return cnn_checkpoints
 
 
 def run(*args):

@@ -3,7 +3,6 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from safetensors.torch import save_file
 
 import edgefuse as ef
 from edgefuse.cli import cli
@@ -44,14 +43,9 @@ def test_impossible_budget_names_the_cheapest():
         choose(CANDS, EXACT, latency_ms=0.1)
 
 
-@pytest.fixture(scope="module")
-def checkpoints(mlps, tmp_path_factory):
-    d = tmp_path_factory.mktemp("ckpt")
-    paths = []
-    for i, m in enumerate(mlps[:3]):
-        save_file(m.state_dict(), d / f"m{i}.safetensors")
-        paths.append(str(d / f"m{i}.safetensors"))
-    return paths
+@pytest.fixture
+def checkpoints(mlp_checkpoints):
+    return mlp_checkpoints
 
 
 def test_sweep_runs_in_workers_resumes_and_plots(checkpoints, tmp_path):
