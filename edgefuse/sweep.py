@@ -111,7 +111,7 @@ def run_points(jobs: list[Job], workers: int = 1, ray_address: str | None = None
         saved = store / f"{job.point.key}.json" if store else None
         if saved and saved.is_file():
             got = json.loads(saved.read_text())
-            if got.get("fingerprint") == key:
+            if got.pop("fingerprint", None) == key:
                 rows[job.point.key] = got
                 _advance(progress)
                 continue
