@@ -19,7 +19,7 @@ from .checks import check_models
 from .errors import EdgefuseError
 from .export import export_onnx, onnx_nodes, parity, parity_inputs
 from .files import publish
-from .fuse import fuse
+from .fuse import ensemble, fuse
 from .spec import permutation_spec
 from .runtime import SessionsRunner, TorchRunner, peak_memory_mb, predict
 from .sweep import DEFAULT_ALPHAS, Job, Point, choose, grid, run_points
@@ -124,22 +124,23 @@ def prepare(models: list[nn.Module] | None, arch: str, n: int, dataset: str, cac
     return Setup(models, label, calib, x_test, y_test, spec, aligned, seconds, dataset)
 
 
-def baselines(s: Setup, tgt: Target, cand_dir: Path) -> tuple[list[dict], dict[str, dict]]:
+def baselines(models: list[nn.Module], x: torch.Tensor, y: torch.Tensor, tgt: Target,
+              cand_dir: Path) -> tuple[list[dict], dict[str, dict]]:
     """The members' scores and the three exact ensembles (one graph, batched, N sessions), measured alike."""
     kw = dict(batch_sizes=tgt.batch_sizes, threads=tgt.threads)
-    big = max(tgt.batch_sizes)
-    files = [export_onnx(m, s.example, cand_dir / f"single{i}.onnx", opset=tgt.opset) for i, m in enumerate(s.models)]
-    singles = [measure(s.models[0], s.x_test, s.y_test, files[0], **kw) | {"onnx_nodes": onnx_nodes(files[0]),
-                                                                          "peak_memory_mb": peak_memory_mb(files[:1], big)}]
-    singles += [scores(_torch_logits(m, s.x_test), s.y_test) for m in s.models[1:]]
-    seq = fuse(s.models, s.spec, depth=0)
+    big, example = max(tgt.batch_sizes), x[:2]
+    files = [export_onnx(m, example, cand_dir / f"single{i}.onnx", opset=tgt.opset) for i, m in enumerate(models)]
+    singles = [measure(models[0], x, y, files[0], **kw) | {"onnx_nodes": onnx_nodes(files[0]),
+                                                          "peak_memory_mb": peak_memory_mb(files[:1], big)}]
+    singles += [scores(_torch_logits(m, x), y) for m in models[1:]]
+    seq = ensemble(models)
     exact = {}
     for name, module in (("ensemble", seq), ("ensemble_batched", seq.batch_heads())):
-        path = export_onnx(module, s.example, cand_dir / f"{name}.onnx", opset=tgt.opset)
-        exact[name] = measure(module, s.x_test, s.y_test, path, **kw) | {
+        path = export_onnx(module, example, cand_dir / f"{name}.onnx", opset=tgt.opset)
+        exact[name] = measure(module, x, y, path, **kw) | {
             "module": module, "file": str(path), "onnx_nodes": onnx_nodes(path), "depth": 0, "alpha": None,
             "peak_memory_mb": peak_memory_mb([path], big, tgt.threads)}
-    exact["ensemble_sessions"] = measure(seq, s.x_test, s.y_test, runner=SessionsRunner(files, tgt.threads), **kw) | {
+    exact["ensemble_sessions"] = measure(seq, x, y, runner=SessionsRunner(files, tgt.threads), **kw) | {
         "onnx_nodes": sum(onnx_nodes(f) for f in files), "peak_memory_mb": peak_memory_mb(files, big, tgt.threads)}
     for r in exact.values():
         r["agreement"] = agreement(r, exact["ensemble"])
@@ -163,7 +164,7 @@ def _run(tgt: Target, models: list[nn.Module] | None, arch: str, n: int, dataset
     if depth is not None and not 0 <= depth <= len(s.spec.cut_points):
         raise EdgefuseError(f"depth must be between 0 and {len(s.spec.cut_points)} for this model, got {depth}")
     cand_dir = out_dir / "candidates"
-    singles, exact = baselines(s, tgt, cand_dir)
+    singles, exact = baselines(s.models, s.x_test, s.y_test, tgt, cand_dir)
     budget = tgt.runtime == "onnxruntime" and (tgt.latency_budget_ms or tgt.memory_budget_mb)
     points = grid(len(s.spec.cut_points), DEFAULT_ALPHAS if budget and depth is None else (), (method,))
     rows = candidates(s, tgt, points, cand_dir, exact["ensemble"]["predictions"], console)

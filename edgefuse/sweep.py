@@ -214,7 +214,7 @@ def run_sweep(target: str = "cpu-ort", models: list[nn.Module] | None = None, ar
     out = Path(out_root) / tgt.name / "sweep"
     (out / "points").mkdir(parents=True, exist_ok=True)
     s = prepare(models, arch, n, dataset, cache, tuple(methods), console)
-    singles, exact = baselines(s, tgt, out / "candidates")
+    singles, exact = baselines(s.models, s.x_test, s.y_test, tgt, out / "candidates")
     key = fingerprint(s.models, Path(tgt.source).read_text(), dataset, str(steps))
     points = grid(len(s.spec.cut_points), alphas, methods, repairs)
     rows = candidates(s, tgt, points, out / "candidates", exact["ensemble"]["predictions"], console, workers,

@@ -48,9 +48,6 @@ def measure(module: nn.Module, x: torch.Tensor, y: torch.Tensor, onnx_path: str 
     return row
 
 
-EXACT = ("ensemble", "ensemble_batched", "ensemble_sessions")
-
-
 def best_exact(rows: dict[str, dict]) -> dict[str, dict]:
     """Per batch size, the fastest exact ensemble (p50): the honest baseline a fused model must beat."""
     batches = rows["ensemble"]["latency_by_batch"]
@@ -231,8 +228,8 @@ def verify(fused: nn.Module, models: list[nn.Module], data, target: str = "cpu-o
 
     from .errors import EdgefuseError
     from .export import export_onnx, onnx_nodes
-    from .fuse import ensemble
-    from .runtime import SessionsRunner, peak_memory_mb
+    from .pipeline import baselines
+    from .runtime import peak_memory_mb
     from .targets import load_target
 
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], torch.Tensor):
@@ -243,32 +240,19 @@ def verify(fused: nn.Module, models: list[nn.Module], data, target: str = "cpu-o
             raise EdgefuseError("verify needs labelled data: (inputs, labels) or batches of them")
         x, y = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
     tgt = load_target(target)
-    kw = dict(batch_sizes=tgt.batch_sizes, threads=tgt.threads)
-    big = max(tgt.batch_sizes)
     with tempfile.TemporaryDirectory() as tmp:
-        rows: dict[str, dict] = {}
-        singles = [export_onnx(m, x[:2], Path(tmp) / f"single{i}.onnx", opset=tgt.opset) for i, m in enumerate(models)]
-        seq = ensemble(models)
-        for name, module in (("single", models[0]), ("ensemble", seq), ("ensemble_batched", seq.batch_heads()),
-                             ("fused", fused)):
-            path = singles[0] if name == "single" else export_onnx(module, x[:2], Path(tmp) / f"{name}.onnx",
-                                                                   opset=tgt.opset)
-            rows[name] = measure(module, x, y, path, **kw) | {"onnx_nodes": onnx_nodes(path),
-                                                              "peak_memory_mb": peak_memory_mb([path], big)}
-        rows["ensemble_sessions"] = measure(seq, x, y, runner=SessionsRunner(singles, tgt.threads), **kw) | {
-            "peak_memory_mb": peak_memory_mb(singles, big)}
-    members = [rows["single"]] + [scores(TorchRunner(m)(x.numpy()), y) for m in models[1:]]
-    for r in rows.values():
-        r["agreement"] = agreement(r, rows["ensemble"])
-    exact = {k: rows[k] for k in EXACT}
+        members, exact = baselines(models, x, y, tgt, Path(tmp))
+        path = export_onnx(fused, x[:2], Path(tmp) / "fused.onnx", opset=tgt.opset)
+        row = measure(fused, x, y, path, batch_sizes=tgt.batch_sizes, threads=tgt.threads)
+        row |= {"onnx_nodes": onnx_nodes(path), "peak_memory_mb": peak_memory_mb([path], max(tgt.batch_sizes)),
+                "agreement": agreement(row, exact["ensemble"])}
     report = {"target": tgt.name, "n_models": len(models), "arch": type(models[0]).__name__, "depth": None,
               "alpha": None, "max_depth": None, "align_method": "given", "dataset": "given", "n_test": len(x),
               "threads": tgt.threads, "batch_sizes": list(tgt.batch_sizes), "single": mean_rows(members),
               **{k: public(r) for k, r in exact.items()}, "baseline_by_batch": best_exact(exact),
-              "fused": public(rows["fused"]) | {"label": "fused"},
-              "candidates": [public(rows["ensemble"]) | {"label": "ensemble"},
-                             public(rows["fused"]) | {"label": "fused", "key": "fused"}]}
-    report["fused"]["key"] = "fused"
+              "fused": public(row) | {"label": "fused", "key": "fused"},
+              "candidates": [public(exact["ensemble"]) | {"label": "ensemble"},
+                             public(row) | {"label": "fused", "key": "fused"}]}
     if out_dir is not None:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         write_report(report, out_dir)
