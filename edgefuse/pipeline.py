@@ -103,6 +103,10 @@ class Setup:
     def example(self) -> torch.Tensor:
         return self.x_test[:2]
 
+    @property
+    def calib_batches(self) -> list[torch.Tensor]:
+        return datasets.batches(self.calib, batch_size=200)
+
 
 def prepare(models: list[nn.Module] | None, arch: str, n: int, dataset: str, cache: str | Path,
             methods: tuple[str, ...], console: Console) -> Setup:
@@ -182,7 +186,7 @@ def _run(tgt: Target, models: list[nn.Module] | None, arch: str, n: int, dataset
         best = candidates(s, tgt, [point], cand_dir, exact["ensemble"]["predictions"], console,
                           steps=tgt.distill_steps)[0]
         rows.append(best)
-    naive = fuse(s.models, s.spec, depth=len(s.spec.cut_points), data=datasets.batches(s.calib, batch_size=200))
+    naive = fuse(s.models, s.spec, depth=len(s.spec.cut_points), data=s.calib_batches)
     report = {
         "target": tgt.name, "arch": s.label, "n_models": len(s.models), "depth": best["depth"],
         "alpha": best["alpha"], "max_depth": len(s.spec.cut_points), "align_method": method,
@@ -196,7 +200,7 @@ def _run(tgt: Target, models: list[nn.Module] | None, arch: str, n: int, dataset
                    "batch_sizes": [1, 3]},
     }
     if best["depth"] and tgt.batch_heads:
-        unbatched = fuse(s.aligned[method], s.spec, depth=best["depth"], data=datasets.batches(s.calib, batch_size=200))
+        unbatched = fuse(s.aligned[method], s.spec, depth=best["depth"], data=s.calib_batches)
         report["fused"]["onnx_nodes_unbatched"] = onnx_nodes(
             export_onnx(unbatched, s.example, cand_dir / "chosen_unbatched.onnx", opset=tgt.opset))
     if tgt.runtime == "tensorrt":

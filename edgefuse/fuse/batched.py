@@ -70,6 +70,9 @@ class BatchRewriter:
             return new
         if new.op == "get_attr" and getattr(self.owned.get(new.target), "ndim", 2) < 2:
             return new  # a scalar or a per-column constant broadcasts to every member as it is
+        return self.copy_per_member(new)
+
+    def copy_per_member(self, new: fx.Node) -> fx.Node:
         out = self.graph.call_function(torch.cat, ([new] * self.n, 1))
         self.batched.add(out)
         return out

@@ -137,11 +137,7 @@ class AlphaRewriter(BatchRewriter):
         repeat = segments[0].repeat if segments and len(segments) == 1 else 1
         return expand(layout.fused, repeat), expand(layout.isolated, repeat)
 
-    def expand(self, new: fx.Node) -> fx.Node:
-        if new in self.batched or not isinstance(new, fx.Node):
-            return new
-        if new.op == "get_attr" and getattr(self.owned.get(new.target), "ndim", 2) < 2:
-            return new
+    def copy_per_member(self, new: fx.Node) -> fx.Node:
         raise UnsupportedModelError(new.name, "operand", "a tensor shared by all models meets partially fused "
                                     "channels; neuron-level fusion cannot place it")
 
