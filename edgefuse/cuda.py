@@ -4,8 +4,11 @@ Imported only where a GPU is wanted; every torch.cuda call sits behind `require_
 one-line reason instead of a traceback."""
 from __future__ import annotations
 
+import contextlib
 import copy
+import itertools
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -25,6 +28,22 @@ def require_cuda() -> str:
     return torch.cuda.get_device_name(0)
 
 
+@contextlib.contextmanager
+def _strict_fp32(strict: bool) -> Iterator[None]:
+    """TF32 off while kernels are chosen and run: torch allows it for convolutions by default, which would make
+    "fp32" a 10-bit-mantissa run (2.5e-4 relative off the CPU on the H200)."""
+    if not strict:
+        yield
+        return
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
 def _has_conv(module: nn.Module) -> bool:
     return any(isinstance(m, (nn.Conv2d, nn.Conv3d)) for m in module.modules())
 
@@ -39,6 +58,7 @@ class CudaRunner:
             raise EdgefuseError(f"unknown precision '{precision}' (choose from {', '.join(DTYPES)})")
         self.device_name = require_cuda()
         self.dtype, self.graphs = DTYPES[precision], graphs
+        self.strict = precision == "fp32"
         self.module = copy.deepcopy(module).eval().to("cuda", self.dtype)
         self.channels_last = _has_conv(self.module)
         if self.channels_last:
@@ -54,18 +74,18 @@ class CudaRunner:
         static_in = t.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.inference_mode():
+        with torch.cuda.stream(stream), torch.inference_mode(), _strict_fp32(self.strict):
             for _ in range(3):
                 self.module(static_in)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), torch.inference_mode():
+        with torch.cuda.graph(graph), torch.inference_mode(), _strict_fp32(self.strict):
             static_out = self.module(static_in)
         return graph, static_in, static_out
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         if not self.graphs:
-            with torch.inference_mode():
+            with torch.inference_mode(), _strict_fp32(self.strict):
                 return self.module(t)
         key = (tuple(t.shape), t.stride())
         if key not in self.captured:
@@ -96,9 +116,16 @@ class CudaRunner:
         return summarize(times)
 
     def peak_memory_mb(self, x: np.ndarray) -> float:
-        """Peak GPU memory of one call at this batch size, weights included."""
+        """Peak GPU memory of one eager call at this batch size: weights, input and whatever the call allocates.
+        Taken as a difference from what is already allocated, so other runners' leftovers (graph pools the caching
+        allocator still holds) do not count, and eager because a replayed graph allocates nothing new."""
+        t = self._input(x)
         torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        self.forward(self._input(x))
+        with torch.inference_mode(), _strict_fp32(self.strict):
+            self.module(t)
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20
+        tensors = itertools.chain(self.module.parameters(), self.module.buffers(), (t,))
+        held = sum(v.numel() * v.element_size() for v in tensors)
+        return (torch.cuda.max_memory_allocated() - before + held) / 2**20

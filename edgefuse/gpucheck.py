@@ -10,6 +10,7 @@ import json
 import time
 from pathlib import Path
 
+import click
 import numpy as np
 import torch
 from rich.console import Console
@@ -29,9 +30,9 @@ EXACT = ("ensemble", "ensemble_batched")
 MODES = ("graph", "eager")
 
 
-def _variants(models: list[nn.Module], arch: str, calib: list[torch.Tensor], example: torch.Tensor) -> dict:
+def _variants(models: list[nn.Module], calib: list[torch.Tensor], example: torch.Tensor, method: str) -> dict:
     spec = permutation_spec(models[0], example)
-    aligned = align(models, spec, method="weight")
+    aligned = align(models, spec, method=method, data=calib)
     ens = fuse(aligned, spec, depth=0)
     out = {"single": models[0], "ensemble": ens, "ensemble_batched": ens.batch_heads()}
     for k in range(1, len(spec.cut_points) + 1):
@@ -53,7 +54,7 @@ def _row(module: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str, ba
         for b in batch_sizes:
             xb = x[:b].numpy() if len(x) >= b else np.repeat(x[:1].numpy(), b, axis=0)
             row["latency_ms"].setdefault(str(b), {})[mode] = runner.latency(xb, budget_s=budget_s)
-            if mode == "graph":
+            if mode == "eager":
                 row["peak_memory_mb"][str(b)] = runner.peak_memory_mb(xb)
         del runner
         torch.cuda.empty_cache()
@@ -62,8 +63,9 @@ def _row(module: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str, ba
 
 def run_gpu_check(target: str | Target = "desktop-cuda", arch: str = "cnn", n: int = 4,
                   cache: str | Path = "build/cache", out_root: str | Path = "build", budget_s: float = 0.25,
-                  console: Console | None = None) -> dict:
-    """Measure every variant and write out_root/<target>/report.{json,md}; returns the report."""
+                  method: str = "weight", console: Console | None = None) -> dict:
+    """Measure every variant and write out_root/<target>/<arch>/report.{json,md}; returns the report. `method` is
+    the alignment (activation matching suits narrow residual nets, where weight matching fails)."""
     from .pipeline import load_dataset
     from .zoo import zoo_models
 
@@ -73,10 +75,11 @@ def run_gpu_check(target: str | Target = "desktop-cuda", arch: str = "cnn", n: i
     started = time.perf_counter()
     models, _ = zoo_models(arch, n, cache=cache, quiet=True, train=False)
     calib, x_test, y_test = load_dataset("fashion-mnist")
-    variants = _variants(models, arch, datasets.batches(calib, batch_size=200), x_test[:2])
+    variants = _variants(models, datasets.batches(calib, batch_size=200), x_test[:2], method)
     console.print(f"[bold]gpu-check[/] on {gpu}: {len(variants)} variants × {len(DTYPES)} precisions × "
                   f"{len(MODES)} modes × batch {', '.join(map(str, tgt.batch_sizes))}")
     report: dict = {"target": tgt.name, "gpu": gpu, "torch": torch.__version__, "arch": arch, "n_models": n,
+                    "align_method": method,
                     "dataset": "fashion-mnist", "n_test": len(x_test), "batch_sizes": list(tgt.batch_sizes),
                     "precisions": {}}
     for precision in DTYPES:
@@ -92,7 +95,7 @@ def run_gpu_check(target: str | Target = "desktop-cuda", arch: str = "cnn", n: i
                 r["max_rel_diff_vs_ensemble"] = float(np.abs(got - ref).max() / np.abs(ref).max())
         report["precisions"][precision] = rows
     report["seconds"] = time.perf_counter() - started
-    out = Path(out_root) / tgt.name
+    out = Path(out_root) / tgt.name / arch
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
     atomic_write_text(out / "report.md", markdown(report))
@@ -108,21 +111,22 @@ def markdown(report: dict) -> str:
     """One table per precision: p50 per batch size in both modes, as ratios to the fastest exact ensemble."""
     batches = [str(b) for b in report["batch_sizes"]]
     lines = [f"# edgefuse gpu-check: {report['target']} on {report['gpu']}", "",
-             f"{report['n_models']} × {report['arch']}, Fashion-MNIST test set ({report['n_test']} images), torch "
+             f"{report['n_models']} × {report['arch']} ({report['align_method']} matching), Fashion-MNIST test set ({report['n_test']} images), torch "
              f"{report['torch']}. Latency: p50 from CUDA events, input already on the GPU; 'graph' is CUDA-graph "
              "replay. Ratios are against the fastest exact ensemble (sequential or batched) at that precision, "
-             "batch size and mode.", ""]
+             "batch size and mode. Peak memory: weights, input and what one eager call allocates.", ""]
     for precision, rows in report["precisions"].items():
         ens_macs = rows["ensemble"]["macs"]
-        cols = [f"b{b} {m} ms | / best" for b in batches for m in MODES]
+        cols = [f"b{b} {m} ms | / best" for b in batches for m in MODES] + [f"peak MB b{batches[-1]}"]
         lines += [f"## {precision}", "", "| model | accuracy | MACs / ens | " + " | ".join(cols) + " |",
-                  "|" + "---|" * (3 + 2 * len(cols))]
+                  "|" + "---|" * (2 + 2 * len(cols))]
         for name, r in rows.items():
             cells = [name, f"{r['accuracy']:.4f}", f"{r['macs'] / ens_macs:.2f}"]
             for b in batches:
                 for m in MODES:
                     p50 = r["latency_ms"][b][m]["p50"]
                     cells += [f"{p50:.3f}", f"{p50 / best_exact(rows, b, m)[1]:.2f}"]
+            cells.append(f"{r['peak_memory_mb'][batches[-1]]:.1f}")
             lines.append("| " + " | ".join(cells) + " |")
         diff = rows["ensemble_batched"]["max_rel_diff_vs_ensemble"]
         lines += ["", f"Batched vs sequential ensemble: max relative difference {diff:.2e}. Fastest exact ensemble: " +
@@ -130,17 +134,22 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+@click.command()
+@click.option("--arch", "archs", multiple=True, default=("cnn",), show_default=True,
+              help="zoo architecture(s), trained weights read from --cache")
+@click.option("--align", "method", default="weight", show_default=True, help="alignment method")
+@click.option("--target", default="desktop-cuda", show_default=True)
+@click.option("--cache", default="build/cache", show_default=True)
+@click.option("--out", "out_root", default="build", show_default=True, help="reports go to OUT/TARGET/ARCH/")
+def main(archs: tuple[str, ...], method: str, target: str, cache: str, out_root: str) -> None:
     """Entry point of `make gpu-check`: errors a user can fix are one line and exit 1."""
-    import sys
-
     from .errors import EdgefuseError
 
     try:
-        run_gpu_check()
+        for arch in archs:
+            run_gpu_check(target, arch, cache=cache, out_root=out_root, method=method)
     except EdgefuseError as e:
-        print(f"gpu-check: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        raise SystemExit(f"gpu-check: error: {e}") from None
 
 
 if __name__ == "__main__":

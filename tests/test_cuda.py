@@ -42,3 +42,12 @@ def test_cuda_runner_matches_cpu(precision, tol, graphs):
     assert float((got - ref).abs().max() / ref.abs().max()) <= tol
     lat = runner.latency(x.numpy(), budget_s=0.05)
     assert 0 < lat["min"] <= lat["p50"] <= lat["p99"]
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_GPU)
+def test_cuda_peak_memory_counts_weights_and_grows_with_batch():
+    ens = ef.ensemble([nets.member(lambda: zoo.cnn(width=8), s) for s in range(2)], batched=True)
+    runner = CudaRunner(ens, "fp32", graphs=False)
+    weights = sum(p.numel() * 4 for p in ens.parameters()) / 2**20
+    small, big = (runner.peak_memory_mb(torch.rand(b, 1, 28, 28).numpy()) for b in (1, 256))
+    assert weights < small < big
