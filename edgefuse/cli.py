@@ -120,6 +120,9 @@ def train(obj: dict, arch: str, n: int, epochs: int | None, width: int | None, c
               help="Neuron-level fusion instead of --depth: share of units kept per model (1 = ensemble, 0 = merge).")
 @click.option("--method", type=click.Choice(["weight", "activation", "ot"]), default="weight", show_default=True,
               help="Alignment method.")
+@click.option("--select", type=click.Choice(["cost", "partial-ot"]), default="cost", show_default=True,
+              help="With --alpha: which units stay isolated (the costliest after alignment, or the paper's partial "
+              "OT with a sink, which re-matches the rest).")
 @click.option("--repair", type=click.Choice(["bn", "repair", "distill", "none"]), default="bn", show_default=True,
               help="bn: reset BatchNorm; repair: REPAIR rescaling (nets without BN); distill: train towards the "
               "ensemble on calibration images.")
@@ -133,8 +136,8 @@ def train(obj: dict, arch: str, n: int, epochs: int | None, width: int | None, c
 @click.option("-o", "--out", type=click.Path(dir_okay=False), required=True, help="ONNX file to write.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.pass_obj
-def fuse_cmd(obj: dict, checkpoints, arch, model, n, cache, dataset, depth, alpha, method, repair, steps, batch_heads,
-             head_outputs, opset, out, force) -> None:
+def fuse_cmd(obj: dict, checkpoints, arch, model, n, cache, dataset, depth, alpha, method, select, repair, steps,
+             batch_heads, head_outputs, opset, out, force) -> None:
     """Align and fuse N models at one depth, write the fused model as ONNX.
 
     Reads CHECKPOINTS (safetensors or weights-only torch files) with --model, else the zoo cache; reads the
@@ -155,7 +158,7 @@ def fuse_cmd(obj: dict, checkpoints, arch, model, n, cache, dataset, depth, alph
     aligned = align(models, spec, method=method, data=calib_batches)
     fused = fuse(aligned, spec, depth=depth, alpha=alpha, data=calib_batches, steps=steps,
                  repair=None if repair == "none" else repair, batch_heads=batch_heads and alpha is None,
-                 head_outputs=head_outputs)
+                 head_outputs=head_outputs, select=select)
     click.echo(str(export_onnx(fused, x_test[:2], out, opset=opset)))
 
 

@@ -132,3 +132,37 @@ def test_distill_moves_towards_the_ensemble_and_leaves_inputs_alone(cnns, digits
     assert kl(distilled) < 0.7 * kl(plain)
     for m, b in zip(aligned, before):
         assert all(torch.equal(v, b[k]) for k, v in m.state_dict().items())
+
+
+def test_partial_ot_matches_better_than_the_cost_ranking_and_keeps_functions():
+    from edgefuse.fuse.select import choose_layouts, unit_features
+
+    aligned, spec = _aligned("mlp", 2)
+    group, k = next(iter(spec.groups)), 6
+    alpha = {group: k / spec.groups[group]}
+
+    def matched_similarity(models, layout):  # weight matching's objective over the fused pairs
+        f = unit_features(models, spec, group, scaled=False)
+        return float((f[0] * f[1]).sum(-1)[layout.fused].sum())
+
+    kept, by_cost = choose_layouts(aligned, spec, alpha, "cost")
+    moved, by_ot = choose_layouts(aligned, spec, alpha, "partial-ot")
+    assert len(by_ot[group].isolated) == k and len(by_ot[group].fused) == spec.groups[group] - k
+    assert matched_similarity(moved, by_ot[group]) > matched_similarity(kept, by_cost[group])
+    with torch.no_grad():
+        for before, after in zip(aligned, moved):
+            assert torch.allclose(before(X), after(X), atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "resnet"])
+def test_partial_ot_selection_fuses_n_models(arch):
+    aligned, spec = _aligned(arch, 3)
+    with torch.no_grad():
+        ens = ef.ensemble(aligned)(X)
+        one = ef.fuse(aligned, spec, alpha=1.0, repair=None, select="partial-ot")(X)
+    assert float((one - ens).abs().max() / ens.abs().max()) <= 1e-5
+    half = ef.fuse(aligned, spec, alpha=0.5, repair=None, select="partial-ot")
+    assert half.widths == {g: n - math.floor(n / 2 + .5) + 3 * math.floor(n / 2 + .5) for g, n in spec.groups.items()}
+    assert ef.macs(half, X) < ef.macs(ef.ensemble(aligned), X)
+    with pytest.raises(ef.EdgefuseError, match="unknown unit selection"):
+        ef.fuse(aligned, spec, alpha=0.5, select="greedy")

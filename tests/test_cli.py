@@ -62,6 +62,22 @@ def test_fuse_then_verify(checkpoints, tmp_path):
     assert result["accuracy"] == pytest.approx(expected, abs=2e-3)
 
 
+def test_fuse_alpha_with_partial_ot_exports(checkpoints, tmp_path):
+    out = tmp_path / "a.onnx"
+    res = run("fuse", "--model", "tests.nets:digits_cnn", *checkpoints, "--dataset", "digits", "--alpha", "0.5",
+              "--select", "partial-ot", "-o", str(out))
+    assert res.exit_code == 0, res.output
+    res = run("verify", str(out), "--dataset", "digits", "--batch", "2")
+    assert res.exit_code == 0, res.output
+    models = ef.load_models("tests.nets:digits_cnn", checkpoints)
+    calib, x, y = load_dataset("digits")
+    spec = ef.permutation_spec(models[0], x[:2])
+    fused = ef.fuse(ef.align(models, spec), spec, alpha=0.5, data=batches(calib, batch_size=200), select="partial-ot")
+    with torch.no_grad():
+        expected = (fused(x).argmax(1) == y).double().mean().item()
+    assert json.loads(res.stdout)["accuracy"] == pytest.approx(expected, abs=2e-3)
+
+
 def _one_line_error(res, code, text):
     assert res.exit_code == code, res.output
     lines = res.stderr.strip().splitlines()

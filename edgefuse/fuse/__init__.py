@@ -13,30 +13,35 @@ from .batched import batch_models
 from .model import FusedModel, ensemble
 from .neuron import fuse_alpha
 from .repair import DISTILL_STEPS, REPAIRS, distill, reset_bn, rescale_units
+from .select import SELECTIONS
 from .split import fuse_depth
 
 
 def fuse(aligned: list[nn.Module], spec: PermSpec, depth: int | None = None, alpha=None,
          data: Iterable | None = None, repair: str | None = "bn", combine: str = "mean",
-         batch_heads: bool = False, head_outputs: bool = False, steps: int = DISTILL_STEPS) -> FusedModel:
+         batch_heads: bool = False, head_outputs: bool = False, steps: int = DISTILL_STEPS,
+         select: str = "cost") -> FusedModel:
     """Partially fuse aligned models. The inputs are never modified: the result owns copies of every tensor.
     `batch_heads=True` runs the N heads as one network of grouped kernels (same outputs, fewer kernels);
     `head_outputs=True` adds every head's output as a second output. `repair`: "bn" (reset BatchNorm statistics),
     "repair" (REPAIR: rescale merged units to their parents' statistics, then reset BN), "distill" (BN reset, then
-    `steps` steps of distillation towards the ensemble on the calibration inputs) or None."""
+    `steps` steps of distillation towards the ensemble on the calibration inputs) or None. `select` ("cost" or
+    "partial-ot", with alpha) decides which units stay isolated (see fuse/select.py)."""
     check_models(aligned, "fusion")
     if alpha is not None and depth is not None:
         raise EdgefuseError("give depth= or alpha=, not both (a depth split is alpha 0 below the cut, 1 above)")
+    if select not in SELECTIONS:
+        raise EdgefuseError(f"unknown unit selection '{select}' (choose from {', '.join(SELECTIONS)})")
     if repair not in REPAIRS:
         raise EdgefuseError(f"unknown repair '{repair}' (choose from {', '.join(str(r) for r in REPAIRS)})")
     if alpha is not None:
         if head_outputs:
             raise EdgefuseError("head_outputs needs a depth split: with alpha, units are shared up to the logits")
-        net, layouts = fuse_alpha(aligned, spec, alpha, combine)
+        net, layouts, parents = fuse_alpha(aligned, spec, alpha, combine, select)
         fused = FusedModel(nn.Identity(), [net], combine, batched=True, n_heads=len(aligned))
         fused.widths = {g: len(lay.fused) + len(aligned) * len(lay.isolated) for g, lay in layouts.items()}
         if any(len(lay.fused) for lay in layouts.values()):  # alpha=1 is the ensemble itself: nothing to repair
-            _repair(fused.eval(), repair, data, aligned, spec, layouts, steps)
+            _repair(fused.eval(), repair, data, parents, spec, layouts, steps)
         return fused.eval()
     if depth is None:
         raise EdgefuseError("fuse needs depth=k (0 = ensemble, len(spec.cut_points) = full merge) or alpha=a "

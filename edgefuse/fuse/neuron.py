@@ -1,5 +1,5 @@
-"""Neuron-level partial fusion (the paper's α): per permutation group, the most dissimilar fraction α of aligned
-units stays isolated (one copy per model), the rest is averaged into fused units.
+"""Neuron-level partial fusion (the paper's α): per permutation group, a fraction α of the aligned units stays
+isolated (one copy per model; `select.py` says which), the rest is averaged into fused units.
 
 A hidden tensor's channels are laid out [fused | model 1's isolated | … | model N's isolated]. A fused unit reads
 every input (its weights are the mean of the models' weights on fused inputs and 1/N of each model's weights on that
@@ -12,58 +12,17 @@ n_i = floor(α·n + 0.5) and n_f = n − n_i, i.e. n·(1 + (N−1)·α) rounded 
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import EdgefuseError, UnsupportedModelError
+from ..errors import UnsupportedModelError
 from ..spec import PermSpec, expand
 from .batched import BatchRewriter
 from .layers import GroupedLinear, cat_copy, as_param
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Which units of a group are fused and which isolated (indices into the aligned models' units)."""
-    group: str | None
-    fused: torch.Tensor
-    isolated: torch.Tensor
-
-
-def unit_costs(models: list[nn.Module], spec: PermSpec, group: str) -> torch.Tensor:
-    """Per aligned unit: the spread of the models' weights around their mean, summed over every parameter the
-    group touches (incoming and outgoing weights, norms), each parameter scaled to unit mean square so no layer
-    dominates. The paper's matching cost, evaluated on the matching alignment already found."""
-    n = spec.groups[group]
-    states = [m.state_dict() for m in models]
-    cost = torch.zeros(n, dtype=torch.float64)
-    for param, axis, start, repeat in spec.members(group):
-        t = torch.stack([s[param].double() for s in states]).narrow(axis + 1, start, n * repeat)
-        t = t.movedim(axis + 1, 1).reshape(len(states), n, -1)
-        spread = ((t - t.mean(0)) ** 2).sum((0, 2))
-        cost += spread / max(float((t ** 2).mean()), 1e-12)
-    return cost
-
-
-def choose_layouts(models: list[nn.Module], spec: PermSpec, alpha: float | Mapping[str, float]) -> dict:
-    """{group: Layout}: the floor(α·n + 0.5) costliest units of each group stay isolated."""
-    per_group = alpha if isinstance(alpha, Mapping) else {g: alpha for g in spec.groups}
-    unknown = set(per_group) - set(spec.groups)
-    if unknown:
-        raise EdgefuseError(f"alpha names unknown group(s): {', '.join(sorted(unknown))}")
-    layouts = {}
-    for g, n in spec.groups.items():
-        a = float(per_group.get(g, 0.0))
-        if not 0.0 <= a <= 1.0 or math.isnan(a):
-            raise EdgefuseError(f"alpha must be between 0 and 1, got {a} for group {g}")
-        k = int(math.floor(a * n + 0.5))
-        order = torch.argsort(unit_costs(models, spec, g), descending=True, stable=True)
-        layouts[g] = Layout(g, order[k:].sort().values, order[:k].sort().values)
-    return layouts
+from .select import Layout, choose_layouts
 
 
 class MixedLayer(nn.Module):
@@ -230,8 +189,9 @@ class AlphaRewriter(BatchRewriter):
 
 
 def fuse_alpha(aligned: list[nn.Module], spec: PermSpec, alpha: float | Mapping[str, float],
-               combine: str = "mean") -> tuple[fx.GraphModule, dict]:
-    """The partially fused network and the layouts it used. The models must be aligned (ef.align)."""
-    layouts = choose_layouts(aligned, spec, alpha)
+               combine: str = "mean", select: str = "cost") -> tuple[fx.GraphModule, dict, list[nn.Module]]:
+    """The partially fused network, the layouts it used and the models it fused (re-matched by "partial-ot"). The
+    models must be aligned (ef.align)."""
+    models, layouts = choose_layouts(list(aligned), spec, alpha, select)
     with torch.no_grad():
-        return AlphaRewriter(list(aligned), spec, layouts, combine).run(), layouts
+        return AlphaRewriter(models, spec, layouts, combine).run(), layouts, models
