@@ -63,8 +63,8 @@ def curves(arch: str, console: Console, out_dir: Path, distill_steps: int | None
     at_half = [max(v for k, v in r.items() if k in ("None", "bn", "repair", "distill")) for r in rows
                if r["macs_ratio"] <= 0.5]
     kept = (max(at_half) - single) / gain if at_half and gain > 0 else float("nan")
-    table = Table(title=f"{arch} × 4, {method} matching: accuracy by fusion point (single {single:.4f}, ensemble {ens_acc:.4f}; "
-                        f"gain kept at ≤ 50 % MACs: {kept:.0%})")
+    table = Table(title=f"{arch} × 4, {method} matching: accuracy by fusion point (single {single:.4f}, "
+                        f"ensemble {ens_acc:.4f}; gain kept at ≤ 50 % MACs: {kept:.0%})")
     for col in ("point", "MACs / ens", "no repair", "bn", "REPAIR", "distill"):
         table.add_column(col, justify="right")
     for r in rows:
@@ -72,8 +72,8 @@ def curves(arch: str, console: Console, out_dir: Path, distill_steps: int | None
                       *(f"{r[str(p)]:.4f}" for p in REPAIRS), f"{r['distill']:.4f}" if "distill" in r else "-")
     console.print(table)
     _plot(arch, rows, single, ens_acc, out_dir / f"curves_{arch}.png")
-    return {"align_method": method, "single_accuracy": single, "ensemble_accuracy": ens_acc, "gain_kept_at_half_macs": kept,
-            "distill_steps": distill_steps, "rows": rows}
+    return {"align_method": method, "single_accuracy": single, "ensemble_accuracy": ens_acc,
+            "gain_kept_at_half_macs": kept, "distill_steps": distill_steps, "rows": rows}
 
 
 def _plot(arch: str, rows: list[dict], single: float, ens: float, path: Path) -> None:

@@ -19,7 +19,7 @@ def _float_params(model: nn.Module, spec: PermSpec) -> dict[str, torch.Tensor]:
     return {k: v.detach().double() for k, v in model.state_dict().items() if k in names and k in spec.params}
 
 
-def _unit_rows(t: torch.Tensor, axis: int, start: int, n: int, repeat: int) -> torch.Tensor:
+def unit_rows(t: torch.Tensor, axis: int, start: int, n: int, repeat: int) -> torch.Tensor:
     """One row per unit of the group: its segment of `axis`, everything else flattened."""
     return t.movedim(axis, 0)[start:start + n * repeat].reshape(n, -1)
 
@@ -49,7 +49,7 @@ def match_pair(target: dict[str, torch.Tensor], other: dict[str, torch.Tensor], 
                 for i, segments in enumerate(spec.params[name]):
                     if i != axis and segments is not None:
                         b = b.index_select(i, axis_index(segments, perms))
-                cost += _unit_rows(target[name], axis, start, n, repeat) @ _unit_rows(b, axis, start, n, repeat).T
+                cost += unit_rows(target[name], axis, start, n, repeat) @ unit_rows(b, axis, start, n, repeat).T
             c = cost.numpy()
             cols = solve(c)
             old = perms[g].numpy()

@@ -13,7 +13,7 @@ from .batched import batch_models
 from .model import FusedModel, ensemble
 from .neuron import fuse_alpha
 from .repair import DISTILL_STEPS, REPAIRS, distill, reset_bn, rescale_units
-from .select import SELECTIONS
+from .select import check_select
 from .split import fuse_depth
 
 
@@ -30,8 +30,7 @@ def fuse(aligned: list[nn.Module], spec: PermSpec, depth: int | None = None, alp
     check_models(aligned, "fusion")
     if alpha is not None and depth is not None:
         raise EdgefuseError("give depth= or alpha=, not both (a depth split is alpha 0 below the cut, 1 above)")
-    if select not in SELECTIONS:
-        raise EdgefuseError(f"unknown unit selection '{select}' (choose from {', '.join(SELECTIONS)})")
+    check_select(select)
     if repair not in REPAIRS:
         raise EdgefuseError(f"unknown repair '{repair}' (choose from {', '.join(str(r) for r in REPAIRS)})")
     if alpha is not None:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import EdgefuseError
+from ..align.weight import unit_rows
 from ..spec import PermSpec, permute
 
 SELECTIONS = ("cost", "partial-ot")
@@ -43,8 +44,7 @@ def unit_features(models: list[nn.Module], spec: PermSpec, group: str, scaled: b
     for param, axis, start, repeat in spec.members(group):
         if not scaled and param not in learned:
             continue
-        t = torch.stack([s[param].double() for s in states]).narrow(axis + 1, start, n * repeat)
-        t = t.movedim(axis + 1, 1).reshape(len(states), n, -1)
+        t = torch.stack([unit_rows(s[param].double(), axis, start, n, repeat) for s in states])
         parts.append(t / max(float((t ** 2).mean()), 1e-12) ** 0.5 if scaled else t)
     return torch.cat(parts, 2)
 
@@ -54,6 +54,11 @@ def unit_costs(models: list[nn.Module], spec: PermSpec, group: str) -> torch.Ten
     on the matching alignment already found)."""
     f = unit_features(models, spec, group)
     return ((f - f.mean(0)) ** 2).sum((0, 2))
+
+
+def check_select(select: str) -> None:
+    if select not in SELECTIONS:
+        raise EdgefuseError(f"unknown unit selection '{select}' (choose from {', '.join(SELECTIONS)})")
 
 
 def _isolated_counts(spec: PermSpec, alpha: float | Mapping[str, float]) -> dict[str, int]:
@@ -99,8 +104,7 @@ def choose_layouts(models: list[nn.Module], spec: PermSpec, alpha: float | Mappi
                    select: str = "cost") -> tuple[list[nn.Module], dict[str, Layout]]:
     """(the models, re-permuted where `select` re-matches them; {group: Layout}) with floor(α·n + 0.5) isolated
     units per group."""
-    if select not in SELECTIONS:
-        raise EdgefuseError(f"unknown unit selection '{select}' (choose from {', '.join(SELECTIONS)})")
+    check_select(select)
     layouts = {}
     for g, k in _isolated_counts(spec, alpha).items():
         if select == "partial-ot" and 0 < k < spec.groups[g] and len(models) > 1:
