@@ -15,7 +15,7 @@ from edgefuse.files import save_figure
 from edgefuse.pipeline import load_dataset
 
 ALPHAS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
-# ResNet-20 distillation costs ~1 s a step on 2 cores: fewer steps keep make bench near half an hour.
+# Fewer distillation steps for ResNet-20: its whole curve already takes about 50 minutes on 2 cores.
 DISTILL_STEPS = {"cnn": 600, "resnet20": 300}
 # Weight matching fails on the narrow residual net (full merge of 2 models: 0.16 against 0.66 with activation
 # matching), so its curve uses activation matching on the calibration images.
