@@ -112,8 +112,8 @@ def markdown(report: dict) -> str:
     batches = [str(b) for b in report["batch_sizes"]]
     lines = [f"# edgefuse gpu-check: {report['target']} on {report['gpu']}", "",
              f"{report['n_models']} × {report['arch']} ({report['align_method']} matching), Fashion-MNIST test "
-             f"set ({report['n_test']} images), torch {report['torch']}. Latency: p50 from CUDA events, input already on the GPU; 'graph' is CUDA-graph "
-             "replay. Ratios are against the fastest exact ensemble (sequential or batched) at that precision, "
+             f"set ({report['n_test']} images), torch {report['torch']}. Latency: p50 from CUDA events, input "
+             "already on the GPU; 'graph' is CUDA-graph replay. Ratios are against the fastest exact ensemble (sequential or batched) at that precision, "
              "batch size and mode. Peak memory: weights, input and what one eager call allocates.", ""]
     for precision, rows in report["precisions"].items():
         ens_macs = rows["ensemble"]["macs"]

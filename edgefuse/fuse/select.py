@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import EdgefuseError
 from ..align.weight import unit_rows
+from ..errors import EdgefuseError
 from ..spec import PermSpec, permute
 
 SELECTIONS = ("cost", "partial-ot")
@@ -81,8 +81,8 @@ def _partial_ot(models: list[nn.Module], spec: PermSpec, group: str, k: int) -> 
 
     n = spec.groups[group]
     f = unit_features(models, spec, group, scaled=False).numpy()
-    others = [(f.sum(0) - f[m]) / (len(models) - 1) for m in range(len(models))]
-    sims = [others[m] @ f[m].T for m in range(1, len(models))]  # weight matching's similarity to the others' mean
+    # weight matching's similarity of each model (but the reference) to the mean of the others
+    sims = [(f.sum(0) - f[m]) / (len(models) - 1) @ f[m].T for m in range(1, len(models))]
     sunk = np.zeros(n)
     for s in sims:
         cost = (s.max() - s) / max(float(s.max() - s.min()), 1e-12)
