@@ -143,23 +143,22 @@ def fuse_cmd(obj: dict, checkpoints, arch, model, n, cache, dataset, depth, alph
     Reads CHECKPOINTS (safetensors or weights-only torch files) with --model, else the zoo cache; reads the
     dataset's training split for calibration. Writes OUT (parity-checked against PyTorch)."""
     from . import align, fuse, permutation_spec
-    from .data import batches
+    from .data import load_dataset
     from .export import export_onnx
-    from .pipeline import load_dataset
 
     if Path(out).exists() and not force:
         raise EdgefuseError(f"{out} exists (use --force to overwrite)")
     if (depth is None) == (alpha is None):
         raise EdgefuseError("give exactly one of --depth and --alpha")
     models = _models(arch, model, checkpoints, n, cache, obj["quiet"])
-    calib, x_test, _ = load_dataset(dataset)
-    spec = permutation_spec(models[0], x_test[:2])
-    calib_batches = batches(calib, batch_size=200)
+    splits = load_dataset(dataset)
+    spec = permutation_spec(models[0], splits.example)
+    calib_batches = splits.calib_batches
     aligned = align(models, spec, method=method, data=calib_batches)
     fused = fuse(aligned, spec, depth=depth, alpha=alpha, data=calib_batches, steps=steps,
                  repair=None if repair == "none" else repair, batch_heads=batch_heads and alpha is None,
                  head_outputs=head_outputs, select=select)
-    click.echo(str(export_onnx(fused, x_test[:2], out, opset=opset)))
+    click.echo(str(export_onnx(fused, splits.example, out, opset=opset)))
 
 
 @cli.command()
@@ -168,24 +167,29 @@ def fuse_cmd(obj: dict, checkpoints, arch, model, n, cache, dataset, depth, alph
 @click.option("--method", type=click.Choice(["weight", "activation", "ot"]), default="weight", show_default=True,
               help="Alignment method.")
 @click.option("--depth", type=click.IntRange(0, None), default=None,
-              help="Fusion depth of model.onnx; default: the most accurate within the target's MACs share.")
+              help="Ship this fusion depth instead of the chooser's pick (0 = the batched exact ensemble).")
+@click.option("--augment/--no-augment", default=None,
+              help="Shift/flip the distillation images (default: the target's distill_augment).")
 @click.option("--out-root", default="build", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an earlier export of this target.")
 @click.pass_obj
-def export(obj: dict, checkpoints, arch, model, n, cache, dataset, target, method, depth, out_root, force) -> None:
-    """The main job: align, fuse at every depth, export, measure, pick one for the target.
+def export(obj: dict, checkpoints, arch, model, n, cache, dataset, target, method, depth, augment, out_root,
+           force) -> None:
+    """The main job: every member, the distilled member, the exact ensembles and the fused points, measured alike;
+    the best on validation within the target's budget ships.
 
     Reads CHECKPOINTS with --model (else trains or loads the zoo), the dataset and targets/TARGET.toml.
     Writes OUT_ROOT/TARGET/{model.onnx, report.json, report.md, pareto.png, candidates/}."""
     from .pipeline import run_export
-    from .verify import markdown
+    from .report import markdown
 
     console = _console(obj["quiet"])
     models = _models(arch, model, checkpoints, n, cache, obj["quiet"]) if model or checkpoints else None
     report = run_export(target, models=models, arch=arch, n=n, dataset=dataset, out_root=out_root, cache=cache,
-                        method=method, depth=depth, console=console, force=force)
+                        method=method, depth=depth, console=console, force=force, augment=augment)
     _show(markdown(report))
-    click.echo(f"wrote {Path(out_root) / report['target']}/ (model.onnx: fused depth {report['depth']})")
+    click.echo(f"wrote {Path(out_root) / report['target']}/ (model.onnx: {report['shipped']['label']}, "
+               f"{report['shipped']['kind']})")
 
 
 @cli.command()
@@ -201,9 +205,9 @@ def verify(onnx_file: str, dataset: str, threads: int, batch_sizes: tuple[int, .
     Reads ONNX_FILE and the dataset; writes nothing (prints JSON)."""
     import json
 
-    from .pipeline import load_dataset
+    from .data import test_split
+    from .metrics import scores
     from .runtime import OrtRunner, latency, latency_batch, predict
-    from .verify import scores
 
     if not Path(onnx_file).is_file():
         raise EdgefuseError(f"ONNX file not found: {onnx_file}")
@@ -211,7 +215,7 @@ def verify(onnx_file: str, dataset: str, threads: int, batch_sizes: tuple[int, .
         runner = OrtRunner(onnx_file, threads)
     except Exception as e:  # onnxruntime raises its own exception types for bad files
         raise EdgefuseError(f"cannot load {onnx_file}: {str(e).strip().splitlines()[0]}") from None
-    _, x_test, y_test = load_dataset(dataset)
+    x_test, y_test = test_split(dataset)
     try:
         result = scores(predict(runner, x_test), y_test)
     except Exception as e:
@@ -225,38 +229,45 @@ def verify(onnx_file: str, dataset: str, threads: int, batch_sizes: tuple[int, .
 @with_models
 @click.option("--target", default="cpu-ort", show_default=True, help="Name of a file in targets/, or a .toml path.")
 @click.option("--latency-ms", type=click.FloatRange(0, None, min_open=True), default=None,
-              help="p50 latency budget at the target's first batch size (default: the target's).")
+              help="p50 latency budget per call at every batch size of the target (default: the target's).")
 @click.option("--memory-mb", type=click.FloatRange(0, None, min_open=True), default=None,
               help="Peak memory budget (default: the target's).")
 @click.option("--max-drop", type=click.FloatRange(0, 1), default=None,
-              help="Instead of the most accurate: the fastest within this accuracy drop from the ensemble.")
+              help="Instead of the most accurate: the fastest within this validation-accuracy drop from the "
+              "ensemble.")
 @click.option("--alpha", "alphas", type=click.FloatRange(0, 1), multiple=True, default=(0.1, 0.25, 0.5, 0.75),
               show_default=True, help="Alpha values to try (repeat the option).")
 @click.option("--method", "methods", type=click.Choice(["weight", "activation", "ot"]), multiple=True,
               default=("weight",), show_default=True, help="Alignment methods to try (repeat the option).")
-@click.option("--repair", "repairs", type=click.Choice(["bn", "repair", "distill", "none"]), multiple=True,
+@click.option("--repair", "repairs", type=click.Choice(["bn", "repair", "none"]), multiple=True,
               default=("bn",), show_default=True, help="Repairs to try (repeat the option).")
+@click.option("--distill-steps", type=click.IntRange(0, 1_000_000), default=None,
+              help="Distillation steps for the distilled member and the best depth and alpha (default: the "
+              "target's distill_steps; 0: none).")
+@click.option("--augment/--no-augment", default=None, help="Shift/flip the distillation images (default: the "
+              "target's).")
 @click.option("--workers", type=click.IntRange(0, 64), default=1, show_default=True,
               help="Local worker processes (0: in this process).")
 @click.option("--ray", "ray_address", default=None, help="Run candidates on a Ray cluster (needs edgefuse[ray]).")
 @click.option("--out-root", default="build", show_default=True)
 @click.pass_obj
 def sweep(obj: dict, checkpoints, arch, model, n, cache, dataset, target, latency_ms, memory_mb, max_drop, alphas,
-          methods, repairs, workers, ray_address, out_root) -> None:
-    """Measure depths and alphas, choose the most accurate candidate within the budget.
+          methods, repairs, distill_steps, augment, workers, ray_address, out_root) -> None:
+    """Measure members, exact ensembles, depths and alphas; choose on validation within the budget.
 
     Reads the models (as export does) and the target; writes OUT_ROOT/TARGET/sweep/{sweep.json, sweep.md,
     pareto.png, points/, candidates/}. Finished points are kept in points/, so an interrupted sweep resumes."""
+    from .report import markdown
     from .sweep import run_sweep
-    from .verify import markdown
 
     console = _console(obj["quiet"])
     models = _models(arch, model, checkpoints, n, cache, obj["quiet"]) if model or checkpoints else None
     result = run_sweep(target, models, arch, n, dataset, out_root, cache, tuple(dict.fromkeys(methods)),
                        tuple(alphas), tuple(None if r == "none" else r for r in dict.fromkeys(repairs)), latency_ms,
-                       memory_mb, max_drop, workers, ray_address, console=console)
+                       memory_mb, max_drop, workers, ray_address, distill_steps, augment, console=console)
     _show(markdown(result))
-    click.echo(f"chose {result['fused']['label']}; wrote {Path(out_root) / result['target'] / 'sweep'}/")
+    click.echo(f"chose {result['shipped']['label']} ({result['shipped']['kind']}); wrote "
+               f"{Path(out_root) / result['target'] / 'sweep'}/")
 
 
 from .cli_targets import build, check  # noqa: E402  (commands of the device stage)

@@ -18,7 +18,7 @@ def check(onnx_file: str, target: str, as_json: bool) -> None:
     Reads ONNX_FILE and the target; writes nothing. Exits 1 when the model cannot build for that target."""
     import json
 
-    from .build.check import check_onnx, format_report
+    from .device.check import check_onnx, format_report
     from .targets import load_target
 
     if not Path(onnx_file).is_file():
@@ -39,8 +39,8 @@ def build(onnx_file: str, target: str, out: str, timing_cache: str | None) -> No
 
     Reads ONNX_FILE and the target; writes OUT (and the timing cache). On a Jetson, the bundle's deploy.py does
     the same without edgefuse installed."""
-    from .build import build_engine
-    from .build.check import check_onnx
+    from .device import build_engine
+    from .device.check import check_onnx
     from .targets import load_target
 
     if not Path(onnx_file).is_file():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import os
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t1
 # build/data/fashion-mnist: where a machine without the Debian package (the lent GPU machine) gets a copy.
 FASHION_DIRS = (os.environ.get("EDGEFUSE_FASHION_MNIST", ""), "/usr/share/datasets/fashion-mnist",
                 "build/data/fashion-mnist")
+VALIDATION_IMAGES = 5000  # held out of Fashion-MNIST's 60,000 training images: the chooser's data
+CALIBRATION_IMAGES = 2000  # alignment, BatchNorm reset and REPAIR statistics, from the training part
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
 
@@ -85,3 +88,61 @@ def require_batches(data: Iterable | None, what: str) -> list[torch.Tensor]:
     if not xs or sum(len(x) for x in xs) == 0:
         raise EdgefuseError(f"{what} needs calibration data, but the calibration set is empty")
     return xs
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Three disjoint parts of one dataset: `train` (zoo training, calibration, unlabeled distillation inputs),
+    `val` (the choice between candidates) and `test` (reported only, never used to choose)."""
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor
+    y_val: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+    @property
+    def calib(self) -> torch.Tensor:
+        """A fixed random subset of the training part, the same in every run."""
+        gen = torch.Generator().manual_seed(0)
+        n = min(CALIBRATION_IMAGES, len(self.x_train))
+        return self.x_train[torch.randperm(len(self.x_train), generator=gen)[:n]]
+
+    @property
+    def calib_batches(self) -> list[torch.Tensor]:
+        return batches(self.calib, batch_size=200)
+
+    @property
+    def example(self) -> torch.Tensor:
+        return self.x_test[:2]
+
+
+def holdout(x: torch.Tensor, y: torch.Tensor, n_val: int) -> tuple[torch.Tensor, ...]:
+    """(x_train, y_train, x_val, y_val): a seeded permutation's last `n_val` samples are validation."""
+    if not 0 < n_val < len(x):
+        raise EdgefuseError(f"cannot hold out {n_val} of {len(x)} samples for validation")
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    train, val = order[:-n_val], order[-n_val:]
+    return x[train], y[train], x[val], y[val]
+
+
+def load_dataset(name: str) -> Splits:
+    """Fashion-MNIST (55,000 train / 5,000 validation from its training file, its 10,000 test images) or sklearn
+    digits (1,000 / 297 / 500), for the zoo and for every choice the pipeline makes."""
+    if name == "fashion-mnist":
+        x, y = fashion_mnist("train")
+        x_test, y_test = fashion_mnist("test")
+        return Splits(name, *holdout(x, y, VALIDATION_IMAGES), x_test, y_test)
+    if name == "digits":
+        x, y = digits()
+        return Splits(name, x[:1000], y[:1000], x[1000:1297], y[1000:1297], x[1297:], y[1297:])
+    raise EdgefuseError(f"unknown dataset '{name}' (choose from fashion-mnist, digits)")
+
+
+def test_split(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Only the test part: what `edgefuse verify` reads, so a machine with just the test files can use it."""
+    if name == "fashion-mnist":
+        return fashion_mnist("test")
+    splits = load_dataset(name)
+    return splits.x_test, splits.y_test

@@ -16,15 +16,16 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from . import data as datasets
 from .align import align
 from .cuda import DTYPES, CudaRunner, require_cuda
+from .data import load_dataset
 from .files import atomic_write_text
 from .fuse import fuse
-from .metrics import macs, params
+from .metrics import macs, params, scores
+from .runtime import latency, latency_batch, predict
 from .spec import permutation_spec
 from .targets import Target, load_target
-from .verify import scores
+from .zoo import zoo_models
 
 EXACT = ("ensemble", "ensemble_batched")
 MODES = ("graph", "eager")
@@ -48,12 +49,12 @@ def _row(module: nn.Module, x: torch.Tensor, y: torch.Tensor, precision: str, ba
     for mode in MODES:
         runner = CudaRunner(module, precision, graphs=mode == "graph")
         if mode == "graph":
-            logits = np.concatenate([runner(x[i:i + 250].numpy()) for i in range(0, len(x), 250)])
+            logits = predict(runner, x, batch_size=250)
             row |= scores(logits.astype(np.float64), y)
             row["logits"] = logits
         for b in batch_sizes:
-            xb = x[:b].numpy() if len(x) >= b else np.repeat(x[:1].numpy(), b, axis=0)
-            row["latency_ms"].setdefault(str(b), {})[mode] = runner.latency(xb, budget_s=budget_s)
+            xb = latency_batch(x, b)
+            row["latency_ms"].setdefault(str(b), {})[mode] = latency(runner, xb, budget_s=budget_s)
             if mode == "eager":
                 row["peak_memory_mb"][str(b)] = runner.peak_memory_mb(xb)
         del runner
@@ -66,16 +67,14 @@ def run_gpu_check(target: str | Target = "desktop-cuda", arch: str = "cnn", n: i
                   method: str = "weight", console: Console | None = None) -> dict:
     """Measure every variant and write out_root/<target>/<arch>/report.{json,md}; returns the report. `method` is
     the alignment (activation matching suits narrow residual nets, where weight matching fails)."""
-    from .pipeline import load_dataset
-    from .zoo import zoo_models
-
     console = console or Console(stderr=True)
     tgt = target if isinstance(target, Target) else load_target(target)
     gpu = require_cuda()
     started = time.perf_counter()
     models, _ = zoo_models(arch, n, cache=cache, quiet=True, train=False)
-    calib, x_test, y_test = load_dataset("fashion-mnist")
-    variants = _variants(models, datasets.batches(calib, batch_size=200), x_test[:2], method)
+    splits = load_dataset("fashion-mnist")
+    x_test, y_test = splits.x_test, splits.y_test
+    variants = _variants(models, splits.calib_batches, x_test[:2], method)
     console.print(f"[bold]gpu-check[/] on {gpu}: {len(variants)} variants × {len(DTYPES)} precisions × "
                   f"{len(MODES)} modes × batch {', '.join(map(str, tgt.batch_sizes))}")
     report: dict = {"target": tgt.name, "gpu": gpu, "torch": torch.__version__, "arch": arch, "n_models": n,

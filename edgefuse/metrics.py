@@ -1,8 +1,14 @@
-"""Cost of a module: multiply-accumulates per sample and parameter count, counted from the layers that run."""
+"""What a candidate costs (MACs, parameters, counted from the layers that run) and how good it is (accuracy, NLL,
+ECE, and whether two accuracies differ beyond noise)."""
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from torch import nn
+
+from .errors import EdgefuseError
 
 
 def macs(module: nn.Module, example_input: torch.Tensor) -> int:
@@ -31,3 +37,34 @@ def macs(module: nn.Module, example_input: torch.Tensor) -> int:
 
 def params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def scores(logits: np.ndarray, labels: torch.Tensor, bins: int = 15) -> dict[str, float]:
+    """Accuracy, mean negative log-likelihood of log-softmax(logits), and expected calibration error (15 equal-width
+    confidence bins): fused models can be as accurate yet over-confident. Non-finite outputs are an error: a NaN
+    row would otherwise count as a wrong answer and pass as a result."""
+    bad = int((~np.isfinite(logits)).any(axis=tuple(range(1, logits.ndim))).sum()) if logits.size else 0
+    if bad:
+        raise EdgefuseError(f"the model gives non-finite outputs for {bad} of {len(logits)} inputs")
+    t = torch.from_numpy(np.asarray(logits)).double()
+    nll = torch.nn.functional.cross_entropy(t, labels).item()
+    conf, pred = torch.softmax(t, 1).max(1)
+    correct = (pred == labels).double()
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            ece += float(inside.double().mean() * (conf[inside].mean() - correct[inside].mean()).abs())
+    return {"accuracy": float(correct.mean()), "nll": float(nll), "ece": ece}
+
+
+def paired_z(correct_a: np.ndarray, correct_b: np.ndarray) -> float:
+    """How many standard errors apart two classifiers' accuracies are on the same samples (McNemar's statistic,
+    signed: positive when `a` is better). Only the samples they disagree on carry information, so two members that
+    differ on 3 % of the images need a much smaller gap to be told apart than two unrelated models."""
+    a_only = int((correct_a & ~correct_b).sum())
+    b_only = int((~correct_a & correct_b).sum())
+    if a_only + b_only == 0:
+        return 0.0
+    return (a_only - b_only) / math.sqrt(a_only + b_only)

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .fuse.combine import combine_outputs
+
 
 class Runner(Protocol):
     name: str
@@ -59,8 +61,6 @@ class SessionsRunner:
         self.combine, self.name = combine, f"{self.sessions[0].name} ×{len(onnx_paths)} sessions"
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        from .fuse.model import combine_outputs
-
         return combine_outputs(torch.from_numpy(np.stack([s(x) for s in self.sessions])), 0, self.combine).numpy()
 
 

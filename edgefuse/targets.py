@@ -26,6 +26,8 @@ class Target:
     memory_budget_mb: float | None = None
     batch_heads: bool = True
     distill_steps: int = 0
+    distill_batch_size: int = 128
+    distill_augment: bool = True
     description: str = ""
     tensorrt: str | None = None
     workspace_mb: int = 1024
@@ -125,8 +127,12 @@ def parse_target(name: str, text: str, source: str = "<string>") -> Target:
     batches = raw.get("batch_sizes", [1])
     if not batches or not all(isinstance(b, int) and b >= 1 for b in batches):
         raise EdgefuseError(f"target file {source}: batch_sizes must be a list of positive integers")
-    if not isinstance(raw.get("distill_steps", 0), int) or raw.get("distill_steps", 0) < 0:
-        raise EdgefuseError(f"target file {source}: distill_steps must be a non-negative integer")
+    for key, low in (("distill_steps", 0), ("distill_batch_size", 1)):
+        v = raw.get(key, low)
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise EdgefuseError(f"target file {source}: {key} must be an integer of at least {low}")
+    if not isinstance(raw.get("distill_augment", True), bool):
+        raise EdgefuseError(f"target file {source}: distill_augment must be true or false")
     if not 0 < float(raw.get("max_macs_ratio", 0.5)) <= 1:
         raise EdgefuseError(f"target file {source}: max_macs_ratio must be in (0, 1]")
     _validate(raw, source)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .data import VALIDATION_IMAGES
 from .errors import EdgefuseError
 
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
@@ -160,18 +161,20 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int,
 
 
 def cache_dir(root: Path, arch: str, width: int, epochs: int) -> Path:
-    return Path(root) / f"{arch}-w{width}-e{epochs}"
+    """One folder per configuration; "-val5000" marks members that never saw the validation images."""
+    return Path(root) / f"{arch}-w{width}-e{epochs}-val{VALIDATION_IMAGES}"
 
 
 def zoo_models(arch: str = "cnn", n: int = 4, width: int | None = None, epochs: int | None = None,
                cache: Path | str = "build/cache", quiet: bool = False,
                train: bool = True) -> tuple[list[nn.Module], list[Path]]:
-    """Train (or load from the cache) N models of one zoo architecture on Fashion-MNIST, seeds 0..N-1.
+    """Train (or load from the cache) N models of one zoo architecture on Fashion-MNIST's training part (the
+    validation images held out), seeds 0..N-1.
     `train=False` only reads the cache (machines that must never retrain) and names what is missing."""
     from safetensors.torch import load_file, save_file
     from rich.progress import Progress
 
-    from .data import fashion_mnist
+    from .data import load_dataset
 
     if arch not in ARCHITECTURES:
         raise EdgefuseError(f"unknown zoo architecture '{arch}' (choose from {', '.join(ARCHITECTURES)})")
@@ -184,7 +187,8 @@ def zoo_models(arch: str = "cnn", n: int = 4, width: int | None = None, epochs: 
         raise EdgefuseError(f"trained weights missing: {', '.join(str(paths[s]) for s in missing)} (run 'make export' "
                             f"where training is possible, then copy {cache} here)")
     if missing:
-        x, y = fashion_mnist("train")
+        splits = load_dataset("fashion-mnist")
+        x, y = splits.x_train, splits.y_train
         folder.mkdir(parents=True, exist_ok=True)
         steps = epochs * ((len(x) + 127) // 128)
         with Progress(disable=quiet) as progress:

@@ -133,7 +133,8 @@ def test_missing_dataset(work, monkeypatch):
 
 
 def test_export_failure_midway_keeps_earlier_export(work, monkeypatch):
-    args = ["export", "--model", CNN, "m0.safetensors", "m1.safetensors", "--dataset", "digits", "--out-root", "b"]
+    args = ["export", "--model", CNN, "m0.safetensors", "m1.safetensors", "--dataset", "digits", "--out-root", "b",
+            "--depth", "1"]
     assert CliRunner().invoke(cli, ["-q", *args]).exit_code == 0
     fails(work, args, "holds an earlier export (use --force")
 

@@ -1,29 +1,108 @@
-"""The depth choice: most accurate within the MACs share, never slower than an exact ensemble."""
-from edgefuse.pipeline import choose_depth
+"""The one chooser on constructed rows: budgets at every batch size, dominance, members that win, ties within noise."""
+import numpy as np
+import pytest
+
+import edgefuse as ef
+from edgefuse.candidates import Candidate
+from edgefuse.choose import Budget, choose, dominance, target_budget
+from edgefuse.metrics import paired_z
 from edgefuse.targets import parse_target
 
-TARGET = parse_target("t", 'runtime = "onnxruntime"\ndevice = "cpu"\nbatch_sizes = [1, 32]\n')
+N_VAL = 2000
 
 
-def _row(depth, acc, macs, p50_b1, p50_b32):
-    return {"depth": depth, "accuracy": acc, "macs": macs, "latency_ms": {"p50": p50_b1},
-            "latency_by_batch": {"1": {"p50": p50_b1}, "32": {"p50": p50_b32}}}
+def correct(acc: float, seed: int) -> np.ndarray:
+    """Per-sample results with the given accuracy."""
+    out = np.zeros(N_VAL, bool)
+    out[np.random.default_rng(seed).choice(N_VAL, int(round(acc * N_VAL)), replace=False)] = True
+    return out
 
 
-ROWS = [_row(0, 0.92, 100, 1.0, 30.0), _row(1, 0.90, 80, 0.9, 25.0), _row(2, 0.85, 50, 0.6, 15.0),
-        _row(3, 0.80, 30, 0.4, 9.0), _row(4, 0.70, 25, 0.3, 8.0)]
+def worse_by(base: np.ndarray, n: int) -> np.ndarray:
+    """`base` with its first `n` right answers turned wrong: a paired difference of n samples."""
+    out = base.copy()
+    out[np.flatnonzero(out)[:n]] = False
+    return out
 
 
-def test_most_accurate_within_the_macs_share():
-    assert choose_depth(ROWS, ROWS[0], TARGET) == 2
+def row(key, kind, acc, macs, p1, p32, mem=10.0, val=None, seed=0):
+    val = correct(acc, seed) if val is None else val
+    return Candidate(key=key, label=key, kind=kind, validation={"accuracy": float(val.mean()), "nll": 0.3, "ece": 0.01},
+                     test={"accuracy": 0.5, "nll": 0.3, "ece": 0.01}, macs=macs, params=macs,
+                     latency_by_batch={"1": {"p50": p1}, "32": {"p50": p32}}, runtime="test", peak_memory_mb=mem,
+                     val_correct=val)
 
 
-def test_never_slower_than_the_best_exact_ensemble():
-    # The batched ensemble runs b1 in 0.5 ms: depth 2 (0.6 ms) is dominated there, depth 3 is not.
-    baseline = {"1": {"name": "ensemble_batched", "p50": 0.5}, "32": {"name": "ensemble", "p50": 30.0}}
-    assert choose_depth(ROWS, ROWS[0], TARGET, baseline) == 3
+ENS = row("ensemble", "ensemble", 0.92, 100, 1.0, 30.0, 40.0, seed=1)
+BATCHED = row("ensemble_batched", "ensemble", 0.92, 100, 0.8, 31.0, 45.0, val=ENS.val_correct)
 
 
-def test_ensemble_when_every_fused_model_is_slower():
-    baseline = {"1": {"name": "ensemble_batched", "p50": 0.2}, "32": {"name": "ensemble", "p50": 30.0}}
-    assert choose_depth(ROWS, ROWS[0], TARGET, baseline) == 0
+def test_a_member_that_beats_every_fused_row_ships():
+    rows = [row("member0", "member", 0.90, 25, 0.25, 8.0, seed=2), ENS, BATCHED,
+            row("depth4", "fused", 0.85, 27, 0.30, 8.5, seed=3), row("alpha0.1", "fused", 0.80, 40, 0.45, 12.0, seed=4)]
+    choice = choose(rows, Budget(max_macs_ratio=0.5), ENS)
+    assert choice.chosen.key == "member0" and "member ships" in choice.reason
+    assert choice.dominated_by["depth4"] == "member0" and choice.dominated_by["alpha0.1"] == "member0"
+
+
+def test_a_dominated_fused_row_is_never_chosen():
+    # depth2 is the most accurate fused row within the MACs share, but the batched ensemble is more accurate and
+    # no slower at both batch sizes: shipping depth2 would hand the user a worse and slower model.
+    rows = [row("member0", "member", 0.80, 25, 0.25, 8.0, seed=2), ENS, BATCHED,
+            row("depth2", "fused", 0.89, 50, 0.9, 32.0, seed=5), row("depth3", "fused", 0.85, 40, 0.5, 15.0, seed=6)]
+    beaten = dominance(rows, ["1", "32"])
+    assert beaten["depth2"] == "ensemble_batched"
+    assert choose(rows, Budget(max_macs_ratio=0.5), ENS).chosen.key == "depth3"
+
+
+def test_budgets_hold_at_every_batch_size():
+    rows = [row("member0", "member", 0.80, 25, 0.25, 8.0, seed=2), ENS, BATCHED,
+            row("depth3", "fused", 0.88, 40, 0.5, 15.0, seed=6),
+            row("alpha", "fused", 0.86, 45, 0.55, 13.0, mem=12.0, seed=7)]
+    assert choose(rows, Budget(latency_ms={"1": 0.6, "32": 20.0}), ENS).chosen.key == "depth3"
+    # depth3 fits at batch 1 but not at batch 32 (15 ms > 14 ms): the next most accurate that fits both ships.
+    assert choose(rows, Budget(latency_ms={"1": 0.6, "32": 14.0}), ENS).chosen.key == "alpha"
+    assert choose(rows, Budget(latency_ms={"1": 0.6, "32": 14.0}, memory_mb=11.0), ENS).chosen.key == "member0"
+
+
+@pytest.mark.parametrize("apart,ships", [(3, "depth4"), (8, "alpha0.5")])
+def test_a_tie_within_noise_goes_to_the_clearly_faster(apart, ships):
+    # 3 samples apart is 1.7 standard errors (a tie): the 3× faster depth 4 ships. 8 apart is 2.8: a real gap.
+    slow = row("alpha0.5", "fused", 0, 80, 0.8, 25.0, val=correct(0.90, 8))
+    fast = row("depth4", "fused", 0, 27, 0.3, 8.0, val=worse_by(slow.val_correct, apart))
+    choice = choose([ENS, BATCHED, slow, fast], Budget(max_macs_ratio=0.9), ENS)
+    assert choice.chosen.key == ships
+    assert ("ties on validation" in choice.reason) == (ships == "depth4")
+
+
+def test_max_drop_ships_the_fastest_close_enough():
+    rows = [row("member0", "member", 0.85, 25, 0.25, 8.0, seed=2), ENS, BATCHED,
+            row("depth3", "fused", 0.905, 40, 0.5, 15.0, seed=6)]
+    assert choose(rows, Budget(max_drop=0.02), ENS).chosen.key == "depth3"
+    assert choose(rows, Budget(max_drop=0.10), ENS).chosen.key == "member0"
+
+
+def test_impossible_budget_names_the_cheapest():
+    rows = [row("member0", "member", 0.85, 25, 0.25, 8.0, seed=2), ENS, BATCHED]
+    with pytest.raises(ef.EdgefuseError, match=r"no candidate meets the budget \(p50 ≤ 0.1 ms at batch 1\); "
+                                               r"the cheapest is member0: p50 0.250 ms"):
+        choose(rows, Budget(latency_ms={"1": 0.1}), ENS)
+
+
+def test_identical_rows_keep_exactly_one():
+    a = row("a", "member", 0.9, 25, 0.3, 8.0, seed=3)
+    b = row("b", "member", 0.9, 25, 0.3, 8.0, val=a.val_correct)
+    assert dominance([a, b], ["1", "32"]) == {"b": "a"}
+
+
+def test_target_budget_applies_latency_at_every_batch_size():
+    tgt = parse_target("t", 'runtime = "onnxruntime"\ndevice = "cpu"\nbatch_sizes = [1, 32]\nlatency_budget_ms = 2.5\n')
+    assert target_budget(tgt).latency_ms == {"1": 2.5, "32": 2.5}
+    assert target_budget(tgt, latency_ms=1.0).latency_ms == {"1": 1.0, "32": 1.0}
+
+
+def test_paired_z_counts_only_disagreements():
+    a = np.array([1, 1, 1, 1, 0, 0], bool)
+    b = np.array([1, 1, 0, 0, 0, 1], bool)
+    assert paired_z(a, b) == pytest.approx((2 - 1) / np.sqrt(3))
+    assert paired_z(a, a) == 0.0

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 import edgefuse as ef
 from edgefuse.cli import cli
 from edgefuse.data import batches
-from edgefuse.pipeline import load_dataset
+from edgefuse.data import load_dataset
 
 REPORT_KEYS = ("accuracy", "nll", "macs", "params", "latency_ms")
 
@@ -30,13 +30,27 @@ def test_export_end_to_end(checkpoints, tmp_path):
         assert (out / name).is_file()
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     report = json.loads((out / "report.json").read_text())
-    assert report["target"] == "cpu-ort" and report["n_models"] == 3 and report["alpha"] is None
-    for entry in ("single", "ensemble", "ensemble_batched", "ensemble_sessions", "fused"):
+    assert report["target"] == "cpu-ort" and report["n_models"] == 3
+    for entry in ("single", "ensemble", "ensemble_batched", "ensemble_sessions", "fused", "distilled_member"):
         assert all(k in report[entry] for k in REPORT_KEYS)
         assert set(report[entry]["latency_ms"]) >= {"min", "p50", "p90", "p99"}
+        assert {"validation", "test"} <= set(report[entry])
     assert report["parity"]["max_abs_diff"] < 1e-4
     assert report["fused"]["macs"] <= 0.5 * report["ensemble"]["macs"]
-    assert report["candidates"][0]["accuracy"] == report["ensemble"]["accuracy"]
+    kinds = [c["kind"] for c in report["candidates"]]
+    assert kinds.count("member") == 3 and kinds.count("ensemble") == 3 and kinds.count("distilled member") == 1
+    # Nothing in the report dominates what shipped: validation accuracy at least as high and p50 no higher at
+    # every batch size.
+    shipped = next(c for c in report["candidates"] if c["key"] == report["shipped"]["key"])
+    for c in report["candidates"]:
+        if c is not shipped:
+            assert not (c["validation"]["accuracy"] >= shipped["validation"]["accuracy"] and all(
+                c["latency_by_batch"][b]["p50"] <= shipped["latency_by_batch"][b]["p50"]
+                for b in shipped["latency_by_batch"])), c["key"]
+        assert ("dominated_by" in c) and (c["dominated_by"] is None or c["dominated_by"] in
+                                          {d["key"] for d in report["candidates"]})
+    for c in report["candidates"]:  # every file the report names was published next to it
+        assert (out / c["file"]).is_file() if c.get("file") else c["key"] == "ensemble_sessions"
     assert report["ensemble_batched"]["accuracy"] == report["ensemble"]["accuracy"]
     assert report["ensemble_batched"]["onnx_nodes"] < report["ensemble"]["onnx_nodes"]
     for b, base in report["baseline_by_batch"].items():
@@ -54,9 +68,10 @@ def test_fuse_then_verify(checkpoints, tmp_path):
     result = json.loads(res.stdout)
     assert set(result["latency_ms"]) == {"1", "4"}
     models = ef.load_models("tests.nets:digits_cnn", checkpoints)  # the same job through the Python API
-    calib, x, y = load_dataset("digits")
+    s = load_dataset("digits")
+    x, y = s.x_test, s.y_test
     spec = ef.permutation_spec(models[0], x[:2])
-    fused = ef.fuse(ef.align(models, spec), spec, depth=2, data=batches(calib, batch_size=200))
+    fused = ef.fuse(ef.align(models, spec), spec, depth=2, data=batches(s.calib, batch_size=200))
     with torch.no_grad():
         expected = (fused(x).argmax(1) == y).double().mean().item()
     assert result["accuracy"] == pytest.approx(expected, abs=2e-3)
@@ -70,9 +85,11 @@ def test_fuse_alpha_with_partial_ot_exports(checkpoints, tmp_path):
     res = run("verify", str(out), "--dataset", "digits", "--batch", "2")
     assert res.exit_code == 0, res.output
     models = ef.load_models("tests.nets:digits_cnn", checkpoints)
-    calib, x, y = load_dataset("digits")
+    s = load_dataset("digits")
+    x, y = s.x_test, s.y_test
     spec = ef.permutation_spec(models[0], x[:2])
-    fused = ef.fuse(ef.align(models, spec), spec, alpha=0.5, data=batches(calib, batch_size=200), select="partial-ot")
+    fused = ef.fuse(ef.align(models, spec), spec, alpha=0.5, data=batches(s.calib, batch_size=200),
+                    select="partial-ot")
     with torch.no_grad():
         expected = (fused(x).argmax(1) == y).double().mean().item()
     assert json.loads(res.stdout)["accuracy"] == pytest.approx(expected, abs=2e-3)

@@ -13,8 +13,8 @@ from torch import nn
 
 import edgefuse as ef
 from edgefuse import zoo
-from edgefuse.build import build_engine, check_onnx, write_bundle
-from edgefuse.build.precision import export_fp16
+from edgefuse.device import build_engine, check_onnx, write_bundle
+from edgefuse.device.precision import export_fp16
 from edgefuse.runtime import OrtRunner
 from edgefuse.targets import available_targets, load_target, parse_target
 
@@ -142,7 +142,7 @@ def test_bundle_without_tensorrt_says_why(fused_cnn, tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None or not torch.cuda.is_available(), reason=NO_TRT)
 def test_engine_builds_and_matches(fused_cnn, tmp_path):
-    from edgefuse.build.deploy import check_bundle
+    from edgefuse.device.deploy import check_bundle
 
     bundle, _ = _bundle(fused_cnn, tmp_path)
     result = check_bundle(bundle, "tensorrt")

@@ -8,11 +8,15 @@ def test_zoo_caches_and_does_not_retrain(tmp_path, monkeypatch):
     x, y = data.digits()
     images = torch.nn.functional.interpolate(x[:256], size=28)
     monkeypatch.setattr(data, "fashion_mnist", lambda split="train": (images, y[:256]))
+    monkeypatch.setattr(data, "VALIDATION_IMAGES", 56)
     calls = []
     real = zoo.train_model
-    monkeypatch.setattr(zoo, "train_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(zoo, "train_model", lambda m, x, *a, **k: calls.append(x) or real(m, x, *a, **k))
     first, paths = zoo.zoo_models("mlp", 2, width=8, epochs=1, cache=tmp_path, quiet=True)
     assert len(calls) == 2 and all(p.suffix == ".safetensors" and p.is_file() for p in paths)
+    held_out = data.load_dataset("fashion-mnist").x_val
+    assert all(len(x) == 200 for x in calls)  # the validation images never reach training
+    assert not (calls[0][:, None] == held_out[None]).flatten(2).all(2).any()
     second, _ = zoo.zoo_models("mlp", 2, width=8, epochs=1, cache=tmp_path, quiet=True)
     assert len(calls) == 2
     with torch.no_grad():

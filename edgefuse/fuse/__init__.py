@@ -12,20 +12,23 @@ from ..spec import PermSpec
 from .batched import batch_models
 from .model import FusedModel, ensemble
 from .neuron import fuse_alpha
-from .repair import DISTILL_STEPS, REPAIRS, distill, reset_bn, rescale_units
+from ..data import require_batches
+from .distill import DistillConfig, distill
+from .repair import REPAIRS, reset_bn, rescale_units
 from .select import check_select
 from .split import fuse_depth
 
 
 def fuse(aligned: list[nn.Module], spec: PermSpec, depth: int | None = None, alpha=None,
          data: Iterable | None = None, repair: str | None = "bn", combine: str = "mean",
-         batch_heads: bool = False, head_outputs: bool = False, steps: int = DISTILL_STEPS,
+         batch_heads: bool = False, head_outputs: bool = False, steps: int = DistillConfig.steps,
          select: str = "cost") -> FusedModel:
     """Partially fuse aligned models. The inputs are never modified: the result owns copies of every tensor.
     `batch_heads=True` runs the N heads as one network of grouped kernels (same outputs, fewer kernels);
     `head_outputs=True` adds every head's output as a second output. `repair`: "bn" (reset BatchNorm statistics),
     "repair" (REPAIR: rescale merged units to their parents' statistics, then reset BN), "distill" (BN reset, then
-    `steps` steps of distillation towards the ensemble on the calibration inputs) or None. `select` ("cost" or
+    `steps` steps of distillation towards the ensemble on the calibration inputs, shifted and flipped when they are
+    images; `fuse/distill.py` trains on any other unlabeled set) or None. `select` ("cost" or
     "partial-ot", with alpha) decides which units stay isolated (see fuse/select.py)."""
     check_models(aligned, "fusion")
     if alpha is not None and depth is not None:
@@ -59,7 +62,8 @@ def _repair(fused: FusedModel, method: str | None, data, aligned: list[nn.Module
     if method is not None:
         reset_bn(fused, data)
     if method == "distill":
-        distill(fused, ensemble(aligned), data, steps=steps)
+        inputs = torch.cat(require_batches(data, "distillation"))
+        distill(fused, ensemble(aligned), inputs, DistillConfig(steps=steps), label="the fused model")
 
 
 def _merged_layers(fused: FusedModel, spec: PermSpec, layouts: dict | None) -> list:
@@ -85,4 +89,4 @@ def _merged_layers(fused: FusedModel, spec: PermSpec, layouts: dict | None) -> l
     return out
 
 
-__all__ = ["FusedModel", "batch_models", "ensemble", "fuse"]
+__all__ = ["DistillConfig", "FusedModel", "batch_models", "distill", "ensemble", "fuse"]

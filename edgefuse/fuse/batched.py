@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import EdgefuseError, UnsupportedModelError
 from ..trace import _ELEMENTWISE, _ELEMENTWISE_METHOD, _SAME, _SAME_FN, _SAME_METHOD
 from .layers import GroupedLinear, WideLinear, as_param, batched_conv, batched_norm, cat_copy
-from .model import COMBINES, combine_outputs
+from .combine import check_combine, combine_outputs
 
 _REDUCE = {torch.mean, torch.sum, torch.amax, torch.amin}
 _REDUCE_METHOD = {"mean", "sum", "amax", "amin"}
@@ -223,8 +223,7 @@ def batch_models(models: list[nn.Module], combine: str = "mean", head_outputs: b
     """One module computing the `combine` of the N members' outputs with grouped kernels (and, with
     `head_outputs`, every member's output too). It owns copies of every tensor; an operation without a batched form
     raises UnsupportedModelError naming the node."""
-    if combine not in COMBINES:
-        raise EdgefuseError(f"unknown combine '{combine}' (choose from {', '.join(COMBINES)})")
+    check_combine(combine)
     if len(models) < 1:
         raise EdgefuseError("batching needs at least one model")
     with torch.no_grad():

@@ -2,22 +2,13 @@
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from torch import nn
 
 from ..errors import EdgefuseError
-
-COMBINES = ("mean", "probs")
-
-
-def combine_outputs(outs: torch.Tensor, dim: int, combine: str) -> torch.Tensor:
-    """Mean over the members along `dim`; for "probs" the log of the mean probability, computed as a logsumexp
-    of log-softmaxes so that confident members never produce log(0)."""
-    if combine == "probs":
-        return torch.logsumexp(torch.log_softmax(outs, dim=-1), dim) - math.log(outs.shape[dim])
-    return outs.mean(dim)
+from .batched import batch_models
+from .combine import check_combine, combine_outputs
 
 
 class FusedModel(nn.Module):
@@ -29,8 +20,7 @@ class FusedModel(nn.Module):
     def __init__(self, trunk: nn.Module, heads: list[nn.Module], combine: str = "mean", batched: bool = False,
                  n_heads: int | None = None, head_outputs: bool = False) -> None:
         super().__init__()
-        if combine not in COMBINES:
-            raise EdgefuseError(f"unknown combine '{combine}' (choose from {', '.join(COMBINES)})")
+        check_combine(combine)
         if not heads:
             raise EdgefuseError("a fused model needs at least one head")
         self.trunk = trunk
@@ -50,8 +40,6 @@ class FusedModel(nn.Module):
 
     def batch_heads(self) -> FusedModel:
         """The same function with the N heads as one network of grouped kernels: fewer, larger kernels."""
-        from .batched import batch_models
-
         if self.batched:
             return copy.deepcopy(self)
         heads = batch_models(list(self.heads), self.combine, head_outputs=self.head_outputs)

@@ -3,17 +3,14 @@ must be corrected before it is useful: re-estimate BatchNorm ("bn"), rescale mer
 parents (REPAIR, for nets without BN: "repair"), or distil the fused model towards the ensemble ("distill")."""
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from ..data import require_batches
-from ..errors import EdgefuseError
 
 REPAIRS = ("bn", "repair", "distill", None)
-DISTILL_STEPS = 600
 
 
 def reset_bn(model: nn.Module, data: Iterable) -> nn.Module:
@@ -76,33 +73,3 @@ def rescale_units(fused: nn.Module, parents: list[nn.Module], layers: list[tuple
             new_bias = (bias - mean.float()) * scale + target_mean.float()
             layer.bias = nn.Parameter(new_bias)
     return fused
-
-
-def distill(student: nn.Module, teacher: nn.Module, data: Iterable, steps: int = DISTILL_STEPS,
-            lr: float = 1e-3, temperature: float = 2.0, quiet: bool | None = None) -> nn.Module:
-    """A short distillation of the fused model towards the ensemble's outputs on unlabeled calibration inputs
-    (KL divergence at `temperature`), BatchNorm statistics frozen. Only the student's own tensors change."""
-    from rich.console import Console
-    from rich.progress import Progress
-
-    xs = require_batches(data, "distillation")
-    if steps < 1:
-        raise EdgefuseError(f"distillation needs at least 1 step, got {steps}")
-    with torch.no_grad():
-        targets = [torch.log_softmax(teacher.eval()(x) / temperature, -1) for x in xs]
-    opt = torch.optim.Adam(student.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    student.eval()
-    quiet = not sys.stderr.isatty() if quiet is None else quiet
-    with Progress(console=Console(stderr=True), disable=quiet, transient=True) as progress:
-        task = progress.add_task("distilling towards the ensemble", total=steps)
-        for step in range(steps):
-            i = step % len(xs)
-            log_p = torch.log_softmax(student(xs[i]) / temperature, -1)
-            loss = nn.functional.kl_div(log_p, targets[i], log_target=True, reduction="batchmean") * temperature ** 2
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            progress.advance(task)
-    return student.eval()

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..export import export_onnx
 from ..runtime import OrtRunner, predict
-from ..verify import scores
+from ..metrics import scores
 
 # Half precision keeps ~3 decimal digits: parity against PyTorch's own FP16 run is checked at this tolerance.
 FP16_ATOL = 1e-2

@@ -1,0 +1,57 @@
+"""The honest baselines: each member, and the exact ensemble in its three forms (one graph with the members one
+after another, one batched graph of grouped kernels, N separate sessions), measured exactly like every fused point."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from ..data import Splits
+from ..export import onnx_nodes
+from ..fuse import ensemble
+from ..runtime import SessionsRunner, peak_memory_mb
+from .jobs import export_and_measure
+from .row import Candidate, measure, with_agreement
+
+EXACT = ("ensemble", "ensemble_batched", "ensemble_sessions")
+EXACT_LABELS = {"ensemble": "ensemble (members one after another, one graph)",
+                "ensemble_batched": "ensemble, batched (grouped kernels)"}
+
+
+def exact_ensembles(members: list[nn.Module], member_files: list[str], splits: Splits, batch_sizes: tuple[int, ...],
+                    threads: int, opset: int, out_dir: Path) -> tuple[dict[str, Candidate], dict[str, nn.Module]]:
+    """The three exact ensembles as candidates, and the modules of the two that are one graph."""
+    big = max(batch_sizes)
+    seq = ensemble(members)
+    rows, modules = {}, {}
+    for name, module in (("ensemble", seq), ("ensemble_batched", seq.batch_heads())):
+        rows[name] = export_and_measure(module, splits, out_dir / f"{name}.onnx", opset, batch_sizes, threads,
+                                        key=name, label=EXACT_LABELS[name], kind="ensemble")
+        modules[name] = module
+    runner = SessionsRunner(member_files, threads)
+    rows["ensemble_sessions"] = measure(seq, splits, batch_sizes=batch_sizes, threads=threads, runner=runner,
+                                        key="ensemble_sessions", label=f"ensemble, {len(members)} separate sessions",
+                                        kind="ensemble", onnx_nodes=sum(onnx_nodes(f) for f in member_files),
+                                        peak_memory_mb=peak_memory_mb(member_files, big, threads))
+    reference = rows["ensemble"].test_predictions
+    return {k: with_agreement(r, reference) for k, r in rows.items()}, modules
+
+
+def best_exact(rows: dict[str, Candidate]) -> dict[str, dict]:
+    """Per batch size, the fastest exact ensemble (p50): the honest baseline every latency is compared with."""
+    batches = rows["ensemble"].latency_by_batch
+    return {b: min(({"name": name, "p50": r.p50(b)} for name, r in rows.items()), key=lambda e: e["p50"])
+            for b in batches}
+
+
+def mean_of_members(members: list[Candidate]) -> dict:
+    """The report's `single` entry: scores averaged over the members (both splits), cost and latency of member 0."""
+    out = members[0].to_json()
+    out.pop("file", None)
+    for split in ("validation", "test"):
+        out[split] = {k: float(np.mean([getattr(m, split)[k] for m in members])) for k in members[0].test}
+    out |= out["test"] | {"key": "single", "label": "single (mean of members)",
+                          "point": None, "members": [{"key": m.key, "validation": m.validation, "test": m.test}
+                                                     for m in members]}
+    return out
