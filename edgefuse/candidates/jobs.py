@@ -82,7 +82,7 @@ def _distilled(student: nn.Module, job: Job, splits) -> None:
     if path is not None and path.is_file():
         student.load_state_dict(torch.load(path, weights_only=True))
         return
-    distill(student, ensemble(job.aligned), splits.x_train, cfg, label=job.point.label,
+    distill(student, ensemble(job.aligned, batched=True), splits.x_train, cfg, label=job.point.label,
             quiet=multiprocessing.parent_process() is not None or None)
     if path is not None:
         import io
