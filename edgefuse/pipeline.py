@@ -10,7 +10,7 @@ from rich.console import Console
 from torch import nn
 
 from .candidates import Point
-from .choose import Budget, Choice, choose, target_budget
+from .choose import Budget, Choice, choose, dominance, target_budget
 from .compete import DEFAULT_ALPHAS, Field, grid, distill_config, measure_field
 from .errors import EdgefuseError
 from .export import export_onnx, onnx_nodes, parity, parity_inputs
@@ -89,12 +89,14 @@ def _run(tgt: Target, models: list[nn.Module] | None, arch: str, n: int, dataset
 
 
 def _forced(f: Field, depth: int) -> Choice:
-    """--depth overrides the chooser: the batched ensemble for 0, else that depth (distilled when it was)."""
-    if depth == 0:
-        chosen = f.exact["ensemble_batched"]
-    else:
-        chosen = [c for c in f.others if c.depth == depth][-1]
-    return Choice(chosen, f"asked for with --depth {depth}", {}, (chosen.key,))
+    """--depth overrides the chooser: the batched ensemble for 0, else that depth (distilled when it was). The
+    report still says what dominates it."""
+    chosen = f.exact["ensemble_batched"] if depth == 0 else [c for c in f.others if c.depth == depth][-1]
+    beaten = dominance(f.rows, list(chosen.latency_by_batch))
+    reason = f"asked for with --depth {depth}"
+    if chosen.key in beaten:
+        reason += f"; {next(c.label for c in f.rows if c.key == beaten[chosen.key])} is as accurate and no slower"
+    return Choice(chosen, reason, beaten, (chosen.key,))
 
 
 def _head(tgt: Target, s: Setup, method: str, budget: Budget, cfg, max_depth: int) -> dict:

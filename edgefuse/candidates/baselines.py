@@ -12,7 +12,7 @@ from ..export import onnx_nodes
 from ..fuse import ensemble
 from ..runtime import SessionsRunner, peak_memory_mb
 from .jobs import export_and_measure
-from .row import Candidate, measure, with_agreement
+from .row import ALL_CORES, Candidate, measure, with_agreement
 
 EXACT = ("ensemble", "ensemble_batched", "ensemble_sessions")
 EXACT_LABELS = {"ensemble": "ensemble (members one after another, one graph)",
@@ -29,8 +29,9 @@ def exact_ensembles(members: list[nn.Module], member_files: list[str], splits: S
         rows[name] = export_and_measure(module, splits, out_dir / f"{name}.onnx", opset, batch_sizes, threads,
                                         key=name, label=EXACT_LABELS[name], kind="ensemble")
         modules[name] = module
-    runner = SessionsRunner(member_files, threads)
+    runner, predictor = SessionsRunner(member_files, threads), SessionsRunner(member_files, ALL_CORES)
     rows["ensemble_sessions"] = measure(seq, splits, batch_sizes=batch_sizes, threads=threads, runner=runner,
+                                        predictor=predictor,
                                         key="ensemble_sessions", label=f"ensemble, {len(members)} separate sessions",
                                         kind="ensemble", onnx_nodes=sum(onnx_nodes(f) for f in member_files),
                                         peak_memory_mb=peak_memory_mb(member_files, big, threads))

@@ -15,6 +15,8 @@ from ..metrics import macs, params, scores
 from ..runtime import OrtRunner, Runner, TorchRunner, latency, latency_batch, predict
 
 KINDS = ("member", "distilled member", "ensemble", "fused")
+ALL_CORES = os.cpu_count() or 1
+LATENCY_SECONDS = 0.5  # per batch size, at least 30 calls: enough for a stable p50 on these nets
 
 
 @dataclass(frozen=True)
@@ -119,13 +121,15 @@ class Candidate:
 
 
 def measure(module: nn.Module, splits: Splits, onnx_path: str | Path | None = None,
-            batch_sizes: tuple[int, ...] = (1,), threads: int = 1, budget_s: float = 1.0,
-            runner: Runner | None = None, **fields) -> Candidate:
+            batch_sizes: tuple[int, ...] = (1,), threads: int = 1, budget_s: float = LATENCY_SECONDS,
+            runner: Runner | None = None, predictor: Runner | None = None, **fields) -> Candidate:
     """Score `module` on the validation and test splits and time it, through `runner` when given, else the ONNX
-    file when given, else PyTorch. MACs and parameters always come from `module`."""
+    file when given, else PyTorch. Scores come from the same graph run on every core (`predictor`): only the timing
+    needs the target's thread count. MACs and parameters always come from `module`."""
     runner = runner or (OrtRunner(onnx_path, threads) if onnx_path else TorchRunner(module, threads))
-    val = predict(runner, splits.x_val)
-    test = predict(runner, splits.x_test)
+    predictor = predictor or (OrtRunner(onnx_path, ALL_CORES) if onnx_path else runner)
+    val = predict(predictor, splits.x_val)
+    test = predict(predictor, splits.x_test)
     lat = {str(b): latency(runner, latency_batch(splits.x_test, b), budget_s=budget_s) for b in batch_sizes}
     fields.setdefault("file", str(onnx_path) if onnx_path else None)
     return Candidate(validation=scores(val, splits.y_val), test=scores(test, splits.y_test),
