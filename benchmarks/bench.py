@@ -6,6 +6,7 @@ run, and writes build/bench/bench.json."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +22,8 @@ from edgefuse.fuse.split import average_state
 from edgefuse.pipeline import run_export
 
 ARCHS = ("mlp", "cnn")
-CURVE_ARCHS = ("cnn", "resnet20")
+# BENCH_CURVES=cnn skips the ResNet-20 curve (most of make bench's hour on 2 cores); curves.py runs one alone.
+CURVE_ARCHS = tuple(os.environ.get("BENCH_CURVES", "cnn,resnet20").split(","))
 METHODS = (("weight", {}), ("activation", {}), ("ot", {}), ("ot", {"reg": 0.05}))
 
 

@@ -115,6 +115,9 @@ def choose(rows: list[Candidate], budget: Budget, ensemble: Candidate) -> Choice
         reason = (f"ties on validation with the most accurate candidate, {best.label} ({chosen.accuracy:.4f} vs "
                   f"{best.accuracy:.4f}, {z:.1f} standard errors apart, under {NOISE_Z:g}), and is clearly faster "
                   f"(p50 {ratios})")
+    ties = [c.label for c in pool if c is not chosen and (z := tie_z(chosen, c)) is not None and abs(z) < NOISE_Z]
+    if ties:
+        reason += f"; within noise of it on validation (a tie): {', '.join(ties)}"
     if chosen.kind in ("member", "distilled member"):
         reason += f"; a single {chosen.kind} ships: no fused model or ensemble within the budget does better"
     return Choice(chosen, reason, beaten, tuple(c.key for c in within))

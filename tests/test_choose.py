@@ -73,6 +73,7 @@ def test_a_tie_within_noise_goes_to_the_clearly_faster(apart, ships):
     choice = choose([ENS, BATCHED, slow, fast], Budget(max_macs_ratio=0.9), ENS)
     assert choice.chosen.key == ships
     assert ("ties on validation" in choice.reason) == (ships == "depth4")
+    assert ("a tie): alpha0.5" in choice.reason) == (ships == "depth4")
 
 
 def test_max_drop_ships_the_fastest_close_enough():
