@@ -29,6 +29,12 @@ def check_models(models: list[nn.Module], what: str = "fusion") -> None:
             if shaped is not None:
                 raise EdgefuseError(f"model {i} has a different architecture from model 0: '{shaped}' has shape "
                                     f"{tuple(state[shaped].shape)}, model 0 {tuple(ref[shaped].shape)}")
-        bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        bad = nonfinite_tensor(m)
         if bad is not None:
             raise EdgefuseError(f"model {i}: '{bad}' holds NaN or Inf values")
+
+
+def nonfinite_tensor(model: nn.Module) -> str | None:
+    """The name of the first parameter or buffer holding NaN or Inf, if any."""
+    return next((k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()),
+                None)

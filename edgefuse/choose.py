@@ -123,12 +123,21 @@ def choose(rows: list[Candidate], budget: Budget, ensemble: Candidate) -> Choice
     return Choice(chosen, reason, beaten, tuple(c.key for c in within))
 
 
-def target_budget(tgt: Target, latency_ms: float | None = None, memory_mb: float | None = None,
+def target_budget(tgt: Target, latency_ms: float | tuple[float, ...] | None = None, memory_mb: float | None = None,
                   max_drop: float | None = None) -> Budget:
-    """The target's budgets, overridden where given. A latency budget applies to every batch size of the target
-    and only where latency is measured on the target's own runtime (onnxruntime here); a device's latency comes
-    from its bundle, so TensorRT targets use the MACs share as their proxy."""
+    """The target's budgets, overridden where given. A latency budget is one p50 per batch size of the target (a
+    single number applies to every batch size), and applies only where latency is measured on the target's own
+    runtime (onnxruntime here); a device's latency comes from its bundle, so TensorRT targets use the MACs share as
+    their proxy."""
     lat = latency_ms if latency_ms is not None else tgt.latency_budget_ms
     lat = lat if tgt.runtime == "onnxruntime" else None
-    return Budget(tgt.max_macs_ratio, {} if lat is None else {str(b): float(lat) for b in tgt.batch_sizes},
-                  memory_mb if memory_mb is not None else tgt.memory_budget_mb, max_drop)
+    if lat is None:
+        per_batch = {}
+    else:
+        values = tuple(lat) if isinstance(lat, (tuple, list)) else (lat,) * len(tgt.batch_sizes)
+        if len(values) != len(tgt.batch_sizes):
+            raise EdgefuseError(f"{len(values)} latency budgets for the {len(tgt.batch_sizes)} batch sizes of target "
+                                f"'{tgt.name}' ({', '.join(map(str, tgt.batch_sizes))}): give one, or one per size")
+        per_batch = {str(b): float(v) for b, v in zip(tgt.batch_sizes, values)}
+    return Budget(tgt.max_macs_ratio, per_batch, memory_mb if memory_mb is not None else tgt.memory_budget_mb,
+                  max_drop)

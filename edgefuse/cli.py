@@ -228,8 +228,9 @@ def verify(onnx_file: str, dataset: str, threads: int, batch_sizes: tuple[int, .
 @cli.command()
 @with_models
 @click.option("--target", default="cpu-ort", show_default=True, help="Name of a file in targets/, or a .toml path.")
-@click.option("--latency-ms", type=click.FloatRange(0, None, min_open=True), default=None,
-              help="p50 latency budget per call at every batch size of the target (default: the target's).")
+@click.option("--latency-ms", type=click.FloatRange(0, None, min_open=True), multiple=True,
+              help="p50 latency budget per call: once for every batch size of the target, or once per batch size "
+              "in the target's order (default: the target's).")
 @click.option("--memory-mb", type=click.FloatRange(0, None, min_open=True), default=None,
               help="Peak memory budget (default: the target's).")
 @click.option("--max-drop", type=click.FloatRange(0, 1), default=None,
@@ -263,7 +264,8 @@ def sweep(obj: dict, checkpoints, arch, model, n, cache, dataset, target, latenc
     console = _console(obj["quiet"])
     models = _models(arch, model, checkpoints, n, cache, obj["quiet"]) if model or checkpoints else None
     result = run_sweep(target, models, arch, n, dataset, out_root, cache, tuple(dict.fromkeys(methods)),
-                       tuple(alphas), tuple(None if r == "none" else r for r in dict.fromkeys(repairs)), latency_ms,
+                       tuple(alphas), tuple(None if r == "none" else r for r in dict.fromkeys(repairs)),
+                       (latency_ms[0] if len(latency_ms) == 1 else tuple(latency_ms)) if latency_ms else None,
                        memory_mb, max_drop, workers, ray_address, distill_steps, augment, console=console)
     _show(markdown(result))
     click.echo(f"chose {result['shipped']['label']} ({result['shipped']['kind']}); wrote "
@@ -277,4 +279,8 @@ cli.add_command(build)
 
 
 def main() -> None:
+    """SIGTERM (kill, timeout) unwinds like Ctrl-C: staging folders and locks are cleaned up on the way out."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     cli(prog_name="edgefuse")

@@ -87,6 +87,10 @@ def require_batches(data: Iterable | None, what: str) -> list[torch.Tensor]:
     xs = list(inputs_of(data))
     if not xs or sum(len(x) for x in xs) == 0:
         raise EdgefuseError(f"{what} needs calibration data, but the calibration set is empty")
+    for i, x in enumerate(xs):
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise EdgefuseError(f"{what}: calibration batch {i} holds {int((~torch.isfinite(x)).sum())} NaN or Inf "
+                                "values")
     return xs
 
 

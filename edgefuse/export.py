@@ -65,6 +65,10 @@ def parity(onnx_path: str | Path, module: nn.Module, inputs: list[torch.Tensor])
         for got, ref in zip(gots, refs):
             if got.shape != tuple(ref.shape):
                 raise EdgefuseError(f"ONNX output shape {got.shape} differs from PyTorch {tuple(ref.shape)}")
+            bad = int((~np.isfinite(got)).sum() + (~np.isfinite(ref.numpy())).sum())
+            if bad:
+                raise EdgefuseError(f"{bad} non-finite values in the outputs of the ONNX graph or the PyTorch model "
+                                    f"at batch {len(x)}: NaN or Inf is never a result")
             worst = max(worst, float(np.abs(got - ref.numpy()).max()))
     return worst
 

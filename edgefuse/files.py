@@ -1,9 +1,14 @@
 """Atomic output: write beside the destination, then rename, so a failure never leaves a half-written file."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
+
+from .errors import EdgefuseError
 
 
 def new_temp_path(dest: Path, suffix: str = "") -> Path:
@@ -38,15 +43,77 @@ def atomic_write_text(dest: str | Path, text: str) -> Path:
 
 
 def publish(stage: Path, dest: Path) -> list[Path]:
-    """Move every file of a finished staging folder into `dest`, each by an atomic rename. Until this runs, a
-    failure has touched nothing in `dest`."""
+    """Move every top-level entry of a finished staging folder into `dest`, each by an atomic rename; a folder
+    replaces its namesake as a whole, so no file of an earlier export survives inside it. Entries of `dest` that the
+    stage does not have (a sweep/ beside an export) are left alone. Until this runs, `dest` is untouched."""
+    dest.mkdir(parents=True, exist_ok=True)
     moved = []
-    for src in sorted(p for p in stage.rglob("*") if p.is_file()):
-        target = dest / src.relative_to(stage)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(src, target)
+    for src in sorted(stage.iterdir()):
+        target = dest / src.name
+        if src.is_dir() and target.is_dir():
+            old = Path(tempfile.mkdtemp(dir=dest, prefix=f".{src.name}-old-"))
+            os.replace(target, old / src.name)
+            os.replace(src, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(src, target)
         moved.append(target)
     return moved
+
+
+def writable(folder: Path) -> None:
+    """Check before any work that `folder` can be created and written, so a bad output path fails in a second."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise EdgefuseError(f"cannot write to {folder}: {existing} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise EdgefuseError(f"cannot write to {folder}: {e.strerror or e}") from None
+
+
+def stale_pid(path: Path, grace_s: float = 10.0) -> bool:
+    """True when `path` names a process (its first line) that no longer runs. A lock without a readable pid is
+    stale only after `grace_s` seconds: its writer may be between creating it and writing its pid."""
+    try:
+        os.kill(int(path.read_text().split()[0]), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, IndexError):
+        return time.time() - path.stat().st_mtime > grace_s
+    except FileNotFoundError:
+        return True
+    except PermissionError:  # the process exists, under another user
+        return False
+    return False
+
+
+@contextlib.contextmanager
+def exclusive(lock: Path, what: str):
+    """One writer at a time: a lock file holding the writer's pid, taken over when that process is gone, removed
+    when the writer is done. A second writer gets a one-line error instead of mixing its files with the first's."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            if not stale_pid(lock):
+                holder = " ".join(lock.read_text().split()[:1]) if lock.exists() else "?"
+                raise EdgefuseError(f"another edgefuse process (pid {holder}) is writing {what}; wait for it to "
+                                    "finish") from None
+            lock.unlink(missing_ok=True)
+    else:
+        raise EdgefuseError(f"cannot take the lock {lock} for {what}")
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.close(fd)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
 
 
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:

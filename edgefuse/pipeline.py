@@ -14,7 +14,7 @@ from .choose import Budget, Choice, choose, dominance, target_budget
 from .compete import DEFAULT_ALPHAS, Field, grid, distill_config, measure_field
 from .errors import EdgefuseError
 from .export import export_onnx, onnx_nodes, parity, parity_inputs
-from .files import publish
+from .files import exclusive, publish, writable
 from .fuse import fuse
 from .gpucheck import run_gpu_check
 from .metrics import scores
@@ -38,13 +38,16 @@ def run_export(target: str = "cpu-ort", models: list[nn.Module] | None = None, a
     out_dir = Path(out_root) / tgt.name
     if (out_dir / "model.onnx").exists() and not force:
         raise EdgefuseError(f"{out_dir} holds an earlier export (use --force to replace it)")
-    Path(out_root).mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(dir=out_root, prefix=f".{tgt.name}-staging-"))
-    try:
-        report = _run(tgt, models, arch, n, dataset, stage, cache, method, depth, console, augment)
-        publish(stage, out_dir)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    writable(Path(out_root))
+    with exclusive(Path(out_root) / f".{tgt.name}.lock", str(out_dir)):
+        for stale in Path(out_root).glob(f".{tgt.name}-staging-*"):  # left by a killed run: we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        stage = Path(tempfile.mkdtemp(dir=out_root, prefix=f".{tgt.name}-staging-"))
+        try:
+            report = _run(tgt, models, arch, n, dataset, stage, cache, method, depth, console, augment)
+            publish(stage, out_dir)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
     return report
 
 

@@ -112,7 +112,13 @@ def _cut_points(gm: fx.GraphModule, weight_layers: list[fx.Node], value: dict) -
 
 
 def permutation_spec(model: nn.Module, example_input: torch.Tensor) -> PermSpec:
-    """Derive the PermSpec of `model` by tracing it on `example_input`; unsupported ops raise UnsupportedModelError."""
+    """Derive the PermSpec of `model` by tracing it on `example_input`; unsupported ops raise UnsupportedModelError.
+    A model in training mode is refused: running it would update its BatchNorm statistics, and reading a model must
+    never change it."""
+    training = next((name or "the model" for name, m in model.named_modules() if m.training), None)
+    if training is not None:
+        raise EdgefuseError(f"{training} is in training mode: call .eval() first (tracing it would update its "
+                            "BatchNorm statistics)")
     gm = trace(model, example_input)
     t = GroupTracer(gm)
     t.run()

@@ -12,6 +12,7 @@ from .candidates import fingerprint
 from .choose import choose, target_budget
 from .compete import DEFAULT_ALPHAS, distill_config, grid, measure_field
 from .errors import EdgefuseError
+from .files import writable
 from .prepare import prepare
 from .report import build_report, write_report
 from .targets import load_target
@@ -20,7 +21,7 @@ from .targets import load_target
 def run_sweep(target: str = "cpu-ort", models: list[nn.Module] | None = None, arch: str = "cnn", n: int = 4,
               dataset: str = "fashion-mnist", out_root: str | Path = "build", cache: str | Path = "build/cache",
               methods: tuple[str, ...] = ("weight",), alphas: tuple[float, ...] = DEFAULT_ALPHAS,
-              repairs: tuple = ("bn",), latency_ms: float | None = None, memory_mb: float | None = None,
+              repairs: tuple = ("bn",), latency_ms: float | tuple[float, ...] | None = None, memory_mb: float | None = None,
               max_drop: float | None = None, workers: int = 1, ray_address: str | None = None,
               distill_steps: int | None = None, augment: bool | None = None, console: Console | None = None) -> dict:
     """Measure the grid and choose within the budget (the target's, overridden where given); writes
@@ -31,10 +32,10 @@ def run_sweep(target: str = "cpu-ort", models: list[nn.Module] | None = None, ar
         raise EdgefuseError(f"target '{tgt.name}' is measured by make gpu-check, not by a sweep")
     if distill_steps is not None:
         tgt = replace(tgt, distill_steps=distill_steps)
-    out = Path(out_root) / tgt.name / "sweep"
-    (out / "points").mkdir(parents=True, exist_ok=True)
-    s = prepare(models, arch, n, dataset, cache, tuple(methods), console)
     budget = target_budget(tgt, latency_ms, memory_mb, max_drop)
+    out = Path(out_root) / tgt.name / "sweep"
+    writable(out / "points")
+    s = prepare(models, arch, n, dataset, cache, tuple(methods), console)
     cfg = distill_config(tgt, augment)
     key = fingerprint(s.models, Path(tgt.source).read_text(), dataset, repr(cfg))
     points = grid(len(s.spec.cut_points), alphas, methods, repairs)

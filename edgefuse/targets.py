@@ -1,6 +1,7 @@
 """Deployment targets: one TOML file each in targets/, parsed into a frozen dataclass; unknown keys are errors."""
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from dataclasses import dataclass, fields
@@ -22,7 +23,7 @@ class Target:
     threads: int = 1
     batch_sizes: tuple[int, ...] = (1,)
     max_macs_ratio: float = 0.5
-    latency_budget_ms: float | None = None
+    latency_budget_ms: float | tuple[float, ...] | None = None
     memory_budget_mb: float | None = None
     batch_heads: bool = True
     distill_steps: int = 0
@@ -99,6 +100,56 @@ def _validate(raw: dict, source: str) -> None:
             fail("DLA on TensorRT 11.4+ needs a strongly typed network: set strongly_typed = true")
 
 
+# Each key's type and range: ints are never booleans, numbers are finite; (low, high) bounds are inclusive except
+# max_macs_ratio's lower one. Opsets: what edgefuse's two exporters write (TorchScript up to 17, dynamo 18 to 23).
+INTS = {"opset": (9, 23), "threads": (1, 256), "workspace_mb": (1, 1 << 20), "distill_steps": (0, 10_000_000),
+        "distill_batch_size": (1, 65536)}
+NUMBERS = {"max_macs_ratio": (0.0, 1.0), "memory_budget_mb": (1e-9, 1e9), "atol": (0.0, 1e9), "rtol": (0.0, 1e9)}
+BOOLS = ("batch_heads", "gpu_fallback", "strongly_typed", "distill_augment")
+STRINGS = ("runtime", "device", "precision", "description", "tensorrt", "io_precision")
+MAX_BATCH = 65536
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _positive(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def _check_values(raw: dict, source: str) -> None:
+    """Types and ranges of every key, each failure one line naming the key and what it must be."""
+    def fail(key: str, what: str) -> None:
+        raise EdgefuseError(f"target file {source}: {key} must be {what}, got {raw[key]!r}")
+
+    for key, (low, high) in INTS.items():
+        if key in raw and not (_is_int(raw[key]) and low <= raw[key] <= high):
+            fail(key, f"an integer from {low} to {high}")
+    for key, (low, high) in NUMBERS.items():
+        v = raw.get(key)
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                  and low <= v <= high and (key != "max_macs_ratio" or v > 0)):
+            fail(key, f"a number from {low:g} to {high:g}" + (", above 0" if key == "max_macs_ratio" else ""))
+    for key in BOOLS:
+        if key in raw and not isinstance(raw[key], bool):
+            fail(key, "true or false")
+    for key in STRINGS:
+        if key in raw and not isinstance(raw[key], str):
+            fail(key, "a string")
+    if "batch_sizes" in raw and not (isinstance(raw["batch_sizes"], list) and raw["batch_sizes"] and
+                                     all(_is_int(b) and 1 <= b <= MAX_BATCH for b in raw["batch_sizes"])):
+        fail("batch_sizes", f"a non-empty list of integers from 1 to {MAX_BATCH}")
+    lat = raw.get("latency_budget_ms")
+    values = lat if isinstance(lat, list) else [lat]
+    if lat is not None and (not values or not all(_positive(v) for v in values)):
+        fail("latency_budget_ms", "a positive number of milliseconds, or a list of them, one per batch size")
+    if "dla_core" in raw and not (_is_int(raw["dla_core"]) and 0 <= raw["dla_core"] <= 1):
+        fail("dla_core", "0 or 1")
+    if "profile" in raw and not isinstance(raw["profile"], list):
+        fail("profile", "a list [min, opt, max]")
+
+
 def targets_dirs() -> list[Path]:
     dirs = [Path(os.environ["EDGEFUSE_TARGETS"])] if os.environ.get("EDGEFUSE_TARGETS") else []
     return dirs + [Path.cwd() / "targets", Path(__file__).resolve().parents[1] / "targets"]
@@ -124,19 +175,15 @@ def parse_target(name: str, text: str, source: str = "<string>") -> Target:
         raise EdgefuseError(f"target file {source}: runtime must be one of {', '.join(RUNTIMES)}")
     if raw.get("precision", "fp32") not in PRECISIONS:
         raise EdgefuseError(f"target file {source}: precision must be one of {', '.join(PRECISIONS)}")
+    _check_values(raw, source)
     batches = raw.get("batch_sizes", [1])
-    if not batches or not all(isinstance(b, int) and b >= 1 for b in batches):
-        raise EdgefuseError(f"target file {source}: batch_sizes must be a list of positive integers")
-    for key, low in (("distill_steps", 0), ("distill_batch_size", 1)):
-        v = raw.get(key, low)
-        if not isinstance(v, int) or isinstance(v, bool) or v < low:
-            raise EdgefuseError(f"target file {source}: {key} must be an integer of at least {low}")
-    if not isinstance(raw.get("distill_augment", True), bool):
-        raise EdgefuseError(f"target file {source}: distill_augment must be true or false")
-    if not 0 < float(raw.get("max_macs_ratio", 0.5)) <= 1:
-        raise EdgefuseError(f"target file {source}: max_macs_ratio must be in (0, 1]")
     _validate(raw, source)
     raw["batch_sizes"] = tuple(batches)
+    if isinstance(raw.get("latency_budget_ms"), list):
+        if len(raw["latency_budget_ms"]) != len(batches):
+            raise EdgefuseError(f"target file {source}: latency_budget_ms has {len(raw['latency_budget_ms'])} values "
+                                f"for {len(batches)} batch sizes: give one, or one per batch size")
+        raw["latency_budget_ms"] = tuple(raw["latency_budget_ms"])
     if "profile" in raw:
         raw["profile"] = tuple(raw["profile"])
     return Target(name=name, source=source, **raw)

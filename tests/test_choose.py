@@ -100,6 +100,14 @@ def test_target_budget_applies_latency_at_every_batch_size():
     tgt = parse_target("t", 'runtime = "onnxruntime"\ndevice = "cpu"\nbatch_sizes = [1, 32]\nlatency_budget_ms = 2.5\n')
     assert target_budget(tgt).latency_ms == {"1": 2.5, "32": 2.5}
     assert target_budget(tgt, latency_ms=1.0).latency_ms == {"1": 1.0, "32": 1.0}
+    assert target_budget(tgt, latency_ms=(0.2, 6.0)).latency_ms == {"1": 0.2, "32": 6.0}
+    with pytest.raises(ef.EdgefuseError, match="3 latency budgets for the 2 batch sizes"):
+        target_budget(tgt, latency_ms=(0.2, 6.0, 9.0))
+    per_batch = parse_target("t", 'runtime = "onnxruntime"\ndevice = "cpu"\nbatch_sizes = [1, 32]\n'
+                                  'latency_budget_ms = [0.5, 8.0]\n')
+    assert target_budget(per_batch).latency_ms == {"1": 0.5, "32": 8.0}
+    with pytest.raises(ef.EdgefuseError, match="has 1 values for 2 batch sizes"):
+        parse_target("t", 'runtime = "onnxruntime"\ndevice = "cpu"\nbatch_sizes = [1, 32]\nlatency_budget_ms = [1.0]\n')
 
 
 def test_paired_z_counts_only_disagreements():

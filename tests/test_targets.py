@@ -131,6 +131,45 @@ def test_bundle_self_check_passes_and_catches_tampering(fused_cnn, tmp_path):
     assert bad.returncode == 1 and "FAIL" in bad.stdout and "output 0" in bad.stdout
 
 
+def _breakers():
+    def nan_refs(b):
+        refs = dict(np.load(b / "reference_outputs.npz"))
+        refs["out0"][:] = np.nan
+        np.savez(b / "reference_outputs.npz", **refs)
+
+    def one_inf_ref(b):
+        refs = dict(np.load(b / "reference_outputs.npz"))
+        refs["out0"][0, 0] = np.inf
+        np.savez(b / "reference_outputs.npz", **refs)
+
+    def string_tolerance(b):
+        t = json.loads((b / "target.json").read_text())
+        t["atol"] = "0.1"
+        (b / "target.json").write_text(json.dumps(t))
+
+    return {
+        "NaN references": (nan_refs, "NaN or Inf"),
+        "one Inf reference": (one_inf_ref, "NaN or Inf"),
+        "broken target.json": (lambda b: (b / "target.json").write_text("{not json"), "not valid JSON"),
+        "string tolerance": (string_tolerance, "atol must be a non-negative number"),
+        "pickled inputs": (lambda b: np.save(b / "golden_inputs.npy", np.array([{"a": 1}], dtype=object)),
+                           "cannot read the bundle's golden inputs"),
+        "truncated model": (lambda b: (b / "model.onnx").write_bytes((b / "model.onnx").read_bytes()[:100]),
+                            "could not check the bundle"),
+    }
+
+
+@pytest.mark.parametrize("case", list(_breakers()))
+def test_broken_bundle_is_one_line_and_exit_2(fused_cnn, tmp_path, case):
+    bundle, _ = _bundle(fused_cnn, tmp_path)
+    breaker, message = _breakers()[case]
+    breaker(bundle)
+    res = subprocess.run([sys.executable, str(bundle / "deploy.py"), "--runtime", "onnxruntime"],
+                         capture_output=True, text=True, timeout=300, cwd="/")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and message in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and "PASS" not in res.stdout
+
+
 def test_bundle_without_tensorrt_says_why(fused_cnn, tmp_path):
     bundle, _ = _bundle(fused_cnn, tmp_path)
     if importlib.util.find_spec("tensorrt"):

@@ -5,7 +5,8 @@ This file is edgefuse's TensorRT builder and runner, and it is copied as-is into
 Python 3.8+, numpy and either the TensorRT Python bindings (with torch for device buffers) or the `trtexec` tool.
 `--runtime onnxruntime` runs the same check with onnxruntime, which is how the bundle is tested off the device.
 
-    python3 deploy.py                 # in the bundle folder: build, check, time (exit 0 = outputs match)
+    python3 deploy.py                 # in the bundle folder: build, check, time
+                                      # exit 0 = PASS, 1 = FAIL (outputs differ), 2 = could not check
     python3 deploy.py --runtime trtexec
 """
 from __future__ import annotations
@@ -224,6 +225,31 @@ def compare(outputs: list[np.ndarray], references: list[np.ndarray], atol: float
     return problems
 
 
+def _read_bundle(bundle: Path) -> tuple[dict, np.ndarray, list[np.ndarray]]:
+    """The target, golden inputs and references, each checked: a broken bundle is "could not check", never PASS."""
+    try:
+        target = json.loads((bundle / "target.json").read_text())
+    except (ValueError, OSError) as e:
+        raise DeployError(f"{bundle / 'target.json'} is not valid JSON: {e}") from None
+    for key in ("atol", "rtol"):
+        v = target.get(key) if isinstance(target, dict) else None
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v) or v < 0:
+            raise DeployError(f"{bundle / 'target.json'}: {key} must be a non-negative number, got {v!r}")
+    try:  # allow_pickle=False: a bundle's arrays never run code
+        x = np.load(bundle / "golden_inputs.npy", allow_pickle=False)
+        with np.load(bundle / "reference_outputs.npz", allow_pickle=False) as refs:
+            references = [refs[k] for k in sorted(refs.files)]
+    except (ValueError, OSError, EOFError) as e:
+        raise DeployError(f"cannot read the bundle's golden inputs or reference outputs: {e}") from None
+    for name, arrays in (("golden inputs", [x]), ("reference outputs", references)):
+        if not arrays or any(a.size == 0 or a.dtype.kind not in "fiu" for a in arrays):
+            raise DeployError(f"the bundle's {name} are empty or not numeric")
+        bad = sum(int((~np.isfinite(a)).sum()) for a in arrays)
+        if bad:
+            raise DeployError(f"the bundle's {name} hold {bad} NaN or Inf values: nothing to compare against")
+    return target, x, references
+
+
 def check_bundle(bundle: Path, runtime: str = "auto") -> dict:
     """Build (TensorRT), run the golden inputs, compare, time. Returns the result; raises DeployError on bad
     input."""
@@ -231,10 +257,7 @@ def check_bundle(bundle: Path, runtime: str = "auto") -> dict:
     for name in ("model.onnx", "target.json", "golden_inputs.npy", "reference_outputs.npz"):
         if not (bundle / name).is_file():
             raise DeployError(f"{bundle / name} is missing: is this an edgefuse bundle?")
-    target = json.loads((bundle / "target.json").read_text())
-    x = np.load(bundle / "golden_inputs.npy")
-    with np.load(bundle / "reference_outputs.npz") as refs:
-        references = [refs[k] for k in sorted(refs.files)]
+    target, x, references = _read_bundle(bundle)
     if runtime == "auto":
         try:
             _trt()
@@ -270,6 +293,10 @@ def main(argv: list[str] | None = None) -> int:
         result = check_bundle(Path(args.bundle), args.runtime)
     except DeployError as e:
         print(f"deploy: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a runtime's own error (a truncated model.onnx, a failed build): still one line
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"deploy: error: could not check the bundle: {type(e).__name__}: {first}", file=sys.stderr)
         return 2
     lat = result["latency_ms"]
     print(f"{result['runtime']}, batch {result['batch']}: p50 {lat['p50']:.3f} ms (min {lat['min']:.3f}, "

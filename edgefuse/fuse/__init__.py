@@ -6,7 +6,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..checks import check_models
+from ..checks import check_models, nonfinite_tensor
 from ..errors import EdgefuseError
 from ..spec import PermSpec
 from .batched import batch_models
@@ -44,7 +44,7 @@ def fuse(aligned: list[nn.Module], spec: PermSpec, depth: int | None = None, alp
         fused.widths = {g: len(lay.fused) + len(aligned) * len(lay.isolated) for g, lay in layouts.items()}
         if any(len(lay.fused) for lay in layouts.values()):  # alpha=1 is the ensemble itself: nothing to repair
             _repair(fused.eval(), repair, data, parents, spec, layouts, steps)
-        return fused.eval()
+        return _finite(fused.eval(), repair)
     if depth is None:
         raise EdgefuseError("fuse needs depth=k (0 = ensemble, len(spec.cut_points) = full merge) or alpha=a "
                             "(1 = ensemble, 0 = full merge)")
@@ -52,7 +52,16 @@ def fuse(aligned: list[nn.Module], spec: PermSpec, depth: int | None = None, alp
     if depth > 0:
         _repair(fused, repair, data, aligned, spec, None, steps)
     fused.head_outputs = head_outputs
-    return fused.batch_heads() if batch_heads else fused
+    return _finite(fused.batch_heads() if batch_heads else fused, repair)
+
+
+def _finite(fused: FusedModel, repair: str | None) -> FusedModel:
+    """Averaged extreme weights or BatchNorm statistics can overflow: a NaN model is an error, never a result."""
+    bad = nonfinite_tensor(fused)
+    if bad is not None:
+        raise EdgefuseError(f"the fused model's '{bad}' holds NaN or Inf values after fusion and repair "
+                            f"'{repair}' (extreme weights in a checkpoint?)")
+    return fused
 
 
 def _repair(fused: FusedModel, method: str | None, data, aligned: list[nn.Module], spec: PermSpec,

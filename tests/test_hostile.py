@@ -1,0 +1,160 @@
+"""A hostile but fair user: non-finite numbers, reads that must not write, two exports racing for one folder,
+stale leftovers of killed runs, and target files with values of the wrong type or range."""
+import copy
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
+
+import edgefuse as ef
+from edgefuse.cli import cli
+from edgefuse.files import exclusive, publish
+from edgefuse.metrics import scores
+from edgefuse.targets import parse_target
+
+from .test_bad_input import CNN, snapshot
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_calibration_data_is_refused(cnns, poison):
+    spec = ef.permutation_spec(cnns[0], torch.rand(2, 1, 8, 8))
+    calib = torch.rand(16, 1, 8, 8)
+    calib[3, 0, 2, 2] = poison
+    with pytest.raises(ef.EdgefuseError, match="calibration batch 0 holds 1 NaN or Inf"):
+        ef.fuse(cnns, spec, depth=1, data=[calib])
+
+
+def test_fuzzed_calibration_data_gives_a_refusal_or_a_finite_model(cnns):
+    spec = ef.permutation_spec(cnns[0], torch.rand(2, 1, 8, 8))
+    gen = torch.Generator().manual_seed(0)
+    values = (float("nan"), float("inf"), 1e30, -1e38, 3e38, 0.0)
+    for trial in range(12):
+        calib = torch.rand(32, 1, 8, 8, generator=gen)
+        idx = torch.randint(0, calib.numel(), (int(torch.randint(1, 5, (1,), generator=gen)),), generator=gen)
+        calib.view(-1)[idx] = values[trial % len(values)]
+        try:
+            fused = ef.fuse(cnns, spec, depth=1 + trial % 3, data=[calib])
+        except ef.EdgefuseError:
+            continue
+        assert all(torch.isfinite(v).all() for v in fused.state_dict().values() if v.is_floating_point())
+        with torch.no_grad():
+            assert torch.isfinite(fused(torch.rand(4, 1, 8, 8))).all()
+
+
+def test_a_checkpoint_that_overflows_when_fused_is_refused(cnns):
+    models = [copy.deepcopy(m) for m in cnns[:2]]
+    with torch.no_grad():
+        models[0][1].weight.fill_(3e38)  # a finite conv weight whose outputs overflow: BN reset makes Inf/NaN
+    spec = ef.permutation_spec(models[0], torch.rand(2, 1, 8, 8))
+    with pytest.raises(ef.EdgefuseError, match="NaN or Inf values after fusion"):
+        ef.fuse(models, spec, depth=1, data=[torch.rand(16, 1, 8, 8)])
+
+
+def test_reading_a_model_never_changes_it(cnns):
+    model = copy.deepcopy(cnns[0]).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ef.EdgefuseError, match="training mode: call .eval"):
+        ef.permutation_spec(model, torch.rand(2, 1, 8, 8))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model.eval()
+    ef.permutation_spec(model, torch.rand(2, 1, 8, 8))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class NaNAfter(torch.nn.Module):
+    def forward(self, x):
+        return x.flatten(1)[:, :10] * float("nan")
+
+
+def test_onnx_parity_fails_on_non_finite_outputs(tmp_path):
+    with pytest.raises(ef.EdgefuseError, match="non-finite values"):
+        ef.export_onnx(NaNAfter(), torch.rand(2, 1, 8, 8), tmp_path / "nan.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+def test_scores_refuse_non_finite_outputs():
+    logits = np.zeros((5, 3))
+    logits[1, 2] = np.nan
+    logits[4, 0] = np.inf
+    with pytest.raises(ef.EdgefuseError, match="non-finite outputs for 2 of 5 inputs"):
+        scores(logits, torch.zeros(5, dtype=torch.long))
+
+
+def test_a_second_writer_gets_one_line_and_a_dead_ones_lock_is_taken_over(tmp_path):
+    lock = tmp_path / ".cpu-ort.lock"
+    with exclusive(lock, "build/cpu-ort"):
+        assert lock.read_text().strip() == str(os.getpid())
+        with pytest.raises(ef.EdgefuseError, match=f"another edgefuse process \\(pid {os.getpid()}\\) is writing"):
+            with exclusive(lock, "build/cpu-ort"):
+                pass
+    assert not lock.exists()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(dead.stdout)
+    with exclusive(lock, "build/cpu-ort"):
+        assert lock.read_text().strip() == str(os.getpid())
+
+
+def test_publish_replaces_folders_whole_and_keeps_what_it_does_not_own(tmp_path):
+    dest, stage = tmp_path / "out", tmp_path / "stage"
+    (dest / "candidates").mkdir(parents=True)
+    (dest / "candidates" / "old.onnx").write_text("earlier export")
+    (dest / "sweep").mkdir()
+    (dest / "sweep" / "sweep.json").write_text("{}")
+    (stage / "candidates").mkdir(parents=True)
+    (stage / "candidates" / "new.onnx").write_text("this export")
+    (stage / "model.onnx").write_text("model")
+    publish(stage, dest)
+    assert snapshot(dest).keys() == {"candidates/new.onnx", "model.onnx", "sweep/sweep.json"}
+    assert not [p for p in dest.iterdir() if p.name.startswith(".")]
+
+
+def test_export_cleans_a_killed_runs_staging_and_reports_published_files(tmp_path, monkeypatch, cnns):
+    monkeypatch.chdir(tmp_path)
+    for i, m in enumerate(cnns[:2]):
+        save_file(m.state_dict(), tmp_path / f"m{i}.safetensors")
+    stale = tmp_path / "b" / ".cpu-ort-staging-killed"
+    (stale / "candidates").mkdir(parents=True)
+    (stale / "candidates" / "x.onnx").write_bytes(b"half written")
+    (tmp_path / "b" / "cpu-ort" / "candidates").mkdir(parents=True)
+    (tmp_path / "b" / "cpu-ort" / "candidates" / "from-an-earlier-export.onnx").write_bytes(b"old")
+    res = CliRunner().invoke(cli, ["-q", "export", "--model", CNN, "m0.safetensors", "m1.safetensors", "--dataset",
+                                   "digits", "--out-root", "b", "--depth", "1", "--force"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["cpu-ort"]  # no staging folder, no lock
+    out = tmp_path / "b" / "cpu-ort"
+    assert not (out / "candidates" / "from-an-earlier-export.onnx").exists()
+    import json
+    report = json.loads((out / "report.json").read_text())
+    assert all((out / c["file"]).is_file() for c in report["candidates"] if c["file"])
+
+
+@pytest.mark.parametrize("line,message", [
+    ("opset = 99", "opset must be an integer from 9 to 23, got 99"),
+    ("opset = 5", "opset must be an integer from 9 to 23, got 5"),
+    ("batch_sizes = [1000000000]", "batch_sizes must be a non-empty list of integers from 1 to 65536"),
+    ("batch_sizes = 32", "batch_sizes must be a non-empty list"),
+    ('threads = "two"', "threads must be an integer from 1 to 256, got 'two'"),
+    ("threads = 0", "threads must be an integer from 1 to 256"),
+    ('max_macs_ratio = "abc"', "max_macs_ratio must be a number"),
+    ("max_macs_ratio = nan", "max_macs_ratio must be a number"),
+    ("latency_budget_ms = -1.0", "latency_budget_ms must be a number"),
+    ("batch_heads = 1", "batch_heads must be true or false"),
+    ("distill_steps = true", "distill_steps must be an integer"),
+])
+def test_target_values_are_checked_by_type_and_range(line, message):
+    with pytest.raises(ef.EdgefuseError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        parse_target("t", f'runtime = "onnxruntime"\ndevice = "cpu"\n{line}\n', "t.toml")
+
+
+def test_an_output_folder_under_a_file_fails_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("not a folder")
+    before = snapshot(tmp_path)
+    res = CliRunner().invoke(cli, ["-q", "export", "--out-root", "afile/build"])
+    assert res.exit_code == 1 and "afile is a file, not a folder" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1 and snapshot(tmp_path) == before
