@@ -113,12 +113,10 @@ def _cut_points(gm: fx.GraphModule, weight_layers: list[fx.Node], value: dict) -
 
 def permutation_spec(model: nn.Module, example_input: torch.Tensor) -> PermSpec:
     """Derive the PermSpec of `model` by tracing it on `example_input`; unsupported ops raise UnsupportedModelError.
-    A model in training mode is refused: running it would update its BatchNorm statistics, and reading a model must
-    never change it."""
-    training = next((name or "the model" for name, m in model.named_modules() if m.training), None)
-    if training is not None:
-        raise EdgefuseError(f"{training} is in training mode: call .eval() first (tracing it would update its "
-                            "BatchNorm statistics)")
+    Reading a model never changes it: one in training mode (or with a submodule in it) is traced as an eval-mode
+    copy, since running it would update its BatchNorm statistics."""
+    if any(m.training for m in model.modules()):
+        model = copy.deepcopy(model).eval()
     gm = trace(model, example_input)
     t = GroupTracer(gm)
     t.run()

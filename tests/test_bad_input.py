@@ -120,7 +120,7 @@ def test_unknown_target(work):
 @pytest.mark.parametrize("text,message", [("runtime = [", "malformed target file"),
                                           ('runtime = "onnxruntime"\ndevice = "cpu"\nturbo = 1', "unknown key 'turbo'"),
                                           ('runtime = "onnxruntime"\ndevice = "cpu"\nbatch_sizes = [0]',
-                                           "batch_sizes must be a list of positive integers")])
+                                           "batch_sizes must be a non-empty list of integers from 1 to 65536")])
 def test_bad_target_file(work, text, message):
     (work / "mine.toml").write_text(text)
     fails(work, ["export", "--target", "mine.toml"], message)

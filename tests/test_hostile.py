@@ -58,11 +58,11 @@ def test_a_checkpoint_that_overflows_when_fused_is_refused(cnns):
 def test_reading_a_model_never_changes_it(cnns):
     model = copy.deepcopy(cnns[0]).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ef.EdgefuseError, match="training mode: call .eval"):
-        ef.permutation_spec(model, torch.rand(2, 1, 8, 8))
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    model.eval()
-    ef.permutation_spec(model, torch.rand(2, 1, 8, 8))
+    spec = ef.permutation_spec(model, torch.rand(2, 1, 8, 8))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # BN statistics bit-identical
+    assert model.training and spec.groups == ef.permutation_spec(cnns[0], torch.rand(2, 1, 8, 8)).groups
+    with pytest.raises(ef.EdgefuseError, match="training mode"):
+        ef.fuse([model, cnns[1]], spec, depth=1, data=[torch.rand(8, 1, 8, 8)])  # fusing it is still refused
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
@@ -142,7 +142,7 @@ def test_export_cleans_a_killed_runs_staging_and_reports_published_files(tmp_pat
     ("threads = 0", "threads must be an integer from 1 to 256"),
     ('max_macs_ratio = "abc"', "max_macs_ratio must be a number"),
     ("max_macs_ratio = nan", "max_macs_ratio must be a number"),
-    ("latency_budget_ms = -1.0", "latency_budget_ms must be a number"),
+    ("latency_budget_ms = -1.0", "latency_budget_ms must be a positive number of milliseconds"),
     ("batch_heads = 1", "batch_heads must be true or false"),
     ("distill_steps = true", "distill_steps must be an integer"),
 ])
