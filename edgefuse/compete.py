@@ -94,3 +94,17 @@ def distill_picks(f: Field, budget: Budget) -> list[Point]:
         p = pick.point
         picks.append(Point(p.kind, p.value, p.method, p.repair, True))
     return picks
+
+
+DISTILL_WHY = "the same budget for every distilled candidate, sized to keep make export under 10 minutes on 2 cores"
+
+
+def report_head(tgt: Target, s: Setup, methods: tuple[str, ...], budget: Budget, cfg: DistillConfig | None) -> dict:
+    """What a report says about its run before the rows: target, models, data splits, alignment, budget."""
+    return {"target": tgt.name, "arch": s.label, "n_models": len(s.models), **s.data_lines(),
+            "threads": tgt.threads, "batch_sizes": list(tgt.batch_sizes), "batched_heads": tgt.batch_heads,
+            "max_depth": len(s.spec.cut_points), "align_method": ", ".join(methods),
+            "align_seconds": s.align_seconds[methods[0]] if len(methods) == 1 else s.align_seconds,
+            "budget": budget.as_dict(),
+            "distillation": {"config": cfg.describe(), "steps": cfg.steps, "batch_size": cfg.batch_size,
+                             "augment": cfg.augment, "why": DISTILL_WHY} if cfg else None}

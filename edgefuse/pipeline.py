@@ -1,5 +1,5 @@
-"""The main job (`make export`): models → spec → align → every candidate measured → one choice on validation data →
-model.onnx, report.json/.md and pareto.png for one target, published at once."""
+"""The main job (`make export`): models → spec → align → every candidate measured → one choice on validation
+data → model.onnx, report.json/.md and pareto.png for one target, published at once."""
 from __future__ import annotations
 
 import shutil
@@ -10,15 +10,15 @@ from rich.console import Console
 from torch import nn
 
 from .candidates import Point
-from .choose import Budget, Choice, choose, dominance, target_budget
-from .compete import DEFAULT_ALPHAS, Field, grid, distill_config, measure_field
+from .choose import Choice, choose, dominance, target_budget
+from .compete import DEFAULT_ALPHAS, Field, distill_config, grid, measure_field, report_head
 from .errors import EdgefuseError
 from .export import export_onnx, onnx_nodes, parity, parity_inputs
 from .files import exclusive, publish, writable
 from .fuse import fuse
 from .gpucheck import run_gpu_check
 from .metrics import scores
-from .prepare import Setup, prepare
+from .prepare import prepare
 from .report import build_report, write_report
 from .runtime import TorchRunner, predict
 from .targets import Target, load_target
@@ -69,8 +69,7 @@ def _run(tgt: Target, models: list[nn.Module] | None, arch: str, n: int, dataset
     f = measure_field(s, tgt, points, out_dir / "candidates", budget, console, cfg, cache, pick=depth is None)
     choice = _forced(f, depth) if depth is not None else choose(f.rows, budget, f.exact["ensemble"])
     console.print(f"[bold]ship[/]: {choice.chosen.label} — {choice.reason}")
-    report = build_report(_head(tgt, s, method, budget, cfg, len(s.spec.cut_points)), f.members, f.exact, f.others,
-                          choice, out_dir)
+    report = build_report(report_head(tgt, s, (method,), budget, cfg), f.members, f.exact, f.others, choice, out_dir)
     chosen, module = choice.chosen, f.modules[choice.chosen.key]
     report["parity"] = {"max_abs_diff": parity(chosen.file, module, parity_inputs(s.splits.example)),
                         "batch_sizes": [1, 3]}
@@ -100,15 +99,3 @@ def _forced(f: Field, depth: int) -> Choice:
     if chosen.key in beaten:
         reason += f"; {next(c.label for c in f.rows if c.key == beaten[chosen.key])} is as accurate and no slower"
     return Choice(chosen, reason, beaten, (chosen.key,))
-
-
-def _head(tgt: Target, s: Setup, method: str, budget: Budget, cfg, max_depth: int) -> dict:
-    return {"target": tgt.name, "arch": s.label, "n_models": len(s.models), **s.data_lines(),
-            "threads": tgt.threads, "batch_sizes": list(tgt.batch_sizes), "batched_heads": tgt.batch_heads,
-            "max_depth": max_depth, "align_method": method, "align_seconds": s.align_seconds[method],
-            "budget": budget.as_dict(),
-            "distillation": {"config": cfg.describe(), "steps": cfg.steps, "batch_size": cfg.batch_size,
-                             "augment": cfg.augment, "why": DISTILL_WHY} if cfg else None}
-
-
-DISTILL_WHY = "the same budget for every distilled candidate, sized to keep make export under 10 minutes on 2 cores"

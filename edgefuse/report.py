@@ -49,7 +49,8 @@ def markdown(report: dict) -> str:
     lines += ["", f"Mean member: validation {single['validation']['accuracy']:.4f}, test "
               f"{single['test']['accuracy']:.4f}; exact ensemble: validation {ens['validation']['accuracy']:.4f}, "
               f"test {ens['test']['accuracy']:.4f}.", "",
-              f"**Shipped: {shipped['label']}** ({shipped['kind']}, test accuracy {report['fused']['accuracy']:.4f}) — "
+              f"**Shipped: {shipped['label']}** ({shipped['kind']}, test accuracy "
+              f"{report['fused']['accuracy']:.4f}) — "
               f"{shipped['reason']}."]
     if "naive_merge" in report:
         lines += ["", f"Unaligned weight average (full merge, BN reset): test accuracy "

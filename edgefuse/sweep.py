@@ -10,7 +10,7 @@ from torch import nn
 
 from .candidates import fingerprint
 from .choose import choose, target_budget
-from .compete import DEFAULT_ALPHAS, distill_config, grid, measure_field
+from .compete import DEFAULT_ALPHAS, distill_config, grid, measure_field, report_head
 from .errors import EdgefuseError
 from .files import writable
 from .prepare import prepare
@@ -21,8 +21,8 @@ from .targets import load_target
 def run_sweep(target: str = "cpu-ort", models: list[nn.Module] | None = None, arch: str = "cnn", n: int = 4,
               dataset: str = "fashion-mnist", out_root: str | Path = "build", cache: str | Path = "build/cache",
               methods: tuple[str, ...] = ("weight",), alphas: tuple[float, ...] = DEFAULT_ALPHAS,
-              repairs: tuple = ("bn",), latency_ms: float | tuple[float, ...] | None = None, memory_mb: float | None = None,
-              max_drop: float | None = None, workers: int = 1, ray_address: str | None = None,
+              repairs: tuple = ("bn",), latency_ms: float | tuple[float, ...] | None = None,
+              memory_mb: float | None = None, max_drop: float | None = None, workers: int = 1, ray_address: str | None = None,
               distill_steps: int | None = None, augment: bool | None = None, console: Console | None = None) -> dict:
     """Measure the grid and choose within the budget (the target's, overridden where given); writes
     out_root/<target>/sweep/{sweep.json, sweep.md, pareto.png, points/, candidates/}. Re-running resumes."""
@@ -42,11 +42,6 @@ def run_sweep(target: str = "cpu-ort", models: list[nn.Module] | None = None, ar
     f = measure_field(s, tgt, points, out / "candidates", budget, console, cfg, cache, workers, ray_address,
                       out / "points", key)
     choice = choose(f.rows, budget, f.exact["ensemble"])
-    head = {"target": tgt.name, "arch": s.label, "n_models": len(s.models), **s.data_lines(), "threads": tgt.threads,
-            "batch_sizes": list(tgt.batch_sizes), "batched_heads": tgt.batch_heads,
-            "max_depth": len(s.spec.cut_points), "align_method": ", ".join(methods), "align_seconds": s.align_seconds,
-            "budget": budget.as_dict(),
-            "distillation": {"config": cfg.describe(), "why": "the target's budget"} if cfg else None}
-    sweep = build_report(head, f.members, f.exact, f.others, choice, out)
+    sweep = build_report(report_head(tgt, s, tuple(methods), budget, cfg), f.members, f.exact, f.others, choice, out)
     write_report(sweep, out, name="sweep")
     return sweep

@@ -1,4 +1,5 @@
-"""The device stage (named apart from the build/ output folder): static TensorRT check, FP16 graph, engine builder and the deploy bundle."""
+"""The device stage (named apart from the build/ output folder): static TensorRT check, FP16 graph, engine builder
+and the deploy bundle."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -29,7 +29,8 @@ class DistillConfig:
 
     def describe(self) -> str:
         aug = "shift/flip augmentation" if self.augment else "no augmentation"
-        return f"{self.steps} steps × {self.batch_size} inputs, KL at T = {self.temperature:g}, {aug}, seed {self.seed}"
+        return (f"{self.steps} steps × {self.batch_size} inputs, KL at T = {self.temperature:g}, {aug}, "
+                f"seed {self.seed}")
 
 
 def shift_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
