@@ -13,6 +13,12 @@ def check_models(models: list[nn.Module], what: str = "fusion") -> None:
         raise EdgefuseError(f"{what} needs at least 2 models, got {len(models)}")
     ref = models[0].state_dict()
     for i, m in enumerate(models):
+        kinds = _kinds(m.state_dict())
+        if any(device == "meta" for _, device in kinds):
+            raise EdgefuseError(f"model {i} is on the meta device (no weights): load its checkpoint first")
+        if i and kinds != _kinds(ref):
+            raise EdgefuseError(f"model {i} has weights of type/device {sorted(kinds)}, model 0 {sorted(_kinds(ref))}: "
+                                "convert them alike (e.g. .float().cpu())")
         if m.training:
             raise EdgefuseError(f"model {i} is in training mode: call .eval() first (dropout and BatchNorm "
                                 "statistics would change its outputs)")
@@ -38,3 +44,8 @@ def nonfinite_tensor(model: nn.Module) -> str | None:
     """The name of the first parameter or buffer holding NaN or Inf, if any."""
     return next((k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()),
                 None)
+
+
+def _kinds(state: dict) -> set[tuple[str, str]]:
+    """(dtype, device) of the floating-point tensors: members must agree before one graph can hold them."""
+    return {(str(t.dtype).removeprefix("torch."), t.device.type) for t in state.values() if t.is_floating_point()}

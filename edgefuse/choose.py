@@ -129,6 +129,10 @@ def target_budget(tgt: Target, latency_ms: float | tuple[float, ...] | None = No
     single number applies to every batch size), and applies only where latency is measured on the target's own
     runtime (onnxruntime here); a device's latency comes from its bundle, so TensorRT targets use the MACs share as
     their proxy."""
+    for name, v in (("latency budget", latency_ms), ("memory budget", memory_mb), ("accuracy drop", max_drop)):
+        values = v if isinstance(v, (tuple, list)) else () if v is None else (v,)
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in values):
+            raise EdgefuseError(f"the {name} must be a finite number of at least 0, got {v!r}")
     lat = latency_ms if latency_ms is not None else tgt.latency_budget_ms
     lat = lat if tgt.runtime == "onnxruntime" else None
     if lat is None:

@@ -39,6 +39,8 @@ def _read_idx(path: Path) -> np.ndarray:
             raw = f.read()
     except (OSError, EOFError) as e:
         raise EdgefuseError(f"cannot read {path}: {e}") from None
+    if len(raw) < 4 or raw[:2] != b"\0\0":
+        raise EdgefuseError(f"{path} is not an IDX file (empty or damaged): reinstall dataset-fashion-mnist")
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
@@ -53,6 +55,9 @@ def fashion_mnist(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     root = fashion_mnist_dir()
     x = _read_idx(root / f"{prefix}-images-idx3-ubyte.gz")
     y = _read_idx(root / f"{prefix}-labels-idx1-ubyte.gz")
+    if len(x) != len(y):
+        raise EdgefuseError(f"Fashion-MNIST {split} split in {root}: {len(x)} images but {len(y)} labels (damaged "
+                            "files: reinstall dataset-fashion-mnist)")
     images = torch.from_numpy(x.astype(np.float32) / 255.0).unsqueeze(1)
     return images, torch.from_numpy(y.astype(np.int64))
 

@@ -38,6 +38,8 @@ def resolve_factory(factory: str | Callable[[], nn.Module]) -> Callable[[], nn.M
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """safetensors, or torch.load with weights_only=True (a pickle that would run code is refused)."""
     path = Path(path)
+    if path.is_dir():
+        raise EdgefuseError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise EdgefuseError(f"checkpoint not found: {path}")
     try:
@@ -66,8 +68,8 @@ def load_models(factory: str | Callable[[], nn.Module], paths: list[str | Path])
     make = resolve_factory(factory)
     models = []
     for p in paths:
-        model = make()
         state = read_state_dict(p)
+        model = _build(make, factory)
         expected = model.state_dict()
         missing = [k for k in expected if k not in state]
         extra = [k for k in state if k not in expected]
@@ -79,6 +81,22 @@ def load_models(factory: str | Callable[[], nn.Module], paths: list[str | Path])
             if tuple(v.shape) != tuple(state[k].shape):
                 raise EdgefuseError(f"checkpoint {p} does not fit the architecture: '{k}' has shape "
                                     f"{tuple(state[k].shape)}, expected {tuple(v.shape)}")
+            if v.is_floating_point() and not state[k].is_floating_point():
+                raise EdgefuseError(f"checkpoint {p}: '{k}' holds {str(state[k].dtype).removeprefix('torch.')} "
+                                    f"values where the model has {str(v.dtype).removeprefix('torch.')} weights "
+                                    "(quantized or corrupted? load it as floating point)")
         model.load_state_dict(state)
         models.append(model.eval())
     return models
+
+
+def _build(make: Callable[[], nn.Module], factory) -> nn.Module:
+    """One fresh model from the user's factory; a factory that fails or returns something else is the user's error."""
+    try:
+        model = make()
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise EdgefuseError(f"model factory '{factory}' failed: {type(e).__name__}: {first}") from None
+    if not isinstance(model, nn.Module):
+        raise EdgefuseError(f"model factory '{factory}' returned {type(model).__name__}, not a torch.nn.Module")
+    return model

@@ -158,3 +158,72 @@ def test_an_output_folder_under_a_file_fails_before_any_work(tmp_path, monkeypat
     res = CliRunner().invoke(cli, ["-q", "export", "--out-root", "afile/build"])
     assert res.exit_code == 1 and "afile is a file, not a folder" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and snapshot(tmp_path) == before
+
+
+def _raises():
+    raise RuntimeError("no GPU here")
+
+
+def _none():
+    return None
+
+
+@pytest.mark.parametrize("factory,message", [
+    ("tests.test_hostile:_raises", "failed: RuntimeError: no GPU here"),
+    ("tests.test_hostile:_none", "returned NoneType, not a torch.nn.Module"),
+])
+def test_a_broken_model_factory_is_the_users_error(cnns, tmp_path, factory, message):
+    save_file(cnns[0].state_dict(), tmp_path / "a.safetensors")
+    with pytest.raises(ef.EdgefuseError, match=message):
+        ef.load_models(factory, [tmp_path / "a.safetensors"])
+
+
+def test_checkpoints_of_the_wrong_kind_are_named(cnns, tmp_path):
+    ints = {k: v.to(torch.int64) if v.is_floating_point() else v for k, v in cnns[0].state_dict().items()}
+    save_file(ints, tmp_path / "ints.safetensors")
+    with pytest.raises(ef.EdgefuseError, match="holds int64 values where the model has float32 weights"):
+        ef.load_models(CNN, [tmp_path / "ints.safetensors"])
+    (tmp_path / "folder.pt").mkdir()
+    with pytest.raises(ef.EdgefuseError, match="is a folder, not a checkpoint file"):
+        ef.load_models(CNN, [tmp_path / "folder.pt"])
+
+
+def test_members_must_agree_on_dtype_and_have_weights(cnns):
+    spec = ef.permutation_spec(cnns[0], torch.rand(2, 1, 8, 8))
+    with pytest.raises(ef.EdgefuseError, match="model 1 has weights of type/device .*float64"):
+        ef.fuse([cnns[0], copy.deepcopy(cnns[1]).double()], spec, depth=1, data=[torch.rand(8, 1, 8, 8)])
+    with pytest.raises(ef.EdgefuseError, match="meta device"):
+        ef.fuse([cnns[0], copy.deepcopy(cnns[1]).to("meta")], spec, depth=1, data=[torch.rand(8, 1, 8, 8)])
+    from tests import nets
+    wide = nets.randomize_bn(torch.nn.Sequential(*[m for m in __import__("edgefuse").zoo.cnn(width=8, image=8)]), 0)
+    with pytest.raises(ef.EdgefuseError, match="different architecture"):
+        ef.ensemble([cnns[0], wide.eval()], batched=True)
+    with pytest.raises(ef.EdgefuseError, match="named by strings"):
+        ef.fuse(cnns, spec, alpha={1: 0.5}, data=[torch.rand(8, 1, 8, 8)])
+
+
+def test_damaged_dataset_files_are_blamed_on_the_data(tmp_path, monkeypatch):
+    import gzip
+
+    from edgefuse import data
+    monkeypatch.setattr(data, "FASHION_DIRS", (str(tmp_path),))
+    for name in data.FASHION_FILES:
+        (tmp_path / name).write_bytes(gzip.compress(b""))
+    with pytest.raises(ef.EdgefuseError, match="is not an IDX file"):
+        data.fashion_mnist("test")
+    images = np.zeros((3, 2, 2), np.uint8)
+    header = b"\0\0\x08\x03" + b"".join(int(d).to_bytes(4, "big") for d in images.shape)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + images.tobytes()))
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\0\0\x08\x01" + (2).to_bytes(4, "big")
+                                                                       + b"\0\1"))
+    with pytest.raises(ef.EdgefuseError, match="3 images but 2 labels"):
+        data.fashion_mnist("test")
+
+
+@pytest.mark.parametrize("kw", [{"latency_ms": float("nan")}, {"memory_mb": float("inf")}, {"max_drop": -0.1},
+                                {"latency_ms": (1.0, float("nan"))}])
+def test_budgets_must_be_finite(kw):
+    from edgefuse.choose import target_budget
+    from edgefuse.targets import load_target
+    with pytest.raises(ef.EdgefuseError, match="must be a finite number"):
+        target_budget(load_target("cpu-ort"), **kw)

@@ -150,8 +150,8 @@ def _breakers():
     return {
         "NaN references": (nan_refs, "NaN or Inf"),
         "one Inf reference": (one_inf_ref, "NaN or Inf"),
-        "broken target.json": (lambda b: (b / "target.json").write_text("{not json"), "not valid JSON"),
-        "string tolerance": (string_tolerance, "atol must be a non-negative number"),
+        "broken target.json": (lambda b: (b / "target.json").write_text("{not json"), "not a valid target file"),
+        "string tolerance": (string_tolerance, "atol and rtol must be non-negative numbers"),
         "pickled inputs": (lambda b: np.save(b / "golden_inputs.npy", np.array([{"a": 1}], dtype=object)),
                            "cannot read the bundle's golden inputs"),
         "truncated model": (lambda b: (b / "model.onnx").write_bytes((b / "model.onnx").read_bytes()[:100]),

@@ -5,8 +5,7 @@ This file is edgefuse's TensorRT builder and runner, and it is copied as-is into
 Python 3.8+, numpy and either the TensorRT Python bindings (with torch for device buffers) or the `trtexec` tool.
 `--runtime onnxruntime` runs the same check with onnxruntime, which is how the bundle is tested off the device.
 
-    python3 deploy.py                 # in the bundle folder: build, check, time
-                                      # exit 0 = PASS, 1 = FAIL (outputs differ), 2 = could not check
+    python3 deploy.py                 # in the bundle: build, check, time; exit 0 PASS, 1 FAIL, 2 could not check
     python3 deploy.py --runtime trtexec
 """
 from __future__ import annotations
@@ -198,8 +197,8 @@ def run_onnxruntime(bundle: Path, x: np.ndarray, runs: int = 200) -> tuple[list[
     except ImportError:
         raise DeployError("onnxruntime is not installed") from None
     sess = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
-    feed = {sess.get_inputs()[0].name: x.astype(np.float16 if sess.get_inputs()[0].type == "tensor(float16)"
-                                                 else np.float32)}
+    inp = sess.get_inputs()[0]
+    feed = {inp.name: x.astype(np.float16 if inp.type == "tensor(float16)" else np.float32)}
     outs = [o.astype(np.float32) for o in sess.run(None, feed)]
     times = []
     for _ in range(runs):
@@ -229,12 +228,11 @@ def _read_bundle(bundle: Path) -> tuple[dict, np.ndarray, list[np.ndarray]]:
     """The target, golden inputs and references, each checked: a broken bundle is "could not check", never PASS."""
     try:
         target = json.loads((bundle / "target.json").read_text())
-    except (ValueError, OSError) as e:
-        raise DeployError(f"{bundle / 'target.json'} is not valid JSON: {e}") from None
-    for key in ("atol", "rtol"):
-        v = target.get(key) if isinstance(target, dict) else None
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v) or v < 0:
-            raise DeployError(f"{bundle / 'target.json'}: {key} must be a non-negative number, got {v!r}")
+        tol = [target.get(k) for k in ("atol", "rtol")]
+    except (ValueError, OSError, AttributeError) as e:
+        raise DeployError(f"{bundle / 'target.json'} is not a valid target file: {e}") from None
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf") for v in tol):
+        raise DeployError(f"{bundle / 'target.json'}: atol and rtol must be non-negative numbers, got {tol}")
     try:  # allow_pickle=False: a bundle's arrays never run code
         x = np.load(bundle / "golden_inputs.npy", allow_pickle=False)
         with np.load(bundle / "reference_outputs.npz", allow_pickle=False) as refs:
@@ -242,17 +240,13 @@ def _read_bundle(bundle: Path) -> tuple[dict, np.ndarray, list[np.ndarray]]:
     except (ValueError, OSError, EOFError) as e:
         raise DeployError(f"cannot read the bundle's golden inputs or reference outputs: {e}") from None
     for name, arrays in (("golden inputs", [x]), ("reference outputs", references)):
-        if not arrays or any(a.size == 0 or a.dtype.kind not in "fiu" for a in arrays):
-            raise DeployError(f"the bundle's {name} are empty or not numeric")
-        bad = sum(int((~np.isfinite(a)).sum()) for a in arrays)
-        if bad:
-            raise DeployError(f"the bundle's {name} hold {bad} NaN or Inf values: nothing to compare against")
+        if not arrays or any(a.size == 0 or a.dtype.kind not in "fiu" or not np.isfinite(a).all() for a in arrays):
+            raise DeployError(f"the bundle's {name} are empty, not numeric, or hold NaN or Inf values")
     return target, x, references
 
 
 def check_bundle(bundle: Path, runtime: str = "auto") -> dict:
-    """Build (TensorRT), run the golden inputs, compare, time. Returns the result; raises DeployError on bad
-    input."""
+    """Build (TensorRT), run the golden inputs, compare, time; DeployError when the bundle cannot be checked."""
     bundle = Path(bundle)
     for name in ("model.onnx", "target.json", "golden_inputs.npy", "reference_outputs.npz"):
         if not (bundle / name).is_file():
@@ -280,8 +274,7 @@ def check_bundle(bundle: Path, runtime: str = "auto") -> dict:
     problems = compare(outputs, references, target["atol"], target["rtol"])
     a = np.asarray(times)
     return {"runtime": runtime, "batch": int(x.shape[0]), "ok": not problems, "problems": problems,
-            "latency_ms": {"min": float(a.min()), "p50": float(np.percentile(a, 50)),
-                           "p90": float(np.percentile(a, 90)), "p99": float(np.percentile(a, 99))}}
+            "latency_ms": {"min": float(a.min()), **{f"p{q}": float(np.percentile(a, q)) for q in (50, 90, 99)}}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,12 +284,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         result = check_bundle(Path(args.bundle), args.runtime)
-    except DeployError as e:
-        print(f"deploy: error: {e}", file=sys.stderr)
-        return 2
-    except Exception as e:  # a runtime's own error (a truncated model.onnx, a failed build): still one line
-        first = (str(e).strip().splitlines() or [""])[0]
-        print(f"deploy: error: could not check the bundle: {type(e).__name__}: {first}", file=sys.stderr)
+    except Exception as e:  # ours, or a runtime's own (a truncated model.onnx, a failed build): one line either way
+        why = e if isinstance(e, DeployError) else f"could not check the bundle: {type(e).__name__}: " + \
+            (str(e).strip().splitlines() or [""])[0]
+        print(f"deploy: error: {why}", file=sys.stderr)
         return 2
     lat = result["latency_ms"]
     print(f"{result['runtime']}, batch {result['batch']}: p50 {lat['p50']:.3f} ms (min {lat['min']:.3f}, "

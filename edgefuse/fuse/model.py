@@ -6,6 +6,7 @@ import copy
 import torch
 from torch import nn
 
+from ..checks import check_models
 from ..errors import EdgefuseError
 from .batched import batch_models
 from .combine import check_combine, combine_outputs
@@ -52,5 +53,7 @@ def ensemble(models: list[nn.Module], combine: str = "mean", batched: bool = Fal
     `batched=True` runs the members as one network of grouped kernels, with the same outputs."""
     if len(models) < 2:
         raise EdgefuseError(f"an ensemble needs at least 2 models, got {len(models)}")
+    if batched:  # one graph of grouped kernels needs one architecture
+        check_models(models, "a batched ensemble")
     ens = FusedModel(nn.Identity(), [copy.deepcopy(m).eval() for m in models], combine).eval()
     return ens.batch_heads() if batched else ens

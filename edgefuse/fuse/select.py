@@ -65,7 +65,8 @@ def _isolated_counts(spec: PermSpec, alpha: float | Mapping[str, float]) -> dict
     per_group = alpha if isinstance(alpha, Mapping) else {g: alpha for g in spec.groups}
     unknown = set(per_group) - set(spec.groups)
     if unknown:
-        raise EdgefuseError(f"alpha names unknown group(s): {', '.join(sorted(unknown))}")
+        raise EdgefuseError(f"alpha names unknown group(s): {', '.join(sorted(map(repr, unknown)))} (the groups are "
+                            f"named by strings: {', '.join(map(repr, spec.groups))})")
     counts = {}
     for g, n in spec.groups.items():
         a = float(per_group.get(g, 0.0))
