@@ -12,6 +12,12 @@ from .zoo import ARCHITECTURES
 DEBUG = {"on": False}
 
 
+def _echo(text: str, err: bool = False) -> None:
+    """click.echo for text that may hold a file name which is not valid UTF-8 (Python keeps its bytes as
+    surrogates, which a UTF-8 stream refuses): such bytes are shown as U+FFFD."""
+    click.echo(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), err=err)
+
+
 class Cli(click.Group):
     """Errors a user can cause are one line on stderr with exit 1; --debug shows the traceback instead."""
 
@@ -23,13 +29,13 @@ class Cli(click.Group):
         except EdgefuseError as e:
             if DEBUG["on"]:
                 raise
-            click.echo(f"edgefuse: error: {e}", err=True)
+            _echo(f"edgefuse: error: {e}", err=True)
             sys.exit(1)
         except Exception as e:  # a bug: still one line, with the way to see more
             if DEBUG["on"]:
                 raise
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            click.echo(f"edgefuse: internal error: {type(e).__name__}: {first} (rerun with --debug for the "
+            _echo(f"edgefuse: internal error: {type(e).__name__}: {first} (rerun with --debug for the "
                        "traceback)", err=True)
             sys.exit(3)
 
@@ -43,7 +49,7 @@ def _show(md: str) -> None:
         from rich.markdown import Markdown
         Console().print(Markdown(md))
     else:
-        click.echo(md)
+        _echo(md)
 
 
 def _console(quiet: bool):
@@ -109,7 +115,7 @@ def train(obj: dict, arch: str, n: int, epochs: int | None, width: int | None, c
     from .zoo import zoo_models
     _, paths = zoo_models(arch, n, width=width, epochs=epochs, cache=cache, quiet=obj["quiet"])
     for p in paths:
-        click.echo(str(p))
+        _echo(str(p))
 
 
 @cli.command("fuse")
@@ -158,7 +164,7 @@ def fuse_cmd(obj: dict, checkpoints, arch, model, n, cache, dataset, depth, alph
     fused = fuse(aligned, spec, depth=depth, alpha=alpha, data=calib_batches, steps=steps,
                  repair=None if repair == "none" else repair, batch_heads=batch_heads and alpha is None,
                  head_outputs=head_outputs, select=select)
-    click.echo(str(export_onnx(fused, splits.example, out, opset=opset)))
+    _echo(str(export_onnx(fused, splits.example, out, opset=opset)))
 
 
 @cli.command()
@@ -188,7 +194,7 @@ def export(obj: dict, checkpoints, arch, model, n, cache, dataset, target, metho
     report = run_export(target, models=models, arch=arch, n=n, dataset=dataset, out_root=out_root, cache=cache,
                         method=method, depth=depth, console=console, force=force, augment=augment)
     _show(markdown(report))
-    click.echo(f"wrote {Path(out_root) / report['target']}/ (model.onnx: {report['shipped']['label']}, "
+    _echo(f"wrote {Path(out_root) / report['target']}/ (model.onnx: {report['shipped']['label']}, "
                f"{report['shipped']['kind']})")
 
 
@@ -222,7 +228,7 @@ def verify(onnx_file: str, dataset: str, threads: int, batch_sizes: tuple[int, .
         raise EdgefuseError(f"{onnx_file} does not run on {dataset} inputs {tuple(x_test.shape[1:])}: "
                             f"{str(e).strip().splitlines()[0]}") from None
     result["latency_ms"] = {str(b): latency(runner, latency_batch(x_test, b)) for b in batch_sizes}
-    click.echo(json.dumps(result, indent=2))
+    _echo(json.dumps(result, indent=2))
 
 
 @cli.command()
@@ -268,7 +274,7 @@ def sweep(obj: dict, checkpoints, arch, model, n, cache, dataset, target, latenc
                        (latency_ms[0] if len(latency_ms) == 1 else tuple(latency_ms)) if latency_ms else None,
                        memory_mb, max_drop, workers, ray_address, distill_steps, augment, console=console)
     _show(markdown(result))
-    click.echo(f"chose {result['shipped']['label']} ({result['shipped']['kind']}); wrote "
+    _echo(f"chose {result['shipped']['label']} ({result['shipped']['kind']}); wrote "
                f"{Path(out_root) / result['target'] / 'sweep'}/")
 
 

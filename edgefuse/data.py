@@ -85,8 +85,9 @@ def inputs_of(data: Iterable) -> Iterator[torch.Tensor]:
         yield item[0] if isinstance(item, (tuple, list)) else item
 
 
-def require_batches(data: Iterable | None, what: str) -> list[torch.Tensor]:
-    """Materialise calibration inputs, refusing an empty or missing set with a message that says what needs it."""
+def require_batches(data: Iterable | None, what: str, model: torch.nn.Module | None = None) -> list[torch.Tensor]:
+    """Materialise calibration inputs, refusing an empty or missing set, non-finite values, batches of different
+    shapes, or (given `model`) batches the model cannot take, with a message that says what needs them."""
     if data is None:
         raise EdgefuseError(f"{what} needs calibration data (data=...), none was given")
     xs = list(inputs_of(data))
@@ -96,7 +97,27 @@ def require_batches(data: Iterable | None, what: str) -> list[torch.Tensor]:
         if x.is_floating_point() and not torch.isfinite(x).all():
             raise EdgefuseError(f"{what}: calibration batch {i} holds {int((~torch.isfinite(x)).sum())} NaN or Inf "
                                 "values")
+    shapes = sorted({tuple(x.shape[1:]) for x in xs})
+    if len(shapes) > 1:
+        raise EdgefuseError(f"{what}: calibration batches of different shapes {', '.join(map(str, shapes))}")
+    if model is not None:
+        _check_fits(model, xs[0][:1], what)
     return xs
+
+
+def _check_fits(model: torch.nn.Module, x: torch.Tensor, what: str) -> None:
+    """Run one sample in eval mode (so no statistic moves), then give every module back its own mode."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception as e:  # torch reports a shape mismatch as RuntimeError, others as other types
+        raise EdgefuseError(f"{what}: calibration inputs of shape {tuple(x.shape[1:])} do not fit the model: "
+                            f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 @dataclass(frozen=True)

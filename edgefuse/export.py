@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+import sys
 import warnings
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import torch
 from torch import nn
 
 from .errors import EdgefuseError
-from .files import commit, new_temp_path
+from .files import commit, native, new_temp_path
 
 INPUT, OUTPUT, HEADS = "input", "logits", "head_logits"
 TORCHSCRIPT_MAX_OPSET = 17
@@ -36,9 +38,24 @@ def _export(module: nn.Module, example: torch.Tensor, path: Path, opset: int) ->
     else:
         kwargs.update(dynamic_axes={INPUT: {0: "batch"}, **{n: {0: "batch"} for n in names}})
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _silent_fd1():
         warnings.simplefilter("ignore")
         torch.onnx.export(module, (example,), str(path), **kwargs)
+
+
+@contextlib.contextmanager
+def _silent_fd1():
+    """On failure the TorchScript exporter's C++ side prints its whole IR graph to file descriptor 1, past Python's
+    sys.stdout (70 lines under `-q`): silence the descriptor itself while the exporter runs."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _simplify(path: Path) -> None:
@@ -55,7 +72,7 @@ def parity(onnx_path: str | Path, module: nn.Module, inputs: list[torch.Tensor])
     """Largest |ONNX - PyTorch| over the given input batches, run with onnxruntime on the CPU."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(native(onnx_path), providers=["CPUExecutionProvider"])
     worst = 0.0
     for x in inputs:
         refs = _outputs(module, x)
@@ -94,7 +111,7 @@ def export_onnx(module: nn.Module, example_input: torch.Tensor, path: str | Path
             _export(module, example, tmp, opset)
         except Exception as e:  # exporter failures are many types; report the first line
             raise EdgefuseError(f"ONNX export failed: {str(e).strip().splitlines()[0]}") from None
-        onnx.checker.check_model(str(tmp), full_check=True)
+        onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
         if simplify:
             _simplify(tmp)
         inputs = parity_inputs(example)

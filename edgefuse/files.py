@@ -11,6 +11,16 @@ from pathlib import Path
 from .errors import EdgefuseError
 
 
+def native(path: str | Path) -> str | bytes:
+    """A model file as onnx's and onnxruntime's C++ loaders take it: its path, or its bytes when the path is not
+    valid UTF-8 (they refuse such names, which Python itself opens fine)."""
+    try:
+        str(path).encode()
+        return str(path)
+    except UnicodeEncodeError:
+        return Path(path).read_bytes()
+
+
 def new_temp_path(dest: Path, suffix: str = "") -> Path:
     """An empty temporary file beside `dest` (same filesystem, so the final rename is atomic)."""
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .errors import EdgefuseError
+from .files import native
 
 
 def resolve_factory(factory: str | Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -44,8 +45,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise EdgefuseError(f"checkpoint not found: {path}")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-            state = load_file(str(path))
+            from safetensors.torch import load, load_file
+            source = native(path)
+            state = load_file(source) if isinstance(source, str) else load(source)
         else:
             with warnings.catch_warnings():  # torch warns about pickle protocols on stderr; the error says enough
                 warnings.simplefilter("ignore")

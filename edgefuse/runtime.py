@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .files import native
 from .fuse.combine import combine_outputs
 
 
@@ -42,7 +43,7 @@ class OrtRunner:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3
         available = set(ort.get_available_providers())
-        self.session = ort.InferenceSession(str(onnx_path), opts,
+        self.session = ort.InferenceSession(native(onnx_path), opts,
                                             providers=[p for p in providers if p in available] or
                                             ["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name

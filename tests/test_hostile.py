@@ -194,10 +194,11 @@ def test_members_must_agree_on_dtype_and_have_weights(cnns):
         ef.fuse([cnns[0], copy.deepcopy(cnns[1]).double()], spec, depth=1, data=[torch.rand(8, 1, 8, 8)])
     with pytest.raises(ef.EdgefuseError, match="meta device"):
         ef.fuse([cnns[0], copy.deepcopy(cnns[1]).to("meta")], spec, depth=1, data=[torch.rand(8, 1, 8, 8)])
+    from edgefuse import zoo
     from tests import nets
-    wide = nets.randomize_bn(torch.nn.Sequential(*[m for m in __import__("edgefuse").zoo.cnn(width=8, image=8)]), 0)
+    wide = nets.randomize_bn(zoo.cnn(width=8, image=8), 0).eval()
     with pytest.raises(ef.EdgefuseError, match="different architecture"):
-        ef.ensemble([cnns[0], wide.eval()], batched=True)
+        ef.ensemble([cnns[0], wide], batched=True)
     with pytest.raises(ef.EdgefuseError, match="named by strings"):
         ef.fuse(cnns, spec, alpha={1: 0.5}, data=[torch.rand(8, 1, 8, 8)])
 
@@ -227,3 +228,44 @@ def test_budgets_must_be_finite(kw):
     from edgefuse.targets import load_target
     with pytest.raises(ef.EdgefuseError, match="must be a finite number"):
         target_budget(load_target("cpu-ort"), **kw)
+
+
+def test_file_names_that_are_not_utf8_load_and_write(cnns, tmp_path):
+    if sys.platform != "linux":
+        pytest.skip("byte-string file names are a POSIX filesystem's")
+    folder = os.fsdecode(bytes(tmp_path) + b"/\xfe")
+    os.mkdir(folder)
+    ckpts = []
+    for i, m in enumerate(cnns[:2]):
+        ckpts.append(os.path.join(folder, f"m{i}.safetensors"))
+        save_file(m.state_dict(), ckpts[-1])
+    out = os.path.join(folder, "\udcff.onnx")
+    res = CliRunner().invoke(cli, ["-q", "fuse", "--model", CNN, *ckpts, "--dataset", "digits", "--depth", "1",
+                                   "-o", out])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(cli, ["-q", "verify", out, "--dataset", "digits"])
+    assert res.exit_code == 0, res.output
+
+
+def test_a_failed_legacy_export_prints_nothing_on_stdout(cnns, tmp_path, capfd):
+    class Unflatten(torch.nn.Module):  # aten::unflatten has no ONNX form before opset 13
+        def forward(self, x):
+            return x.unflatten(1, (1, -1))
+
+    with pytest.raises(ef.EdgefuseError, match="ONNX export failed"):
+        ef.export_onnx(Unflatten(), torch.rand(2, 4), tmp_path / "m.onnx", opset=9)
+    assert capfd.readouterr().out == "" and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("batches,message", [
+    ([torch.rand(4, 3, 5)], r"inputs of shape \(3, 5\) do not fit the model"),
+    ([torch.rand(4, 1, 8, 8), torch.rand(4, 1, 4, 4)], "calibration batches of different shapes"),
+])
+def test_calibration_data_of_the_wrong_shape_is_named(cnns, batches, message):
+    spec = ef.permutation_spec(cnns[0], torch.rand(2, 1, 8, 8))
+    states = [copy.deepcopy(m.state_dict()) for m in cnns]
+    with pytest.raises(ef.EdgefuseError, match=message):
+        ef.fuse(cnns, spec, depth=1, data=batches)
+    with pytest.raises(ef.EdgefuseError, match=message):
+        ef.align(cnns, spec, "activation", data=batches)
+    assert all(all(torch.equal(v, s[k]) for k, v in m.state_dict().items()) for m, s in zip(cnns, states))

@@ -75,7 +75,7 @@ def correlations(models: list[nn.Module], spec: PermSpec, xs: list[torch.Tensor]
 def activation_matching(models: list[nn.Module], spec: PermSpec, data: Iterable | None = None, seed: int = 0,
                         max_rounds: int = 20) -> list[dict]:
     """Match each model to models[0], then each to the mean of the others' aligned units until nothing changes."""
-    corr = correlations(models, spec, require_batches(data, "activation matching"))
+    corr = correlations(models, spec, require_batches(data, "activation matching", models[0]))
     n = len(models)
     perms = [spec.identity_perms() for _ in models]
     for g, c in corr.items():

@@ -71,7 +71,7 @@ def _repair(fused: FusedModel, method: str | None, data, aligned: list[nn.Module
     if method is not None:
         reset_bn(fused, data)
     if method == "distill":
-        inputs = torch.cat(require_batches(data, "distillation"))
+        inputs = torch.cat(require_batches(data, "distillation", aligned[0]))
         distill(fused, ensemble(aligned), inputs, DistillConfig(steps=steps), label="the fused model")
 
 

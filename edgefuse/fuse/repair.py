@@ -18,7 +18,7 @@ def reset_bn(model: nn.Module, data: Iterable) -> nn.Module:
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
         return model
-    xs = require_batches(data, "BatchNorm repair")
+    xs = require_batches(data, "BatchNorm repair", model)
     saved = [bn.momentum for bn in bns]
     model.eval()
     for bn in bns:
@@ -59,7 +59,7 @@ def rescale_units(fused: nn.Module, parents: list[nn.Module], layers: list[tuple
     """REPAIR: layer by layer, give each merged unit the mean and standard deviation that the parents' units
     have on average. `layers` holds (module whose output holds the merged units first, the Linear/Conv to rescale,
     the parents' layer name, the parents' unit indices)."""
-    xs = require_batches(data, "REPAIR")
+    xs = require_batches(data, "REPAIR", parents[0])
     for out_module, layer, name, units in layers:
         stats = [_channel_stats(p, p.get_submodule(name), xs) for p in parents]
         target_mean = torch.stack([s[0][units] for s in stats]).mean(0)
