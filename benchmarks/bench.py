@@ -1,5 +1,6 @@
 """`make bench`: the zoo (Fashion-MNIST, N=4) through the whole pipeline on cpu-ort, every depth measured in one run,
-and alignment: loss barriers and merged accuracy per method on trained MLPs, and the time to align ResNet-20s.
+and alignment: loss barriers and merged accuracy per method on trained MLPs, and the time to align N = 2, 4, 8
+ResNet-20s and ResNet-18-sized nets (align_scaling.py).
 
 Prints, per architecture, accuracy and the MACs and p50 latency ratios against the ensemble measured in the same
 run, and writes build/bench/bench.json."""
@@ -8,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -66,33 +66,6 @@ def alignment_quality(console: Console) -> dict:
     return rows
 
 
-def alignment_time(console: Console, sizes: tuple[int, ...] = (2, 4, 8)) -> dict:
-    """Seconds to align N ResNet-20s (width 16, independent random inits: timing, not quality) per method."""
-    x = data.fashion_mnist("test")[0][:256]
-    models = []
-    for seed in range(max(sizes)):
-        torch.manual_seed(seed)
-        models.append(zoo.resnet20().eval())
-    spec = ef.permutation_spec(models[0], x[:2])
-    out: dict = {}
-    table = Table(title=f"alignment time: ResNet-20 w16 ({len(spec.groups)} groups), seconds, {torch.get_num_threads()} "
-                        "threads")
-    table.add_column("method")
-    for n in sizes:
-        table.add_column(f"N={n}", justify="right")
-    for method, options in METHODS:
-        opts = dict(options, data=data.batches(x, batch_size=64)) if method == "activation" else options
-        times = []
-        for n in sizes:
-            t0 = time.perf_counter()
-            ef.align_perms(models[:n], spec, method, **opts)
-            times.append(time.perf_counter() - t0)
-        out[_name(method, options)] = dict(zip(map(str, sizes), times))
-        table.add_row(_name(method, options), *(f"{t:.2f}" for t in times))
-    console.print(table)
-    return out
-
-
 def half_latency_sweep(console: Console, out_root: Path) -> dict:
     """cpu-ort with a latency budget of half the fastest exact ensemble's p50 at each batch size: what ships?"""
     from edgefuse.errors import EdgefuseError
@@ -118,6 +91,8 @@ def half_latency_sweep(console: Console, out_root: Path) -> dict:
 
 
 def main(out_root: Path = Path("build/bench")) -> int:
+    from align_scaling import alignment_time
+
     console = Console(width=160)
     results: dict = {"alignment_quality": alignment_quality(console), "alignment_seconds": alignment_time(console)}
     for arch in ARCHS:

@@ -10,13 +10,17 @@ from torch import nn
 from .errors import EdgefuseError, UnsupportedModelError
 
 _SAME = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Hardswish,
-         nn.Hardsigmoid, nn.Identity, nn.Dropout, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
+         nn.Hardsigmoid, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout,
+         nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
          nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 _SAME_FN = {torch.relu, torch.nn.functional.relu, torch.nn.functional.gelu, torch.nn.functional.silu,
             torch.sigmoid, torch.tanh, torch.nn.functional.dropout, torch.nn.functional.max_pool2d,
             torch.nn.functional.avg_pool2d, torch.nn.functional.adaptive_avg_pool2d, torch.nn.functional.relu6,
             torch.nn.functional.hardsigmoid, torch.nn.functional.hardswish, torch.nn.functional.sigmoid,
-            torch.nn.functional.leaky_relu}
+            torch.nn.functional.leaky_relu, torch.nn.functional.dropout1d, torch.nn.functional.dropout2d}
+# Stochastic depth (torchvision.ops.stochastic_depth, which torch.fx keeps as one call): the identity when its
+# `training` argument is False, as it is in an eval-mode model. timm's DropPath needs nothing: it traces away.
+_DROP_PATH_FN = {"stochastic_depth", "drop_path"}
 _SAME_METHOD = {"relu", "sigmoid", "tanh", "contiguous", "clone"}
 _ELEMENTWISE = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul}
 _ELEMENTWISE_METHOD = {"add", "sub", "mul", "div"}
@@ -108,6 +112,11 @@ class GroupTracer:
         method = node.op == "call_method"
         if node.target in _SAME_FN or (method and node.target in _SAME_METHOD):
             return src
+        if is_drop_path(node):
+            if drop_path_off(node):
+                return src
+            raise UnsupportedModelError(node.name, _op(node, self.modules), "stochastic depth in training mode "
+                                        "drops whole samples at random: call .eval() first")
         if node.target in _ELEMENTWISE or (method and node.target in _ELEMENTWISE_METHOD):
             return self.visit_elementwise(node)
         if node.target in (torch.cat, torch.concat):
@@ -210,6 +219,15 @@ class GroupTracer:
         if tuple(shape_out) == tuple(shape_in):
             return src
         raise UnsupportedModelError(node.name, _op(node, self.modules), "reshape other than flatten to (batch, -1)")
+
+
+def is_drop_path(node: fx.Node) -> bool:
+    return node.op == "call_function" and getattr(node.target, "__name__", "") in _DROP_PATH_FN
+
+
+def drop_path_off(node: fx.Node) -> bool:
+    """Stochastic depth whose `training` argument is False: the identity."""
+    return node.kwargs.get("training", node.args[3] if len(node.args) > 3 else True) is False
 
 
 def _shape(node) -> tuple[int, ...] | None:

@@ -82,6 +82,20 @@ def resnet20(width: int = 16, classes: int = 10) -> nn.Sequential:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes))
 
 
+def resnet18(width: int = 64, classes: int = 10, in_channels: int = 1) -> nn.Sequential:
+    """torchvision-sized ResNet-18 (4 stages of 2 basic blocks, widths w..8w, 11 M parameters at w=64): the size of
+    net users bring, for alignment timing at scale."""
+    layers: list[nn.Module] = [Normalize(), nn.Conv2d(in_channels, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                               nn.ReLU()]
+    cin = width
+    for stage in range(4):
+        cout = width << stage
+        for block in range(2):
+            layers.append(BasicBlock(cin, cout, 2 if stage and not block else 1))
+            cin = cout
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes))
+
+
 class SqueezeExcite(nn.Module):
     """Channel gate: its output multiplies the block's channels, so the gate's last conv shares their units."""
 
@@ -127,9 +141,9 @@ def mobilenetv2(width: int = 16, classes: int = 10, expand: int = 4) -> nn.Seque
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8 * w, classes))
 
 
-ARCHITECTURES = {"mlp": mlp, "cnn": cnn, "resnet20": resnet20, "mobilenetv2": mobilenetv2}
-DEFAULT_EPOCHS = {"mlp": 4, "cnn": 2, "resnet20": 2, "mobilenetv2": 2}
-DEFAULT_WIDTH = {"mlp": 256, "cnn": 16, "resnet20": 16, "mobilenetv2": 16}
+ARCHITECTURES = {"mlp": mlp, "cnn": cnn, "resnet20": resnet20, "mobilenetv2": mobilenetv2, "resnet18": resnet18}
+DEFAULT_EPOCHS = {"mlp": 4, "cnn": 2, "resnet20": 2, "mobilenetv2": 2, "resnet18": 2}
+DEFAULT_WIDTH = {"mlp": 256, "cnn": 16, "resnet20": 16, "mobilenetv2": 16, "resnet18": 64}
 
 
 def build(arch: str, **kwargs) -> nn.Module:

@@ -92,6 +92,42 @@ class Residual(nn.Module):
         return self.head(h)
 
 
+def stochastic_depth(x: torch.Tensor, p: float, mode: str, training: bool = True) -> torch.Tensor:
+    """torchvision.ops.stochastic_depth's contract (torchvision is not a dependency): drop whole rows of `x` with
+    probability p in training, the identity otherwise. torch.fx keeps it as one call, as torchvision's is."""
+    if not training or p == 0.0:
+        return x
+    keep = torch.empty([x.shape[0]] + [1] * (x.ndim - 1), dtype=x.dtype).bernoulli_(1 - p)
+    return x * keep / (1 - p)
+
+
+torch.fx.wrap("stochastic_depth")
+
+
+class StochasticDepthBlock(nn.Module):
+    """EfficientNet-style MBConv: 1x1 expand, depthwise 3x3, squeeze-excite, 1x1 project, stochastic depth on the
+    residual branch, dropout before the classifier."""
+
+    def __init__(self, width: int = 8, expand: int = 4, p: float = 0.2) -> None:
+        super().__init__()
+        hidden = width * expand
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.SiLU())
+        self.expand = nn.Sequential(nn.Conv2d(width, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.SiLU())
+        self.dw = nn.Sequential(nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False),
+                                nn.BatchNorm2d(hidden), nn.SiLU())
+        self.se_reduce, self.se_expand = nn.Conv2d(hidden, 4, 1), nn.Conv2d(4, hidden, 1)
+        self.project = nn.Sequential(nn.Conv2d(hidden, width, 1, bias=False), nn.BatchNorm2d(width))
+        self.p = p
+        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(width, 10))
+
+    def forward(self, x):
+        h = self.stem(x)
+        b = self.dw(self.expand(h))
+        b = b * torch.sigmoid(self.se_expand(nn.functional.silu(self.se_reduce(b.mean((2, 3), keepdim=True)))))
+        h = h + stochastic_depth(self.project(b), self.p, "row", self.training)
+        return self.head(h.mean((2, 3)))
+
+
 def randomize_bn(model: nn.Module, seed: int) -> nn.Module:
     """Trained-like BN statistics and affine parameters: defaults would hide a spec that forgets them."""
     gen = torch.Generator().manual_seed(seed)

@@ -70,7 +70,7 @@ def test_alignment_is_deterministic(method, options, mlps, digits_split):
     assert all(torch.equal(p[g], q[g]) for p, q in zip(a, b) for g in p)
 
 
-ZOO = [("mlp", 16), ("cnn", 4), ("resnet20", 4), ("mobilenetv2", 4)]
+ZOO = [("mlp", 16), ("cnn", 4), ("resnet20", 4), ("mobilenetv2", 4), ("resnet18", 4)]
 
 
 @pytest.mark.parametrize("arch,width", ZOO)
@@ -110,3 +110,38 @@ def test_barrier_needs_labels(mlps, digits_split):
     _, x, _ = digits_split
     with pytest.raises(ef.EdgefuseError, match="labelled data"):
         ef.barrier(mlps[0], mlps[1], [x])
+
+
+def _resnets(n: int, width: int = 8) -> tuple[list, object]:
+    models = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        models.append(nets.randomize_bn(zoo.resnet20(width=width), seed).eval())
+    return models, ef.permutation_spec(models[0], torch.rand(2, 1, 28, 28))
+
+
+def test_cached_unit_rows_equal_rows_of_the_permuted_tensor():
+    from edgefuse.align.weight import _float_params, _Rows, unit_rows
+    from edgefuse.spec import permute_state
+    models, spec = _resnets(1)
+    state = _float_params(models[0], spec)
+    perms = spec.random_perms(3)
+    members = {g: [m for m in spec.members(g) if m[0] in state] for g in spec.groups}
+    rows = _Rows(state, spec, members)
+    for g, ms in members.items():
+        others = dict(perms, **{g: torch.arange(spec.groups[g])})  # only the other axes move
+        moved = permute_state(state, spec, others)
+        for m in ms:
+            name, axis, start, repeat = m
+            assert torch.equal(rows.get(g, m, perms), unit_rows(moved[name], axis, start, spec.groups[g], repeat))
+
+
+def test_merge_many_rounds_only_raise_the_objective_and_recover_a_hidden_permutation():
+    models, spec = _resnets(4)
+    hidden = spec.random_perms(7)
+    twin = ef.permute(models[0], spec, hidden)  # models[0] in another order: weight matching must undo it
+    history = []
+    perms = ef.align_perms([models[0], twin, *models[1:]], spec, "weight", history=history)
+    assert len(history) >= 2 and all(b >= a - 1e-9 * abs(a) for a, b in zip(history, history[1:]))
+    for g, p in perms[1].items():
+        assert torch.equal(hidden[g][p], torch.arange(spec.groups[g]))

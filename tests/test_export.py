@@ -79,3 +79,16 @@ def test_head_outputs_beside_the_mean(cnns, digits_split, tmp_path, batched):
     plain = ef.fuse(cnns, spec, depth=2, data=[calib[:200]])
     with torch.no_grad():
         np.testing.assert_allclose(mean, plain(x[:5]).numpy(), atol=1e-4)
+
+
+def test_a_stochastic_depth_block_fuses_at_every_depth_and_alpha_with_parity(tmp_path):
+    models = [nets.member(nets.StochasticDepthBlock, s) for s in range(3)]
+    x = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    spec = ef.permutation_spec(models[0], x[:2])
+    aligned = ef.align(models, spec)
+    points = [{"depth": d} for d in range(len(spec.cut_points) + 1)] + [{"alpha": a} for a in (0.25, 0.5)]
+    for kw in points:
+        fused = ef.fuse(aligned, spec, data=[x], **kw)
+        path = ef.export_onnx(fused, x[:2], tmp_path / "m.onnx")
+        with torch.no_grad():
+            np.testing.assert_allclose(OrtRunner(path)(x.numpy()), fused(x).numpy(), atol=1e-4, rtol=1e-4)

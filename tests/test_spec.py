@@ -8,7 +8,8 @@ from . import nets
 
 CASES = [(lambda: zoo.mlp(), (2, 1, 28, 28)), (lambda: zoo.cnn(), (2, 1, 28, 28)),
          (lambda: zoo.resnet20(width=4), (2, 1, 28, 28)), (lambda: zoo.mobilenetv2(width=4), (2, 1, 28, 28)),
-         (nets.digits_cnn, (2, 1, 8, 8)), (nets.Residual, (2, 1, 8, 8)), (nets.HiddenCat, (2, 1, 8, 8))]
+         (nets.digits_cnn, (2, 1, 8, 8)), (nets.Residual, (2, 1, 8, 8)), (nets.HiddenCat, (2, 1, 8, 8)),
+         (lambda: nets.StochasticDepthBlock().eval(), (2, 1, 8, 8))]
 
 
 @pytest.mark.parametrize("make,shape", CASES)
@@ -74,3 +75,13 @@ def test_resnet_shortcut_joins_the_residual_stream():
     assert spec.params["7.shortcut.0.weight"][0] == spec.params["7.conv2.weight"][0] == \
         spec.params["8.conv2.weight"][0] == spec.params["9.bn2.weight"][0]
     assert spec.params["7.conv1.weight"][0] != spec.params["7.conv2.weight"][0]
+
+
+def test_stochastic_depth_is_the_identity_in_eval_mode_only():
+    model = nets.randomize_bn(nets.StochasticDepthBlock(), 0).eval()
+    spec = ef.permutation_spec(model, torch.rand(2, 1, 8, 8))
+    assert any(k.startswith("project") for k in spec.params)
+    # traced as it is (permutation_spec itself would trace an eval copy): the training flag reaches the node
+    from edgefuse.trace import GroupTracer, trace
+    with pytest.raises(ef.UnsupportedModelError, match="stochastic depth in training mode"):
+        GroupTracer(trace(model.train(), torch.rand(2, 1, 8, 8))).run()

@@ -30,6 +30,8 @@ def ot_assign(similarity: np.ndarray, reg: float = 0.0) -> np.ndarray:
 
 
 @register("ot")
-def ot_matching(models: list[nn.Module], spec: PermSpec, data=None, seed: int = 0, reg: float = 0.0) -> list[dict]:
-    """`reg` = 0: exact OT; `reg` > 0: entropic OT with that regularisation (costs are scaled to [0, 1])."""
-    return weight_matching(models, spec, seed=seed, solve=partial(ot_assign, reg=reg))
+def ot_matching(models: list[nn.Module], spec: PermSpec, data=None, seed: int = 0, reg: float = 0.0,
+                **options) -> list[dict]:
+    """`reg` = 0: exact OT; `reg` > 0: entropic OT with that regularisation (costs are scaled to [0, 1]). `options`
+    go to weight matching (rounds, tolerance, history)."""
+    return weight_matching(models, spec, seed=seed, solve=partial(ot_assign, reg=reg), **options)

@@ -1,5 +1,6 @@
-"""Git Re-Basin weight matching, for N models: match each to models[0], then re-match each to the mean of the
-others until no permutation changes (MergeMany, with models[0] held fixed so the result stays in its basis)."""
+"""Git Re-Basin weight matching for N models, at a cost linear in N per round: MergeMany with models[0] held fixed
+(so the result stays in its basis) and the sum of the aligned models kept as a running total, so matching one model
+to the mean of the others is one subtraction, not a fresh mean of N−1 permuted state dicts."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -12,11 +13,15 @@ from torch import nn
 from ..spec import PermSpec, axis_index, permute_state
 from . import register
 
+Solver = Callable[[np.ndarray], np.ndarray]
+State = dict[str, torch.Tensor]
 
-def _float_params(model: nn.Module, spec: PermSpec) -> dict[str, torch.Tensor]:
-    """Only learned parameters enter the cost: running statistics live on other scales and follow the weights."""
+
+def _float_params(model: nn.Module, spec: PermSpec) -> State:
+    """Only learned parameters enter the cost: running statistics live on other scales and follow the weights.
+    float32: the similarities are sums of products of weights of one scale, far from float32's limits."""
     names = {n for n, _ in model.named_parameters()}
-    return {k: v.detach().double() for k, v in model.state_dict().items() if k in names and k in spec.params}
+    return {k: v.detach().float() for k, v in model.state_dict().items() if k in names and k in spec.params}
 
 
 def unit_rows(t: torch.Tensor, axis: int, start: int, n: int, repeat: int) -> torch.Tensor:
@@ -24,36 +29,64 @@ def unit_rows(t: torch.Tensor, axis: int, start: int, n: int, repeat: int) -> to
     return t.movedim(axis, 0)[start:start + n * repeat].reshape(n, -1)
 
 
-Solver = Callable[[np.ndarray], np.ndarray]
-
-
 def lsa(similarity: np.ndarray) -> np.ndarray:
     """Exact assignment maximising total similarity: column (unit of the other model) for each row."""
     return linear_sum_assignment(similarity, maximize=True)[1]
 
 
-def match_pair(target: dict[str, torch.Tensor], other: dict[str, torch.Tensor], spec: PermSpec,
-               perms: dict[str, torch.Tensor], rng: np.random.Generator, max_iter: int = 100,
-               solve: Solver = lsa) -> dict:
+def similarity(a: State, b: State) -> float:
+    """<a, b> over the shared parameters, summed in float64: the objective weight matching maximises."""
+    return float(sum(torch.dot(a[k].reshape(-1).double(), b[k].reshape(-1).double()) for k in a))
+
+
+class _Rows:
+    """One model's unit rows for every (group, member), cut once per pair match: a group's similarity then needs
+    only a column gather for the other axes' current permutations, not re-permuted copies of whole tensors."""
+
+    def __init__(self, state: State, spec: PermSpec, members: dict[str, list]) -> None:
+        self.spec = spec
+        self.rows = {(g, m): unit_rows(state[m[0]], m[1], m[2], spec.groups[g], m[3])
+                     for g, ms in members.items() for m in ms}
+        self.cols = {(g, m): self._columns(tuple(state[m[0]].shape), m[1], m[3]) for g, ms in members.items()
+                     for m in ms}
+
+    def _columns(self, shape: tuple[int, ...], axis: int, repeat: int) -> torch.Tensor:
+        """Positions of a row's entries laid out as (repeat, other axes in order), as unit_rows flattens them."""
+        rest = [s for i, s in enumerate(shape) if i != axis]
+        return torch.arange(repeat * int(np.prod(rest, dtype=np.int64))).reshape(repeat, *rest)
+
+    def get(self, g: str, member: tuple, perms: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The rows, with every other axis of the parameter permuted by `perms` (None: as they are)."""
+        rows = self.rows[(g, member)]
+        name, axis = member[0], member[1]
+        others = [(i, seg) for i, seg in enumerate(self.spec.params[name]) if i != axis and seg is not None]
+        if perms is None or not others:
+            return rows
+        cols = self.cols[(g, member)]
+        for i, segments in others:  # dim 0 of cols is the repeat, then the other axes in order
+            cols = cols.index_select(1 + i - (i > axis), axis_index(segments, perms))
+        return rows.index_select(1, cols.reshape(-1))
+
+
+def match_pair(target: State, other: State, spec: PermSpec, perms: dict[str, torch.Tensor],
+               rng: np.random.Generator, max_iter: int = 100, solve: Solver = lsa) -> dict:
     """Coordinate descent over groups: each step solves one group's assignment with the others fixed, and keeps
-    it only if it raises the similarity (so an approximate solver cannot make things worse)."""
+    it only if it raises the similarity (so an approximate solver cannot make things worse). Stops after a sweep
+    that changes nothing, or after `max_iter` sweeps."""
     perms = {g: p.clone() for g, p in perms.items()}
     members = {g: [m for m in spec.members(g) if m[0] in target] for g in spec.groups}
+    mine, theirs = _Rows(target, spec, members), _Rows(other, spec, members)
     for _ in range(max_iter):
         changed = False
         for g in rng.permutation(list(spec.groups)):
             n = spec.groups[g]
             cost = torch.zeros(n, n, dtype=torch.float64)
-            for name, axis, start, repeat in members[g]:
-                b = other[name]
-                for i, segments in enumerate(spec.params[name]):
-                    if i != axis and segments is not None:
-                        b = b.index_select(i, axis_index(segments, perms))
-                cost += unit_rows(target[name], axis, start, n, repeat) @ unit_rows(b, axis, start, n, repeat).T
+            for m in members[g]:
+                cost += (mine.get(g, m) @ theirs.get(g, m, perms).T).double()
             c = cost.numpy()
-            cols = solve(c)
-            old = perms[g].numpy()
-            if c[np.arange(n), cols].sum() > c[np.arange(n), old].sum() + 1e-12:
+            cols, old, rows = solve(c), perms[g].numpy(), np.arange(n)
+            new_sum, before = c[rows, cols].sum(), c[rows, old].sum()
+            if new_sum > before + 1e-7 * abs(before) + 1e-12:
                 perms[g] = torch.from_numpy(cols).long()
                 changed = True
         if not changed:
@@ -62,25 +95,40 @@ def match_pair(target: dict[str, torch.Tensor], other: dict[str, torch.Tensor], 
 
 
 @register("weight")
-def weight_matching(models: list[nn.Module], spec: PermSpec, data=None, seed: int = 0,
-                    max_rounds: int = 20, solve: Solver = lsa) -> list[dict]:
+def weight_matching(models: list[nn.Module], spec: PermSpec, data=None, seed: int = 0, max_rounds: int = 20,
+                    tol: float = 1e-4, sweeps: int = 2, solve: Solver = lsa,
+                    history: list[float] | None = None) -> list[dict]:
+    """Each model is first matched to models[0], to convergence; then each round matches every model but the first
+    to the sum of the others (`sweeps` coordinate-descent sweeps, warm-started). Rounds stop when one raises the
+    objective (the sum over model pairs of <aligned_i, aligned_j>) by less than `tol` of its value; `history`, if
+    given, receives the objective after the first pass and after each round. A first pass against the running sum
+    reached a higher objective but fused worse at BN reset on the zoo CNN (depth 4: 0.43 against 0.62 validation
+    accuracy), so the anchor stays."""
     rng = np.random.default_rng(seed)
     states = [_float_params(m, spec) for m in models]
     perms = [spec.identity_perms() for _ in models]
-    for i in range(1, len(models)):
+    aligned = list(states)
+    total = {k: v.clone() for k, v in states[0].items()}
+    for i in range(1, len(models)):  # first pass: each model against models[0], to convergence
         perms[i] = match_pair(states[0], states[i], spec, perms[i], rng, solve=solve)
-    if len(models) > 2:
-        for _ in range(max_rounds):
-            changed = False
-            aligned = [permute_state(s, spec, p) for s, p in zip(states, perms)]
-            for i in range(1, len(models)):
-                others = [aligned[j] for j in range(len(models)) if j != i]
-                mean = {k: sum(s[k] for s in others) / len(others) for k in states[0]}
-                new = match_pair(mean, states[i], spec, perms[i], rng, solve=solve)
-                if any(not torch.equal(new[g], perms[i][g]) for g in new):
-                    changed = True
-                    perms[i] = new
-                    aligned[i] = permute_state(states[i], spec, new)
-            if not changed:
-                break
+        aligned[i] = permute_state(states[i], spec, perms[i])
+        for k in total:
+            total[k] += aligned[i][k]
+    norms = sum(similarity(a, a) for a in aligned)
+    objective = (similarity(total, total) - norms) / 2
+    trail = [objective]
+    for _ in range(max_rounds if len(models) > 2 else 0):
+        for i in range(1, len(models)):
+            others = {k: total[k] - aligned[i][k] for k in total}
+            perms[i] = match_pair(others, states[i], spec, perms[i], rng, max_iter=sweeps, solve=solve)
+            new = permute_state(states[i], spec, perms[i])
+            for k in total:
+                total[k] += new[k] - aligned[i][k]
+            aligned[i] = new
+        previous, objective = objective, (similarity(total, total) - norms) / 2
+        trail.append(objective)
+        if objective - previous <= tol * abs(previous):
+            break
+    if history is not None:
+        history.extend(trail)
     return perms

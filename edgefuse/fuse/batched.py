@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..errors import EdgefuseError, UnsupportedModelError
-from ..trace import _ELEMENTWISE, _ELEMENTWISE_METHOD, _SAME, _SAME_FN, _SAME_METHOD
+from ..trace import _ELEMENTWISE, _ELEMENTWISE_METHOD, _SAME, _SAME_FN, _SAME_METHOD, drop_path_off, is_drop_path
 from .layers import GroupedLinear, WideLinear, as_param, batched_conv, batched_norm, cat_copy
 from .combine import check_combine, combine_outputs
 
@@ -186,6 +186,8 @@ class BatchRewriter:
             return self.emit(node.op, target, args, kwargs, batched=False)
         if target in _SAME_FN or (method and target in _SAME_METHOD):
             return self.emit(node.op, target, args, kwargs, batched=True)
+        if is_drop_path(node) and drop_path_off(node):  # eval-mode stochastic depth: the identity
+            return args[0]
         if target in _ELEMENTWISE or (method and target in _ELEMENTWISE_METHOD):
             args = tuple(self.expand(a) if isinstance(a, fx.Node) else a for a in args)
             return self.emit(node.op, target, args, kwargs, batched=True)
