@@ -54,16 +54,17 @@ def test_fusion_never_touches_inputs(cnns, digits_split):
 
 
 def test_bn_repair_helps_the_merged_cnn(cnns, digits_split):
+    """At depth 1 (first conv merged) the merged model is far from chance, so the repair's effect is measurable; the
+    full merge of these 4 small CNNs is at chance with or without it (0.07–0.12), where a comparison means nothing."""
     calib, x, y = digits_split
     spec = ef.permutation_spec(cnns[0], x[:2])
     aligned = ef.align(cnns, spec)
-    depth = len(spec.cut_points)
     acc = {}
     for repair in (None, "bn"):
         with torch.no_grad():
-            out = ef.fuse(aligned, spec, depth=depth, data=data.batches(calib), repair=repair)(x)
+            out = ef.fuse(aligned, spec, depth=1, data=data.batches(calib), repair=repair)(x)
         acc[repair] = (out.argmax(1) == y).float().mean().item()
-    assert acc["bn"] > acc[None]
+    assert acc["bn"] > acc[None] + 0.1
 
 
 @pytest.mark.parametrize("kwargs,msg", [({"depth": 99}, "depth must be between"), ({"depth": 1, "repair": "x"},
