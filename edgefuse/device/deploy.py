@@ -5,8 +5,7 @@ This file is edgefuse's TensorRT builder and runner, and it is copied as-is into
 Python 3.8+, numpy and either the TensorRT Python bindings (with torch for device buffers) or the `trtexec` tool.
 `--runtime onnxruntime` runs the same check with onnxruntime, which is how the bundle is tested off the device.
 
-    python3 deploy.py                 # in the bundle: build, check, time; exit 0 PASS, 1 FAIL, 2 could not check
-    python3 deploy.py --runtime trtexec
+    python3 deploy.py [--runtime trtexec]   # in the bundle: build, check, time; exit 0 PASS, 1 FAIL, 2 could not check
 """
 from __future__ import annotations
 
@@ -43,8 +42,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)  # Python 3.8+
 
 
 def build_engine(onnx_path: Path, target: dict, engine_path: Path, timing_cache: Path | None = None) -> Path:
