@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .errors import EdgefuseError
+from .errors import EdgefuseError, first_line
 from .zoo import ARCHITECTURES
 
 DEBUG = {"on": False}
@@ -34,9 +34,8 @@ class Cli(click.Group):
         except Exception as e:  # a bug: still one line, with the way to see more
             if DEBUG["on"]:
                 raise
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            _echo(f"edgefuse: internal error: {type(e).__name__}: {first} (rerun with --debug for the "
-                       "traceback)", err=True)
+            _echo(f"edgefuse: internal error: {type(e).__name__}: {first_line(e)} (rerun with --debug for the "
+                  "traceback)", err=True)
             sys.exit(3)
 
 
@@ -220,13 +219,13 @@ def verify(onnx_file: str, dataset: str, threads: int, batch_sizes: tuple[int, .
     try:
         runner = OrtRunner(onnx_file, threads)
     except Exception as e:  # onnxruntime raises its own exception types for bad files
-        raise EdgefuseError(f"cannot load {onnx_file}: {str(e).strip().splitlines()[0]}") from None
+        raise EdgefuseError(f"cannot load {onnx_file}: {first_line(e)}") from None
     x_test, y_test = test_split(dataset)
     try:
         result = scores(predict(runner, x_test), y_test)
     except Exception as e:
         raise EdgefuseError(f"{onnx_file} does not run on {dataset} inputs {tuple(x_test.shape[1:])}: "
-                            f"{str(e).strip().splitlines()[0]}") from None
+                            f"{first_line(e)}") from None
     result["latency_ms"] = {str(b): latency(runner, latency_batch(x_test, b)) for b in batch_sizes}
     _echo(json.dumps(result, indent=2))
 

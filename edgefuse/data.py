@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import EdgefuseError
+from .errors import EdgefuseError, first_line
 
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
                  "t10k-labels-idx1-ubyte.gz")
@@ -114,7 +114,7 @@ def _check_fits(model: torch.nn.Module, x: torch.Tensor, what: str) -> None:
             model(x)
     except Exception as e:  # torch reports a shape mismatch as RuntimeError, others as other types
         raise EdgefuseError(f"{what}: calibration inputs of shape {tuple(x.shape[1:])} do not fit the model: "
-                            f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+                            f"{first_line(e)}") from None
     finally:
         for m, training in modes:
             m.training = training

@@ -1,6 +1,13 @@
 """Errors a user can cause. The CLI prints them as one line; anything else is a bug."""
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (libraries' errors run to many lines), or its type name when the
+    message is empty, so a one-line error never ends in an IndexError of its own."""
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 class EdgefuseError(Exception):
     """Base class for errors caused by input (files, models, options), not by edgefuse itself."""
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import EdgefuseError
+from .errors import EdgefuseError, first_line
 from .files import commit, native, new_temp_path
 
 INPUT, OUTPUT, HEADS = "input", "logits", "head_logits"
@@ -110,7 +110,7 @@ def export_onnx(module: nn.Module, example_input: torch.Tensor, path: str | Path
         try:
             _export(module, example, tmp, opset)
         except Exception as e:  # exporter failures are many types; report the first line
-            raise EdgefuseError(f"ONNX export failed: {str(e).strip().splitlines()[0]}") from None
+            raise EdgefuseError(f"ONNX export failed: {first_line(e)}") from None
         onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
         if simplify:
             _simplify(tmp)

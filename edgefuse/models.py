@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import EdgefuseError
+from .errors import EdgefuseError, first_line
 from .files import native
 
 
@@ -56,8 +56,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise EdgefuseError(f"cannot read checkpoint {path}: it holds Python objects, not only tensors "
                             "(refused: loading it could run code; save a state_dict or use safetensors)") from None
     except Exception as e:  # corrupt files raise many types; the user needs the file name and the first line
-        raise EdgefuseError(f"cannot read checkpoint {path}: {str(e).strip().splitlines()[0] if str(e) else e!r}") \
-            from None
+        raise EdgefuseError(f"cannot read checkpoint {path}: {first_line(e)}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -97,8 +96,7 @@ def _build(make: Callable[[], nn.Module], factory) -> nn.Module:
     try:
         model = make()
     except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise EdgefuseError(f"model factory '{factory}' failed: {type(e).__name__}: {first}") from None
+        raise EdgefuseError(f"model factory '{factory}' failed: {type(e).__name__}: {first_line(e)}") from None
     if not isinstance(model, nn.Module):
         raise EdgefuseError(f"model factory '{factory}' returned {type(model).__name__}, not a torch.nn.Module")
     return model

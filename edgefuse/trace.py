@@ -7,7 +7,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import EdgefuseError, UnsupportedModelError
+from .errors import EdgefuseError, UnsupportedModelError, first_line
 
 _SAME = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Hardswish,
          nn.Hardsigmoid, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout,
@@ -253,7 +253,7 @@ def trace(model: nn.Module, example_input: torch.Tensor | None = None) -> fx.Gra
     try:
         gm = fx.symbolic_trace(model)
     except Exception as e:  # fx raises many kinds on data-dependent Python
-        raise UnsupportedModelError("<trace>", type(model).__name__, f"torch.fx cannot trace it: {e}".splitlines()[0])
+        raise UnsupportedModelError("<trace>", type(model).__name__, f"torch.fx cannot trace it: {first_line(e)}")
     if example_input is not None:
         from torch.fx.passes.shape_prop import ShapeProp
         try:
@@ -261,5 +261,5 @@ def trace(model: nn.Module, example_input: torch.Tensor | None = None) -> fx.Gra
                 ShapeProp(gm).propagate(example_input)
         except Exception as e:  # torch reports shape errors as RuntimeError and others
             raise EdgefuseError(f"an input of shape {tuple(example_input.shape[1:])} does not fit the model: "
-                                f"{str(e).strip().splitlines()[0]}") from None
+                                f"{first_line(e)}") from None
     return gm

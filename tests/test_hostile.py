@@ -269,3 +269,9 @@ def test_calibration_data_of_the_wrong_shape_is_named(cnns, batches, message):
     with pytest.raises(ef.EdgefuseError, match=message):
         ef.align(cnns, spec, "activation", data=batches)
     assert all(all(torch.equal(v, s[k]) for k, v in m.state_dict().items()) for m, s in zip(cnns, states))
+
+
+def test_one_line_errors_survive_empty_and_long_messages():
+    from edgefuse.errors import first_line
+    assert first_line(RuntimeError("\n  shapes differ\nstack...\n")) == "shapes differ"
+    assert first_line(KeyError()) == "KeyError" and first_line(ValueError("  \n ")) == "ValueError"

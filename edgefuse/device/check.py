@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-from ..errors import EdgefuseError
+from ..errors import EdgefuseError, first_line
 from ..targets import Target, opset_range
 
 TABLE = Path(__file__).with_name("trt_operators.csv")
@@ -81,8 +81,7 @@ def check_onnx(path: str | Path, target: Target) -> CheckReport:
     try:
         model = onnx.load(str(path))
     except Exception as e:  # protobuf raises several kinds on a corrupt file
-        raise EdgefuseError(f"cannot read ONNX file {path}: {str(e).strip().splitlines()[0] if str(e) else e!r}") \
-            from None
+        raise EdgefuseError(f"cannot read ONNX file {path}: {first_line(e)}") from None
     version = target.trt_version
     known = closest_table(version)
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)

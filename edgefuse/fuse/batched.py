@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import EdgefuseError, UnsupportedModelError
+from ..errors import EdgefuseError, UnsupportedModelError, first_line
 from ..trace import _ELEMENTWISE, _ELEMENTWISE_METHOD, _SAME, _SAME_FN, _SAME_METHOD, drop_path_off, is_drop_path
 from .layers import GroupedLinear, WideLinear, as_param, batched_conv, batched_norm, cat_copy
 from .combine import check_combine, combine_outputs
@@ -33,7 +33,7 @@ class BatchRewriter:
             self.gms = [m if isinstance(m, fx.GraphModule) else fx.symbolic_trace(m) for m in models]
         except Exception as e:  # fx raises many kinds on data-dependent Python
             raise UnsupportedModelError("<trace>", type(models[0]).__name__,
-                                        f"torch.fx cannot trace it: {e}".splitlines()[0]) from None
+                                        f"torch.fx cannot trace it: {first_line(e)}") from None
         self.n, self.combine, self.head_outputs = len(models), combine, head_outputs
         self.mods = [dict(g.named_modules()) for g in self.gms]
         self.graph, self.env, self.owned = fx.Graph(), {}, {}
