@@ -35,8 +35,11 @@ def test_sweep_runs_in_workers_resumes_and_plots(checkpoints, tmp_path):
     assert res.exit_code == 0, res.output
     assert {p.name: p.stat().st_mtime_ns for p in (out / "points").iterdir()} == stamps
     again = json.loads((out / "sweep.json").read_text())
-    stored = [c for c in sweep["candidates"] if c["kind"] != "ensemble"]
-    assert [c for c in again["candidates"] if c["kind"] != "ensemble"] == stored  # exactly as measured
+    def measured(rows: list[dict]) -> list[dict]:
+        """Stored rows without `dominated_by`: the exact ensembles are timed afresh, so that verdict may change."""
+        return [{k: v for k, v in c.items() if k != "dominated_by"} for c in rows if c["kind"] != "ensemble"]
+
+    assert measured(again["candidates"]) == measured(sweep["candidates"])  # exactly as measured
 
 
 def test_sweep_budget_nobody_meets(checkpoints, tmp_path):
