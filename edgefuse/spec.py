@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import EdgefuseError
+from .errors import EdgefuseError, UnsupportedModelError
 from .trace import FIXED, GroupTracer, trace
 
 
@@ -23,16 +23,35 @@ class Axis:
 
 
 @dataclass(frozen=True)
+class Family:
+    """Groups that move whole blocks together. A grouped convolution of `blocks` groups maps input block j to output
+    block j only, so its input and output groups share one permutation of the blocks (σ), and each group permutes
+    freely inside each block. `fixed`: σ is the identity (a member is tied to the model's input or output)."""
+    groups: tuple[str, ...]
+    blocks: int
+    fixed: bool = False
+
+
+@dataclass(frozen=True)
 class PermSpec:
     """Permutation groups of a model. `params` maps state-dict keys to, per tensor axis, a tuple of `Axis`
     segments or None; `cut_points` are fx node names, in order, where a single tensor carries everything
     downstream needs; `probes` name, per group, the last node whose channels are exactly that group (where
-    activation matching observes it)."""
+    activation matching observes it); `families` tie groups into blocks (grouped convolutions), and `grouped` maps
+    each grouped convolution's weight to (groups, input channels): `params` describes it as the dense block-diagonal
+    matrix it stands for (see `dense_state`)."""
     groups: MappingProxyType
     params: MappingProxyType
     cut_points: tuple[str, ...]
     weight_layers: tuple[str, ...] = field(default=())
     probes: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+    families: tuple[Family, ...] = field(default=())
+    grouped: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
+
+    def coordinates(self) -> list[Family]:
+        """Every group once: the families of blocks, then each free group as a family of one block."""
+        tied = {g for f in self.families for g in f.groups}
+        return list(self.families) + [Family((g,), 1) for g in self.groups if g not in tied]
 
     def members(self, group: str) -> list[tuple[str, int, int, int]]:
         """(param, axis, start, repeat) for every parameter axis segment the group permutes."""
@@ -47,11 +66,51 @@ class PermSpec:
         return out
 
     def random_perms(self, seed: int = 0) -> dict[str, torch.Tensor]:
+        """A random permutation of every group that keeps the function: blocks move together within a family."""
         gen = torch.Generator().manual_seed(seed)
-        return {g: torch.randperm(n, generator=gen) for g, n in self.groups.items()}
+        perms = {}
+        for f in self.coordinates():
+            sigma = torch.arange(f.blocks) if f.fixed else torch.randperm(f.blocks, generator=gen)
+            for g in f.groups:
+                width = self.groups[g] // f.blocks
+                perms[g] = block_perm(sigma, [torch.randperm(width, generator=gen) for _ in range(f.blocks)])
+        return perms
 
     def identity_perms(self) -> dict[str, torch.Tensor]:
         return {g: torch.arange(n) for g, n in self.groups.items()}
+
+
+def block_perm(sigma: torch.Tensor, inner: list[torch.Tensor]) -> torch.Tensor:
+    """Block j of the result is block sigma[j] of the units, reordered inside by inner[j]."""
+    width = len(inner[0])
+    return torch.cat([int(s) * width + torch.as_tensor(p, dtype=torch.long) for s, p in zip(sigma, inner)])
+
+
+def _dense(t: torch.Tensor, blocks: int) -> torch.Tensor:
+    """(out, in/blocks, …) grouped-conv weight → (out, in, …) block-diagonal matrix."""
+    out, width = t.shape[:2]
+    j = torch.arange(blocks)
+    d = t.new_zeros(blocks, out // blocks, blocks, width, *t.shape[2:])
+    d[j, :, j] = t.reshape(blocks, out // blocks, width, *t.shape[2:])
+    return d.reshape(out, blocks * width, *t.shape[2:])
+
+
+def _compact(d: torch.Tensor, blocks: int) -> torch.Tensor:
+    """The inverse of `_dense`: the diagonal blocks, as a grouped-conv weight."""
+    out, cin = d.shape[:2]
+    j = torch.arange(blocks)
+    return d.reshape(blocks, out // blocks, blocks, cin // blocks, *d.shape[2:])[j, :, j].reshape(
+        out, cin // blocks, *d.shape[2:])
+
+
+def dense_state(state: dict[str, torch.Tensor], spec: PermSpec) -> dict[str, torch.Tensor]:
+    """`state` with every grouped-conv weight as its dense block-diagonal matrix, the layout `params` describes, so
+    that similarities and unit rows need no special case. `permute_state` keeps a dense weight dense."""
+    out = dict(state)
+    for name, (blocks, cin) in spec.grouped.items():
+        if name in out and out[name].shape[1] != cin:
+            out[name] = _dense(out[name], blocks)
+    return out
 
 
 def expand(perm: torch.Tensor, repeat: int) -> torch.Tensor:
@@ -80,10 +139,13 @@ def permute_state(state: dict[str, torch.Tensor], spec: PermSpec,
         if name not in state:
             continue
         t = state[name]
+        compact = name in spec.grouped and t.shape[1] != spec.grouped[name][1]
+        if compact:
+            t = _dense(t, spec.grouped[name][0])
         for i, segments in enumerate(axes):
             if segments is not None and any(a.group in perms for a in segments):
                 t = t.index_select(i, axis_index(segments, perms))
-        out[name] = t
+        out[name] = _compact(t, spec.grouped[name][0]) if compact else t
     return out
 
 
@@ -139,4 +201,31 @@ def permutation_spec(model: nn.Module, example_input: torch.Tensor) -> PermSpec:
             probes[t.find(value[0][0])] = node.name
     return PermSpec(groups=MappingProxyType(groups), params=MappingProxyType(params),
                     cut_points=tuple(_cut_points(gm, t.weight_layers, t.value)),
-                    weight_layers=tuple(n.target for n in t.weight_layers), probes=MappingProxyType(probes))
+                    weight_layers=tuple(n.target for n in t.weight_layers), probes=MappingProxyType(probes),
+                    families=_families(t, groups), grouped=MappingProxyType(dict(t.grouped)))
+
+
+def _families(t: GroupTracer, groups: dict[str, int]) -> tuple[Family, ...]:
+    """Groups tied by grouped convolutions (and GroupNorms), united; a family tied to FIXED keeps its blocks in
+    place. A group feeding layers of different block counts is refused."""
+    parent: dict[str, str] = {FIXED: FIXED}
+    blocks: dict[str, int] = {}
+
+    def find(g: str) -> str:
+        while parent.setdefault(g, g) != g:
+            g = parent[g]
+        return g
+
+    for src, out, count, node in t.ties:
+        ends = [FIXED if g is None else t.find(g) for g in (src, out)]
+        for e in ends:
+            if e != FIXED and blocks.setdefault(e, count) != count:
+                raise UnsupportedModelError(node.name, type(t.modules.get(node.target)).__name__,
+                                            f"its channels also meet a layer of {blocks[e]} groups, not {count}")
+        a, b = sorted((find(ends[0]), find(ends[1])), key=lambda r: r != FIXED)
+        parent[b] = a
+    members: dict[str, list[str]] = {}
+    for g in blocks:
+        if g in groups:
+            members.setdefault(find(g), []).append(g)
+    return tuple(Family(tuple(gs), blocks[gs[0]], fixed=root == FIXED) for root, gs in members.items())

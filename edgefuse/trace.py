@@ -45,6 +45,8 @@ class GroupTracer:
         self.axes: dict[str, list] = {}
         self.value: dict[fx.Node, Segments | None] = {}
         self.weight_layers: list[fx.Node] = []
+        self.ties: list[tuple[str | None, str | None, int, fx.Node]] = []  # (group in, group out, blocks, node)
+        self.grouped: dict[str, tuple[int, int]] = {}  # grouped-conv weight → (groups, input channels)
 
     def find(self, g: str) -> str:
         while self.parent[g] != g:
@@ -132,8 +134,10 @@ class GroupTracer:
 
     def visit_module(self, node: fx.Node, mod: nn.Module, src):
         name = node.target
-        if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.groups != 1:
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.groups == mod.in_channels == mod.out_channels > 1:
             return self.visit_depthwise(node, mod, src)
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.groups != 1:
+            return self.visit_grouped(node, mod, src)
         if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             if isinstance(mod, nn.Linear) and src is not None and len(_shape(node.args[0]) or ()) != 2:
                 raise UnsupportedModelError(node.name, "Linear", "Linear over a non-2D tensor (tokens, as in "
@@ -159,9 +163,6 @@ class GroupTracer:
 
     def visit_depthwise(self, node: fx.Node, mod: nn.Module, src):
         """A depthwise conv maps channel c to channel c: its filters follow the input's permutation."""
-        if not (mod.groups == mod.in_channels == mod.out_channels):
-            raise UnsupportedModelError(node.name, type(mod).__name__, f"grouped convolution (groups={mod.groups}) "
-                                        "needs block-wise permutations, not supported yet; depthwise is")
         self.weight_layers.append(node)
         if src is None:
             return None
@@ -170,16 +171,35 @@ class GroupTracer:
             self.bind(f"{node.target}.bias", 1, 0, src, node)
         return src
 
+    def visit_grouped(self, node: fx.Node, mod: nn.Module, src):
+        """A grouped conv maps input block j to output block j: its weight is bound as the dense block-diagonal
+        matrix it stands for, and its input and output groups are tied into one family of `groups` blocks."""
+        name, w = node.target, mod.weight
+        if src is not None and (len(src) != 1 or src[0][1] != 1):
+            raise UnsupportedModelError(node.name, type(mod).__name__, "grouped convolution over concatenated or "
+                                        "flattened channels")
+        if src is not None:
+            self.bind(f"{name}.weight", w.ndim, 1, src, node)
+        out = self.new_group(name, w.shape[0])
+        self.bind(f"{name}.weight", w.ndim, 0, out, node)
+        if mod.bias is not None:
+            self.bind(f"{name}.bias", 1, 0, out, node)
+        self.grouped[f"{name}.weight"] = (mod.groups, mod.in_channels)
+        self.ties.append((src[0][0] if src is not None else None, out[0][0], mod.groups, node))
+        self.weight_layers.append(node)
+        return out
+
     def visit_norm(self, node: fx.Node, mod: nn.Module, src):
         if src is None:
             return None
         if isinstance(mod, nn.LayerNorm) and (len(mod.normalized_shape) != 1 or len(_shape(node.args[0])) != 2):
             raise UnsupportedModelError(node.name, "LayerNorm", "only LayerNorm over 2-D features is supported")
-        if isinstance(mod, nn.GroupNorm) and mod.num_groups not in (1, mod.num_channels):
-            raise UnsupportedModelError(node.name, "GroupNorm", f"{mod.num_groups} groups of channels would need "
-                                        "block-wise permutations; only 1 group or one per channel is supported")
         if any(r != 1 for _, r in src):
             raise UnsupportedModelError(node.name, type(mod).__name__, "normalisation after a flatten")
+        if isinstance(mod, nn.GroupNorm) and mod.num_groups not in (1, mod.num_channels):
+            if len(src) != 1:
+                raise UnsupportedModelError(node.name, "GroupNorm", "groups of concatenated channels")
+            self.ties.append((src[0][0], src[0][0], mod.num_groups, node))  # its blocks move only as wholes
         for p, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
             if t is not None and t.ndim == 1:
                 self.bind(f"{node.target}.{p}", 1, 0, src, node)

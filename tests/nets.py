@@ -13,6 +13,19 @@ def digits_cnn() -> nn.Module:
     return zoo.cnn(width=4, image=8)
 
 
+class CatGrouped(nn.Module):
+    """A grouped conv over two concatenated tensors: its blocks would straddle two groups, which is refused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(1, 6, 3, padding=1), nn.Conv2d(1, 2, 3, padding=1)
+        self.c = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.head(self.c(torch.cat([self.a(x), self.b(x)], 1)).mean((2, 3)))
+
+
 class GroupedConv(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -126,6 +139,30 @@ class StochasticDepthBlock(nn.Module):
         b = b * torch.sigmoid(self.se_expand(nn.functional.silu(self.se_reduce(b.mean((2, 3), keepdim=True)))))
         h = h + stochastic_depth(self.project(b), self.p, "row", self.training)
         return self.head(h.mean((2, 3)))
+
+
+class RegNetBlock(nn.Module):
+    """RegNet-Y-style bottleneck: 1x1, grouped 3x3 of group width 4, a second grouped 3x3 that widens each group
+    (4 → 6 channels), squeeze-excite, 1x1 back, residual."""
+
+    def __init__(self, width: int = 8, bottleneck: int = 16, groups: int = 4) -> None:
+        super().__init__()
+        wide = bottleneck * 3 // 2
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(width, bottleneck, 1, bias=False), nn.BatchNorm2d(bottleneck), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(bottleneck, bottleneck, 3, padding=1, groups=groups, bias=False),
+                               nn.BatchNorm2d(bottleneck), nn.ReLU())
+        self.b2 = nn.Sequential(nn.Conv2d(bottleneck, wide, 3, padding=1, groups=groups), nn.BatchNorm2d(wide),
+                                nn.ReLU())
+        self.se_reduce, self.se_expand = nn.Conv2d(wide, 4, 1), nn.Conv2d(4, wide, 1)
+        self.c = nn.Sequential(nn.Conv2d(wide, width, 1, bias=False), nn.BatchNorm2d(width))
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        h = self.stem(x)
+        b = self.b2(self.b(self.a(h)))
+        b = b * torch.sigmoid(self.se_expand(torch.relu(self.se_reduce(b.mean((2, 3), keepdim=True)))))
+        return self.head(torch.relu(h + self.c(b)).mean((2, 3)))
 
 
 def randomize_bn(model: nn.Module, seed: int) -> nn.Module:

@@ -145,3 +145,46 @@ def test_merge_many_rounds_only_raise_the_objective_and_recover_a_hidden_permuta
     assert len(history) >= 2 and all(b >= a - 1e-9 * abs(a) for a, b in zip(history, history[1:]))
     for g, p in perms[1].items():
         assert torch.equal(hidden[g][p], torch.arange(spec.groups[g]))
+
+
+def test_block_assignment_is_the_best_permutation_that_keeps_blocks_whole():
+    import itertools
+
+    import numpy as np
+
+    from edgefuse.align.blocks import assign
+    from edgefuse.align.weight import lsa
+    from edgefuse.spec import Family
+
+    rng = np.random.default_rng(0)
+    sims = [rng.normal(size=(6, 6)), rng.normal(size=(9, 9))]  # two groups of 3 blocks: widths 2 and 3
+
+    def value(cols):
+        return sum(s[np.arange(len(s)), c].sum() for s, c in zip(sims, cols))
+
+    def block_structured(width):  # every permutation that moves whole blocks of `width`
+        for sigma in itertools.permutations(range(3)):
+            for inner in itertools.product(itertools.permutations(range(width)), repeat=3):
+                yield sigma, np.concatenate([s * width + np.array(p) for s, p in zip(sigma, inner)])
+
+    best = max(value([a, b]) for sa, a in block_structured(2) for sb, b in block_structured(3) if sa == sb)
+    found = assign(sims, Family(("a", "b"), 3), lsa)
+    assert np.isclose(value(found), best)
+    assert all(sorted(c.reshape(3, -1).min(1) // (len(c) // 3)) == [0, 1, 2] for c in found)
+    fixed = assign(sims, Family(("a", "b"), 3, fixed=True), lsa)
+    assert all((c.reshape(3, -1) // (len(c) // 3) == np.arange(3)[:, None]).all() for c in fixed)
+
+
+@pytest.mark.parametrize("method", ["weight", "ot"])
+def test_weight_matching_undoes_a_hidden_block_permutation_of_grouped_convs(method):
+    models = [nets.member(nets.RegNetBlock, s) for s in range(3)]
+    spec = ef.permutation_spec(models[0], torch.rand(2, 1, 8, 8))
+    hidden = spec.random_perms(4)
+    twin = ef.permute(models[0], spec, hidden)
+    perms = ef.align_perms([models[0], twin, *models[1:]], spec, method)
+    for g, p in perms[1].items():
+        assert torch.equal(hidden[g][p], torch.arange(spec.groups[g]))
+    x = torch.rand(8, 1, 8, 8)
+    with torch.no_grad():
+        for m, p in zip(models[1:], perms[2:]):
+            torch.testing.assert_close(ef.permute(m, spec, p)(x), m(x), atol=1e-5, rtol=1e-4)

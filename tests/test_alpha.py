@@ -12,7 +12,8 @@ from . import nets
 
 X = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 ARCHS = {"mlp": lambda: zoo.mlp(width=24, depth=2), "cnn-bn": lambda: zoo.cnn(width=4),
-         "resnet": lambda: zoo.resnet20(width=4), "depthwise-se": lambda: zoo.mobilenetv2(width=4, expand=2)}
+         "resnet": lambda: zoo.resnet20(width=4), "depthwise-se": lambda: zoo.mobilenetv2(width=4, expand=2),
+         "grouped": nets.RegNetBlock}
 
 
 def _aligned(arch, n=3):
@@ -33,7 +34,7 @@ def test_alpha_ends_are_the_ensemble_and_the_full_merge(arch):
     assert float((zero - full).abs().max() / full.abs().max()) <= 1e-5
 
 
-@pytest.mark.parametrize("arch", ["cnn-bn", "resnet"])
+@pytest.mark.parametrize("arch", ["cnn-bn", "resnet", "grouped"])
 def test_macs_equal_the_ensemble_at_one_and_fall_with_alpha(arch):
     aligned, spec = _aligned(arch, 4)
     ens = ef.macs(ef.ensemble(aligned), X)

@@ -81,8 +81,9 @@ def test_head_outputs_beside_the_mean(cnns, digits_split, tmp_path, batched):
         np.testing.assert_allclose(mean, plain(x[:5]).numpy(), atol=1e-4)
 
 
-def test_a_stochastic_depth_block_fuses_at_every_depth_and_alpha_with_parity(tmp_path):
-    models = [nets.member(nets.StochasticDepthBlock, s) for s in range(3)]
+@pytest.mark.parametrize("net", [nets.StochasticDepthBlock, nets.RegNetBlock, nets.BlockGroupNorm])
+def test_stochastic_depth_and_grouped_blocks_fuse_at_every_depth_and_alpha_with_parity(net, tmp_path):
+    models = [nets.member(net, s) for s in range(3)]
     x = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     spec = ef.permutation_spec(models[0], x[:2])
     aligned = ef.align(models, spec)

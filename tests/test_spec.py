@@ -9,7 +9,8 @@ from . import nets
 CASES = [(lambda: zoo.mlp(), (2, 1, 28, 28)), (lambda: zoo.cnn(), (2, 1, 28, 28)),
          (lambda: zoo.resnet20(width=4), (2, 1, 28, 28)), (lambda: zoo.mobilenetv2(width=4), (2, 1, 28, 28)),
          (nets.digits_cnn, (2, 1, 8, 8)), (nets.Residual, (2, 1, 8, 8)), (nets.HiddenCat, (2, 1, 8, 8)),
-         (lambda: nets.StochasticDepthBlock().eval(), (2, 1, 8, 8))]
+         (lambda: nets.StochasticDepthBlock().eval(), (2, 1, 8, 8)), (nets.RegNetBlock, (2, 1, 8, 8)),
+         (nets.GroupedConv, (2, 1, 8, 8)), (nets.BlockGroupNorm, (2, 1, 8, 8))]
 
 
 @pytest.mark.parametrize("make,shape", CASES)
@@ -46,8 +47,8 @@ def test_classifier_outputs_never_permuted():
     assert spec.params["8.weight"][0] is None and "8.bias" not in spec.params
 
 
-@pytest.mark.parametrize("make,op", [(nets.GroupedConv, "Conv2d"), (nets.InputCat, "cat"),
-                                     (nets.TinyViTBlock, "Linear"), (nets.BlockGroupNorm, "GroupNorm")])
+@pytest.mark.parametrize("make,op", [(nets.CatGrouped, "Conv2d"), (nets.InputCat, "cat"),
+                                     (nets.TinyViTBlock, "Linear")])
 def test_unsupported_models_are_refused_by_node(make, op):
     with pytest.raises(ef.UnsupportedModelError) as err:
         ef.permutation_spec(make(), torch.rand(2, 1, 8, 8))
@@ -85,3 +86,39 @@ def test_stochastic_depth_is_the_identity_in_eval_mode_only():
     from edgefuse.trace import GroupTracer, trace
     with pytest.raises(ef.UnsupportedModelError, match="stochastic depth in training mode"):
         GroupTracer(trace(model.train(), torch.rand(2, 1, 8, 8))).run()
+
+
+def test_grouped_convs_tie_their_groups_into_one_family_of_blocks():
+    spec = ef.permutation_spec(nets.RegNetBlock(), torch.rand(2, 1, 8, 8))
+    (family,) = spec.families
+    assert family.blocks == 4 and not family.fixed
+    assert set(family.groups) == {spec.params[f"{n}.0.weight"][0][0].group for n in ("a", "b", "b2")}
+    assert dict(spec.grouped) == {"b.0.weight": (4, 16), "b2.0.weight": (4, 16)}
+    for seed in range(3):  # random permutations move whole blocks, the same blocks in every group of the family
+        perms = spec.random_perms(seed)
+        sigmas = set()
+        for g in family.groups:
+            width = spec.groups[g] // family.blocks
+            blocks = perms[g].reshape(family.blocks, width) // width
+            assert (blocks == blocks[:, :1]).all()
+            sigmas.add(tuple(blocks[:, 0].tolist()))
+        assert len(sigmas) == 1
+
+
+def test_a_grouped_conv_on_the_input_keeps_its_blocks_in_place():
+    class FirstGrouped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Conv2d(2, 8, 3, padding=1, groups=2)
+            self.head = torch.nn.Linear(8, 10)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.a(x)).mean((2, 3)))
+
+    model, x = FirstGrouped(), torch.rand(3, 2, 8, 8)
+    spec = ef.permutation_spec(model, x)
+    assert spec.families[0].fixed
+    perms = spec.random_perms(1)
+    assert sorted(perms["a"][:4].tolist()) == [0, 1, 2, 3]
+    with torch.no_grad():
+        torch.testing.assert_close(ef.permute(model, spec, perms)(x), model(x), atol=1e-5, rtol=1e-5)

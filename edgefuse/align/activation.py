@@ -14,6 +14,7 @@ from ..data import require_batches
 from ..errors import EdgefuseError
 from ..spec import PermSpec
 from . import register
+from .blocks import assign
 from .weight import lsa
 
 
@@ -74,20 +75,26 @@ def correlations(models: list[nn.Module], spec: PermSpec, xs: list[torch.Tensor]
 @register("activation")
 def activation_matching(models: list[nn.Module], spec: PermSpec, data: Iterable | None = None, seed: int = 0,
                         max_rounds: int = 20) -> list[dict]:
-    """Match each model to models[0], then each to the mean of the others' aligned units until nothing changes."""
+    """Match each model to models[0], then each to the mean of the others' aligned units until nothing changes. A
+    family of blocks (grouped convolutions) is matched as one, keeping its blocks whole."""
     corr = correlations(models, spec, require_batches(data, "activation matching", models[0]))
     n = len(models)
     perms = [spec.identity_perms() for _ in models]
-    for g, c in corr.items():
+
+    def update(i: int, family, sims: list[np.ndarray]) -> bool:
+        new = [torch.from_numpy(c).long() for c in assign(sims, family, lsa)]
+        changed = any(not torch.equal(p, perms[i][g]) for p, g in zip(new, family.groups))
+        perms[i].update(zip(family.groups, new))
+        return changed
+
+    for family in spec.coordinates():
         for i in range(1, n):
-            perms[i][g] = torch.from_numpy(lsa(c[0, i])).long()
+            update(i, family, [corr[g][0, i] for g in family.groups])
         for _ in range(max_rounds if n > 2 else 0):
             changed = False
             for i in range(1, n):
-                sim = sum(c[j, i][perms[j][g].numpy()] for j in range(n) if j != i)
-                new = torch.from_numpy(lsa(sim)).long()
-                if not torch.equal(new, perms[i][g]):
-                    perms[i][g], changed = new, True
+                sims = [sum(corr[g][j, i][perms[j][g].numpy()] for j in range(n) if j != i) for g in family.groups]
+                changed |= update(i, family, sims)
             if not changed:
                 break
     return perms

@@ -3,25 +3,25 @@
 to the mean of the others is one subtraction, not a fresh mean of N−1 permuted state dicts."""
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from ..spec import PermSpec, axis_index, permute_state
+from ..spec import PermSpec, axis_index, dense_state, permute_state
 from . import register
+from .blocks import Solver, assign
 
-Solver = Callable[[np.ndarray], np.ndarray]
 State = dict[str, torch.Tensor]
 
 
 def _float_params(model: nn.Module, spec: PermSpec) -> State:
     """Only learned parameters enter the cost: running statistics live on other scales and follow the weights.
-    float32: the similarities are sums of products of weights of one scale, far from float32's limits."""
+    float32: the similarities are sums of products of weights of one scale, far from float32's limits. Grouped
+    convolutions as their dense block-diagonal matrices, the layout the spec describes."""
     names = {n for n, _ in model.named_parameters()}
-    return {k: v.detach().float() for k, v in model.state_dict().items() if k in names and k in spec.params}
+    state = {k: v.detach().float() for k, v in model.state_dict().items() if k in names and k in spec.params}
+    return dense_state(state, spec)
 
 
 def unit_rows(t: torch.Tensor, axis: int, start: int, n: int, repeat: int) -> torch.Tensor:
@@ -70,24 +70,33 @@ class _Rows:
 
 def match_pair(target: State, other: State, spec: PermSpec, perms: dict[str, torch.Tensor],
                rng: np.random.Generator, max_iter: int = 100, solve: Solver = lsa) -> dict:
-    """Coordinate descent over groups: each step solves one group's assignment with the others fixed, and keeps
-    it only if it raises the similarity (so an approximate solver cannot make things worse). Stops after a sweep
+    """Coordinate descent over groups (a family of blocks is one step, see blocks.py): each step solves its
+    assignment with the others fixed, and keeps it only if it raises the similarity (so an approximate solver cannot make things worse). Stops after a sweep
     that changes nothing, or after `max_iter` sweeps."""
     perms = {g: p.clone() for g, p in perms.items()}
     members = {g: [m for m in spec.members(g) if m[0] in target] for g in spec.groups}
     mine, theirs = _Rows(target, spec, members), _Rows(other, spec, members)
+    coordinates = spec.coordinates()
+
+    def similarity_of(g: str) -> np.ndarray:
+        n = spec.groups[g]
+        cost = torch.zeros(n, n, dtype=torch.float64)
+        for m in members[g]:
+            cost += (mine.get(g, m) @ theirs.get(g, m, perms).T).double()
+        return cost.numpy()
+
     for _ in range(max_iter):
         changed = False
-        for g in rng.permutation(list(spec.groups)):
-            n = spec.groups[g]
-            cost = torch.zeros(n, n, dtype=torch.float64)
-            for m in members[g]:
-                cost += (mine.get(g, m) @ theirs.get(g, m, perms).T).double()
-            c = cost.numpy()
-            cols, old, rows = solve(c), perms[g].numpy(), np.arange(n)
-            new_sum, before = c[rows, cols].sum(), c[rows, old].sum()
+        for k in rng.permutation(len(coordinates)):
+            family = coordinates[k]
+            sims = [similarity_of(g) for g in family.groups]
+            new = assign(sims, family, solve)
+            rows = [np.arange(len(s)) for s in sims]
+            new_sum = sum(s[r, c].sum() for s, r, c in zip(sims, rows, new))
+            before = sum(s[r, perms[g].numpy()].sum() for s, r, g in zip(sims, rows, family.groups))
             if new_sum > before + 1e-7 * abs(before) + 1e-12:
-                perms[g] = torch.from_numpy(cols).long()
+                for g, c in zip(family.groups, new):
+                    perms[g] = torch.from_numpy(c).long()
                 changed = True
         if not changed:
             break

@@ -109,9 +109,13 @@ class AlphaRewriter(BatchRewriter):
         x = self.env[src] if isinstance(src, fx.Node) else None
         layout = self.layout.get(x) if x in self.batched else None
         name = node.target
-        if isinstance(first, nn.Linear) or (isinstance(first, (nn.Conv1d, nn.Conv2d)) and first.groups == 1):
+        conv = isinstance(first, (nn.Conv1d, nn.Conv2d))
+        if isinstance(first, nn.Linear) or (conv and first.groups == 1):
             module, out = self.mixed_layer(node, mods, layout)
-        elif isinstance(first, (nn.Conv1d, nn.Conv2d)) and layout is not None:
+        elif (conv and not first.groups == first.in_channels == first.out_channels) or (
+                isinstance(first, nn.GroupNorm) and 1 < first.num_groups < first.num_channels and layout is not None):
+            module, out = self.blockwise(node, mods, layout, conv)
+        elif conv and layout is not None:
             module, out = self.channelwise(node, mods, layout, conv=True), layout
         elif isinstance(first, (nn.BatchNorm1d, nn.BatchNorm2d)) and layout is not None:
             module, out = self.channelwise(node, mods, layout, conv=False), layout
@@ -160,6 +164,45 @@ class AlphaRewriter(BatchRewriter):
             self.combined = True
             return MixedLayer(fused, None, None, split), None
         return MixedLayer(fused, from_fused, from_iso, split), out
+
+    def blockwise(self, node: fx.Node, mods: list[nn.Module], layout: Layout | None, conv: bool):
+        """A grouped conv, or a GroupNorm of blocks, on its family's layout (whole blocks fused or isolated, see
+        select.py): each fused block is the mean over the models, each isolated block every model's own, so the
+        layer stays grouped, one group per block of the new layout."""
+        first = mods[0]
+        if layout is None:
+            raise UnsupportedModelError(node.name, type(first).__name__, "a grouped convolution on the shared input "
+                                        "has no neuron-level form; use depth= instead")
+        out = self.out_layout(node.target, first.out_channels) if conv else layout
+        blocks = first.groups if conv else first.num_groups
+        if out.group is None:
+            raise UnsupportedModelError(node.name, type(first).__name__, "a grouped layer producing the output")
+
+        def block_ids(units: torch.Tensor, size: int) -> torch.Tensor:
+            return units.reshape(-1, size // blocks)[:, 0] // (size // blocks)
+
+        size = len(out.fused) + len(out.isolated)
+        fused_ids, iso_ids = block_ids(out.fused, size), block_ids(out.isolated, size)
+        in_size = len(layout.fused) + len(layout.isolated)
+        if not (torch.equal(block_ids(layout.fused, in_size), fused_ids)
+                and torch.equal(block_ids(layout.isolated, in_size), iso_ids)):
+            raise UnsupportedModelError(node.name, type(first).__name__, "its input and output fuse different blocks")
+
+        def assemble(tensors: list[torch.Tensor]) -> torch.Tensor:
+            per = [t.detach().reshape(blocks, -1, *t.shape[1:]) for t in tensors]
+            fused = torch.stack([t[fused_ids] for t in per]).mean(0)
+            return torch.cat([fused] + [t[iso_ids] for t in per]).reshape(-1, *tensors[0].shape[1:])
+
+        new, total = copy.deepcopy(first), len(fused_ids) + self.n * len(iso_ids)
+        new.weight = as_param(assemble([m.weight for m in mods]))
+        if first.bias is not None:
+            new.bias = as_param(assemble([m.bias for m in mods]))
+        if conv:
+            new.in_channels, new.out_channels = total * first.in_channels // blocks, new.weight.shape[0]
+            new.groups = total
+        else:
+            new.num_groups, new.num_channels = total, new.weight.shape[0]
+        return new, out
 
     def channelwise(self, node: fx.Node, mods: list[nn.Module], layout: Layout, conv: bool) -> nn.Module:
         """Depthwise convs and BatchNorm: per channel, the mean over models for fused units, each model's own

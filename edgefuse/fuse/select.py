@@ -20,7 +20,7 @@ from torch import nn
 
 from ..align.weight import unit_rows
 from ..errors import EdgefuseError
-from ..spec import PermSpec, permute
+from ..spec import Family, PermSpec, dense_state, permute
 
 SELECTIONS = ("cost", "partial-ot")
 
@@ -36,9 +36,9 @@ class Layout:
 def unit_features(models: list[nn.Module], spec: PermSpec, group: str, scaled: bool = True) -> torch.Tensor:
     """(N, n, d): every parameter the group touches (incoming and outgoing weights, norms) per unit. `scaled`: each
     parameter scaled to unit mean square so no layer dominates, running statistics included; else the learned
-    parameters as they are (weight matching's objective)."""
+    parameters as they are (weight matching's objective). Grouped convolutions as dense block-diagonal matrices."""
     n = spec.groups[group]
-    states = [m.state_dict() for m in models]
+    states = [dense_state(m.state_dict(), spec) for m in models]
     learned = {name for name, _ in models[0].named_parameters()}
     parts = []
     for param, axis, start, repeat in spec.members(group):
@@ -101,13 +101,37 @@ def _partial_ot(models: list[nn.Module], spec: PermSpec, group: str, k: int) -> 
     return out, Layout(group, torch.from_numpy(fused), torch.from_numpy(isolated))
 
 
+def _block_layouts(models: list[nn.Module], spec: PermSpec, family: Family,
+                   counts: dict[str, int]) -> dict[str, Layout]:
+    """A family of blocks (a grouped convolution's input and output) isolates whole blocks, the same ones in every
+    group, so each block of the grouped convolution stays whole: the blocks whose units spread most across the
+    models (summed over the family), as many as the largest α of the family's groups asks for. Used by both
+    selections: partial OT's re-matching would break blocks apart."""
+    share = max(counts[g] / spec.groups[g] for g in family.groups)
+    k = int(math.floor(share * family.blocks + 0.5))
+    cost = sum(unit_costs(models, spec, g).reshape(family.blocks, -1).sum(1) for g in family.groups)
+    order = torch.argsort(cost, descending=True, stable=True)
+    isolated, fused = order[:k].sort().values, order[k:].sort().values
+    out = {}
+    for g in family.groups:
+        width = spec.groups[g] // family.blocks
+        units = torch.arange(spec.groups[g]).reshape(family.blocks, width)
+        out[g] = Layout(g, units[fused].reshape(-1), units[isolated].reshape(-1))
+    return out
+
+
 def choose_layouts(models: list[nn.Module], spec: PermSpec, alpha: float | Mapping[str, float],
                    select: str = "cost") -> tuple[list[nn.Module], dict[str, Layout]]:
     """(the models, re-permuted where `select` re-matches them; {group: Layout}) with floor(α·n + 0.5) isolated
     units per group."""
     check_select(select)
+    counts = _isolated_counts(spec, alpha)
     layouts = {}
-    for g, k in _isolated_counts(spec, alpha).items():
+    for family in spec.families:
+        layouts.update(_block_layouts(models, spec, family, counts))
+    for g, k in counts.items():
+        if g in layouts:
+            continue
         if select == "partial-ot" and 0 < k < spec.groups[g] and len(models) > 1:
             models, layouts[g] = _partial_ot(models, spec, g, k)
             continue
