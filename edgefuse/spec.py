@@ -15,11 +15,18 @@ from .trace import FIXED, GroupTracer, trace
 
 @dataclass(frozen=True)
 class Axis:
-    """One segment of a parameter axis: `units` units of `group` (None: never permuted), each spanning `repeat`
-    consecutive entries (conv → flatten). An axis is a tuple of segments, several after a channel `cat`."""
+    """One segment of a parameter axis: `units` units of `group` (None: never permuted), unit u spanning the
+    `repeat` entries from start + u·stride (repeat > 1 after conv → flatten, stride > repeat after a channel
+    shuffle). An axis is a tuple of segments, several after a channel `cat`, `chunk` or shuffle."""
     group: str | None
     repeat: int = 1
     units: int = 0
+    start: int = 0
+    stride: int = 1
+
+    def positions(self) -> torch.Tensor:
+        """(units, repeat): the entries of every unit."""
+        return self.start + torch.arange(self.units)[:, None] * self.stride + torch.arange(self.repeat)
 
 
 @dataclass(frozen=True)
@@ -36,8 +43,8 @@ class Family:
 class PermSpec:
     """Permutation groups of a model. `params` maps state-dict keys to, per tensor axis, a tuple of `Axis`
     segments or None; `cut_points` are fx node names, in order, where a single tensor carries everything
-    downstream needs; `probes` name, per group, the last node whose channels are exactly that group (where
-    activation matching observes it); `families` tie groups into blocks (grouped convolutions), and `grouped` maps
+    downstream needs; `probes` give, per group, the last node that carries it unflattened, as (node, first
+    channel, stride): activation matching observes it there; `families` tie groups into blocks (grouped convolutions), and `grouped` maps
     each grouped convolution's weight to (groups, input channels): `params` describes it as the dense block-diagonal
     matrix it stands for (see `dense_state`)."""
     groups: MappingProxyType
@@ -53,17 +60,10 @@ class PermSpec:
         tied = {g for f in self.families for g in f.groups}
         return list(self.families) + [Family((g,), 1) for g in self.groups if g not in tied]
 
-    def members(self, group: str) -> list[tuple[str, int, int, int]]:
-        """(param, axis, start, repeat) for every parameter axis segment the group permutes."""
-        out = []
-        for p, axes in self.params.items():
-            for i, segments in enumerate(axes):
-                start = 0
-                for a in segments or ():
-                    if a.group == group:
-                        out.append((p, i, start, a.repeat))
-                    start += a.units * a.repeat
-        return out
+    def members(self, group: str) -> list[tuple[str, int, Axis]]:
+        """(param, axis, segment) for every parameter axis segment the group permutes."""
+        return [(p, i, a) for p, axes in self.params.items() for i, segments in enumerate(axes)
+                for a in segments or () if a.group == group]
 
     def random_perms(self, seed: int = 0) -> dict[str, torch.Tensor]:
         """A random permutation of every group that keeps the function: blocks move together within a family."""
@@ -121,14 +121,13 @@ def expand(perm: torch.Tensor, repeat: int) -> torch.Tensor:
 
 
 def axis_index(segments: tuple[Axis, ...], perms: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The index that permutes one parameter axis: each segment permuted by its group, shifted to its place."""
-    parts, start = [], 0
+    """The index that permutes one parameter axis: the entries of each segment's units reordered by its group."""
+    idx = torch.arange(sum(a.units * a.repeat for a in segments))
     for a in segments:
-        size = a.units * a.repeat
-        idx = expand(perms[a.group], a.repeat) if a.group in perms else torch.arange(size)
-        parts.append(idx + start)
-        start += size
-    return torch.cat(parts)
+        if a.group in perms:
+            pos = a.positions()
+            idx[pos.reshape(-1)] = pos[perms[a.group]].reshape(-1)
+    return idx
 
 
 def permute_state(state: dict[str, torch.Tensor], spec: PermSpec,
@@ -168,7 +167,7 @@ def _cut_points(gm: fx.GraphModule, weight_layers: list[fx.Node], value: dict) -
     for layer in weight_layers[1:]:
         i = index[layer] - 1
         live = [n for n in nodes[:i + 1] if n.op != "get_attr" and last_use[n] > i]
-        if len(live) == 1 and value.get(live[0]) is not None and live[0].name not in cuts:
+        if len(live) == 1 and isinstance(value.get(live[0]), tuple) and live[0].name not in cuts:
             cuts.append(live[0].name)
     return cuts
 
@@ -180,25 +179,25 @@ def permutation_spec(model: nn.Module, example_input: torch.Tensor) -> PermSpec:
     if any(m.training for m in model.modules()):
         model = copy.deepcopy(model).eval()
     gm = trace(model, example_input)
-    t = GroupTracer(gm)
-    t.run()
+    t = GroupTracer.resolve(gm)
     groups: dict[str, int] = {}
     params: dict[str, tuple] = {}
     for p, axes in t.axes.items():
         resolved = []
         for segments in axes:
-            roots = [(t.find(g), r, t.sizes[g]) for g, r in segments or ()]
-            if all(root == FIXED for root, _, _ in roots):
+            if all(t.find(s.group) == FIXED for s in segments or ()):
                 resolved.append(None)
                 continue
-            resolved.append(tuple(Axis(None if root == FIXED else root, r, n) for root, r, n in roots))
-            groups.update((root, n) for root, _, n in roots if root != FIXED)
+            resolved.append(tuple(Axis(None if t.find(s.group) == FIXED else t.find(s.group), s.repeat, s.units,
+                                       s.start, s.stride) for s in sorted(segments, key=lambda s: s.start)))
+            groups.update((a.group, a.units) for a in resolved[-1] if a.group is not None)
         if any(a is not None for a in resolved):
             params[p] = tuple(resolved)
     probes = {}
     for node, value in t.value.items():
-        if value is not None and len(value) == 1 and value[0][1] == 1 and t.find(value[0][0]) in groups:
-            probes[t.find(value[0][0])] = node.name
+        for s in value if isinstance(value, tuple) else ():
+            if s.repeat == 1 and t.find(s.group) in groups:
+                probes[t.find(s.group)] = (node.name, s.start, s.stride)
     return PermSpec(groups=MappingProxyType(groups), params=MappingProxyType(params),
                     cut_points=tuple(_cut_points(gm, t.weight_layers, t.value)),
                     weight_layers=tuple(n.target for n in t.weight_layers), probes=MappingProxyType(probes),

@@ -7,6 +7,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .channels import Cut, LayoutError, Seg, Segments, contiguous, correspond, flatten, shift, shuffle, take
 from .errors import EdgefuseError, UnsupportedModelError, first_line
 
 _SAME = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Hardswish,
@@ -26,22 +27,39 @@ _ELEMENTWISE = {operator.add, operator.sub, operator.mul, operator.truediv, torc
 _ELEMENTWISE_METHOD = {"add", "sub", "mul", "div"}
 _NON_TENSOR_METHOD = {"size", "dim"}
 FIXED = "__fixed__"
+_SPLIT_FN = {torch.chunk, torch.split}
+_SPLIT_METHOD = {"chunk", "split"}
 
 
-Segments = tuple  # of (group, repeat): the channel axis of a tensor, one segment per concatenated part
+class _Parts:
+    """The value of a chunk/split node: the segments of each part, picked by getitem."""
+
+    def __init__(self, parts: list[Segments]) -> None:
+        self.parts = parts
+
+
+class _Shuffling:
+    """A channel axis viewed as (groups, width/groups), perhaps with those axes swapped: half of a channel shuffle."""
+
+    def __init__(self, segs: Segments, groups: int, swapped: bool = False) -> None:
+        self.segs, self.groups, self.swapped = segs, groups, swapped
 
 
 class GroupTracer:
     """Walks the fx graph once, giving each tensor the groups of its channel axis (dim 1) and unioning the groups
-    that an operation ties together. A tensor's channels are a tuple of segments (group, repeat): one segment
-    normally, several after a `cat`; `repeat` > 1 after a flatten. A group that reaches the output, or meets a
-    tensor it cannot be permuted with, is tied to FIXED and never permuted."""
+    that an operation ties together. A tensor's channels are a tuple of `Seg`s (channels.py): one normally, several
+    after a `cat`, interleaved after a channel shuffle, repeated after a flatten. A group that reaches the output,
+    or meets a tensor it cannot be permuted with, is tied to FIXED and never permuted. When an operation takes part
+    of a group (a chunk, a shuffle), the group is cut: `splits` records where each layer's outputs are cut, and
+    `resolve` traces again until nothing more needs cutting."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, splits: dict[str, set[int]] | None = None) -> None:
         self.gm = gm
         self.modules = dict(gm.named_modules())
         self.parent: dict[str, str] = {FIXED: FIXED}
         self.sizes: dict[str, int] = {}
+        self.splits = splits if splits is not None else {}
+        self.pieces: dict[str, tuple[str, int]] = {}  # group → (the layer output it is part of, its first unit)
         self.axes: dict[str, list] = {}
         self.value: dict[fx.Node, Segments | None] = {}
         self.weight_layers: list[fx.Node] = []
@@ -64,24 +82,55 @@ class GroupTracer:
             ra, rb = rb, ra
         self.parent[rb] = ra
 
+    @classmethod
+    def resolve(cls, gm: fx.GraphModule) -> GroupTracer:
+        """Trace, cutting groups where operations need it, until a pass needs no new cut (each adds at least one)."""
+        splits: dict[str, set[int]] = {}
+        while True:
+            tracer = cls(gm, splits)
+            try:
+                tracer.run()
+                return tracer
+            except Cut as cut:
+                tracer.cut(cut.cuts)
+
+    def cut(self, cuts: list[tuple[str, int]]) -> None:
+        """Record the cuts for the next pass: a group is cut with every group it is tied to, unit for unit."""
+        for g, k in cuts:
+            root = self.find(g)
+            tied = [g] if root == FIXED else [p for p in self.pieces if self.find(p) == root]
+            for p in tied:
+                origin, lo = self.pieces[p]
+                self.splits.setdefault(origin, set()).add(lo + k)
+
+    def checked(self, fn, node: fx.Node, *args):
+        """A channels.py function, its LayoutError reported as a refusal naming the node (Cut passes through)."""
+        try:
+            return fn(*args)
+        except LayoutError as e:
+            raise UnsupportedModelError(node.name, _op(node, self.modules), str(e)) from None
+
     def union_segments(self, a: Segments, b: Segments, node: fx.Node) -> None:
-        if len(a) != len(b) or any(x[1] != y[1] for x, y in zip(a, b)):
-            raise UnsupportedModelError(node.name, _op(node, self.modules),
-                                        "combines tensors whose channels are laid out differently "
-                                        "(a concatenation or flatten on one side only)")
-        for x, y in zip(a, b):
-            self.union(x[0], y[0], node)
+        width = max(s.start + (s.units - 1) * s.stride + s.repeat for s in a + b)
+        for x, y in self.checked(correspond, node, a, b, width):
+            self.union(x, y, node)
 
     def fix(self, segments: Segments, node: fx.Node) -> None:
-        for g, _ in segments:
-            self.union(g, FIXED, node)
+        for s in segments:
+            self.union(s.group, FIXED, node)
 
     def new_group(self, name: str, size: int) -> Segments:
-        g = name
-        while g in self.parent:
-            g += "_"
-        self.parent[g], self.sizes[g] = g, size
-        return ((g, 1),)
+        """A layer's output units: one group, or one per piece where earlier passes cut it."""
+        origin = name
+        while origin in self.parent or any(o == origin for o, _ in self.pieces.values()):
+            origin += "_"
+        bounds = [0, *sorted(k for k in self.splits.get(origin, ()) if 0 < k < size), size]
+        pieces = []
+        for lo, hi in zip(bounds, bounds[1:]):
+            g = origin if len(bounds) == 2 else f"{origin}[{lo}:{hi}]"
+            self.parent[g], self.sizes[g], self.pieces[g] = g, hi - lo, (origin, lo)
+            pieces.append((g, hi - lo))
+        return contiguous(pieces)
 
     def bind(self, param: str, ndim: int, axis: int, segments: Segments, node: fx.Node) -> None:
         axes = self.axes.setdefault(param, [None] * ndim)
@@ -104,6 +153,10 @@ class GroupTracer:
             return None
         ins = [self.value.get(n) for n in node.all_input_nodes]
         grouped = [v for v in ins if v is not None]
+        if any(isinstance(v, (_Parts, _Shuffling)) for v in grouped):
+            if node.op == "call_method" and node.target in _NON_TENSOR_METHOD:
+                return None
+            return self.visit_channel_view(node, grouped[0])
         if node.op == "call_module":
             return self.visit_module(node, self.modules[node.target], ins[0] if ins else None)
         if node.op == "call_method" and node.target in _NON_TENSOR_METHOD:
@@ -123,6 +176,8 @@ class GroupTracer:
             return self.visit_elementwise(node)
         if node.target in (torch.cat, torch.concat):
             return self.visit_cat(node)
+        if node.target in _SPLIT_FN or (method and node.target in _SPLIT_METHOD):
+            return self.visit_split(node, src)
         if node.target in (torch.flatten,) or (method and node.target in ("flatten", "view", "reshape")):
             return self.visit_flatten(node, src)
         if node.target in (torch.mean, torch.sum) or (method and node.target in ("mean", "sum")):
@@ -175,9 +230,9 @@ class GroupTracer:
         """A grouped conv maps input block j to output block j: its weight is bound as the dense block-diagonal
         matrix it stands for, and its input and output groups are tied into one family of `groups` blocks."""
         name, w = node.target, mod.weight
-        if src is not None and (len(src) != 1 or src[0][1] != 1):
-            raise UnsupportedModelError(node.name, type(mod).__name__, "grouped convolution over concatenated or "
-                                        "flattened channels")
+        if src is not None and (len(src) != 1 or src[0].repeat != 1 or src[0].stride != 1):
+            raise UnsupportedModelError(node.name, type(mod).__name__, "grouped convolution over concatenated, "
+                                        "shuffled or flattened channels")
         if src is not None:
             self.bind(f"{name}.weight", w.ndim, 1, src, node)
         out = self.new_group(name, w.shape[0])
@@ -185,7 +240,9 @@ class GroupTracer:
         if mod.bias is not None:
             self.bind(f"{name}.bias", 1, 0, out, node)
         self.grouped[f"{name}.weight"] = (mod.groups, mod.in_channels)
-        self.ties.append((src[0][0] if src is not None else None, out[0][0], mod.groups, node))
+        if len(out) != 1:
+            raise UnsupportedModelError(node.name, type(mod).__name__, "grouped convolution whose outputs are split")
+        self.ties.append((src[0].group if src is not None else None, out[0].group, mod.groups, node))
         self.weight_layers.append(node)
         return out
 
@@ -194,12 +251,12 @@ class GroupTracer:
             return None
         if isinstance(mod, nn.LayerNorm) and (len(mod.normalized_shape) != 1 or len(_shape(node.args[0])) != 2):
             raise UnsupportedModelError(node.name, "LayerNorm", "only LayerNorm over 2-D features is supported")
-        if any(r != 1 for _, r in src):
+        if any(s.repeat != 1 for s in src):
             raise UnsupportedModelError(node.name, type(mod).__name__, "normalisation after a flatten")
         if isinstance(mod, nn.GroupNorm) and mod.num_groups not in (1, mod.num_channels):
-            if len(src) != 1:
-                raise UnsupportedModelError(node.name, "GroupNorm", "groups of concatenated channels")
-            self.ties.append((src[0][0], src[0][0], mod.num_groups, node))  # its blocks move only as wholes
+            if len(src) != 1 or src[0].stride != 1:
+                raise UnsupportedModelError(node.name, "GroupNorm", "groups of concatenated or shuffled channels")
+            self.ties.append((src[0].group, src[0].group, mod.num_groups, node))  # its blocks move only as wholes
         for p, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
             if t is not None and t.ndim == 1:
                 self.bind(f"{node.target}.{p}", 1, 0, src, node)
@@ -227,18 +284,59 @@ class GroupTracer:
         values = [self.value.get(p) for p in parts]
         if any(v is None for v in values):
             raise UnsupportedModelError(node.name, "cat", "concatenates permuted with un-permuted tensors")
-        return tuple(seg for v in values for seg in v)
+        out, offset = [], 0
+        for p, v in zip(parts, values):
+            out += shift(v, offset)
+            offset += _shape(p)[1]
+        return tuple(out)
+
+    def visit_split(self, node: fx.Node, src):
+        """chunk/split along channels: each part takes a range of entries (its groups cut where they straddle)."""
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)
+        metas = node.meta.get("tensor_meta")
+        ndim = len(_shape(node.args[0]) or ())
+        if dim % max(ndim, 1) != 1 or not isinstance(metas, (list, tuple)):
+            raise UnsupportedModelError(node.name, _op(node, self.modules), f"a split along dim {dim}, not channels")
+        parts, lo = [], 0
+        for m in metas:
+            parts.append(self.checked(take, node, src, lo, lo + m.shape[1]))
+            lo += m.shape[1]
+        return _Parts(parts)
+
+    def visit_channel_view(self, node: fx.Node, src):
+        """The parts of a split, and the channel shuffle: view (batch, C, …) → (batch, g, C/g, …), transpose
+        dims 1 and 2, view back to (batch, C, …)."""
+        method, target = node.op == "call_method", node.target
+        if isinstance(src, _Parts) and target is operator.getitem:
+            return src.parts[node.args[1]]
+        if isinstance(src, _Shuffling):
+            if target in _SAME_FN or (method and target in _SAME_METHOD):
+                return src
+            if target is torch.transpose or (method and target == "transpose"):
+                ndim = len(_shape(node) or ())
+                if sorted(d % ndim for d in node.args[1:3] if isinstance(d, int)) == [1, 2]:
+                    return _Shuffling(src.segs, src.groups, not src.swapped)
+            if target is torch.flatten or (method and target in ("view", "reshape", "flatten")):
+                shape_in, shape_out = _shape(node.args[0]), _shape(node)
+                if shape_out == shape_in[:1] + (shape_in[1] * shape_in[2],) + shape_in[3:]:
+                    width = shape_out[1]
+                    return self.checked(shuffle, node, src.segs, src.groups, width) if src.swapped else src.segs
+        raise UnsupportedModelError(node.name, _op(node, self.modules), "a channel view other than a channel "
+                                    "shuffle (view to (batch, groups, C/groups, …), transpose(1, 2), view back)")
 
     def visit_flatten(self, node: fx.Node, src):
         shape_in, shape_out = _shape(node.args[0]), _shape(node)
         if shape_in is None or shape_out is None:
             raise UnsupportedModelError(node.name, _op(node, self.modules), "shape unknown")
         if len(shape_out) == 2 and shape_out[0] == shape_in[0] and _numel(shape_in[1:]) == shape_out[1]:
-            spatial = _numel(shape_in[2:])
-            return tuple((g, r * spatial) for g, r in src)
+            return flatten(src, _numel(shape_in[2:]))
         if tuple(shape_out) == tuple(shape_in):
             return src
-        raise UnsupportedModelError(node.name, _op(node, self.modules), "reshape other than flatten to (batch, -1)")
+        if len(shape_in) >= 2 and shape_out == shape_in[:1] + (shape_out[1], shape_in[1] // shape_out[1]) + \
+                shape_in[2:] and shape_in[1] % shape_out[1] == 0:
+            return _Shuffling(src, shape_out[1])
+        raise UnsupportedModelError(node.name, _op(node, self.modules), "reshape other than flatten to (batch, -1) "
+                                    "or a channel shuffle")
 
 
 def is_drop_path(node: fx.Node) -> bool:

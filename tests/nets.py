@@ -165,6 +165,54 @@ class RegNetBlock(nn.Module):
         return self.head(torch.relu(h + self.c(b)).mean((2, 3)))
 
 
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """As torchvision's ShuffleNet-V2 writes it."""
+    b, c, h, w = x.size()
+    x = x.view(b, groups, c // groups, h, w)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(b, -1, h, w)
+
+
+def _conv_bn(cin: int, cout: int, k: int = 1, stride: int = 1, groups: int = 1, relu: bool = True) -> nn.Sequential:
+    layers = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout)]
+    return nn.Sequential(*layers, nn.ReLU()) if relu else nn.Sequential(*layers)
+
+
+class ShuffleUnit(nn.Module):
+    """ShuffleNet-V2's unit: stride 2 runs two branches on the whole input; stride 1 splits the channels in two,
+    runs one half through the branch and passes the other on; both concatenate and shuffle."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        half, self.stride = cout // 2, stride
+        if stride == 2:
+            self.branch1 = nn.Sequential(_conv_bn(cin, cin, 3, 2, cin, relu=False), _conv_bn(cin, half))
+        self.branch2 = nn.Sequential(_conv_bn(cin if stride == 2 else half, half),
+                                     _conv_bn(half, half, 3, stride, half, relu=False), _conv_bn(half, half))
+
+    def forward(self, x):
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return channel_shuffle(out, 2)
+
+
+class ShuffleNetBlock(nn.Module):
+    """A ShuffleNet-V2 stage: a stride-2 unit and three stride-1 units, then a 1×1 conv and the classifier."""
+
+    def __init__(self, width: int = 16) -> None:
+        super().__init__()
+        self.stem = _conv_bn(1, 8, 3)
+        self.stage = nn.Sequential(ShuffleUnit(8, width, 2), *[ShuffleUnit(width, width, 1) for _ in range(3)])
+        self.conv5 = _conv_bn(width, 24)
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x):
+        return self.head(self.conv5(self.stage(self.stem(x))).mean((2, 3)))
+
+
 def randomize_bn(model: nn.Module, seed: int) -> nn.Module:
     """Trained-like BN statistics and affine parameters: defaults would hide a spec that forgets them."""
     gen = torch.Generator().manual_seed(seed)

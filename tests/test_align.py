@@ -132,8 +132,8 @@ def test_cached_unit_rows_equal_rows_of_the_permuted_tensor():
         others = dict(perms, **{g: torch.arange(spec.groups[g])})  # only the other axes move
         moved = permute_state(state, spec, others)
         for m in ms:
-            name, axis, start, repeat = m
-            assert torch.equal(rows.get(g, m, perms), unit_rows(moved[name], axis, start, spec.groups[g], repeat))
+            name, axis, seg = m
+            assert torch.equal(rows.get(g, m, perms), unit_rows(moved[name], axis, seg))
 
 
 def test_merge_many_rounds_only_raise_the_objective_and_recover_a_hidden_permutation():
@@ -176,8 +176,9 @@ def test_block_assignment_is_the_best_permutation_that_keeps_blocks_whole():
 
 
 @pytest.mark.parametrize("method", ["weight", "ot"])
-def test_weight_matching_undoes_a_hidden_block_permutation_of_grouped_convs(method):
-    models = [nets.member(nets.RegNetBlock, s) for s in range(3)]
+@pytest.mark.parametrize("net", [nets.RegNetBlock, nets.ShuffleNetBlock])
+def test_weight_matching_undoes_a_hidden_permutation_of_grouped_and_shuffled_nets(method, net):
+    models = [nets.member(net, s) for s in range(3)]
     spec = ef.permutation_spec(models[0], torch.rand(2, 1, 8, 8))
     hidden = spec.random_perms(4)
     twin = ef.permute(models[0], spec, hidden)

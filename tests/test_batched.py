@@ -32,8 +32,9 @@ def test_batched_ensemble_is_exact(arch, combine):
     assert ef.macs(bat, X) == ef.macs(seq, X)
 
 
-@pytest.mark.parametrize("factory", [nets.Normed, nets.HiddenCat, nets.Residual])
-def test_batched_norms_cat_and_residual(factory):
+@pytest.mark.parametrize("factory", [nets.Normed, nets.HiddenCat, nets.Residual, nets.RegNetBlock,
+                                     nets.ShuffleNetBlock])
+def test_batched_norms_cat_residual_grouped_and_shuffle(factory):
     x = X[:, :, :8, :8]
     models = _members(factory, 4)
     with torch.no_grad():

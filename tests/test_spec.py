@@ -10,7 +10,7 @@ CASES = [(lambda: zoo.mlp(), (2, 1, 28, 28)), (lambda: zoo.cnn(), (2, 1, 28, 28)
          (lambda: zoo.resnet20(width=4), (2, 1, 28, 28)), (lambda: zoo.mobilenetv2(width=4), (2, 1, 28, 28)),
          (nets.digits_cnn, (2, 1, 8, 8)), (nets.Residual, (2, 1, 8, 8)), (nets.HiddenCat, (2, 1, 8, 8)),
          (lambda: nets.StochasticDepthBlock().eval(), (2, 1, 8, 8)), (nets.RegNetBlock, (2, 1, 8, 8)),
-         (nets.GroupedConv, (2, 1, 8, 8)), (nets.BlockGroupNorm, (2, 1, 8, 8))]
+         (nets.GroupedConv, (2, 1, 8, 8)), (nets.BlockGroupNorm, (2, 1, 8, 8)), (nets.ShuffleNetBlock, (2, 1, 8, 8))]
 
 
 @pytest.mark.parametrize("make,shape", CASES)
@@ -59,7 +59,7 @@ def test_cat_gives_one_axis_two_segments():
     spec = ef.permutation_spec(nets.HiddenCat(), torch.rand(2, 1, 8, 8))
     segments = spec.params["head.weight"][1]
     assert [a.group for a in segments] == [spec.params["a.weight"][0][0].group, spec.params["b.weight"][0][0].group]
-    assert [(p, start) for p, _, start, _ in spec.members(segments[1].group)] == [("b.weight", 0), ("b.bias", 0),
+    assert [(p, seg.start) for p, _, seg in spec.members(segments[1].group)] == [("b.weight", 0), ("b.bias", 0),
                                                                                   ("head.weight", 16)]
 
 
@@ -122,3 +122,27 @@ def test_a_grouped_conv_on_the_input_keeps_its_blocks_in_place():
     assert sorted(perms["a"][:4].tolist()) == [0, 1, 2, 3]
     with torch.no_grad():
         torch.testing.assert_close(ef.permute(model, spec, perms)(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_channel_shuffle_interleaves_and_chunk_cuts_the_groups():
+    spec = ef.permutation_spec(nets.ShuffleNetBlock(), torch.rand(2, 1, 8, 8))
+    # the first unit's two branches (8 channels each) are interleaved by its shuffle: the next unit's chunk takes
+    # the first 8 channels, units 0-3 of each branch, so both branches' outputs are cut in two
+    assert {g for g in spec.groups if g.startswith("stage.0.branch1.1.0")} >= {"stage.0.branch1.1.0[0:1]"}
+    reader = spec.params["stage.1.branch2.0.0.weight"][1]  # reads the second half of the shuffled channels
+    assert sum(a.units for a in reader) == 8 and all(a.stride >= 2 for a in reader)
+    assert sorted(a.start % 2 for a in reader) == sorted([0] * (len(reader) // 2) + [1] * (len(reader) - len(reader) // 2))
+
+
+def test_channel_views_other_than_a_shuffle_are_refused():
+    class GroupSum(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.head = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Linear(4, 10)
+
+        def forward(self, x):
+            b, c, h, w = x.size()
+            return self.head(self.a(x).view(b, 2, 4, h, w).sum(1).mean((2, 3)))
+
+    with pytest.raises(ef.UnsupportedModelError, match="channel shuffle"):
+        ef.permutation_spec(GroupSum(), torch.rand(2, 1, 8, 8))

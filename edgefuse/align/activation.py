@@ -19,17 +19,17 @@ from .weight import lsa
 
 
 class _Probe(fx.Interpreter):
-    """Runs a traced model and keeps the outputs of the named nodes as (samples, units) matrices."""
+    """Runs a traced model and keeps each group's channels at its probe node as a (samples, units) matrix."""
 
-    def __init__(self, gm: fx.GraphModule, names: dict[str, str]) -> None:
+    def __init__(self, gm: fx.GraphModule, probes: dict[str, list[tuple[str, torch.Tensor]]]) -> None:
         super().__init__(gm)
-        self.names = names
+        self.probes = probes  # node name → [(group, its channels there)]
         self.seen: dict[str, torch.Tensor] = {}
 
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
-        if n.name in self.names:
-            self.seen[self.names[n.name]] = out.movedim(1, -1).reshape(-1, out.shape[1]).double()
+        for g, channels in self.probes.get(n.name, ()):
+            self.seen[g] = out.movedim(1, -1).reshape(-1, out.shape[1])[:, channels].double()
         return out
 
 
@@ -38,7 +38,9 @@ def correlations(models: list[nn.Module], spec: PermSpec, xs: list[torch.Tensor]
     missing = set(spec.groups) - set(spec.probes)
     if missing:
         raise EdgefuseError(f"activation matching cannot observe group(s) {', '.join(sorted(missing))}")
-    by_node = {node: g for g, node in spec.probes.items()}
+    by_node: dict[str, list] = {}
+    for g, (node, start, stride) in spec.probes.items():
+        by_node.setdefault(node, []).append((g, start + torch.arange(spec.groups[g]) * stride))
     gms = [fx.symbolic_trace(m) for m in models]
     n = len(models)
     sums = {g: [torch.zeros(k, dtype=torch.float64) for _ in models] for g, k in spec.groups.items()}

@@ -8,7 +8,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from ..spec import PermSpec, axis_index, dense_state, permute_state
+from ..spec import Axis, PermSpec, axis_index, dense_state, permute_state
 from . import register
 from .blocks import Solver, assign
 
@@ -24,9 +24,13 @@ def _float_params(model: nn.Module, spec: PermSpec) -> State:
     return dense_state(state, spec)
 
 
-def unit_rows(t: torch.Tensor, axis: int, start: int, n: int, repeat: int) -> torch.Tensor:
-    """One row per unit of the group: its segment of `axis`, everything else flattened."""
-    return t.movedim(axis, 0)[start:start + n * repeat].reshape(n, -1)
+def unit_rows(t: torch.Tensor, axis: int, seg: Axis) -> torch.Tensor:
+    """One row per unit of the segment: its entries of `axis` (repeat of them after a flatten), everything else
+    flattened."""
+    t = t.movedim(axis, 0)
+    if seg.stride == seg.repeat:  # contiguous: a slice, no copy
+        return t[seg.start:seg.start + seg.units * seg.repeat].reshape(seg.units, -1)
+    return t[seg.positions().reshape(-1)].reshape(seg.units, -1)
 
 
 def lsa(similarity: np.ndarray) -> np.ndarray:
@@ -45,9 +49,8 @@ class _Rows:
 
     def __init__(self, state: State, spec: PermSpec, members: dict[str, list]) -> None:
         self.spec = spec
-        self.rows = {(g, m): unit_rows(state[m[0]], m[1], m[2], spec.groups[g], m[3])
-                     for g, ms in members.items() for m in ms}
-        self.cols = {(g, m): self._columns(tuple(state[m[0]].shape), m[1], m[3]) for g, ms in members.items()
+        self.rows = {(g, m): unit_rows(state[m[0]], m[1], m[2]) for g, ms in members.items() for m in ms}
+        self.cols = {(g, m): self._columns(tuple(state[m[0]].shape), m[1], m[2].repeat) for g, ms in members.items()
                      for m in ms}
 
     def _columns(self, shape: tuple[int, ...], axis: int, repeat: int) -> torch.Tensor:

@@ -20,12 +20,13 @@ from ..errors import EdgefuseError, UnsupportedModelError, first_line
 from ..trace import _ELEMENTWISE, _ELEMENTWISE_METHOD, _SAME, _SAME_FN, _SAME_METHOD, drop_path_off, is_drop_path
 from .layers import GroupedLinear, WideLinear, as_param, batched_conv, batched_norm, cat_copy
 from .combine import check_combine, combine_outputs
+from .views import ChannelViews
 
 _REDUCE = {torch.mean, torch.sum, torch.amax, torch.amin}
 _REDUCE_METHOD = {"mean", "sum", "amax", "amin"}
 
 
-class BatchRewriter:
+class BatchRewriter(ChannelViews):
     """Walks the members' identical fx graphs once, building the batched graph and its modules."""
 
     def __init__(self, models: list[nn.Module], combine: str, head_outputs: bool) -> None:
@@ -41,6 +42,7 @@ class BatchRewriter:
         self.shape_of_batched: set[fx.Node] = set()
         self.layout: dict[fx.Node, object] = {}
         self.combined = False
+        self.init_views()
 
     def run(self) -> fx.GraphModule:
         node_lists = [list(g.graph.nodes) for g in self.gms]
@@ -175,11 +177,14 @@ class BatchRewriter:
                 dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")) if method else None
                 if dim is None:  # the whole shape: only its batch entry may be read later
                     self.shape_of_batched.add(out)
-                elif dim != 0:
+                elif not (isinstance(dim, int) and (dim == 0 or dim >= 2)):
                     raise UnsupportedModelError(node.name, "size", "reads the channel count of a batched tensor")
             return out
+        view = self.visit_view(node, args, kwargs)
+        if view is not None:
+            return view
         if target is operator.getitem and self.env[node.args[0]] in self.shape_of_batched:
-            if node.args[1] != 0:
+            if not (isinstance(node.args[1], int) and (node.args[1] == 0 or node.args[1] >= 2)):  # batch, spatial
                 raise UnsupportedModelError(node.name, "getitem", "reads the channel count of a batched tensor")
             return self.emit(node.op, target, args, kwargs, batched=False)
         if not batched:

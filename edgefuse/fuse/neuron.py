@@ -85,7 +85,9 @@ class AlphaRewriter(BatchRewriter):
         if segments is None:  # never permuted (the output): one copy per model, combined at the end
             return Layout(None, torch.zeros(0, dtype=torch.long), torch.arange(width))
         if len(segments) != 1:
-            raise UnsupportedModelError(name, "layer", "outputs split across several groups")
+            raise UnsupportedModelError(name, "layer", "its outputs are cut into several groups (by a later "
+                                        "chunk or channel shuffle), which neuron-level fusion cannot lay out yet; "
+                                        "use depth= instead")
         return self.layouts[segments[0].group]
 
     def in_columns(self, name: str, layout: Layout | None) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -41,10 +41,10 @@ def unit_features(models: list[nn.Module], spec: PermSpec, group: str, scaled: b
     states = [dense_state(m.state_dict(), spec) for m in models]
     learned = {name for name, _ in models[0].named_parameters()}
     parts = []
-    for param, axis, start, repeat in spec.members(group):
+    for param, axis, seg in spec.members(group):
         if not scaled and param not in learned:
             continue
-        t = torch.stack([unit_rows(s[param].double(), axis, start, n, repeat) for s in states])
+        t = torch.stack([unit_rows(s[param].double(), axis, seg) for s in states])
         parts.append(t / max(float((t ** 2).mean()), 1e-12) ** 0.5 if scaled else t)
     return torch.cat(parts, 2)
 
