@@ -10,7 +10,8 @@ import torch.fx as fx
 from torch import nn
 
 from .errors import EdgefuseError, UnsupportedModelError
-from .trace import FIXED, GroupTracer, trace
+from .groups import GroupTracer
+from .trace import FIXED, trace
 
 
 @dataclass(frozen=True)

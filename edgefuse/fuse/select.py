@@ -37,7 +37,6 @@ def unit_features(models: list[nn.Module], spec: PermSpec, group: str, scaled: b
     """(N, n, d): every parameter the group touches (incoming and outgoing weights, norms) per unit. `scaled`: each
     parameter scaled to unit mean square so no layer dominates, running statistics included; else the learned
     parameters as they are (weight matching's objective). Grouped convolutions as dense block-diagonal matrices."""
-    n = spec.groups[group]
     states = [dense_state(m.state_dict(), spec) for m in models]
     learned = {name for name, _ in models[0].named_parameters()}
     parts = []
