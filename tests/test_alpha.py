@@ -13,7 +13,7 @@ from . import nets
 X = torch.rand(6, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 ARCHS = {"mlp": lambda: zoo.mlp(width=24, depth=2), "cnn-bn": lambda: zoo.cnn(width=4),
          "resnet": lambda: zoo.resnet20(width=4), "depthwise-se": lambda: zoo.mobilenetv2(width=4, expand=2),
-         "grouped": nets.RegNetBlock}
+         "grouped": nets.RegNetBlock, "shuffle": nets.ShuffleNetBlock}
 
 
 def _aligned(arch, n=3):
@@ -34,7 +34,20 @@ def test_alpha_ends_are_the_ensemble_and_the_full_merge(arch):
     assert float((zero - full).abs().max() / full.abs().max()) <= 1e-5
 
 
-@pytest.mark.parametrize("arch", ["cnn-bn", "resnet", "grouped"])
+def test_alpha_over_a_hidden_cat_ends_at_the_ensemble_and_the_full_merge():
+    x = X[:, :, :8, :8]
+    models = [nets.member(nets.HiddenCat, s) for s in range(3)]
+    spec = ef.permutation_spec(models[0], x[:2])
+    aligned = ef.align(models, spec)
+    with torch.no_grad():
+        ens, full = ef.ensemble(aligned)(x), ef.fuse(aligned, spec, depth=len(spec.cut_points), repair=None)(x)
+        assert float((ef.fuse(aligned, spec, alpha=1.0, repair=None)(x) - ens).abs().max()) <= 1e-5
+        assert float((ef.fuse(aligned, spec, alpha=0.0, repair=None)(x) - full).abs().max()) <= 1e-5
+        half = ef.fuse(aligned, spec, alpha=0.5, repair=None)(x)
+    assert float((half - ens).abs().max()) > 1e-3 and float((half - full).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["cnn-bn", "resnet", "grouped", "shuffle"])
 def test_macs_equal_the_ensemble_at_one_and_fall_with_alpha(arch):
     aligned, spec = _aligned(arch, 4)
     ens = ef.macs(ef.ensemble(aligned), X)

@@ -95,7 +95,7 @@ def test_stochastic_depth_and_grouped_blocks_fuse_at_every_depth_and_alpha_with_
             np.testing.assert_allclose(OrtRunner(path)(x.numpy()), fused(x).numpy(), atol=1e-4, rtol=1e-4)
 
 
-def test_a_shufflenet_stage_fuses_at_every_depth_with_batched_heads_and_parity(tmp_path):
+def test_a_shufflenet_stage_fuses_at_every_depth_and_alpha_with_batched_heads_and_parity(tmp_path):
     models = [nets.member(nets.ShuffleNetBlock, s) for s in range(3)]
     x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     spec = ef.permutation_spec(models[0], x[:2])
@@ -107,5 +107,8 @@ def test_a_shufflenet_stage_fuses_at_every_depth_with_batched_heads_and_parity(t
             np.testing.assert_allclose(ef.fuse(aligned, spec, depth=depth, data=[x])(x).numpy(), fused(x).numpy(),
                                        atol=1e-5, rtol=1e-5)
             np.testing.assert_allclose(OrtRunner(path)(x.numpy()), fused(x).numpy(), atol=1e-4, rtol=1e-4)
-    with pytest.raises(ef.UnsupportedModelError, match="depth="):  # alpha: not yet, and it says what to use
-        ef.fuse(aligned, spec, alpha=0.5, data=[x])
+    for alpha in (0.25, 0.5):
+        fused = ef.fuse(aligned, spec, alpha=alpha, data=[x])
+        path = ef.export_onnx(fused, x[:2], tmp_path / "m.onnx")
+        with torch.no_grad():
+            np.testing.assert_allclose(OrtRunner(path)(x.numpy()), fused(x).numpy(), atol=1e-4, rtol=1e-4)

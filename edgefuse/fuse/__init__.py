@@ -15,7 +15,7 @@ from .neuron import fuse_alpha
 from ..data import require_batches
 from .distill import DistillConfig, distill
 from .repair import REPAIRS, reset_bn, rescale_units
-from .select import check_select
+from .select import check_select, tensor_layout
 from .split import fuse_depth
 
 
@@ -92,7 +92,7 @@ def _merged_layers(fused: FusedModel, spec: PermSpec, layouts: dict | None) -> l
             continue  # not in the trunk: a head's layer, not merged
         if isinstance(layer, MixedLayer):
             if layer.fused is not None:
-                out.append((layer, layer.fused, name, layouts[axes[0][0].group].fused))
+                out.append((layer, layer.fused, name, tensor_layout(axes[0], layouts, name).fused))
         elif isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)) and getattr(layer, "groups", 1) == 1:
             out.append((layer, layer, name, torch.arange(layer.weight.shape[0])))
     return out

@@ -22,7 +22,8 @@ from ..errors import UnsupportedModelError
 from ..spec import PermSpec, expand
 from .batched import BatchRewriter
 from .layers import GroupedLinear, cat_copy, as_param
-from .select import Layout, choose_layouts
+from .alpha_views import AlphaViews
+from .select import Layout, choose_layouts, tensor_layout
 
 
 class MixedLayer(nn.Module):
@@ -71,39 +72,35 @@ def _like(first: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, gro
     return new
 
 
-class AlphaRewriter(BatchRewriter):
+class AlphaRewriter(AlphaViews, BatchRewriter):
     """The batched rewrite with a mixed channel layout: shared ops pass through, weight layers and norms are
     assembled from the fused/isolated split of their groups."""
 
     def __init__(self, models: list[nn.Module], spec: PermSpec, layouts: dict, combine: str) -> None:
         super().__init__(models, combine, head_outputs=False)
         self.spec, self.layouts, self.models = spec, layouts, models
+        self.init_alpha_views()
 
     def out_layout(self, name: str, width: int) -> Layout:
         axes = self.spec.params.get(f"{name}.weight")
         segments = axes[0] if axes else None
         if segments is None:  # never permuted (the output): one copy per model, combined at the end
             return Layout(None, torch.zeros(0, dtype=torch.long), torch.arange(width))
-        if len(segments) != 1:
-            raise UnsupportedModelError(name, "layer", "its outputs are cut into several groups (by a later "
-                                        "chunk or channel shuffle), which neuron-level fusion cannot lay out yet; "
-                                        "use depth= instead")
-        return self.layouts[segments[0].group]
+        if any(a.group is None for a in segments):
+            raise UnsupportedModelError(name, "layer", "some of its outputs are never permuted, some are")
+        return tensor_layout(segments, self.layouts, name)
 
     def in_columns(self, name: str, layout: Layout | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Input columns of the fused and of the isolated units (repeated per spatial position after a flatten)."""
         if layout is None:
             return None
         segments = self.spec.params[f"{name}.weight"][1]
-        repeat = segments[0].repeat if segments and len(segments) == 1 else 1
+        repeat = segments[0].repeat if segments and len({a.repeat for a in segments}) == 1 else 1
         return expand(layout.fused, repeat), expand(layout.isolated, repeat)
 
     def copy_per_member(self, new: fx.Node) -> fx.Node:
         raise UnsupportedModelError(new.name, "operand", "a tensor shared by all models meets partially fused "
                                     "channels; neuron-level fusion cannot place it")
-
-    def visit_cat(self, node: fx.Node, args, kwargs) -> fx.Node:
-        raise UnsupportedModelError(node.name, "cat", "concatenation is not supported by neuron-level fusion yet")
 
     def visit_module(self, node: fx.Node, mods: list[nn.Module]):
         first = mods[0]

@@ -33,6 +33,15 @@ class Layout:
     isolated: torch.Tensor
 
 
+def tensor_layout(segments: tuple, layouts: dict[str, Layout], label: str) -> Layout:
+    """The layout of a tensor whose channels hold several groups (a layer's output cut into pieces by a chunk, a
+    shuffled tensor): every group's fused, then isolated, units at their channel positions, in segment order."""
+    if len(segments) == 1 and segments[0].start == 0 and segments[0].stride == 1:
+        return layouts[segments[0].group]
+    return Layout(label, torch.cat([a.start + layouts[a.group].fused * a.stride for a in segments]),
+                  torch.cat([a.start + layouts[a.group].isolated * a.stride for a in segments]))
+
+
 def unit_features(models: list[nn.Module], spec: PermSpec, group: str, scaled: bool = True) -> torch.Tensor:
     """(N, n, d): every parameter the group touches (incoming and outgoing weights, norms) per unit. `scaled`: each
     parameter scaled to unit mean square so no layer dominates, running statistics included; else the learned
