@@ -34,8 +34,12 @@ def unit_rows(t: torch.Tensor, axis: int, seg: Axis) -> torch.Tensor:
 
 
 def lsa(similarity: np.ndarray) -> np.ndarray:
-    """Exact assignment maximising total similarity: column (unit of the other model) for each row."""
-    return linear_sum_assignment(similarity, maximize=True)[1]
+    """Exact assignment maximising total similarity: column (unit of the other model) for each row. The matrix is
+    first centred (row and column means removed), which changes every assignment's total by the same constant,
+    so not the optimum: BatchNorm scales add a near rank-one term to every similarity, on which scipy's solver
+    is up to 5× slower (0.10 s against 0.02 s for 512 units), and centring removes most of it."""
+    centred = similarity - similarity.mean(1, keepdims=True) - similarity.mean(0, keepdims=True)
+    return linear_sum_assignment(centred, maximize=True)[1]
 
 
 def similarity(a: State, b: State) -> float:
