@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import Progress
 from torch import nn
 
-from .candidates import Candidate, Job, Point, exact_ensembles, run_points
+from .candidates import Candidate, Job, Point, exact_ensembles, int8_ensembles, run_points
 from .choose import Budget, fits
 from .fuse import DistillConfig
 from .prepare import Setup
@@ -57,7 +57,12 @@ def measure_field(s: Setup, tgt: Target, points: list[Point], out_dir: Path, bud
 
     def jobs(pts: list[Point]) -> list[Job]:
         return [Job(p, s.aligned[p.method], s.splits.name, tgt.opset, tgt.batch_sizes, tgt.threads, tgt.batch_heads,
-                    str(out_dir), s.ensemble_predictions, distill, str(cache) if cache else None, keep) for p in pts]
+                    str(out_dir), s.ensemble_predictions, distill, str(cache) if cache else None, keep,
+                    tgt.int8_keep_ends) for p in pts]
+
+    def int8(pts: list[Point]) -> list[Point]:
+        """Every point again as an INT8 graph, when the target weighs INT8."""
+        return [p.as_int8() for p in pts] if tgt.int8 else []
 
     def run(pts: list[Point], what: str, w: int = workers) -> list[Candidate]:
         with Progress(console=console, disable=console.quiet or not pts) as progress:
@@ -67,15 +72,18 @@ def measure_field(s: Setup, tgt: Target, points: list[Point], out_dir: Path, bud
         return [c for c, _ in done]
 
     out = Field([], {}, [])
-    out.members = run([Point("member", i, method, None) for i in range(len(s.models))], "members", 0)
+    members = [Point("member", i, method, None) for i in range(len(s.models))]
+    out.members = run(members, "members", 0)
     exact, modules = exact_ensembles(s.aligned[method], [m.file for m in out.members], s.splits, tgt.batch_sizes,
                                      tgt.threads, tgt.opset, out_dir)
     out.exact, out.modules = exact, out.modules | modules
-    out.others = run(points, "fuse, export, measure")
+    if tgt.int8:
+        out.others += int8_ensembles(modules, s.splits, tgt, out_dir, s.ensemble_predictions)
+    out.others += run(points + int8(members + points), "fuse, export, measure")
     if distill is not None and pick:
         picks = distill_picks(out, budget)
         console.print(f"[bold]distill[/]: {', '.join(p.label for p in picks)}; {distill.describe()} each")
-        out.others += run(picks, "distill, export, measure")
+        out.others += run(picks + int8(picks), "distill, export, measure")
     return out
 
 
@@ -86,7 +94,8 @@ def distill_picks(f: Field, budget: Budget) -> list[Point]:
     picks = [Point("member", best.point.value, best.point.method, None, True)]
     ens_macs = f.exact["ensemble"].macs
     for kind in ("depth", "alpha"):
-        family = [c for c in f.others if c.point and c.point.kind == kind and not c.point.distill]
+        family = [c for c in f.others if c.point and c.point.kind == kind and not c.point.distill
+                  and c.precision == "fp32"]
         if not family:
             continue
         within = [c for c in family if fits(c, budget, ens_macs)]

@@ -116,16 +116,19 @@ def pareto_plot(report: dict, path: str | Path) -> Path:
         for tag, style, name in (("depth", "o-", "fused, depth k"), ("alpha", "v--", "fused, alpha")):
             for distilled in (False, True):
                 cands = [c for c in report["candidates"] if c["kind"] == "fused" and c.get(tag) is not None
-                         and (c["point"] or {}).get("distill", False) == distilled]
+                         and (c["point"] or {}).get("distill", False) == distilled and c["precision"] == "fp32"]
                 if cands:
                     ax.plot([x(c) for c in cands], [acc(c) for c in cands], style, alpha=1 if distilled else 0.5,
                             label=name + (" + distill" if distilled else ""))
                 for c in cands:
                     ax.annotate(f"{c[tag]:g}", (x(c), acc(c)), textcoords="offset points", xytext=(4, 4), fontsize=8)
         for kind, (marker, color) in MARKERS.items():
-            rows = [c for c in report["candidates"] if c["kind"] == kind]
+            rows = [c for c in report["candidates"] if c["kind"] == kind and c["precision"] == "fp32"]
             if rows:
                 ax.plot([x(c) for c in rows], [acc(c) for c in rows], marker, color=color, mfc="none", label=kind)
+        int8 = [c for c in report["candidates"] if c["precision"] == "int8"]
+        if int8:
+            ax.plot([x(c) for c in int8], [acc(c) for c in int8], "x", color="tab:gray", label="INT8 (any kind)")
         chosen = next(c for c in report["candidates"] if c["key"] == report["shipped"]["key"])
         ax.plot([x(chosen)], [acc(chosen)], "*", ms=16, color="tab:red", label="shipped (model.onnx)")
         ax.set_xlabel(label)

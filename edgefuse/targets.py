@@ -11,6 +11,7 @@ from .errors import EdgefuseError
 
 RUNTIMES = ("onnxruntime", "tensorrt", "cuda")
 PRECISIONS = ("fp32", "fp16")
+EXTRA_PRECISIONS = ("int8",)  # weighed as candidates next to `precision`: an INT8 QDQ graph of each
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,8 @@ class Target:
     runtime: str
     device: str
     precision: str = "fp32"
+    precisions: tuple[str, ...] = ()
+    int8_keep_ends: bool = False
     opset: int = 18
     threads: int = 1
     batch_sizes: tuple[int, ...] = (1,)
@@ -40,6 +43,11 @@ class Target:
     atol: float = 1e-3
     rtol: float = 1e-3
     source: str = ""
+
+    @property
+    def int8(self) -> bool:
+        """Whether every candidate is also weighed as an INT8 graph (`precisions` names "int8")."""
+        return "int8" in self.precisions
 
     @property
     def batch_profile(self) -> tuple[int, int, int]:
@@ -79,6 +87,13 @@ def _validate(raw: dict, source: str) -> None:
         fail(f"tensorrt and dla_core apply to runtime = \"tensorrt\" only, not {raw['runtime']}")
     if raw.get("io_precision", "fp32") not in PRECISIONS:
         fail(f"io_precision must be one of {', '.join(PRECISIONS)}")
+    precisions = raw.get("precisions", [])
+    if not isinstance(precisions, list) or not all(p in PRECISIONS + EXTRA_PRECISIONS for p in precisions):
+        fail(f"precisions must be a list of {', '.join(PRECISIONS + EXTRA_PRECISIONS)}")
+    if precisions and raw.get("precision", "fp32") not in precisions:
+        fail(f"precisions {precisions} must include the target's precision {raw.get('precision', 'fp32')!r}")
+    if "int8" in precisions and raw["runtime"] == "cuda":
+        fail("INT8 candidates are QDQ ONNX graphs: for runtime = \"onnxruntime\" or \"tensorrt\"")
     profile = raw.get("profile")
     if profile is not None:
         if len(profile) != 3 or not all(isinstance(b, int) and b >= 1 for b in profile) or \
@@ -105,7 +120,7 @@ def _validate(raw: dict, source: str) -> None:
 INTS = {"opset": (9, 23), "threads": (1, 256), "workspace_mb": (1, 1 << 20), "distill_steps": (0, 10_000_000),
         "distill_batch_size": (1, 65536)}
 NUMBERS = {"max_macs_ratio": (0.0, 1.0), "memory_budget_mb": (1e-9, 1e9), "atol": (0.0, 1e9), "rtol": (0.0, 1e9)}
-BOOLS = ("batch_heads", "gpu_fallback", "strongly_typed", "distill_augment")
+BOOLS = ("batch_heads", "gpu_fallback", "strongly_typed", "distill_augment", "int8_keep_ends")
 STRINGS = ("runtime", "device", "precision", "description", "tensorrt", "io_precision")
 MAX_BATCH = 65536
 
@@ -186,6 +201,7 @@ def parse_target(name: str, text: str, source: str = "<string>") -> Target:
         raw["latency_budget_ms"] = tuple(raw["latency_budget_ms"])
     if "profile" in raw:
         raw["profile"] = tuple(raw["profile"])
+    raw["precisions"] = tuple(raw.get("precisions") or [raw.get("precision", "fp32")])
     return Target(name=name, source=source, **raw)
 
 

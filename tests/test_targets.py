@@ -53,6 +53,9 @@ BASE = 'runtime = "tensorrt"\ndevice = "jetson-agx-orin"\ntensorrt = "10.3"\npre
     ('tensorrt = "11.1"\nstrongly_typed = true\ndla_core = 0\n', "has no DLA"),
     ('profile = [8, 1, 4]\n', "profile must be"),
     ('workspace = 3\n', "unknown key 'workspace'"),
+    ('precisions = ["int4"]\n', "precisions must be a list of"),
+    ('precisions = ["fp32", "int8"]\n', "must include the target's precision 'fp16'"),
+    ('int8_keep_ends = "yes"\n', "int8_keep_ends must be true or false"),
 ])
 def test_impossible_targets_are_refused(extra, message):
     text = "\n".join(dict((line.split(" = ")[0], line) for line in (BASE + extra).splitlines()).values())

@@ -39,6 +39,19 @@ def exact_ensembles(members: list[nn.Module], member_files: list[str], splits: S
     return {k: with_agreement(r, reference) for k, r in rows.items()}, modules
 
 
+def int8_ensembles(modules: dict[str, nn.Module], splits: Splits, target, out_dir: Path,
+                   reference: np.ndarray) -> list[Candidate]:
+    """The one-graph ensembles as INT8 QDQ graphs: candidates like any other, no longer exact, so never the
+    baseline latencies are compared with."""
+    rows = []
+    for name in ("ensemble", "ensemble_batched"):
+        row = export_and_measure(modules[name], splits, out_dir / f"{name}-int8.onnx", target.opset,
+                                 target.batch_sizes, target.threads, precision="int8", keep_ends=target.int8_keep_ends,
+                                 key=f"{name}-int8", label=f"{EXACT_LABELS[name]}, INT8", kind="ensemble")
+        rows.append(with_agreement(row, reference))
+    return rows
+
+
 def best_exact(rows: dict[str, Candidate]) -> dict[str, dict]:
     """Per batch size, the fastest exact ensemble (p50): the honest baseline every latency is compared with."""
     batches = rows["ensemble"].latency_by_batch

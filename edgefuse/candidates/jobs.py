@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..data import load_dataset
+from ..device.int8 import quantize_int8
 from ..errors import EdgefuseError
 from ..export import export_onnx, onnx_nodes
 from ..files import atomic_write_bytes, atomic_write_text
@@ -40,6 +41,7 @@ class Job:
     distill: DistillConfig | None = None
     cache: str | None = None
     keep_module: bool = False
+    keep_ends: bool = False  # INT8: the first and last weighted layers stay FP32
 
 
 def fingerprint(models: list[nn.Module], *parts: str) -> str:
@@ -103,15 +105,23 @@ def evaluate(job: Job) -> tuple[Candidate, nn.Module | None]:
     row = export_and_measure(module, splits, Path(job.out_dir) / f"{p.key}.onnx", job.opset, job.batch_sizes,
                              job.threads, key=p.key, label=p.label, kind=p.row_kind, point=p,
                              batched_heads=p.kind == "depth" and job.batch_heads,
-                             distill=job.distill.describe() if p.distill else None)
+                             distill=job.distill.describe() if p.distill else None, precision=p.precision,
+                             keep_ends=job.keep_ends)
     return with_agreement(row, job.ensemble_predictions), module if job.keep_module else None
 
 
 def export_and_measure(module: nn.Module, splits, path: Path, opset: int, batch_sizes: tuple[int, ...],
-                       threads: int, **fields) -> Candidate:
+                       threads: int, precision: str = "fp32", keep_ends: bool = False, **fields) -> Candidate:
     """One candidate as every candidate is measured: exported (parity-checked), run with onnxruntime on both
-    splits, timed at each batch size, its peak memory taken in a fresh process."""
-    path = export_onnx(module, splits.example, path, opset=opset)
+    splits, timed at each batch size, its peak memory taken in a fresh process. An INT8 candidate is the QDQ graph
+    of that export, calibrated on training images only, and measured the same way."""
+    if precision == "int8":
+        fp32 = export_onnx(module, splits.example, path.with_name(f"{path.stem}-fp32.onnx"), opset=opset)
+        q = quantize_int8(fp32, splits.x_train, path, keep_ends)
+        fp32.unlink()
+        path, fields = q.path, fields | {"precision": "int8", "quantization": q.summary()}
+    else:
+        path = export_onnx(module, splits.example, path, opset=opset)
     return measure(module, splits, path, batch_sizes, threads, onnx_nodes=onnx_nodes(path),
                    peak_memory_mb=peak_memory_mb([path], max(batch_sizes), threads), **fields)
 

@@ -28,21 +28,28 @@ class Point:
     method: str = "weight"
     repair: str | None = "bn"
     distill: bool = False
+    precision: str = "fp32"
 
     @property
     def key(self) -> str:
+        int8 = "-int8" if self.precision == "int8" else ""
         if self.kind == "member":
-            return f"member{int(self.value)}" + ("-distilled" if self.distill else "")
-        return f"{self.method}-{self.kind}{self.value:g}-{self.repair or 'none'}" + ("-distill" if self.distill else "")
+            return f"member{int(self.value)}" + ("-distilled" if self.distill else "") + int8
+        return f"{self.method}-{self.kind}{self.value:g}-{self.repair or 'none'}" + \
+            ("-distill" if self.distill else "") + int8
 
     @property
     def label(self) -> str:
+        int8 = ", INT8" if self.precision == "int8" else ""
         if self.kind == "member":
-            return f"member {int(self.value)}" + (" distilled" if self.distill else "")
+            return f"member {int(self.value)}" + (" distilled" if self.distill else "") + int8
         what = f"depth {int(self.value)}" if self.kind == "depth" else f"alpha {self.value:g}"
         extra = [x for x in (self.method if self.method != "weight" else "",
                              f"repair {self.repair}" if self.repair != "bn" else "") if x]
-        return what + (f" ({', '.join(extra)})" if extra else "") + (" + distill" if self.distill else "")
+        return what + (f" ({', '.join(extra)})" if extra else "") + (" + distill" if self.distill else "") + int8
+
+    def as_int8(self) -> Point:
+        return replace(self, precision="int8")
 
     @property
     def row_kind(self) -> str:
@@ -71,6 +78,8 @@ class Candidate:
     point: Point | None = None
     batched_heads: bool = False
     distill: str | None = None
+    precision: str = "fp32"
+    quantization: dict | None = None
     val_correct: np.ndarray | None = field(default=None, repr=False, compare=False)
     test_predictions: np.ndarray | None = field(default=None, repr=False, compare=False)
 
