@@ -1,6 +1,6 @@
 """`make bench`: the zoo (Fashion-MNIST, N=4) through the whole pipeline on cpu-ort, every depth measured in one run,
 and alignment: loss barriers and merged accuracy per method on trained MLPs, and the time to align N = 2, 4, 8
-ResNet-20s and ResNet-18-sized nets (align_scaling.py).
+ResNet-20s and ResNet-18-sized nets (align_scaling.py); INT8 against FP32 (int8.py).
 
 Prints, per architecture, accuracy and the MACs and p50 latency ratios against the ensemble measured in the same
 run, and writes build/bench/bench.json."""
@@ -121,6 +121,9 @@ def main(out_root: Path = Path("build/bench")) -> int:
         results[arch] = {"ensemble_accuracy": ens["accuracy"], "single_accuracy": report["single"]["accuracy"],
                          "shipped": report["shipped"], "align_seconds": report["align_seconds"], "rows": summary}
     results["sweep_half_latency"] = half_latency_sweep(console, out_root)
+    from int8 import int8_table
+
+    results["int8"] = int8_table(console, out_root / "int8")
     from curves import curves
 
     results["curves"] = {arch: curves(arch, console, out_root) for arch in CURVE_ARCHS}

@@ -83,8 +83,10 @@ def _run(tgt: Target, models: list[nn.Module] | None, arch: str, n: int, dataset
         from .device import prepare_device
 
         summary = f"{len(s.models)} × {s.label}, {chosen.label}, test accuracy {chosen.test['accuracy']:.4f}"
-        report |= prepare_device(tgt, module, Path(chosen.file), s.splits.example, s.splits.x_test,
-                                 s.splits.y_test, out_dir, summary, console)
+        fp32 = Path(chosen.file) if chosen.precision == "fp32" else export_onnx(  # an INT8 choice: its FP32 graph
+            module, s.splits.example, out_dir / "candidates" / "model_fp32.onnx", tgt.opset)
+        report |= prepare_device(tgt, module, fp32, s.splits.example, s.splits.x_test, s.splits.y_test, out_dir,
+                                 summary, console, calibration=s.splits.x_train)
     write_report(report, out_dir)
     shutil.copyfile(chosen.file, out_dir / "model.onnx")  # out_dir is the staging folder: publish() is atomic
     return report

@@ -114,8 +114,8 @@ def test_fp16_graph_matches_fp32(fused_cnn, tmp_path, io):
 def _bundle(fused_cnn, tmp_path):
     target = load_target("desktop-trt11")
     path = export_fp16(fused_cnn, X[:2], tmp_path / "h.onnx", opset=18)
-    check = write_bundle(tmp_path, target, Path(target.source), path, fused_cnn, X, "test")
-    return tmp_path / "bundle", check
+    checks = write_bundle(tmp_path, target, Path(target.source), path, fused_cnn, X, "test")
+    return tmp_path / "bundle", checks["model"]
 
 
 def test_bundle_self_check_passes_and_catches_tampering(fused_cnn, tmp_path):
@@ -209,3 +209,24 @@ def test_check_cli_exit_codes(fused_cnn, tmp_path):
     assert res.exit_code == 0 and json.loads(res.output)["ok"]
     res = CliRunner().invoke(cli, ["check", "--target", "cpu-ort", str(good)])
     assert res.exit_code == 1 and "not TensorRT" in res.output
+
+
+def test_an_int8_bundle_carries_the_qdq_graph_and_passes_its_self_check(fused_cnn, tmp_path):
+    import json
+
+    from edgefuse.device import deploy
+    from edgefuse.device.int8 import quantize_int8
+
+    target = load_target("jetson-agx-orin-jp6")
+    fp32 = ef.export_onnx(fused_cnn, X[:2], tmp_path / "m.onnx", opset=target.opset)
+    int8 = quantize_int8(fp32, torch.rand(64, 1, 28, 28), tmp_path / "q.onnx")
+    checks = write_bundle(tmp_path, target, Path(target.source), fp32, fused_cnn, X, "test", int8)
+    assert checks["model"]["ok"] and checks["int8"]["ok"]
+    sub = tmp_path / "bundle" / "int8"
+    spec = json.loads((sub / "target.json").read_text())
+    assert spec["graph"] == "int8" and spec["dla_core"] == target.dla_core
+    assert json.loads((sub / "calibration.json").read_text())["calibration"]["images"] == 64
+    assert "QuantizeLinear" in {n.op_type for n in onnx.load(str(sub / "model.onnx")).graph.node}
+    refs = np.load(sub / "reference_outputs.npz")["out0"]
+    np.savez(sub / "reference_outputs.npz", out0=refs + 1.0)  # beyond the INT8 tolerance: must not PASS
+    assert not deploy.check_bundle(sub, "onnxruntime")["ok"]

@@ -12,32 +12,50 @@ from ..errors import EdgefuseError
 from ..targets import Target
 from .bundle import write_bundle
 from .check import CheckReport, check_onnx, format_report
-from .precision import export_fp16, fp16_drop
+from .int8 import quantize_int8
+from .precision import export_fp16, precision_drop
 
 
 def prepare_device(target: Target, module: nn.Module, onnx_file: Path, example: torch.Tensor, x: torch.Tensor,
-                   y: torch.Tensor, out_dir: Path, summary: str, console: Console) -> dict:
+                   y: torch.Tensor, out_dir: Path, summary: str, console: Console,
+                   calibration: torch.Tensor | None = None) -> dict:
     """For a TensorRT target: the FP16 graph and its accuracy drop, the static check of the file the device will
-    build (an error when it cannot build), and the bundle with its self-check. Returns the report's entries."""
+    build (an error when it cannot build), and the bundle with its self-check; with "int8" among the target's
+    precisions, the INT8 graph too (calibrated on `calibration`, training images), checked and bundled in int8/.
+    `onnx_file` is the shipped model's FP32 graph. Returns the report's entries."""
     out: dict = {}
     device_file = onnx_file
     if target.precision == "fp16":
         fp16_file = export_fp16(module, example, out_dir / "candidates" / "model_fp16.onnx", target.opset,
                                 target.io_precision)
-        out["fp16"] = fp16_drop(onnx_file, fp16_file, x, y, target.io_precision)
+        out["fp16"] = precision_drop(onnx_file, fp16_file, x, y, "fp16", target.io_precision)
         console.print(f"[bold]fp16[/]: accuracy {out['fp16']['fp16_accuracy']:.4f} "
                       f"(drop {out['fp16']['accuracy_drop']:+.4f} vs FP32, onnxruntime CPU)")
         if target.strongly_typed:
             device_file = fp16_file
-    check = check_onnx(device_file, target)
-    out["static_check"] = check.as_dict()
-    console.print(format_report(check))
-    if not check.ok:
-        raise EdgefuseError(f"{target.name}: the model will not build: {check.errors[0]}")
-    bundle_check = write_bundle(out_dir, target, Path(target.source), device_file, module, x, summary)
-    out["bundle"] = {"path": "bundle/", "self_check_onnxruntime": bundle_check}
-    if not bundle_check["ok"]:
-        raise EdgefuseError(f"{target.name}: the bundle's self-check failed: {bundle_check['problems'][0]}")
+    int8 = None
+    if target.int8:
+        if calibration is None:
+            raise EdgefuseError(f"{target.name}: INT8 needs calibration images from the training split")
+        int8 = quantize_int8(onnx_file, calibration, out_dir / "candidates" / "model_int8.onnx", target.int8_keep_ends)
+        out["int8"] = precision_drop(onnx_file, int8.path, x, y, "int8") | int8.summary()
+        console.print(f"[bold]int8[/]: accuracy {out['int8']['int8_accuracy']:.4f} "
+                      f"(drop {out['int8']['accuracy_drop']:+.4f} vs FP32, onnxruntime CPU)")
+    for key, path in (("static_check", device_file), ("static_check_int8", int8.path if int8 else None)):
+        if path is None:
+            continue
+        check = check_onnx(path, target)
+        out[key] = check.as_dict()
+        console.print(format_report(check))
+        if not check.ok:
+            raise EdgefuseError(f"{target.name}: {path.name} will not build: {check.errors[0]}")
+    checks = write_bundle(out_dir, target, Path(target.source), device_file, module, x, summary, int8)
+    out["bundle"] = {"path": "bundle/", "self_check_onnxruntime": checks["model"]}
+    if int8:
+        out["bundle"]["self_check_int8_onnxruntime"] = checks["int8"]
+    bad = next((c for c in checks.values() if not c["ok"]), None)
+    if bad is not None:
+        raise EdgefuseError(f"{target.name}: the bundle's self-check failed: {bad['problems'][0]}")
     return out
 
 

@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from ..files import publish
+from ..runtime import OrtRunner
 from ..targets import Target
 from . import deploy
+from .int8 import INT8_ATOL, INT8_RTOL, Int8Graph
 
 README = """# edgefuse deploy bundle: {name}
 
@@ -36,6 +38,14 @@ prints p50/p90/p99 latency, and keeps `model.engine` and `timing.cache` for late
 across GPUs or TensorRT versions: build on the device that runs them.
 
 Off the device, `python3 deploy.py --runtime onnxruntime` runs the same check with onnxruntime on the CPU.
+{int8}"""
+
+INT8_README = """
+## INT8
+`int8/` holds the INT8 graph of the same model (explicit QuantizeLinear/DequantizeLinear pairs, calibrated on
+{images} training images; `int8/calibration.json` gives the scales' ranges) with its own golden outputs (onnxruntime's
+INT8 run) and tolerance (atol {atol}, rtol {rtol}): `python3 deploy.py --bundle int8` builds it with the INT8 flag
+(on the DLA where the target names one) and lists the layers that fell back to higher precision.
 """
 
 
@@ -46,9 +56,23 @@ def target_dict(target: Target) -> dict:
     return out
 
 
+def _int8_bundle(folder: Path, target: Target, int8: Int8Graph, golden: torch.Tensor) -> None:
+    """int8/: the QDQ graph, its golden outputs from onnxruntime's INT8 run, INT8 tolerances, calibration summary."""
+    folder.mkdir()
+    shutil.copyfile(int8.path, folder / "model.onnx")
+    spec = target_dict(target) | {"graph": "int8", "io_precision": "fp32", "atol": INT8_ATOL, "rtol": INT8_RTOL}
+    (folder / "target.json").write_text(json.dumps(spec, indent=2) + "\n")
+    (folder / "calibration.json").write_text(json.dumps(int8.summary(), indent=2) + "\n")
+    np.save(folder / "golden_inputs.npy", golden.numpy().astype(np.float32))
+    runner = OrtRunner(int8.path)
+    outs = runner.session.run(None, {runner.input: golden.numpy().astype(np.float32)})
+    np.savez(folder / "reference_outputs.npz", **{f"out{i}": o.astype(np.float32) for i, o in enumerate(outs)})
+
+
 def write_bundle(out_dir: str | Path, target: Target, target_file: Path, onnx_file: Path, module: nn.Module,
-                 x: torch.Tensor, summary: str) -> dict:
-    """Write out_dir/bundle/ and check it here with onnxruntime in place of TensorRT; returns that check."""
+                 x: torch.Tensor, summary: str, int8: Int8Graph | None = None) -> dict[str, dict]:
+    """Write out_dir/bundle/ (and bundle/int8/ for an INT8 graph) and check each here with onnxruntime in place of
+    TensorRT; returns those checks by name ("model", "int8")."""
     out_dir = Path(out_dir)
     high = target.batch_profile[2]
     golden = x[torch.arange(high) % len(x)]  # the largest batch the engine takes, real images throughout
@@ -67,11 +91,15 @@ def write_bundle(out_dir: str | Path, target: Target, target_file: Path, onnx_fi
                                                      for i, o in enumerate(outs)})
         graph = "FP16 graph, FP32 inputs and outputs" if target.strongly_typed else \
             "FP32 graph; FP16 chosen by the builder flag" if target.precision == "fp16" else "FP32 graph"
+        extra = INT8_README.format(images=int8.calibration_images, atol=INT8_ATOL, rtol=INT8_RTOL) if int8 else ""
         (stage / "README.md").write_text(README.format(
             name=target.name, description=target.description, summary=summary, graph=graph, batch=len(golden),
-            atol=target.atol, rtol=target.rtol))
-        check = deploy.check_bundle(stage, "onnxruntime")
+            atol=target.atol, rtol=target.rtol, int8=extra))
+        checks = {"model": deploy.check_bundle(stage, "onnxruntime")}
+        if int8 is not None:
+            _int8_bundle(stage / "int8", target, int8, golden)
+            checks["int8"] = deploy.check_bundle(stage / "int8", "onnxruntime")
         publish(stage, out_dir / "bundle")
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    return check
+    return checks

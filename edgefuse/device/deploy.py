@@ -65,6 +65,9 @@ def build_engine(onnx_path: Path, target: dict, engine_path: Path, timing_cache:
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(target["workspace_mb"]) << 20)
     if target["precision"] == "fp16" and not target.get("strongly_typed"):
         config.set_flag(trt.BuilderFlag.FP16)
+    if target.get("graph") == "int8" and not target.get("strongly_typed"):  # QDQ graph: explicit INT8
+        config.set_flag(trt.BuilderFlag.INT8)
+        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # per-layer types, for layer_types()
     if target.get("dla_core") is not None:
         if builder.num_DLA_cores == 0:
             raise DeployError("the target names a DLA core but this device has none")
@@ -110,6 +113,18 @@ class TrtRunner:
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.stream = torch.cuda.Stream()
+
+    def layer_types(self) -> dict[str, list[str]]:
+        """Per output type (Int8, Half, Float, …) the engine's layers, from its detailed layer information: an INT8
+        graph's layers outside "Int8" fell back to higher precision."""
+        info = json.loads(self.engine.create_engine_inspector().get_engine_information(
+            self.trt.LayerInformationFormat.JSON))
+        out: dict[str, list[str]] = {}
+        for layer in info.get("Layers", []):
+            if isinstance(layer, dict) and layer.get("LayerType") != "Reformat":
+                kinds = {str(o.get("Format/Datatype", "?")).split()[0] for o in layer.get("Outputs", [])}
+                out.setdefault("/".join(sorted(kinds)) or "?", []).append(str(layer.get("Name", "?")))
+        return out
 
     def _dtype(self, name: str):
         return {self.trt.float32: self.torch.float32, self.trt.float16: self.torch.float16,
@@ -170,6 +185,8 @@ def run_trtexec(bundle: Path, target: dict, x: np.ndarray) -> tuple[list[np.ndar
            f"--memPoolSize=workspace:{target['workspace_mb']}M", f"--timingCacheFile={bundle / 'timing.cache'}"]
     if target["precision"] == "fp16" and not target.get("strongly_typed"):
         cmd.append("--fp16")
+    if target.get("graph") == "int8" and not target.get("strongly_typed"):
+        cmd.append("--int8")
     if target.get("strongly_typed"):
         cmd.append("--stronglyTyped")
     if target.get("dla_core") is not None:
@@ -263,6 +280,10 @@ def check_bundle(bundle: Path, runtime: str = "auto") -> dict:
         print(f"built {engine} in {time.perf_counter() - t0:.1f} s")
         runner = TrtRunner(engine)
         outputs, times = runner(x), runner.latency(x)
+        if target.get("graph") == "int8":
+            for kind, names in runner.layer_types().items():
+                print(f"layers with {kind} outputs: {len(names)}" + ("" if "Int8" in kind else
+                                                                    f" (higher precision: {', '.join(names[:8])})"))
     elif runtime == "trtexec":
         outputs, times = run_trtexec(bundle, target, x)
     elif runtime == "onnxruntime":

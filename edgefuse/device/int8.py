@@ -25,6 +25,10 @@ from ..runtime import OrtRunner
 
 CALIBRATION_IMAGES = 512  # from the training split; min/max ranges settle well before this on the zoo nets
 CALIBRATION_BATCH = 64
+# A TensorRT INT8 engine against onnxruntime's INT8 run of the same QDQ graph, on logits: both round to the same scales
+# but differ in fusions and accumulation order (onnxruntime against onnx's reference QDQ arithmetic differed by up to
+# 0.12 on the zoo's alpha graphs), so the bundle's INT8 check is loose: it catches a wrong graph, not rounding.
+INT8_ATOL, INT8_RTOL = 0.5, 0.1
 _WEIGHTED = ("Conv", "Gemm", "MatMul")
 
 

@@ -40,14 +40,15 @@ def export_fp16(module: nn.Module, example: torch.Tensor, path: str | Path, opse
     return export_onnx(half, x, path, opset=opset, atol=FP16_ATOL)
 
 
-def fp16_drop(fp32_path: str | Path, fp16_path: str | Path, x: torch.Tensor, y: torch.Tensor,
-              io_precision: str = "fp32") -> dict:
-    """Accuracy of both graphs on (x, y) with onnxruntime on the CPU, and the largest logit difference."""
+def precision_drop(fp32_path: str | Path, low_path: str | Path, x: torch.Tensor, y: torch.Tensor,
+                   low: str = "fp16", io_precision: str = "fp32") -> dict:
+    """Accuracy of the FP32 graph and of its `low`-precision form (fp16, int8) on (x, y) with onnxruntime on the
+    CPU, and the largest logit difference."""
     out32 = predict(OrtRunner(fp32_path), x)
     xin = x.half() if io_precision == "fp16" else x
-    out16 = predict(OrtRunner(fp16_path), xin).astype(np.float32)
-    s32, s16 = scores(out32, y), scores(out16, y)
-    return {"fp32_accuracy": s32["accuracy"], "fp16_accuracy": s16["accuracy"],
-            "accuracy_drop": s32["accuracy"] - s16["accuracy"], "fp16_nll": s16["nll"],
-            "max_abs_logit_diff": float(np.abs(out32 - out16).max()),
-            "prediction_agreement": float((out32.argmax(1) == out16.argmax(1)).mean())}
+    out_low = predict(OrtRunner(low_path), xin).astype(np.float32)
+    s32, s_low = scores(out32, y), scores(out_low, y)
+    return {"fp32_accuracy": s32["accuracy"], f"{low}_accuracy": s_low["accuracy"],
+            "accuracy_drop": s32["accuracy"] - s_low["accuracy"], f"{low}_nll": s_low["nll"],
+            "max_abs_logit_diff": float(np.abs(out32 - out_low).max()),
+            "prediction_agreement": float((out32.argmax(1) == out_low.argmax(1)).mean())}
