@@ -148,3 +148,26 @@ def test_export_for_a_tensorrt_target_writes_a_checked_bundle(checkpoints, tmp_p
     assert report["static_check"]["ok"] and report["bundle"]["self_check_onnxruntime"]["ok"]
     assert abs(report["fp16"]["accuracy_drop"]) < 0.02
     assert "TensorRT target" in (out / "report.md").read_text()
+
+
+def test_export_for_an_int8_dla_target_bundles_the_int8_graph(checkpoints, tmp_path):
+    from pathlib import Path
+
+    from edgefuse.targets import load_target
+
+    agx = Path(load_target("jetson-agx-orin-jp6").source).read_text()
+    (tmp_path / "agx.toml").write_text(agx.replace("distill_steps = 500", "distill_steps = 0"))  # time: no distilling
+    res = run("export", "--model", "tests.nets:digits_cnn", *checkpoints, "--dataset", "digits", "--depth", "1",
+              "--target", str(tmp_path / "agx.toml"), "--out-root", str(tmp_path))
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "agx"
+    report = json.loads((out / "report.json").read_text())
+    rows = {c["key"]: c for c in report["candidates"]}
+    fp32 = [k for k, c in rows.items() if c["precision"] == "fp32" and k != "ensemble_sessions"]
+    assert fp32 and all(f"{k}-int8" in rows for k in fp32)  # every candidate weighed in INT8 too
+    for key in fp32:
+        int8 = rows[f"{key}-int8"]
+        assert int8["quantization"]["calibration"]["split"] == "train" and int8["macs"] == rows[key]["macs"]
+    assert report["static_check_int8"]["ok"] and report["bundle"]["self_check_int8_onnxruntime"]["ok"]
+    assert abs(report["int8"]["accuracy_drop"]) < 0.05 and report["int8"]["calibration"]["split"] == "train"
+    assert json.loads((out / "bundle" / "int8" / "target.json").read_text())["graph"] == "int8"

@@ -95,28 +95,6 @@ def test_keep_ends_leaves_the_first_and_last_layer_in_fp32(fp32, tmp_path):
     assert all(n.input[1] in dequantized for n in weighted[1:-1])
 
 
-def test_a_target_with_int8_weighs_every_candidate_in_int8_too(mlp_checkpoints, tmp_path):
-    import json
-
-    from click.testing import CliRunner
-
-    from edgefuse.cli import cli
-
-    res = CliRunner().invoke(cli, ["-q", "sweep", "--target", "cpu-ort-int8", "--model", "tests.nets:digits_mlp",
-                                   *mlp_checkpoints, "--dataset", "digits", "--alpha", "0.5", "--workers", "0",
-                                   "--distill-steps", "10", "--out-root", str(tmp_path)])
-    assert res.exit_code == 0, res.output
-    rows = json.loads((tmp_path / "cpu-ort-int8" / "sweep" / "sweep.json").read_text())["candidates"]
-    keys = {c["key"]: c for c in rows}
-    fp32 = [k for k, c in keys.items() if c["precision"] == "fp32" and k not in ("ensemble_sessions",)]
-    assert fp32 and all(f"{k}-int8" in keys for k in fp32)  # every candidate, and each exact one-graph ensemble
-    for c in rows:
-        if c["precision"] == "int8":
-            assert c["quantization"]["calibration"]["split"] == "train" and c["file"].endswith("-int8.onnx")
-            twin = keys[c["key"][:-len("-int8")]]
-            assert c["macs"] == twin["macs"] and abs(c["validation"]["accuracy"] - twin["validation"]["accuracy"]) < 0.05
-
-
 def test_the_int8_graph_passes_every_tensorrt_targets_static_check(fp32, tmp_path):
     from edgefuse.device.check import check_onnx
     from edgefuse.targets import available_targets, load_target
