@@ -230,3 +230,14 @@ def test_an_int8_bundle_carries_the_qdq_graph_and_passes_its_self_check(fused_cn
     refs = np.load(sub / "reference_outputs.npz")["out0"]
     np.savez(sub / "reference_outputs.npz", out0=refs + 1.0)  # beyond the INT8 tolerance: must not PASS
     assert not deploy.check_bundle(sub, "onnxruntime")["ok"]
+
+
+def test_builder_flags_follow_precision_graph_and_typing():
+    from edgefuse.device import deploy
+    from edgefuse.device.bundle import target_dict
+
+    agx = target_dict(load_target("jetson-agx-orin-jp6"))
+    assert deploy._precision_flags(agx) == ["FP16"]
+    assert deploy._precision_flags(agx | {"graph": "int8"}) == ["FP16", "INT8"]
+    assert deploy._precision_flags(target_dict(load_target("desktop-trt11")) | {"graph": "int8"}) == []
+    assert deploy._precision_flags(agx | {"precision": "fp32"}) == []

@@ -45,6 +45,13 @@ def _atomic_write(path: Path, data: bytes) -> None:
         Path(tmp).unlink(missing_ok=True)  # Python 3.8+
 
 
+def _precision_flags(target: dict) -> list[str]:
+    """Builder flags of a weakly typed network: FP16 for an FP16 target, INT8 for a QDQ graph (`graph` = int8)."""
+    if target.get("strongly_typed"):
+        return []
+    return [f for f, on in (("FP16", target["precision"] == "fp16"), ("INT8", target.get("graph") == "int8")) if on]
+
+
 def build_engine(onnx_path: Path, target: dict, engine_path: Path, timing_cache: Path | None = None) -> Path:
     """Parse, set precision / DLA / workspace / batch profile, build and serialize, with a persistent timing cache."""
     trt = _trt()
@@ -63,11 +70,9 @@ def build_engine(onnx_path: Path, target: dict, engine_path: Path, timing_cache:
         raise DeployError(f"TensorRT cannot parse {onnx_path.name}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(target["workspace_mb"]) << 20)
-    if target["precision"] == "fp16" and not target.get("strongly_typed"):
-        config.set_flag(trt.BuilderFlag.FP16)
-    if target.get("graph") == "int8" and not target.get("strongly_typed"):  # QDQ graph: explicit INT8
-        config.set_flag(trt.BuilderFlag.INT8)
-        config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # per-layer types, for layer_types()
+    for flag in _precision_flags(target):
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # per-layer types, for layer_types()
     if target.get("dla_core") is not None:
         if builder.num_DLA_cores == 0:
             raise DeployError("the target names a DLA core but this device has none")
@@ -183,10 +188,7 @@ def run_trtexec(bundle: Path, target: dict, x: np.ndarray) -> tuple[list[np.ndar
            f"--shapes=input:{x.shape[0]}x{rest}", f"--loadInputs=input:{work / 'input.bin'}",
            f"--exportOutput={work / 'out.json'}", f"--exportTimes={work / 'times.json'}",
            f"--memPoolSize=workspace:{target['workspace_mb']}M", f"--timingCacheFile={bundle / 'timing.cache'}"]
-    if target["precision"] == "fp16" and not target.get("strongly_typed"):
-        cmd.append("--fp16")
-    if target.get("graph") == "int8" and not target.get("strongly_typed"):
-        cmd.append("--int8")
+    cmd += [f"--{flag.lower()}" for flag in _precision_flags(target)]
     if target.get("strongly_typed"):
         cmd.append("--stronglyTyped")
     if target.get("dla_core") is not None:
