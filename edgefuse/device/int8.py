@@ -38,7 +38,7 @@ class Int8Graph:
     path: Path
     calibration_images: int
     calibration_batches: int
-    quantized_nodes: int
+    quantized_tensors: int
     kept_higher: tuple[str, ...]
     weight_scales: tuple[float, float]
     activation_scales: tuple[float, float]
@@ -46,7 +46,7 @@ class Int8Graph:
     def summary(self) -> dict:
         return {"calibration": {"split": "train", "images": self.calibration_images,
                                 "batches": self.calibration_batches, "method": "minmax, symmetric"},
-                "quantized_nodes": self.quantized_nodes, "kept_higher_precision": list(self.kept_higher),
+                "quantized_tensors": self.quantized_tensors, "kept_higher_precision": list(self.kept_higher),
                 "weight_scale_range": list(self.weight_scales),
                 "activation_scale_range": list(self.activation_scales)}
 
@@ -107,17 +107,13 @@ def quantize_int8(fp32_path: str | Path, calibration: torch.Tensor, out_path: st
     q = onnx.load(str(out))
     weight, act = _scales(q)
     return Int8Graph(path=Path(out), calibration_images=len(x), calibration_batches=-(-len(x) // CALIBRATION_BATCH),
-                     quantized_nodes=sum(n.op_type == "QuantizeLinear" for n in q.graph.node) + len(weight),
+                     quantized_tensors=sum(n.op_type == "QuantizeLinear" for n in q.graph.node) + len(weight),
                      kept_higher=tuple(keep), weight_scales=_span(weight), activation_scales=_span(act))
 
 
-def weight_scales(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Per quantized weight (the DequantizeLinear whose input is a stored tensor): its scales, one per output
-    channel for convolutions."""
-    return _scales(model)[0]
-
-
 def _scales(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The scales of every DequantizeLinear: of weights (its input is a stored tensor, one scale per output channel)
+    and of activations, each by the name of the tensor it dequantizes."""
     init = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     weight, act = {}, {}
     for n in model.graph.node:

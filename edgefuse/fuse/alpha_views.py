@@ -11,7 +11,7 @@ import torch.fx as fx
 
 from ..errors import UnsupportedModelError
 from .select import Layout
-from .views import _ARITHMETIC, _SPLITS
+from .views import ARITHMETIC, SPLITS
 
 
 def _op(node: fx.Node) -> str:
@@ -59,7 +59,7 @@ class AlphaViews:
             out = self.emit(node.op, target, args, kwargs, batched=False)  # read by a shuffle's view, then unused
             self.member_count.add(out)
             return out
-        if target in _ARITHMETIC and self._uses((args, kwargs), self.member_count):
+        if target in ARITHMETIC and self._uses((args, kwargs), self.member_count):
             out = self.emit(node.op, target, args, kwargs, batched=False)
             self.member_count.add(out)
             return out
@@ -70,7 +70,7 @@ class AlphaViews:
                 isinstance(args[2], int) and args[3] in self.member_count:
             self.shuffles[node] = (args[2], False)  # view (batch, groups, C/groups, …): nothing to run yet
             return x
-        if lay is not None and (target in _SPLITS or (method and target in ("chunk", "split"))):
+        if lay is not None and (target in SPLITS or (method and target in ("chunk", "split"))):
             if kwargs.get("dim", args[2] if len(args) > 2 else 0) != 1:
                 raise UnsupportedModelError(node.name, _op(node), "a split of fused channels along another dim")
             width = len(lay.fused) + len(lay.isolated)

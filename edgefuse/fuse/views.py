@@ -11,8 +11,8 @@ import torch.fx as fx
 
 from ..errors import UnsupportedModelError
 
-_ARITHMETIC = {operator.floordiv, operator.mul, operator.truediv}
-_SPLITS = {torch.chunk, torch.split}
+ARITHMETIC = {operator.floordiv, operator.mul, operator.truediv}
+SPLITS = {torch.chunk, torch.split}
 
 
 class ChannelViews:
@@ -38,7 +38,7 @@ class ChannelViews:
             self.member_count.add(out)
             return out
         if self._uses((args, kwargs), self.member_count):
-            if target in _ARITHMETIC:
+            if target in ARITHMETIC:
                 out = self.emit(node.op, target, args, kwargs, batched=False)
                 self.member_count.add(out)
                 return out
@@ -63,7 +63,7 @@ class ChannelViews:
                 return self.emit(node.op, target, args, kwargs, batched=True)  # (batch, -1, …): member-major
             raise UnsupportedModelError(node.name, getattr(target, "__name__", str(target)),
                                         "a view of shuffled channels other than a channel shuffle")
-        if x in self.batched and (target in _SPLITS or (method and target in ("chunk", "split"))):
+        if x in self.batched and (target in SPLITS or (method and target in ("chunk", "split"))):
             dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
             if dim == 1:
                 per_member = self.graph.call_method("unflatten", (x, 1, (self.n, -1)))
