@@ -47,6 +47,7 @@ class GroupTracer(LayerVisits):
         self.sizes: dict[str, int] = {}
         self.splits = splits if splits is not None else {}
         self.pieces: dict[str, tuple[str, int]] = {}  # group → (the layer output it is part of, its first unit)
+        self.origins: set[str] = set()  # the layer outputs named so far
         self.axes: dict[str, list] = {}
         self.value: dict[fx.Node, Segments | None] = {}
         self.weight_layers: list[fx.Node] = []
@@ -109,8 +110,9 @@ class GroupTracer(LayerVisits):
     def new_group(self, name: str, size: int) -> Segments:
         """A layer's output units: one group, or one per piece where earlier passes cut it."""
         origin = name
-        while origin in self.parent or any(o == origin for o, _ in self.pieces.values()):
+        while origin in self.parent or origin in self.origins:
             origin += "_"
+        self.origins.add(origin)
         bounds = [0, *sorted(k for k in self.splits.get(origin, ()) if 0 < k < size), size]
         pieces = []
         for lo, hi in zip(bounds, bounds[1:]):
