@@ -54,7 +54,7 @@ class AlphaViews:
 
     def visit_view(self, node: fx.Node, args: tuple, kwargs: dict) -> fx.Node | None:
         method, target = node.op == "call_method", node.target
-        x, old = (args[0], node.args[0]) if args else (None, None)
+        x, old = (args[0], node.args[0]) if args and isinstance(args[0], fx.Node) else (None, None)
         if target is operator.getitem and x in self.shape_of_batched and node.args[1] == 1:
             out = self.emit(node.op, target, args, kwargs, batched=False)  # read by a shuffle's view, then unused
             self.member_count.add(out)

@@ -31,7 +31,7 @@ class ChannelViews:
     def visit_view(self, node: fx.Node, args: tuple, kwargs: dict) -> fx.Node | None:
         """The batched form of a channel view, or None when `node` is none of them."""
         method, target = node.op == "call_method", node.target
-        x = args[0] if args else None
+        x = args[0] if args and isinstance(args[0], fx.Node) else None  # not the list a cat takes
         if target is operator.getitem and x in self.shape_of_batched and node.args[1] == 1:
             count = self.emit(node.op, target, args, kwargs, batched=False)
             out = self.graph.call_function(operator.floordiv, (count, self.n))
