@@ -39,10 +39,25 @@ def params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def scores(logits: np.ndarray, labels: torch.Tensor, bins: int = 15) -> dict[str, float]:
-    """Accuracy, mean negative log-likelihood of log-softmax(logits), and expected calibration error (15 equal-width
-    confidence bins): fused models can be as accurate yet over-confident. Non-finite outputs are an error: a NaN
-    row would otherwise count as a wrong answer and pass as a result."""
+def misclassification_auroc(confidence: np.ndarray, correct: np.ndarray) -> float | None:
+    """How well `confidence` ranks the right answers above the wrong ones: the area under the ROC curve of telling
+    correct from misclassified inputs (0.5: no better than chance), from scipy's ranks with ties shared (the
+    Mann-Whitney statistic). None when every answer is right, or every one wrong: nothing to tell apart."""
+    from scipy.stats import rankdata
+
+    correct = np.asarray(correct, dtype=bool)
+    right, wrong = int(correct.sum()), int((~correct).sum())
+    if right == 0 or wrong == 0:
+        return None
+    ranks = rankdata(np.asarray(confidence, dtype=np.float64))
+    return float((ranks[correct].sum() - right * (right + 1) / 2) / (right * wrong))
+
+
+def scores(logits: np.ndarray, labels: torch.Tensor, bins: int = 15) -> dict[str, float | None]:
+    """Accuracy, mean negative log-likelihood of log-softmax(logits), expected calibration error (15 equal-width
+    confidence bins: fused models can be as accurate yet over-confident), and `auroc`, how well the max softmax
+    probability flags the misclassified inputs. Non-finite outputs are an error: a NaN row would otherwise count as a
+    wrong answer and pass as a result."""
     bad = int((~np.isfinite(logits)).any(axis=tuple(range(1, logits.ndim))).sum()) if logits.size else 0
     if bad:
         raise EdgefuseError(f"the model gives non-finite outputs for {bad} of {len(logits)} inputs")
@@ -56,7 +71,8 @@ def scores(logits: np.ndarray, labels: torch.Tensor, bins: int = 15) -> dict[str
         inside = (conf > lo) & (conf <= hi)
         if inside.any():
             ece += float(inside.double().mean() * (conf[inside].mean() - correct[inside].mean()).abs())
-    return {"accuracy": float(correct.mean()), "nll": float(nll), "ece": ece}
+    return {"accuracy": float(correct.mean()), "nll": float(nll), "ece": ece,
+            "auroc": misclassification_auroc(conf.numpy(), correct.numpy().astype(bool))}
 
 
 def paired_z(correct_a: np.ndarray, correct_b: np.ndarray) -> float:

@@ -115,3 +115,19 @@ def test_paired_z_counts_only_disagreements():
     b = np.array([1, 1, 0, 0, 0, 1], bool)
     assert paired_z(a, b) == pytest.approx((2 - 1) / np.sqrt(3))
     assert paired_z(a, a) == 0.0
+
+
+def test_misclassification_auroc_against_a_hand_computed_case():
+    import torch
+
+    from edgefuse.metrics import misclassification_auroc, scores
+
+    # right answers at confidence 0.9, 0.8, 0.4; wrong ones at 0.7 and 0.4: of the 6 (right, wrong) pairs the right
+    # one is more confident in 4, tied in 1 (counts 1/2) and less confident in 1 -> (4 + 0.5) / 6
+    conf, correct = np.array([0.9, 0.8, 0.4, 0.7, 0.4]), np.array([True, True, True, False, False])
+    assert misclassification_auroc(conf, correct) == 4.5 / 6
+    assert misclassification_auroc(conf, ~correct) == 1.5 / 6
+    assert misclassification_auroc(conf, np.ones(5, dtype=bool)) is None
+    logits = np.array([[5.0, 0.0], [0.0, 3.0], [1.0, 0.0], [0.2, 0.0]])
+    got = scores(logits, torch.tensor([0, 1, 1, 0]))  # the one mistake is the least confident but one: 2 of 3 pairs
+    assert got["accuracy"] == 0.75 and got["auroc"] == 2 / 3

@@ -64,7 +64,8 @@ def mean_of_members(members: list[Candidate]) -> dict:
     out = members[0].to_json()
     out.pop("file", None)
     for split in ("validation", "test"):
-        out[split] = {k: float(np.mean([getattr(m, split)[k] for m in members])) for k in members[0].test}
+        values = {k: [getattr(m, split)[k] for m in members] for k in members[0].test}
+        out[split] = {k: float(np.mean(v)) if None not in v else None for k, v in values.items()}
     out |= out["test"] | {"key": "single", "label": "single (mean of members)",
                           "point": None, "members": [{"key": m.key, "validation": m.validation, "test": m.test}
                                                      for m in members]}
