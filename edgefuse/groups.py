@@ -12,10 +12,8 @@ from .channels import Cut, LayoutError, Segments, contiguous, correspond, flatte
 from .errors import UnsupportedModelError
 from .group_layers import LayerVisits
 from .trace import (_ELEMENTWISE, _ELEMENTWISE_METHOD, _NON_TENSOR_METHOD, _SAME_FN, _SAME_METHOD, FIXED,
-                    drop_path_off, is_drop_path, numel, op_name, tensor_shape)
+                    drop_path_off, is_drop_path, is_split, numel, op_name, tensor_shape)
 
-_SPLIT_FN = {torch.chunk, torch.split}
-_SPLIT_METHOD = {"chunk", "split"}
 
 
 class _Parts:
@@ -165,7 +163,7 @@ class GroupTracer(LayerVisits):
             return self.visit_elementwise(node)
         if node.target in (torch.cat, torch.concat):
             return self.visit_cat(node)
-        if node.target in _SPLIT_FN or (method and node.target in _SPLIT_METHOD):
+        if is_split(node):
             return self.visit_split(node, src)
         if node.target in (torch.flatten,) or (method and node.target in ("flatten", "view", "reshape")):
             return self.visit_flatten(node, src)

@@ -27,6 +27,11 @@ _ELEMENTWISE_METHOD = {"add", "sub", "mul", "div"}
 _NON_TENSOR_METHOD = {"size", "dim"}
 FIXED = "__fixed__"
 
+def is_split(node: fx.Node) -> bool:
+    """A chunk or split (function or method): one tensor into several parts."""
+    return node.target in (torch.chunk, torch.split) or (node.op == "call_method" and node.target in ("chunk", "split"))
+
+
 def is_drop_path(node: fx.Node) -> bool:
     return node.op == "call_function" and getattr(node.target, "__name__", "") in _DROP_PATH_FN
 

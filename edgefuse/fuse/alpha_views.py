@@ -10,8 +10,9 @@ import torch
 import torch.fx as fx
 
 from ..errors import UnsupportedModelError
+from ..trace import is_split
 from .select import Layout
-from .views import ARITHMETIC, SPLITS
+from .views import ARITHMETIC
 
 
 def _op(node: fx.Node) -> str:
@@ -70,7 +71,7 @@ class AlphaViews:
                 isinstance(args[2], int) and args[3] in self.member_count:
             self.shuffles[node] = (args[2], False)  # view (batch, groups, C/groups, …): nothing to run yet
             return x
-        if lay is not None and (target in SPLITS or (method and target in ("chunk", "split"))):
+        if lay is not None and is_split(node):
             if kwargs.get("dim", args[2] if len(args) > 2 else 0) != 1:
                 raise UnsupportedModelError(node.name, _op(node), "a split of fused channels along another dim")
             width = len(lay.fused) + len(lay.isolated)

@@ -10,9 +10,9 @@ import torch
 import torch.fx as fx
 
 from ..errors import UnsupportedModelError
+from ..trace import is_split
 
 ARITHMETIC = {operator.floordiv, operator.mul, operator.truediv}
-SPLITS = {torch.chunk, torch.split}
 
 
 class ChannelViews:
@@ -63,7 +63,7 @@ class ChannelViews:
                 return self.emit(node.op, target, args, kwargs, batched=True)  # (batch, -1, …): member-major
             raise UnsupportedModelError(node.name, getattr(target, "__name__", str(target)),
                                         "a view of shuffled channels other than a channel shuffle")
-        if x in self.batched and (target in SPLITS or (method and target in ("chunk", "split"))):
+        if x in self.batched and is_split(node):
             dim = kwargs.get("dim", args[2] if len(args) > 2 else 0)
             if dim == 1:
                 per_member = self.graph.call_method("unflatten", (x, 1, (self.n, -1)))
