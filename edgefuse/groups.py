@@ -63,7 +63,8 @@ class GroupTracer(LayerVisits):
         if ra == rb:
             return
         if FIXED not in (ra, rb) and self.sizes[ra] != self.sizes[rb]:
-            raise UnsupportedModelError(node.name, op_name(node, self.modules), "tensors of different widths are combined")
+            raise UnsupportedModelError(node.name, op_name(node, self.modules),
+                                        "tensors of different widths are combined")
         if rb == FIXED:
             ra, rb = rb, ra
         self.parent[rb] = ra
@@ -208,7 +209,8 @@ class GroupTracer(LayerVisits):
         metas = node.meta.get("tensor_meta")
         ndim = len(tensor_shape(node.args[0]) or ())
         if dim % max(ndim, 1) != 1 or not isinstance(metas, (list, tuple)):
-            raise UnsupportedModelError(node.name, op_name(node, self.modules), f"a split along dim {dim}, not channels")
+            raise UnsupportedModelError(node.name, op_name(node, self.modules),
+                                        f"a split along dim {dim}, not channels")
         parts, lo = [], 0
         for m in metas:
             parts.append(self.checked(take, node, src, lo, lo + m.shape[1]))
