@@ -24,17 +24,20 @@ class Budget:
     latency_ms: dict[str, float] = field(default_factory=dict)
     memory_mb: float | None = None
     max_drop: float | None = None
+    min_auroc: float | None = None
 
     def describe(self) -> str:
         parts = [f"MACs ≤ {self.max_macs_ratio:g}× the ensemble" if self.max_macs_ratio is not None else "",
                  ", ".join(f"p50 ≤ {v:g} ms at batch {b}" for b, v in self.latency_ms.items()),
                  f"peak memory ≤ {self.memory_mb:g} MB" if self.memory_mb is not None else "",
-                 f"validation accuracy within {self.max_drop:g} of the ensemble" if self.max_drop is not None else ""]
+                 f"validation accuracy within {self.max_drop:g} of the ensemble" if self.max_drop is not None else "",
+                 f"misclassification-detection AUROC ≥ {self.min_auroc:g} on validation"
+                 if self.min_auroc is not None else ""]
         return "; ".join(p for p in parts if p) or "no budget"
 
     def as_dict(self) -> dict:
         return {"max_macs_ratio": self.max_macs_ratio, "latency_ms": dict(self.latency_ms),
-                "memory_mb": self.memory_mb, "max_drop": self.max_drop}
+                "memory_mb": self.memory_mb, "max_drop": self.max_drop, "min_auroc": self.min_auroc}
 
 
 @dataclass(frozen=True)
@@ -45,11 +48,12 @@ class Choice:
     within_budget: tuple[str, ...]
 
 
-def dominates(a: Candidate, b: Candidate, batches: list[str], memory: bool = False) -> bool:
+def dominates(a: Candidate, b: Candidate, batches: list[str], memory: bool = False, uncertainty: bool = False) -> bool:
     """`a` matches or beats `b` on validation accuracy while being no slower at every batch size (and, when memory is
-    budgeted, no larger)."""
+    budgeted, no larger; when uncertainty is asked for, flagging errors at least as well)."""
     return (a.accuracy >= b.accuracy and all(a.p50(x) <= b.p50(x) for x in batches)
-            and (not memory or (a.peak_memory_mb or 0.0) <= (b.peak_memory_mb or 0.0)))
+            and (not memory or (a.peak_memory_mb or 0.0) <= (b.peak_memory_mb or 0.0))
+            and (not uncertainty or (a.uncertainty_auroc or 0.0) >= (b.uncertainty_auroc or 0.0)))
 
 
 def _speed(c: Candidate, batches: list[str]) -> float:
@@ -57,22 +61,26 @@ def _speed(c: Candidate, batches: list[str]) -> float:
     return math.exp(sum(math.log(max(c.p50(b), 1e-9)) for b in batches) / len(batches))
 
 
-def dominance(rows: list[Candidate], batches: list[str], memory: bool = False) -> dict[str, str]:
+def dominance(rows: list[Candidate], batches: list[str], memory: bool = False,
+              uncertainty: bool = False) -> dict[str, str]:
     """For each dominated row, the key of its most accurate dominator. Of two rows equal on every criterion the
     first listed stands and the second is dominated, so a set of identical rows keeps exactly one."""
     out = {}
     for j, b in enumerate(rows):
-        beaten_by = [a for i, a in enumerate(rows) if i != j and dominates(a, b, batches, memory)
-                     and (i < j or not dominates(b, a, batches, memory))]
+        beaten_by = [a for i, a in enumerate(rows) if i != j and dominates(a, b, batches, memory, uncertainty)
+                     and (i < j or not dominates(b, a, batches, memory, uncertainty))]
         if beaten_by:
             out[b.key] = max(beaten_by, key=lambda a: (a.accuracy, -_speed(a, batches))).key
     return out
 
 
 def fits(c: Candidate, budget: Budget, ensemble_macs: int) -> bool:
+    """Within every budget: MACs, latency, memory, and the uncertainty criterion (the validation AUROC of the
+    candidate's better signal, max softmax or its heads' disagreement)."""
     return ((budget.max_macs_ratio is None or c.macs <= budget.max_macs_ratio * ensemble_macs)
             and all(c.p50(b) <= v for b, v in budget.latency_ms.items())
-            and (budget.memory_mb is None or (c.peak_memory_mb or 0.0) <= budget.memory_mb))
+            and (budget.memory_mb is None or (c.peak_memory_mb or 0.0) <= budget.memory_mb)
+            and (budget.min_auroc is None or (c.uncertainty_auroc or 0.0) >= budget.min_auroc))
 
 
 def tie_z(a: Candidate, b: Candidate) -> float | None:
@@ -86,7 +94,7 @@ def choose(rows: list[Candidate], budget: Budget, ensemble: Candidate) -> Choice
     """The chooser. `rows` holds every candidate, the exact ensembles included; `ensemble` is the reference for
     the MACs share and for `max_drop`."""
     batches = list(ensemble.latency_by_batch)
-    beaten = dominance(rows, batches, memory=budget.memory_mb is not None)
+    beaten = dominance(rows, batches, memory=budget.memory_mb is not None, uncertainty=budget.min_auroc is not None)
     within = [c for c in rows if fits(c, budget, ensemble.macs)]
     if budget.max_drop is not None:
         within = [c for c in within if c.accuracy >= ensemble.accuracy - budget.max_drop]
@@ -124,11 +132,13 @@ def choose(rows: list[Candidate], budget: Budget, ensemble: Candidate) -> Choice
 
 
 def target_budget(tgt: Target, latency_ms: float | tuple[float, ...] | None = None, memory_mb: float | None = None,
-                  max_drop: float | None = None) -> Budget:
+                  max_drop: float | None = None, min_auroc: float | None = None) -> Budget:
     """The target's budgets, overridden where given. A latency budget is one p50 per batch size of the target (a
     single number applies to every batch size), and applies only where latency is measured on the target's own
     runtime (onnxruntime here); a device's latency comes from its bundle, so TensorRT targets use the MACs share as
     their proxy."""
+    if min_auroc is not None and not (isinstance(min_auroc, (int, float)) and 0 <= min_auroc <= 1):
+        raise EdgefuseError(f"the minimum AUROC must be a number from 0 to 1, got {min_auroc!r}")
     for name, v in (("latency budget", latency_ms), ("memory budget", memory_mb), ("accuracy drop", max_drop)):
         values = v if isinstance(v, (tuple, list)) else () if v is None else (v,)
         if not all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in values):
@@ -144,4 +154,4 @@ def target_budget(tgt: Target, latency_ms: float | tuple[float, ...] | None = No
                                 f"'{tgt.name}' ({', '.join(map(str, tgt.batch_sizes))}): give one, or one per size")
         per_batch = {str(b): float(v) for b, v in zip(tgt.batch_sizes, values)}
     return Budget(tgt.max_macs_ratio, per_batch, memory_mb if memory_mb is not None else tgt.memory_budget_mb,
-                  max_drop)
+                  max_drop, min_auroc if min_auroc is not None else tgt.min_auroc)

@@ -241,6 +241,9 @@ def verify(onnx_file: str, dataset: str, threads: int, batch_sizes: tuple[int, .
 @click.option("--max-drop", type=click.FloatRange(0, 1), default=None,
               help="Instead of the most accurate: the fastest within this validation-accuracy drop from the "
               "ensemble.")
+@click.option("--min-auroc", type=click.FloatRange(0, 1), default=None,
+              help="Ship only a candidate whose misclassification-detection AUROC on validation (max softmax or its "
+              "heads' disagreement) reaches this (default: the target's min_auroc).")
 @click.option("--alpha", "alphas", type=click.FloatRange(0, 1), multiple=True, default=(0.1, 0.25, 0.5, 0.75),
               show_default=True, help="Alpha values to try (repeat the option).")
 @click.option("--method", "methods", type=click.Choice(["weight", "activation", "ot"]), multiple=True,
@@ -257,8 +260,8 @@ def verify(onnx_file: str, dataset: str, threads: int, batch_sizes: tuple[int, .
 @click.option("--ray", "ray_address", default=None, help="Run candidates on a Ray cluster (needs edgefuse[ray]).")
 @click.option("--out-root", default="build", show_default=True)
 @click.pass_obj
-def sweep(obj: dict, checkpoints, arch, model, n, cache, dataset, target, latency_ms, memory_mb, max_drop, alphas,
-          methods, repairs, distill_steps, augment, workers, ray_address, out_root) -> None:
+def sweep(obj: dict, checkpoints, arch, model, n, cache, dataset, target, latency_ms, memory_mb, max_drop, min_auroc,
+          alphas, methods, repairs, distill_steps, augment, workers, ray_address, out_root) -> None:
     """Measure members, exact ensembles, depths and alphas; choose on validation within the budget.
 
     Reads the models (as export does) and the target; writes OUT_ROOT/TARGET/sweep/{sweep.json, sweep.md,
@@ -271,7 +274,8 @@ def sweep(obj: dict, checkpoints, arch, model, n, cache, dataset, target, latenc
     result = run_sweep(target, models, arch, n, dataset, out_root, cache, tuple(dict.fromkeys(methods)),
                        tuple(alphas), tuple(None if r == "none" else r for r in dict.fromkeys(repairs)),
                        (latency_ms[0] if len(latency_ms) == 1 else tuple(latency_ms)) if latency_ms else None,
-                       memory_mb, max_drop, workers, ray_address, distill_steps, augment, console=console)
+                       memory_mb, max_drop, workers, ray_address, distill_steps, augment, console=console,
+                       min_auroc=min_auroc)
     _show(markdown(result))
     _echo(f"chose {result['shipped']['label']} ({result['shipped']['kind']}); wrote "
                f"{Path(out_root) / result['target'] / 'sweep'}/")

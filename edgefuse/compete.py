@@ -40,11 +40,12 @@ class Field:
 
 
 def distill_config(tgt: Target, augment: bool | None = None) -> DistillConfig | None:
-    """The target's distillation budget (`distill_steps`, `distill_batch_size`, `distill_augment`); None without."""
+    """The target's distillation budget (`distill_steps`, `distill_batch_size`, `distill_augment`,
+    `distill_per_head`); None without."""
     if not tgt.distill_steps:
         return None
     return DistillConfig(steps=tgt.distill_steps, batch_size=tgt.distill_batch_size,
-                         augment=tgt.distill_augment if augment is None else augment)
+                         augment=tgt.distill_augment if augment is None else augment, per_head=tgt.distill_per_head)
 
 
 def measure_field(s: Setup, tgt: Target, points: list[Point], out_dir: Path, budget: Budget, console: Console,

@@ -53,11 +53,25 @@ def misclassification_auroc(confidence: np.ndarray, correct: np.ndarray) -> floa
     return float((ranks[correct].sum() - right * (right + 1) / 2) / (right * wrong))
 
 
-def scores(logits: np.ndarray, labels: torch.Tensor, bins: int = 15) -> dict[str, float | None]:
+def mutual_information(head_logits: np.ndarray) -> np.ndarray:
+    """Per input, how much N heads disagree: the entropy of their mean probabilities minus the mean of their own
+    entropies (the ensemble's mutual information, BALD). 0 when every head gives the same distribution; it grows
+    when each head is sure of a different class, which one confident model cannot express. (batch, N, classes)."""
+    logp = torch.log_softmax(torch.from_numpy(np.asarray(head_logits)).double(), -1)
+    p = logp.exp()
+    mean = p.mean(1)
+    entropy_of_mean = -(mean * torch.log(mean.clamp_min(1e-300))).sum(-1)
+    mean_entropy = -(p * logp).sum(-1).mean(1)
+    return (entropy_of_mean - mean_entropy).clamp_min(0).numpy()
+
+
+def scores(logits: np.ndarray, labels: torch.Tensor, bins: int = 15,
+           head_logits: np.ndarray | None = None) -> dict[str, float | None]:
     """Accuracy, mean negative log-likelihood of log-softmax(logits), expected calibration error (15 equal-width
-    confidence bins: fused models can be as accurate yet over-confident), and `auroc`, how well the max softmax
-    probability flags the misclassified inputs. Non-finite outputs are an error: a NaN row would otherwise count as a
-    wrong answer and pass as a result."""
+    confidence bins: fused models can be as accurate yet over-confident), `auroc`, how well the max softmax
+    probability flags the misclassified inputs, and `heads_auroc`, how well the heads' disagreement (low mutual
+    information = trusted) flags them (None without heads). Non-finite outputs are an error: a NaN row would
+    otherwise count as a wrong answer and pass as a result."""
     bad = int((~np.isfinite(logits)).any(axis=tuple(range(1, logits.ndim))).sum()) if logits.size else 0
     if bad:
         raise EdgefuseError(f"the model gives non-finite outputs for {bad} of {len(logits)} inputs")
@@ -71,8 +85,10 @@ def scores(logits: np.ndarray, labels: torch.Tensor, bins: int = 15) -> dict[str
         inside = (conf > lo) & (conf <= hi)
         if inside.any():
             ece += float(inside.double().mean() * (conf[inside].mean() - correct[inside].mean()).abs())
+    right = correct.numpy().astype(bool)
+    heads = None if head_logits is None else misclassification_auroc(-mutual_information(head_logits), right)
     return {"accuracy": float(correct.mean()), "nll": float(nll), "ece": ece,
-            "auroc": misclassification_auroc(conf.numpy(), correct.numpy().astype(bool))}
+            "auroc": misclassification_auroc(conf.numpy(), right), "heads_auroc": heads}
 
 
 def paired_z(correct_a: np.ndarray, correct_b: np.ndarray) -> float:

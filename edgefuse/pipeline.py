@@ -2,6 +2,7 @@
 data → model.onnx, report.json/.md and pareto.png for one target, published at once."""
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -14,7 +15,7 @@ from .choose import Choice, choose, dominance, target_budget
 from .compete import DEFAULT_ALPHAS, Field, distill_config, grid, measure_field, report_head
 from .errors import EdgefuseError
 from .export import export_onnx, onnx_nodes, parity, parity_inputs
-from .files import exclusive, publish, writable
+from .files import atomic_write_text, exclusive, publish, writable
 from .fuse import fuse
 from .gpucheck import run_gpu_check
 from .metrics import scores
@@ -88,6 +89,9 @@ def _run(tgt: Target, models: list[nn.Module] | None, arch: str, n: int, dataset
         report |= prepare_device(tgt, module, fp32, s.splits.example, s.splits.x_test, s.splits.y_test, out_dir,
                                  summary, console, calibration=s.splits.x_train)
     write_report(report, out_dir)
+    for folder in (out_dir, out_dir / "bundle"):
+        if chosen.uncertainty and folder.is_dir():  # the device flags inputs with the shipped model's rule
+            atomic_write_text(folder / "uncertainty.json", json.dumps(chosen.uncertainty, indent=2) + "\n")
     shutil.copyfile(chosen.file, out_dir / "model.onnx")  # out_dir is the staging folder: publish() is atomic
     return report
 

@@ -22,7 +22,8 @@ def markdown(report: dict) -> str:
     ratios to the ensemble, p50 as ratios to the fastest exact ensemble at that batch size, all from one run."""
     ens, base = report["ensemble"], report["baseline_by_batch"]
     batches = list(ens["latency_by_batch"])
-    head = ("| model | kind | val acc | test acc | NLL | ECE | agreement | MACs / ens | params | peak MB | " +
+    head = ("| model | kind | val acc | test acc | NLL | ECE | AUROC softmax / heads | agreement | MACs / ens | params "
+            "| peak MB | " +
             " | ".join(f"p50 ms b{b} | / best ens" for b in batches) + " | dominated by |")
     shipped = report["shipped"]
     lines = [f"# edgefuse report: {report['target']}", "",
@@ -34,11 +35,13 @@ def markdown(report: dict) -> str:
     if report.get("distillation"):
         lines += [f"Distilled candidates: {report['distillation']['config']} on the training split's unlabeled "
                   f"images ({report['distillation']['why']}).", ""]
-    lines += [head, "|" + "---|" * (11 + 2 * len(batches))]
+    lines += [head, "|" + "---|" * (12 + 2 * len(batches))]
     for c in report["candidates"]:
         name = c["label"] + (" **← model.onnx**" if c["key"] == shipped["key"] else "")
         cells = [name, c["kind"], f"{c['validation']['accuracy']:.4f}", f"{c['test']['accuracy']:.4f}",
-                 f"{c['test']['nll']:.4f}", f"{c['test']['ece']:.4f}", _num(c.get("agreement"), ".3f"),
+                 f"{c['test']['nll']:.4f}", f"{c['test']['ece']:.4f}",
+                 f"{_num(c['test'].get('auroc'), '.3f')} / {_num(c['test'].get('heads_auroc'), '.3f')}",
+                 _num(c.get("agreement"), ".3f"),
                  f"{c['macs'] / ens['macs']:.2f}", f"{c['params']:,}", _num(c.get("peak_memory_mb"), ".1f")]
         for b in batches:
             p50 = c["latency_by_batch"][b]["p50"]
@@ -52,6 +55,12 @@ def markdown(report: dict) -> str:
               f"**Shipped: {shipped['label']}** ({shipped['kind']}, test accuracy "
               f"{report['fused']['accuracy']:.4f}) — "
               f"{shipped['reason']}."]
+    if shipped.get("uncertainty"):
+        u = shipped["uncertainty"]
+        lines += ["", f"Inputs not to trust (uncertainty.json): flag when {u['signal'].replace('_', ' ')} is "
+                  f"{u['flag_when']} {u['threshold']:.4g} (threshold chosen on validation); on test it flags "
+                  f"{u['test']['flagged']:.1%} of the inputs and catches {_num(u['test']['errors_flagged'], '.1%')} "
+                  f"of the errors, accuracy on the rest {_num(u['test']['kept_accuracy'], '.4f')}."]
     if "naive_merge" in report:
         lines += ["", f"Unaligned weight average (full merge, BN reset): test accuracy "
                   f"{report['naive_merge']['accuracy']:.4f}."]
@@ -161,7 +170,8 @@ def build_report(head: dict, members: list[Candidate], exact: dict[str, Candidat
     chosen = choice.chosen
     report = head | {
         "depth": chosen.depth, "alpha": chosen.alpha,
-        "shipped": {"key": chosen.key, "label": chosen.label, "kind": chosen.kind, "reason": choice.reason},
+        "shipped": {"key": chosen.key, "label": chosen.label, "kind": chosen.kind, "reason": choice.reason,
+                    "uncertainty": chosen.uncertainty},
         "single": mean_of_members(members), **{name: row(c) for name, c in exact.items()},
         "baseline_by_batch": best_exact(exact), "fused": row(chosen),
         "candidates": [row(c) for c in rows]}

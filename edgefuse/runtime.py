@@ -24,9 +24,14 @@ class TorchRunner:
         self.module, self.threads, self.name = module.eval(), threads, "torch"
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
+        return self.outputs(x)[0]
+
+    def outputs(self, x: np.ndarray) -> list[np.ndarray]:
+        """Every output: the logits, then head_logits where the module gives them."""
         torch.set_num_threads(self.threads)
         with torch.no_grad():
-            return self.module(torch.from_numpy(x)).numpy()
+            out = self.module(torch.from_numpy(x))
+        return [o.numpy() for o in (out if isinstance(out, (tuple, list)) else [out])]
 
 
 class OrtRunner:
@@ -52,6 +57,9 @@ class OrtRunner:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input: x})[0]
 
+    def outputs(self, x: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(None, {self.input: x})
+
 
 class SessionsRunner:
     """The ensemble as N separate onnxruntime sessions run one after another and averaged: what a user deploys
@@ -62,7 +70,12 @@ class SessionsRunner:
         self.combine, self.name = combine, f"{self.sessions[0].name} ×{len(onnx_paths)} sessions"
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return combine_outputs(torch.from_numpy(np.stack([s(x) for s in self.sessions])), 0, self.combine).numpy()
+        return self.outputs(x)[0]
+
+    def outputs(self, x: np.ndarray) -> list[np.ndarray]:
+        """The combined output and every session's, as head_logits (batch, N, classes)."""
+        heads = np.stack([s(x) for s in self.sessions])
+        return [combine_outputs(torch.from_numpy(heads), 0, self.combine).numpy(), heads.transpose(1, 0, 2)]
 
 
 def latency(runner: Runner, x: np.ndarray, warmup: int = 10, min_runs: int = 30, budget_s: float = 1.0) -> dict:
@@ -112,3 +125,12 @@ def latency_batch(x: torch.Tensor, batch_size: int) -> np.ndarray:
 def predict(runner: Runner, x: torch.Tensor, batch_size: int = 500) -> np.ndarray:
     """Outputs for a whole dataset, batch by batch."""
     return np.concatenate([runner(x[i:i + batch_size].numpy()) for i in range(0, len(x), batch_size)])
+
+
+def predict_with_heads(runner: Runner, x: torch.Tensor, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray | None]:
+    """The logits for a whole dataset and, where the runner also gives them, every head's (batch, N, classes)."""
+    if not hasattr(runner, "outputs"):
+        return predict(runner, x, batch_size), None
+    parts = [runner.outputs(x[i:i + batch_size].numpy()) for i in range(0, len(x), batch_size)]
+    logits = np.concatenate([p[0] for p in parts])
+    return logits, np.concatenate([p[1] for p in parts]) if len(parts[0]) > 1 else None

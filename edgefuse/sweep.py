@@ -23,7 +23,8 @@ def run_sweep(target: str = "cpu-ort", models: list[nn.Module] | None = None, ar
               methods: tuple[str, ...] = ("weight",), alphas: tuple[float, ...] = DEFAULT_ALPHAS,
               repairs: tuple = ("bn",), latency_ms: float | tuple[float, ...] | None = None,
               memory_mb: float | None = None, max_drop: float | None = None, workers: int = 1, ray_address: str | None = None,
-              distill_steps: int | None = None, augment: bool | None = None, console: Console | None = None) -> dict:
+              distill_steps: int | None = None, augment: bool | None = None, console: Console | None = None,
+              min_auroc: float | None = None) -> dict:
     """Measure the grid and choose within the budget (the target's, overridden where given); writes
     out_root/<target>/sweep/{sweep.json, sweep.md, pareto.png, points/, candidates/}. Re-running resumes."""
     console = console or Console(stderr=True)
@@ -32,7 +33,7 @@ def run_sweep(target: str = "cpu-ort", models: list[nn.Module] | None = None, ar
         raise EdgefuseError(f"target '{tgt.name}' is measured by make gpu-check, not by a sweep")
     if distill_steps is not None:
         tgt = replace(tgt, distill_steps=distill_steps)
-    budget = target_budget(tgt, latency_ms, memory_mb, max_drop)
+    budget = target_budget(tgt, latency_ms, memory_mb, max_drop, min_auroc)
     out = Path(out_root) / tgt.name / "sweep"
     writable(out / "points")
     s = prepare(models, arch, n, dataset, cache, tuple(methods), console)

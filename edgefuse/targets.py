@@ -28,10 +28,12 @@ class Target:
     max_macs_ratio: float = 0.5
     latency_budget_ms: float | tuple[float, ...] | None = None
     memory_budget_mb: float | None = None
+    min_auroc: float | None = None
     batch_heads: bool = True
     distill_steps: int = 0
     distill_batch_size: int = 128
     distill_augment: bool = True
+    distill_per_head: bool = False
     description: str = ""
     tensorrt: str | None = None
     workspace_mb: int = 1024
@@ -119,8 +121,9 @@ def _validate(raw: dict, source: str) -> None:
 # max_macs_ratio's lower one. Opsets: what edgefuse's two exporters write (TorchScript up to 17, dynamo 18 to 23).
 INTS = {"opset": (9, 23), "threads": (1, 256), "workspace_mb": (1, 1 << 20), "distill_steps": (0, 10_000_000),
         "distill_batch_size": (1, 65536)}
-NUMBERS = {"max_macs_ratio": (0.0, 1.0), "memory_budget_mb": (1e-9, 1e9), "atol": (0.0, 1e9), "rtol": (0.0, 1e9)}
-BOOLS = ("batch_heads", "gpu_fallback", "strongly_typed", "distill_augment", "int8_keep_ends")
+NUMBERS = {"max_macs_ratio": (0.0, 1.0), "memory_budget_mb": (1e-9, 1e9), "atol": (0.0, 1e9), "rtol": (0.0, 1e9),
+           "min_auroc": (0.0, 1.0)}
+BOOLS = ("batch_heads", "gpu_fallback", "strongly_typed", "distill_augment", "int8_keep_ends", "distill_per_head")
 STRINGS = ("runtime", "device", "precision", "description", "tensorrt", "io_precision")
 MAX_BATCH = 65536
 

@@ -21,9 +21,10 @@ EXACT_LABELS = {"ensemble": "ensemble (members one after another, one graph)",
 
 def exact_ensembles(members: list[nn.Module], member_files: list[str], splits: Splits, batch_sizes: tuple[int, ...],
                     threads: int, opset: int, out_dir: Path) -> tuple[dict[str, Candidate], dict[str, nn.Module]]:
-    """The three exact ensembles as candidates, and the modules of the two that are one graph."""
+    """The three exact ensembles as candidates, and the modules of the two that are one graph. Each also gives every
+    member's logits (head_logits), for the uncertainty of their disagreement."""
     big = max(batch_sizes)
-    seq = ensemble(members)
+    seq = ensemble(members, head_outputs=True)
     rows, modules = {}, {}
     for name, module in (("ensemble", seq), ("ensemble_batched", seq.batch_heads())):
         rows[name] = export_and_measure(module, splits, out_dir / f"{name}.onnx", opset, batch_sizes, threads,

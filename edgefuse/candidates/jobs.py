@@ -57,7 +57,8 @@ def fingerprint(models: list[nn.Module], *parts: str) -> str:
 
 def build(job: Job, splits) -> nn.Module:
     """The point's module: a member as it is, or the aligned models fused at the point (BN reset or REPAIR), then
-    distilled towards their exact ensemble when the point says so."""
+    distilled towards their exact ensemble when the point says so. A depth split also outputs its heads' logits
+    (head_logits), whose disagreement flags inputs not to trust."""
     p = job.point
     if p.kind == "member":
         if not 0 <= int(p.value) < len(job.aligned):
@@ -68,7 +69,7 @@ def build(job: Job, splits) -> nn.Module:
         spec = permutation_spec(job.aligned[0], splits.example)
         kw = dict(depth=int(p.value)) if p.kind == "depth" else dict(alpha=p.value)
         module = fuse(job.aligned, spec, data=splits.calib_batches, repair=p.repair,
-                      batch_heads=p.kind == "depth" and job.batch_heads, **kw)
+                      batch_heads=p.kind == "depth" and job.batch_heads, head_outputs=p.kind == "depth", **kw)
     if p.distill:
         if job.distill is None:
             raise EdgefuseError(f"{p.label}: no distillation budget was given")
@@ -84,7 +85,8 @@ def _distilled(student: nn.Module, job: Job, splits) -> None:
     if path is not None and path.is_file():
         student.load_state_dict(torch.load(path, weights_only=True))
         return
-    distill(student, ensemble(job.aligned, batched=True), splits.x_train, cfg, label=job.point.label,
+    distill(student, ensemble(job.aligned, batched=True, head_outputs=cfg.per_head), splits.x_train, cfg,
+            label=job.point.label,
             quiet=multiprocessing.parent_process() is not None or None)
     if path is not None:
         import io

@@ -12,7 +12,8 @@ from torch import nn
 
 from ..data import Splits
 from ..metrics import macs, params, scores
-from ..runtime import OrtRunner, Runner, TorchRunner, latency, latency_batch, predict
+from ..runtime import OrtRunner, Runner, TorchRunner, latency, latency_batch, predict, predict_with_heads
+from ..uncertainty import flag_rule
 
 KINDS = ("member", "distilled member", "ensemble", "fused")
 ALL_CORES = os.cpu_count() or 1
@@ -61,7 +62,8 @@ class Point:
 @dataclass(frozen=True)
 class Candidate:
     """One row of the report. `validation` and `test` hold accuracy, NLL and ECE; the choice reads only
-    `validation` (and `val_correct`, per sample, for the noise test), the report quotes `test`."""
+    `validation` (and `val_correct`, per sample, for the noise test), the report quotes `test`. `uncertainty`: the
+    signal and threshold (chosen on validation) that flag inputs it should not be trusted on."""
     key: str
     label: str
     kind: str
@@ -80,6 +82,7 @@ class Candidate:
     distill: str | None = None
     precision: str = "fp32"
     quantization: dict | None = None
+    uncertainty: dict | None = None
     val_correct: np.ndarray | None = field(default=None, repr=False, compare=False)
     test_predictions: np.ndarray | None = field(default=None, repr=False, compare=False)
 
@@ -92,6 +95,12 @@ class Candidate:
     @property
     def alpha(self) -> float | None:
         return self.point.value if self.point and self.point.kind == "alpha" else None
+
+    @property
+    def uncertainty_auroc(self) -> float | None:
+        """Validation AUROC of the better of its misclassification signals (max softmax, heads' disagreement)."""
+        values = [v for v in (self.validation.get("auroc"), self.validation.get("heads_auroc")) if v is not None]
+        return max(values) if values else None
 
     @property
     def accuracy(self) -> float:
@@ -137,11 +146,13 @@ def measure(module: nn.Module, splits: Splits, onnx_path: str | Path | None = No
     needs the target's thread count. MACs and parameters always come from `module`."""
     runner = runner or (OrtRunner(onnx_path, threads) if onnx_path else TorchRunner(module, threads))
     predictor = predictor or (OrtRunner(onnx_path, ALL_CORES) if onnx_path else runner)
-    val = predict(predictor, splits.x_val)
-    test = predict(predictor, splits.x_test)
+    val, val_heads = predict_with_heads(predictor, splits.x_val)
+    test, test_heads = predict_with_heads(predictor, splits.x_test)
     lat = {str(b): latency(runner, latency_batch(splits.x_test, b), budget_s=budget_s) for b in batch_sizes}
     fields.setdefault("file", str(onnx_path) if onnx_path else None)
-    return Candidate(validation=scores(val, splits.y_val), test=scores(test, splits.y_test),
+    rule = flag_rule((val, val_heads), splits.y_val.numpy(), (test, test_heads), splits.y_test.numpy())
+    return Candidate(validation=scores(val, splits.y_val, head_logits=val_heads),
+                     test=scores(test, splits.y_test, head_logits=test_heads), uncertainty=rule,
                      macs=macs(module, splits.x_test[:1]), params=params(module), latency_by_batch=lat,
                      runtime=runner.name, val_correct=(val.argmax(1) == splits.y_val.numpy()),
                      test_predictions=test.argmax(1), **fields)

@@ -21,6 +21,8 @@ class DistillConfig:
     temperature: float = 2.0
     augment: bool = True
     seed: int = 0
+    per_head: bool = False
+    bn_train: bool = False
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -29,8 +31,10 @@ class DistillConfig:
 
     def describe(self) -> str:
         aug = "shift/flip augmentation" if self.augment else "no augmentation"
-        return (f"{self.steps} steps × {self.batch_size} inputs, KL at T = {self.temperature:g}, {aug}, "
-                f"seed {self.seed}")
+        extra = "".join([", each head also towards its own member" if self.per_head else "",
+                         ", BatchNorm statistics updated" if self.bn_train else ""])
+        return (f"{self.steps} steps × {self.batch_size} inputs, KL at T = {self.temperature:g}, lr {self.lr:g}, {aug}"
+                f"{extra}, seed {self.seed}")
 
 
 def shift_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Tensor:
@@ -50,12 +54,31 @@ def shift_flip(x: torch.Tensor, gen: torch.Generator, pad: int = 2) -> torch.Ten
     return out.permute(0, 3, 1, 2).contiguous()
 
 
+def _kl(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
+    """KL(teacher ‖ student) at temperature t, scaled by t² so the gradient's size does not depend on t; over the last
+    axis, averaged over everything else."""
+    log_p = torch.log_softmax(student / t, -1).reshape(-1, student.shape[-1])
+    target = torch.log_softmax(teacher / t, -1).reshape(-1, teacher.shape[-1])
+    return nn.functional.kl_div(log_p, target, log_target=True, reduction="batchmean") * t * t
+
+
+def _loss(student_out, teacher_out, t: float, per_head: bool) -> torch.Tensor:
+    """The combined output towards the teacher's; with `per_head` and heads on both sides (as in Hydra), each head
+    also towards its own member, so the heads stay as diverse as the members."""
+    student, teacher = ([o] if isinstance(o, torch.Tensor) else list(o) for o in (student_out, teacher_out))
+    loss = _kl(student[0], teacher[0], t)
+    if per_head and len(student) > 1 and len(teacher) > 1:
+        loss = loss + _kl(student[1], teacher[1], t)
+    return loss
+
+
 def distill(student: nn.Module, teacher: nn.Module, inputs: torch.Tensor, config: DistillConfig = DistillConfig(),
             label: str = "student", quiet: bool | None = None) -> nn.Module:
     """Train `student` in place towards `teacher` (KL divergence at the temperature, scaled by T²) on random
-    batches of `inputs`, with a cosine learning-rate schedule. BatchNorm statistics stay frozen (eval mode): they
-    were just reset on calibration data, and a few thousand steps of small batches would only add noise. Only the
-    student's tensors change; a non-finite loss stops with an error instead of returning a broken model."""
+    batches of `inputs`, with a cosine learning-rate schedule. BatchNorm statistics stay frozen (eval mode) unless
+    `config.bn_train`: they were just reset on calibration data. With `config.per_head` and a teacher and student
+    that both output head logits, each head also learns its own member. Only the student's tensors change; a
+    non-finite loss stops with an error instead of returning a broken model."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -65,7 +88,7 @@ def distill(student: nn.Module, teacher: nn.Module, inputs: torch.Tensor, config
     teacher.eval()
     opt = torch.optim.Adam(student.parameters(), lr=config.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config.steps)
-    student.eval()
+    student.train(config.bn_train)
     t = config.temperature
     quiet = not sys.stderr.isatty() if quiet is None else quiet
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -76,9 +99,8 @@ def distill(student: nn.Module, teacher: nn.Module, inputs: torch.Tensor, config
             idx = torch.randint(0, len(inputs), (min(config.batch_size, len(inputs)),), generator=gen)
             x = shift_flip(inputs[idx], gen) if config.augment else inputs[idx]
             with torch.no_grad():
-                target = torch.log_softmax(teacher(x) / t, -1)
-            log_p = torch.log_softmax(student(x) / t, -1)
-            loss = nn.functional.kl_div(log_p, target, log_target=True, reduction="batchmean") * t * t
+                target = teacher(x)
+            loss = _loss(student(x), target, t, config.per_head)
             if not torch.isfinite(loss):
                 raise EdgefuseError(f"distilling {label}: the loss is not finite (non-finite inputs or weights?)")
             opt.zero_grad(set_to_none=True)

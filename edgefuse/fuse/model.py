@@ -48,12 +48,15 @@ class FusedModel(nn.Module):
                           head_outputs=self.head_outputs).eval()
 
 
-def ensemble(models: list[nn.Module], combine: str = "mean", batched: bool = False) -> FusedModel:
+def ensemble(models: list[nn.Module], combine: str = "mean", batched: bool = False,
+             head_outputs: bool = False) -> FusedModel:
     """The exact ensemble as one module: an identity trunk and every model as a head (copies, never shared);
-    `batched=True` runs the members as one network of grouped kernels, with the same outputs."""
+    `batched=True` runs the members as one network of grouped kernels, with the same outputs; `head_outputs=True`
+    also returns every member's output."""
     if len(models) < 2:
         raise EdgefuseError(f"an ensemble needs at least 2 models, got {len(models)}")
     if batched:  # one graph of grouped kernels needs one architecture
         check_models(models, "a batched ensemble")
-    ens = FusedModel(nn.Identity(), [copy.deepcopy(m).eval() for m in models], combine).eval()
+    ens = FusedModel(nn.Identity(), [copy.deepcopy(m).eval() for m in models], combine,
+                     head_outputs=head_outputs).eval()
     return ens.batch_heads() if batched else ens
