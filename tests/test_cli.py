@@ -53,6 +53,12 @@ def test_export_end_to_end(checkpoints, tmp_path):
         assert (out / c["file"]).is_file() if c.get("file") else c["key"] == "ensemble_sessions"
     assert report["ensemble_batched"]["accuracy"] == report["ensemble"]["accuracy"]
     assert report["ensemble_batched"]["onnx_nodes"] < report["ensemble"]["onnx_nodes"]
+    # Rows with heads are scored on their disagreement too; the shipped model's flagging rule lands beside it.
+    for c in report["candidates"]:
+        assert (c["test"]["heads_auroc"] is not None) == (c["kind"] == "ensemble" or bool(c["depth"])), c["key"]
+    rule = json.loads((out / "uncertainty.json").read_text())
+    assert rule == report["shipped"]["uncertainty"] == shipped["uncertainty"]
+    assert rule["signal"] in ("max_softmax", "mutual_information") and 0 <= rule["test"]["flagged"] <= 1
     for b, base in report["baseline_by_batch"].items():
         assert base["p50"] == min(report[e]["latency_by_batch"][b]["p50"]
                                   for e in ("ensemble", "ensemble_batched", "ensemble_sessions"))

@@ -38,6 +38,11 @@ prints p50/p90/p99 latency, and keeps `model.engine` and `timing.cache` for late
 across GPUs or TensorRT versions: build on the device that runs them.
 
 Off the device, `python3 deploy.py --runtime onnxruntime` runs the same check with onnxruntime on the CPU.
+
+Inputs not to trust: `uncertainty.json` (written beside this file by the export) names a signal and a threshold,
+both chosen on validation data. `max_softmax`: flag an input when the largest softmax probability of `logits` is
+below the threshold; `mutual_information`: when the mutual information of the heads' softmax probabilities
+(`head_logits`, batch × N × classes: entropy of their mean minus the mean of their entropies) is above it.
 {int8}"""
 
 INT8_README = """
