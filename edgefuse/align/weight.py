@@ -1,5 +1,5 @@
-"""Git Re-Basin weight matching for N models, at a cost linear in N per round: MergeMany with models[0] held fixed
-(so the result stays in its basis) and the sum of the aligned models kept as a running total, so matching one model
+"""Git Re-Basin weight matching for N models, at a cost linear in N per round: MergeMany rounds re-express their
+result in models[0]'s basis, and the sum of the aligned models is kept as a running total, so matching one model
 to the mean of the others is one subtraction, not a fresh mean of N−1 permuted state dicts."""
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def weight_matching(models: list[nn.Module], spec: PermSpec, data=None, seed: in
     perms = [spec.identity_perms() for _ in models]
     aligned = list(states)
     total = {k: v.clone() for k, v in states[0].items()}
-    for i in range(1, len(models)):  # first pass: each model against models[0], to convergence
+    for i in range(1, len(models)):  # first pass: each model against models[0]
         perms[i] = match_pair(states[0], states[i], spec, perms[i], rng, solve=solve,
                               max_iter=first_sweeps if len(models) > 2 else 100)
         aligned[i] = permute_state(states[i], spec, perms[i])
