@@ -90,6 +90,12 @@ def tie_z(a: Candidate, b: Candidate) -> float | None:
     return paired_z(a.val_correct, b.val_correct)
 
 
+def same_network(a: Candidate, b: Candidate) -> bool:
+    """Same MACs and parameters: in practice the same graph (two members, a member and its distilled copy), so a
+    latency difference between them is timing noise, however large it was measured, and cannot break a tie."""
+    return a.macs == b.macs and a.params == b.params
+
+
 def choose(rows: list[Candidate], budget: Budget, ensemble: Candidate) -> Choice:
     """The chooser. `rows` holds every candidate, the exact ensembles included; `ensemble` is the reference for
     the MACs share and for `max_drop`."""
@@ -113,7 +119,8 @@ def choose(rows: list[Candidate], budget: Budget, ensemble: Candidate) -> Choice
     best = max(pool, key=lambda c: (c.accuracy, -_speed(c, batches)))
     reason = (f"the most accurate on validation ({best.accuracy:.4f}) of the {len(within)} candidates within the "
               f"budget ({budget.describe()}), and no candidate is as accurate and at least as fast")
-    faster = [c for c in pool if c is not best and all(c.p50(b) <= FASTER * best.p50(b) for b in batches)
+    faster = [c for c in pool if c is not best and not same_network(c, best)
+              and all(c.p50(b) <= FASTER * best.p50(b) for b in batches)
               and (z := tie_z(best, c)) is not None and z < NOISE_Z]
     chosen = best
     if faster:

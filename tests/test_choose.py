@@ -76,6 +76,18 @@ def test_a_tie_within_noise_goes_to_the_clearly_faster(apart, ships):
     assert ("a tie): alpha0.5" in choice.reason) == (ships == "depth4")
 
 
+def test_a_tie_between_the_same_network_is_not_broken_by_timing_noise():
+    # Two members (same MACs and parameters) within noise on validation, one measured 20 % faster: that is timing
+    # noise between identical graphs, so the more accurate ships; a genuinely smaller network would still win it.
+    best = row("member3", "member", 0, 25, 0.30, 8.0, val=correct(0.91, 9))
+    twin = row("member0", "member", 0, 25, 0.24, 6.4, val=worse_by(best.val_correct, 3))
+    choice = choose([ENS, BATCHED, best, twin], Budget(max_macs_ratio=0.5), ENS)
+    assert choice.chosen.key == "member3" and "clearly faster" not in choice.reason
+    assert "a tie): member0" in choice.reason
+    smaller = row("member0", "member", 0, 20, 0.24, 6.4, val=twin.val_correct)
+    assert choose([ENS, BATCHED, best, smaller], Budget(max_macs_ratio=0.5), ENS).chosen.key == "member0"
+
+
 def test_max_drop_ships_the_fastest_close_enough():
     rows = [row("member0", "member", 0.85, 25, 0.25, 8.0, seed=2), ENS, BATCHED,
             row("depth3", "fused", 0.905, 40, 0.5, 15.0, seed=6)]
