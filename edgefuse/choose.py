@@ -91,9 +91,10 @@ def tie_z(a: Candidate, b: Candidate) -> float | None:
 
 
 def same_network(a: Candidate, b: Candidate) -> bool:
-    """Same MACs and parameters: in practice the same graph (two members, a member and its distilled copy), so a
-    latency difference between them is timing noise, however large it was measured, and cannot break a tie."""
-    return a.macs == b.macs and a.params == b.params
+    """Same MACs, parameters, ONNX node count and precision: in practice the same graph (two members, a member and
+    its distilled copy), so a latency difference between them is timing noise, however large it was measured, and
+    cannot break a tie. An INT8 twin or the batched ensemble differs in graph, so its speed still counts."""
+    return (a.macs, a.params, a.onnx_nodes, a.precision) == (b.macs, b.params, b.onnx_nodes, b.precision)
 
 
 def choose(rows: list[Candidate], budget: Budget, ensemble: Candidate) -> Choice:

@@ -1,4 +1,6 @@
 """The one chooser on constructed rows: budgets at every batch size, dominance, members that win, ties within noise."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -86,6 +88,8 @@ def test_a_tie_between_the_same_network_is_not_broken_by_timing_noise():
     assert "a tie): member0" in choice.reason
     smaller = row("member0", "member", 0, 20, 0.24, 6.4, val=twin.val_correct)
     assert choose([ENS, BATCHED, best, smaller], Budget(max_macs_ratio=0.5), ENS).chosen.key == "member0"
+    int8 = replace(twin, key="member3-int8", label="member3-int8", precision="int8")
+    assert choose([ENS, BATCHED, best, int8], Budget(max_macs_ratio=0.5), ENS).chosen.key == "member3-int8"
 
 
 def test_max_drop_ships_the_fastest_close_enough():
