@@ -23,7 +23,7 @@ bench: setup data
 # step: that machine may have no package registry, so it runs on its own python3 (torch with CUDA, numpy, scipy,
 # onnx, safetensors, click, rich). Fashion-MNIST: the Debian package, or its four files in build/data/fashion-mnist.
 gpu-check:
-	PYTHONPATH=. $(PYTHON) -m edgefuse.gpucheck $(GPU_CHECK_ARGS)
+	PYTHONPATH=. $(PYTHON) -m edgefuse.jobs.gpucheck $(GPU_CHECK_ARGS)
 
 setup: $(VENV)/.installed
 

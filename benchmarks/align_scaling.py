@@ -17,10 +17,10 @@ from rich.console import Console
 from rich.table import Table
 
 import edgefuse as ef
-from edgefuse import data, zoo
+from edgefuse.models import data, zoo
 from edgefuse.align.weight import _float_params, similarity
-from edgefuse.files import atomic_write_text
-from edgefuse.spec import permute_state
+from edgefuse.base.files import atomic_write_text
+from edgefuse.spec.permspec import permute_state
 
 METHODS = (("weight", {}), ("activation", {}), ("ot", {}), ("ot", {"reg": 0.05}))
 NETS = (("resnet20", 16), ("resnet18", 64))

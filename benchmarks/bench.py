@@ -17,10 +17,10 @@ from rich.console import Console
 from rich.table import Table
 
 import edgefuse as ef
-from edgefuse import data, zoo
-from edgefuse.files import atomic_write_text
+from edgefuse.models import data, zoo
+from edgefuse.base.files import atomic_write_text
 from edgefuse.fuse.split import average_state
-from edgefuse.pipeline import run_export
+from edgefuse.jobs.export import run_export
 
 ARCHS = ("mlp", "cnn")
 # BENCH_CURVES=cnn skips the ResNet-20 curve (most of make bench's hour on 2 cores); curves.py runs one alone.
@@ -69,8 +69,8 @@ def alignment_quality(console: Console) -> dict:
 
 def half_latency_sweep(console: Console, out_root: Path) -> dict:
     """cpu-ort with a latency budget of half the fastest exact ensemble's p50 at each batch size: what ships?"""
-    from edgefuse.errors import EdgefuseError
-    from edgefuse.sweep import run_sweep
+    from edgefuse.base.errors import EdgefuseError
+    from edgefuse.jobs.sweep import run_sweep
 
     report = json.loads((out_root / "cnn" / "cpu-ort" / "report.json").read_text())
     budget = tuple(0.5 * e["p50"] for e in report["baseline_by_batch"].values())

@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 import edgefuse as ef
-from edgefuse import data, zoo
-from edgefuse.files import save_figure
+from edgefuse.models import data, zoo
+from edgefuse.base.files import save_figure
 from edgefuse.fuse import DistillConfig, distill
 
 ALPHAS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
@@ -120,7 +120,7 @@ if __name__ == "__main__":
     import json
     import sys
 
-    from edgefuse.files import atomic_write_text
+    from edgefuse.base.files import atomic_write_text
 
     out = Path("build/bench")
     for name in sys.argv[1:] or ("cnn", "resnet20"):

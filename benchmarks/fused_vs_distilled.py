@@ -26,11 +26,11 @@ from rich.console import Console
 from rich.table import Table
 
 import edgefuse as ef
-from edgefuse import data, zoo
-from edgefuse.compete import distill_config
-from edgefuse.files import atomic_write_text
+from edgefuse.models import data, zoo
+from edgefuse.run.field import distill_config
+from edgefuse.base.files import atomic_write_text
 from edgefuse.fuse import distill
-from edgefuse.metrics import scores
+from edgefuse.measure.metrics import scores
 from edgefuse.targets import load_target
 
 BUDGETS = (0.30, 0.50, 0.60)

@@ -14,11 +14,11 @@ from rich.console import Console
 from rich.table import Table
 
 import edgefuse as ef
-from edgefuse import data, zoo
-from edgefuse.device.int8 import quantize_int8, reference_parity
-from edgefuse.files import atomic_write_text
-from edgefuse.metrics import scores
-from edgefuse.runtime import OrtRunner, latency, latency_batch, predict
+from edgefuse.models import data, zoo
+from edgefuse.graph.int8 import quantize_int8, reference_parity
+from edgefuse.base.files import atomic_write_text
+from edgefuse.measure.metrics import scores
+from edgefuse.measure.runners import OrtRunner, latency, latency_batch, predict
 
 ARCHS = (("cnn", "weight"), ("resnet20", "activation"))  # resnet20: weight matching fails on it (see curves.py)
 BATCHES = (1, 32)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from edgefuse import data, zoo
+from edgefuse.models import data, zoo
 
 from . import nets
 

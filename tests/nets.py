@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from edgefuse import zoo
+from edgefuse.models import zoo
 
 
 def digits_mlp() -> nn.Module:

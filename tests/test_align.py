@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import edgefuse as ef
-from edgefuse import data, zoo
+from edgefuse.models import data, zoo
 from edgefuse.fuse.split import average_state
 
 from . import nets
@@ -122,7 +122,7 @@ def _resnets(n: int, width: int = 8) -> tuple[list, object]:
 
 def test_cached_unit_rows_equal_rows_of_the_permuted_tensor():
     from edgefuse.align.weight import _float_params, _Rows, unit_rows
-    from edgefuse.spec import permute_state
+    from edgefuse.spec.permspec import permute_state
     models, spec = _resnets(1)
     state = _float_params(models[0], spec)
     perms = spec.random_perms(3)
@@ -154,7 +154,7 @@ def test_block_assignment_is_the_best_permutation_that_keeps_blocks_whole():
 
     from edgefuse.align.blocks import assign
     from edgefuse.align.weight import lsa
-    from edgefuse.spec import Family
+    from edgefuse.spec.permspec import Family
 
     rng = np.random.default_rng(0)
     sims = [rng.normal(size=(6, 6)), rng.normal(size=(9, 9))]  # two groups of 3 blocks: widths 2 and 3

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import edgefuse as ef
-from edgefuse import data, zoo
+from edgefuse.models import data, zoo
 from edgefuse.fuse.repair import _channel_stats
 
 from . import nets

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 import edgefuse as ef
-from edgefuse import data, pipeline
+from edgefuse.models import data
+from edgefuse.jobs import export as pipeline
 from edgefuse.cli import cli
 
 from . import nets

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import edgefuse as ef
-from edgefuse import zoo
-from edgefuse.export import onnx_nodes
+from edgefuse.models import zoo
+from edgefuse.graph.onnx import onnx_nodes
 
 from . import nets
 

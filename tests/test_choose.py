@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 import edgefuse as ef
-from edgefuse.candidates import Candidate
-from edgefuse.choose import Budget, choose, dominance, target_budget
-from edgefuse.metrics import paired_z
+from edgefuse.run.candidate import Candidate
+from edgefuse.run.choose import Budget, choose, dominance, target_budget
+from edgefuse.measure.metrics import paired_z
 from edgefuse.targets import parse_target
 
 N_VAL = 2000
@@ -136,7 +136,7 @@ def test_paired_z_counts_only_disagreements():
 def test_misclassification_auroc_against_a_hand_computed_case():
     import torch
 
-    from edgefuse.metrics import misclassification_auroc, scores
+    from edgefuse.measure.metrics import misclassification_auroc, scores
 
     # right answers at confidence 0.9, 0.8, 0.4; wrong ones at 0.7 and 0.4: of the 6 (right, wrong) pairs the right
     # one is more confident in 4, tied in 1 (counts 1/2) and less confident in 1 -> (4 + 0.5) / 6

@@ -6,8 +6,8 @@ from click.testing import CliRunner
 
 import edgefuse as ef
 from edgefuse.cli import cli
-from edgefuse.data import batches
-from edgefuse.data import load_dataset
+from edgefuse.models.data import batches
+from edgefuse.models.data import load_dataset
 
 REPORT_KEYS = ("accuracy", "nll", "macs", "params", "latency_ms")
 

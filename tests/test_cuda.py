@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import edgefuse as ef
-from edgefuse import zoo
-from edgefuse.cuda import CudaRunner
+from edgefuse.models import zoo
+from edgefuse.measure.cuda import CudaRunner
 
 from . import nets
 
@@ -23,7 +23,7 @@ def test_cuda_runner_refuses_without_a_gpu():
 
 @pytest.mark.skipif(HAS_CUDA, reason="this machine has a GPU: the refusal path cannot be exercised")
 def test_gpu_check_without_a_gpu_is_one_line():
-    res = subprocess.run([sys.executable, "-m", "edgefuse.gpucheck"], capture_output=True, text=True, timeout=300)
+    res = subprocess.run([sys.executable, "-m", "edgefuse.jobs.gpucheck"], capture_output=True, text=True, timeout=300)
     assert res.returncode == 1
     assert res.stderr.strip().count("\n") == 0 and "no CUDA GPU" in res.stderr
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import edgefuse as ef
-from edgefuse import data, zoo
-from edgefuse.runtime import OrtRunner
+from edgefuse.models import data, zoo
+from edgefuse.measure.runners import OrtRunner
 
 from . import nets
 

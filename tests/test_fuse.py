@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import edgefuse as ef
-from edgefuse import data
+from edgefuse.models import data
 from edgefuse.fuse.split import average_state
 
 

@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 import edgefuse as ef
 from edgefuse.cli import cli
-from edgefuse.files import exclusive, publish
-from edgefuse.metrics import scores
+from edgefuse.base.files import exclusive, publish
+from edgefuse.measure.metrics import scores
 from edgefuse.targets import parse_target
 
 from .test_bad_input import CNN, snapshot
@@ -194,7 +194,7 @@ def test_members_must_agree_on_dtype_and_have_weights(cnns):
         ef.fuse([cnns[0], copy.deepcopy(cnns[1]).double()], spec, depth=1, data=[torch.rand(8, 1, 8, 8)])
     with pytest.raises(ef.EdgefuseError, match="meta device"):
         ef.fuse([cnns[0], copy.deepcopy(cnns[1]).to("meta")], spec, depth=1, data=[torch.rand(8, 1, 8, 8)])
-    from edgefuse import zoo
+    from edgefuse.models import zoo
     from tests import nets
     wide = nets.randomize_bn(zoo.cnn(width=8, image=8), 0).eval()
     with pytest.raises(ef.EdgefuseError, match="different architecture"):
@@ -206,7 +206,7 @@ def test_members_must_agree_on_dtype_and_have_weights(cnns):
 def test_damaged_dataset_files_are_blamed_on_the_data(tmp_path, monkeypatch):
     import gzip
 
-    from edgefuse import data
+    from edgefuse.models import data
     monkeypatch.setattr(data, "FASHION_DIRS", (str(tmp_path),))
     for name in data.FASHION_FILES:
         (tmp_path / name).write_bytes(gzip.compress(b""))
@@ -224,7 +224,7 @@ def test_damaged_dataset_files_are_blamed_on_the_data(tmp_path, monkeypatch):
 @pytest.mark.parametrize("kw", [{"latency_ms": float("nan")}, {"memory_mb": float("inf")}, {"max_drop": -0.1},
                                 {"latency_ms": (1.0, float("nan"))}])
 def test_budgets_must_be_finite(kw):
-    from edgefuse.choose import target_budget
+    from edgefuse.run.choose import target_budget
     from edgefuse.targets import load_target
     with pytest.raises(ef.EdgefuseError, match="must be a finite number"):
         target_budget(load_target("cpu-ort"), **kw)
@@ -272,6 +272,6 @@ def test_calibration_data_of_the_wrong_shape_is_named(cnns, batches, message):
 
 
 def test_one_line_errors_survive_empty_and_long_messages():
-    from edgefuse.errors import first_line
+    from edgefuse.base.errors import first_line
     assert first_line(RuntimeError("\n  shapes differ\nstack...\n")) == "shapes differ"
     assert first_line(KeyError()) == "KeyError" and first_line(ValueError("  \n ")) == "ValueError"

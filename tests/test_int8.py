@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import edgefuse as ef
-from edgefuse.candidates.jobs import export_and_measure
-from edgefuse.data import load_dataset
-from edgefuse.device.int8 import CALIBRATION_IMAGES, quantize_int8, reference_parity
-from edgefuse.runtime import OrtRunner
+from edgefuse.run.points import export_and_measure
+from edgefuse.models.data import load_dataset
+from edgefuse.graph.int8 import CALIBRATION_IMAGES, quantize_int8, reference_parity
+from edgefuse.measure.runners import OrtRunner
 
 from . import nets
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import edgefuse as ef
-from edgefuse import zoo
+from edgefuse.models import zoo
 
 from . import nets
 
@@ -83,8 +83,8 @@ def test_stochastic_depth_is_the_identity_in_eval_mode_only():
     spec = ef.permutation_spec(model, torch.rand(2, 1, 8, 8))
     assert any(k.startswith("project") for k in spec.params)
     # traced as it is (permutation_spec itself would trace an eval copy): the training flag reaches the node
-    from edgefuse.groups import GroupTracer
-    from edgefuse.trace import trace
+    from edgefuse.spec.groups import GroupTracer
+    from edgefuse.spec.trace import trace
     with pytest.raises(ef.UnsupportedModelError, match="stochastic depth in training mode"):
         GroupTracer(trace(model.train(), torch.rand(2, 1, 8, 8))).run()
 

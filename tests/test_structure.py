@@ -1,5 +1,7 @@
 """The package reads like the pipeline: no module imports one that imports it back, not even inside a function."""
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "edgefuse"
@@ -52,15 +54,40 @@ def test_the_walker_finds_a_cycle():
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
+# The pipeline, bottom to top: a package may import its own layer and the ones below it, never one above.
+LAYERS = ["base", "targets", "models", "spec", "align", "fuse", "measure", "graph", "run", "device", "jobs", "cli"]
+
+
+def layer(module: str) -> int:
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 1 else len(LAYERS)
+
+
 def test_no_import_cycles():
     graph = import_graph()
-    assert "edgefuse.pipeline" in graph and "edgefuse.choose" in graph["edgefuse.pipeline"]
+    assert "edgefuse.jobs.export" in graph and "edgefuse.run.choose" in graph["edgefuse.jobs.export"]
     assert cycles(graph) == []
 
 
-def test_lower_layers_never_import_the_jobs_above_them():
+def test_every_module_sits_in_a_layer_package():
     graph = import_graph()
-    top = {"edgefuse.pipeline", "edgefuse.sweep", "edgefuse.verify", "edgefuse.cli"}
-    for low in ("edgefuse.candidates.jobs", "edgefuse.choose", "edgefuse.report", "edgefuse.gpucheck",
-                "edgefuse.compete", "edgefuse.device"):
-        assert not graph[low] & top, (low, graph[low] & top)
+    loose = [m for m in graph if m.count(".") == 1 and m.split(".")[1] not in LAYERS]
+    assert loose == []
+
+
+def test_no_module_imports_an_upper_package():
+    graph = import_graph()
+    upward = [(m, t) for m in graph if m != "edgefuse" for t in graph[m] if layer(t) > layer(m)]
+    assert upward == []
+
+
+def test_the_layer_check_sees_an_upward_import():
+    assert layer("edgefuse.run.choose") > layer("edgefuse.graph.onnx") > layer("edgefuse.fuse.model")
+
+
+def test_import_spec_loads_neither_rich_onnx_nor_the_run_layer():
+    code = ("import sys, edgefuse.spec; bad = [m for m in sys.modules if m.split('.')[0] in ('rich', 'onnx', "
+            "'onnxruntime') or m.startswith(('edgefuse.run', 'edgefuse.jobs', 'edgefuse.device'))]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=PACKAGE.parent)
+    assert out.stdout.strip() == "[]"

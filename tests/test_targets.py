@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 import edgefuse as ef
-from edgefuse import zoo
+from edgefuse.models import zoo
 from edgefuse.device import build_engine, check_onnx, write_bundle
-from edgefuse.device.precision import export_fp16
-from edgefuse.runtime import OrtRunner
+from edgefuse.graph.fp16 import export_fp16
+from edgefuse.measure.runners import OrtRunner
 from edgefuse.targets import available_targets, load_target, parse_target
 
 from . import nets
@@ -215,7 +215,7 @@ def test_an_int8_bundle_carries_the_qdq_graph_and_passes_its_self_check(fused_cn
     import json
 
     from edgefuse.device import deploy
-    from edgefuse.device.int8 import quantize_int8
+    from edgefuse.graph.int8 import quantize_int8
 
     target = load_target("jetson-agx-orin-jp6")
     fp32 = ef.export_onnx(fused_cnn, X[:2], tmp_path / "m.onnx", opset=target.opset)

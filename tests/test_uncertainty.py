@@ -8,14 +8,14 @@ import pytest
 import torch
 
 import edgefuse as ef
-from edgefuse.candidates import Candidate
-from edgefuse.candidates.row import measure
-from edgefuse.choose import Budget, choose, target_budget
-from edgefuse.data import Splits
+from edgefuse.run.candidate import Candidate
+from edgefuse.run.candidate import measure
+from edgefuse.run.choose import Budget, choose, target_budget
+from edgefuse.models.data import Splits
 from edgefuse.fuse import DistillConfig, distill
-from edgefuse.metrics import mutual_information, scores
+from edgefuse.measure.metrics import mutual_information, scores
 from edgefuse.targets import parse_target
-from edgefuse.uncertainty import flag_rule, youden_threshold
+from edgefuse.measure.uncertainty import flag_rule, youden_threshold
 
 
 def test_mutual_information_is_zero_for_agreeing_heads_and_log2_for_two_sure_opposites():

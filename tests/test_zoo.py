@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from edgefuse import data, zoo
+from edgefuse.models import data, zoo
 
 
 def test_zoo_caches_and_does_not_retrain(tmp_path, monkeypatch):

@@ -5,9 +5,9 @@ from collections.abc import Callable, Iterable
 
 from torch import nn
 
-from ..checks import check_models
-from ..errors import EdgefuseError
-from ..spec import PermSpec, permute
+from ..base.validate import check_models
+from ..base.errors import EdgefuseError
+from ..spec.permspec import PermSpec, permute
 
 METHODS: dict[str, Callable] = {}
 

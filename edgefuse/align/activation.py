@@ -10,9 +10,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..data import require_batches
-from ..errors import EdgefuseError
-from ..spec import PermSpec
+from ..models.data import require_batches
+from ..base.errors import EdgefuseError
+from ..spec.permspec import PermSpec
 from . import register
 from .blocks import assign
 from .weight import lsa

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ..spec import Family
+from ..spec.permspec import Family
 
 Solver = Callable[[np.ndarray], np.ndarray]
 

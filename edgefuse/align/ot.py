@@ -8,7 +8,7 @@ from functools import partial
 import numpy as np
 from torch import nn
 
-from ..spec import PermSpec
+from ..spec.permspec import PermSpec
 from . import register
 from .weight import lsa, weight_matching
 

@@ -8,7 +8,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from ..spec import Axis, PermSpec, axis_index, dense_state, permute_state
+from ..spec.permspec import Axis, PermSpec, axis_index, dense_state, permute_state
 from . import register
 from .blocks import Solver, assign
 

@@ -8,12 +8,12 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from ..errors import EdgefuseError
+from ..base.errors import EdgefuseError
 from ..targets import Target
 from .bundle import write_bundle
 from .check import CheckReport, check_onnx, format_report
-from .int8 import quantize_int8
-from .precision import export_fp16, precision_drop
+from ..graph.int8 import quantize_int8
+from ..graph.fp16 import export_fp16, precision_drop
 
 
 def prepare_device(target: Target, module: nn.Module, onnx_file: Path, example: torch.Tensor, x: torch.Tensor,

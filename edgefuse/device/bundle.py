@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..files import publish
-from ..runtime import OrtRunner
+from ..base.files import publish
+from ..measure.runners import OrtRunner
 from ..targets import Target
 from . import deploy
-from .int8 import INT8_ATOL, INT8_RTOL, Int8Graph
+from ..graph.int8 import INT8_ATOL, INT8_RTOL, Int8Graph
 
 README = """# edgefuse deploy bundle: {name}
 

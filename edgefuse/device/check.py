@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-from ..errors import EdgefuseError, first_line
+from ..base.errors import EdgefuseError, first_line
 from ..targets import Target, opset_range
 
 TABLE = Path(__file__).with_name("trt_operators.csv")

@@ -6,13 +6,13 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..checks import check_models, nonfinite_tensor
-from ..errors import EdgefuseError
-from ..spec import PermSpec
+from ..base.validate import check_models, nonfinite_tensor
+from ..base.errors import EdgefuseError
+from ..spec.permspec import PermSpec
 from .batched import batch_models
 from .model import FusedModel, ensemble
 from .neuron import fuse_alpha
-from ..data import require_batches
+from ..models.data import require_batches
 from .distill import DistillConfig, distill
 from .repair import REPAIRS, reset_bn, rescale_units
 from .select import check_select, tensor_layout

@@ -16,10 +16,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import EdgefuseError, UnsupportedModelError, first_line
-from ..trace import _ELEMENTWISE, _ELEMENTWISE_METHOD, _SAME, _SAME_FN, _SAME_METHOD, drop_path_off, is_drop_path
+from ..base.errors import EdgefuseError, UnsupportedModelError, first_line
+from ..spec.trace import _ELEMENTWISE, _ELEMENTWISE_METHOD, _SAME, _SAME_FN, _SAME_METHOD, drop_path_off, is_drop_path
 from .layers import GroupedLinear, WideLinear, as_param, batched_conv, batched_norm, cat_copy
-from .combine import check_combine, combine_outputs
+from ..base.combine import check_combine, combine_outputs
 from .views import ChannelViews
 
 _REDUCE = {torch.mean, torch.sum, torch.amax, torch.amin}

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..errors import EdgefuseError
+from ..base.errors import EdgefuseError
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import UnsupportedModelError
+from ..base.errors import UnsupportedModelError
 
 
 def _require_2d(x: torch.Tensor, node: str, op: str) -> None:

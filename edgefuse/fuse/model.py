@@ -6,10 +6,10 @@ import copy
 import torch
 from torch import nn
 
-from ..checks import check_models
-from ..errors import EdgefuseError
+from ..base.validate import check_models
+from ..base.errors import EdgefuseError
 from .batched import batch_models
-from .combine import check_combine, combine_outputs
+from ..base.combine import check_combine, combine_outputs
 
 
 class FusedModel(nn.Module):

@@ -18,8 +18,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import UnsupportedModelError
-from ..spec import PermSpec, expand
+from ..base.errors import UnsupportedModelError
+from ..spec.permspec import PermSpec, expand
 from .batched import BatchRewriter
 from .layers import GroupedLinear, cat_copy, as_param
 from .alpha_views import AlphaViews

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..data import require_batches
+from ..models.data import require_batches
 
 REPAIRS = ("bn", "repair", "distill", None)
 

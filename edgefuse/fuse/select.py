@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from ..align.weight import unit_rows
-from ..errors import EdgefuseError
-from ..spec import Family, PermSpec, dense_state, permute
+from ..base.errors import EdgefuseError
+from ..spec.permspec import Family, PermSpec, dense_state, permute
 
 SELECTIONS = ("cost", "partial-ot")
 

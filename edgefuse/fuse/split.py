@@ -7,8 +7,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..errors import EdgefuseError
-from ..spec import PermSpec
+from ..base.errors import EdgefuseError
+from ..spec.permspec import PermSpec
 from .model import FusedModel
 
 

@@ -9,8 +9,8 @@ import operator
 import torch
 import torch.fx as fx
 
-from ..errors import UnsupportedModelError
-from ..trace import is_split
+from ..base.errors import UnsupportedModelError
+from ..spec.trace import is_split
 
 ARITHMETIC = {operator.floordiv, operator.mul, operator.truediv}
 

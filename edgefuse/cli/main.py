@@ -1,0 +1,297 @@
+"""Thin click layer over the library: each command says what it reads and what it writes."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from ..base.errors import EdgefuseError, first_line
+from ..models.zoo import ARCHITECTURES
+
+DEBUG = {"on": False}
+
+
+def _echo(text: str, err: bool = False) -> None:
+    """click.echo for text that may hold a file name which is not valid UTF-8 (Python keeps its bytes as
+    surrogates, which a UTF-8 stream refuses): such bytes are shown as U+FFFD."""
+    click.echo(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), err=err)
+
+
+class Cli(click.Group):
+    """Errors a user can cause are one line on stderr with exit 1; --debug shows the traceback instead."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
+            raise
+        except EdgefuseError as e:
+            if DEBUG["on"]:
+                raise
+            _echo(f"edgefuse: error: {e}", err=True)
+            sys.exit(1)
+        except Exception as e:  # a bug: still one line, with the way to see more
+            if DEBUG["on"]:
+                raise
+            _echo(f"edgefuse: internal error: {type(e).__name__}: {first_line(e)} (rerun with --debug for the "
+                  "traceback)", err=True)
+            sys.exit(3)
+
+
+def _show(md: str) -> None:
+    """The report's table: rendered by rich on a terminal, plain Markdown when piped."""
+    import sys
+
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.markdown import Markdown
+        Console().print(Markdown(md))
+    else:
+        _echo(md)
+
+
+def _console(quiet: bool):
+    from rich.console import Console
+    return Console(stderr=True, quiet=quiet)
+
+
+def _models(arch: str | None, model: str | None, checkpoints: tuple[str, ...], n: int, cache: str, quiet: bool):
+    """User checkpoints when --model is given, else the cached zoo."""
+    if model:
+        from ..models.load import load_models
+        if len(checkpoints) < 2:
+            raise EdgefuseError(f"--model needs at least 2 checkpoints, got {len(checkpoints)}")
+        return load_models(model, list(checkpoints))
+    if checkpoints:
+        raise EdgefuseError("checkpoints were given without --model (say which architecture they are for)")
+    from ..models.zoo import zoo_models
+    return zoo_models(arch or "cnn", n, cache=cache, quiet=quiet)[0]
+
+
+model_options = [
+    click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default="cnn", show_default=True,
+                 help="Zoo architecture, used when --model is not given."),
+    click.option("--model", "model", metavar="MODULE:FUNCTION",
+                 help="Factory of your architecture (e.g. mypkg.nets:make_net, or zoo:cnn)."),
+    click.option("-n", "--n-models", "n", type=click.IntRange(2, 64), default=4, show_default=True,
+                 help="Number of zoo models (seeds 0..N-1)."),
+    click.option("--cache", default="build/cache", show_default=True, help="Folder of cached zoo checkpoints."),
+    click.option("--dataset", type=click.Choice(["fashion-mnist", "digits"]), default="fashion-mnist",
+                 show_default=True, help="Calibration and test data."),
+]
+
+
+def with_models(f):
+    for opt in reversed(model_options):
+        f = opt(f)
+    return click.argument("checkpoints", nargs=-1, type=click.Path())(f)
+
+
+@click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress output.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
+    """edgefuse: align N models of one architecture, fuse them into a shared trunk with N heads, export one ONNX
+    graph and verify it against the ensemble."""
+    DEBUG["on"] = debug
+    ctx.obj = {"quiet": quiet}
+
+
+@cli.command()
+@click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default="cnn", show_default=True)
+@click.option("-n", "--n-models", "n", type=click.IntRange(2, 64), default=4, show_default=True)
+@click.option("--epochs", type=click.IntRange(1, 100), default=None, help="Default: 4 (mlp), 2 (others).")
+@click.option("--width", type=click.IntRange(1, 4096), default=None, help="Default: 256 (mlp), 16 (others).")
+@click.option("--cache", default="build/cache", show_default=True)
+@click.pass_obj
+def train(obj: dict, arch: str, n: int, epochs: int | None, width: int | None, cache: str) -> None:
+    """Train N zoo models on Fashion-MNIST (seeds 0..N-1).
+
+    Reads /usr/share/datasets/fashion-mnist; writes CACHE/<arch>-w<width>-e<epochs>/seed<i>.safetensors.
+    Cached models are not retrained."""
+    from ..models.zoo import zoo_models
+    _, paths = zoo_models(arch, n, width=width, epochs=epochs, cache=cache, quiet=obj["quiet"])
+    for p in paths:
+        _echo(str(p))
+
+
+@cli.command("fuse")
+@with_models
+@click.option("--depth", type=click.IntRange(0, None), default=None,
+              help="Shared layers: 0 = ensemble, the number of cut points = full merge.")
+@click.option("--alpha", type=click.FloatRange(0, 1), default=None,
+              help="Neuron-level fusion instead of --depth: share of units kept per model (1 = ensemble, 0 = merge).")
+@click.option("--method", type=click.Choice(["weight", "activation", "ot"]), default="weight", show_default=True,
+              help="Alignment method.")
+@click.option("--select", type=click.Choice(["cost", "partial-ot"]), default="cost", show_default=True,
+              help="With --alpha: which units stay isolated (the costliest after alignment, or the paper's partial "
+              "OT with a sink, which re-matches the rest).")
+@click.option("--repair", type=click.Choice(["bn", "repair", "distill", "none"]), default="bn", show_default=True,
+              help="bn: reset BatchNorm; repair: REPAIR rescaling (nets without BN); distill: train towards the "
+              "ensemble on calibration images.")
+@click.option("--steps", type=click.IntRange(1, 100000), default=600, show_default=True,
+              help="Distillation steps (--repair distill).")
+@click.option("--opset", type=click.IntRange(9, 23), default=None, help="Default 18 (dynamo exporter); <=17 uses "
+              "the TorchScript exporter.")
+@click.option("--batch-heads/--no-batch-heads", default=True, show_default=True,
+              help="Run the N heads as one network of grouped kernels (same outputs, fewer ONNX nodes).")
+@click.option("--head-outputs", is_flag=True, help="Also output every head's logits (head_logits: batch × N × classes).")
+@click.option("-o", "--out", type=click.Path(dir_okay=False), required=True, help="ONNX file to write.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@click.pass_obj
+def fuse_cmd(obj: dict, checkpoints, arch, model, n, cache, dataset, depth, alpha, method, select, repair, steps,
+             batch_heads, head_outputs, opset, out, force) -> None:
+    """Align and fuse N models at one depth, write the fused model as ONNX.
+
+    Reads CHECKPOINTS (safetensors or weights-only torch files) with --model, else the zoo cache; reads the
+    dataset's training split for calibration. Writes OUT (parity-checked against PyTorch)."""
+    from ..align import align
+    from ..fuse import fuse
+    from ..spec.permspec import permutation_spec
+    from ..models.data import load_dataset
+    from ..graph.onnx import export_onnx
+
+    if Path(out).exists() and not force:
+        raise EdgefuseError(f"{out} exists (use --force to overwrite)")
+    if (depth is None) == (alpha is None):
+        raise EdgefuseError("give exactly one of --depth and --alpha")
+    models = _models(arch, model, checkpoints, n, cache, obj["quiet"])
+    splits = load_dataset(dataset)
+    spec = permutation_spec(models[0], splits.example)
+    calib_batches = splits.calib_batches
+    aligned = align(models, spec, method=method, data=calib_batches)
+    fused = fuse(aligned, spec, depth=depth, alpha=alpha, data=calib_batches, steps=steps,
+                 repair=None if repair == "none" else repair, batch_heads=batch_heads and alpha is None,
+                 head_outputs=head_outputs, select=select)
+    _echo(str(export_onnx(fused, splits.example, out, opset=opset)))
+
+
+@cli.command()
+@with_models
+@click.option("--target", default="cpu-ort", show_default=True, help="Name of a file in targets/, or a .toml path.")
+@click.option("--method", type=click.Choice(["weight", "activation", "ot"]), default="weight", show_default=True,
+              help="Alignment method.")
+@click.option("--depth", type=click.IntRange(0, None), default=None,
+              help="Ship this fusion depth instead of the chooser's pick (0 = the batched exact ensemble).")
+@click.option("--augment/--no-augment", default=None,
+              help="Shift/flip the distillation images (default: the target's distill_augment).")
+@click.option("--out-root", default="build", show_default=True)
+@click.option("--force", is_flag=True, help="Replace an earlier export of this target.")
+@click.pass_obj
+def export(obj: dict, checkpoints, arch, model, n, cache, dataset, target, method, depth, augment, out_root,
+           force) -> None:
+    """The main job: every member, the distilled member, the exact ensembles and the fused points, measured alike;
+    the best on validation within the target's budget ships.
+
+    Reads CHECKPOINTS with --model (else trains or loads the zoo), the dataset and targets/TARGET.toml.
+    Writes OUT_ROOT/TARGET/{model.onnx, report.json, report.md, pareto.png, candidates/}."""
+    from ..jobs.export import run_export
+    from ..run.report import markdown
+
+    console = _console(obj["quiet"])
+    models = _models(arch, model, checkpoints, n, cache, obj["quiet"]) if model or checkpoints else None
+    report = run_export(target, models=models, arch=arch, n=n, dataset=dataset, out_root=out_root, cache=cache,
+                        method=method, depth=depth, console=console, force=force, augment=augment)
+    _show(markdown(report))
+    _echo(f"wrote {Path(out_root) / report['target']}/ (model.onnx: {report['shipped']['label']}, "
+               f"{report['shipped']['kind']})")
+
+
+@cli.command()
+@click.argument("onnx_file", type=click.Path())
+@click.option("--dataset", type=click.Choice(["fashion-mnist", "digits"]), default="fashion-mnist",
+              show_default=True)
+@click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True)
+@click.option("--batch", "batch_sizes", type=click.IntRange(1, 4096), multiple=True, default=(1,),
+              show_default=True, help="Batch size(s) for latency; repeat the option for several.")
+def verify(onnx_file: str, dataset: str, threads: int, batch_sizes: tuple[int, ...]) -> None:
+    """Accuracy, NLL and latency of an ONNX model on the dataset's test split (onnxruntime CPU).
+
+    Reads ONNX_FILE and the dataset; writes nothing (prints JSON)."""
+    import json
+
+    from ..models.data import test_split
+    from ..measure.metrics import scores
+    from ..measure.runners import OrtRunner, latency, latency_batch, predict
+
+    if not Path(onnx_file).is_file():
+        raise EdgefuseError(f"ONNX file not found: {onnx_file}")
+    try:
+        runner = OrtRunner(onnx_file, threads)
+    except Exception as e:  # onnxruntime raises its own exception types for bad files
+        raise EdgefuseError(f"cannot load {onnx_file}: {first_line(e)}") from None
+    x_test, y_test = test_split(dataset)
+    try:
+        result = scores(predict(runner, x_test), y_test)
+    except Exception as e:
+        raise EdgefuseError(f"{onnx_file} does not run on {dataset} inputs {tuple(x_test.shape[1:])}: "
+                            f"{first_line(e)}") from None
+    result["latency_ms"] = {str(b): latency(runner, latency_batch(x_test, b)) for b in batch_sizes}
+    _echo(json.dumps(result, indent=2))
+
+
+@cli.command()
+@with_models
+@click.option("--target", default="cpu-ort", show_default=True, help="Name of a file in targets/, or a .toml path.")
+@click.option("--latency-ms", type=click.FloatRange(0, None, min_open=True), multiple=True,
+              help="p50 latency budget per call: once for every batch size of the target, or once per batch size "
+              "in the target's order (default: the target's).")
+@click.option("--memory-mb", type=click.FloatRange(0, None, min_open=True), default=None,
+              help="Peak memory budget (default: the target's).")
+@click.option("--max-drop", type=click.FloatRange(0, 1), default=None,
+              help="Instead of the most accurate: the fastest within this validation-accuracy drop from the "
+              "ensemble.")
+@click.option("--min-auroc", type=click.FloatRange(0, 1), default=None,
+              help="Ship only a candidate whose misclassification-detection AUROC on validation (max softmax or its "
+              "heads' disagreement) reaches this (default: the target's min_auroc).")
+@click.option("--alpha", "alphas", type=click.FloatRange(0, 1), multiple=True, default=(0.1, 0.25, 0.5, 0.75),
+              show_default=True, help="Alpha values to try (repeat the option).")
+@click.option("--method", "methods", type=click.Choice(["weight", "activation", "ot"]), multiple=True,
+              default=("weight",), show_default=True, help="Alignment methods to try (repeat the option).")
+@click.option("--repair", "repairs", type=click.Choice(["bn", "repair", "none"]), multiple=True,
+              default=("bn",), show_default=True, help="Repairs to try (repeat the option).")
+@click.option("--distill-steps", type=click.IntRange(0, 1_000_000), default=None,
+              help="Distillation steps for the distilled member and the best depth and alpha (default: the "
+              "target's distill_steps; 0: none).")
+@click.option("--augment/--no-augment", default=None, help="Shift/flip the distillation images (default: the "
+              "target's).")
+@click.option("--workers", type=click.IntRange(0, 64), default=1, show_default=True,
+              help="Local worker processes (0: in this process).")
+@click.option("--ray", "ray_address", default=None, help="Run candidates on a Ray cluster (needs edgefuse[ray]).")
+@click.option("--out-root", default="build", show_default=True)
+@click.pass_obj
+def sweep(obj: dict, checkpoints, arch, model, n, cache, dataset, target, latency_ms, memory_mb, max_drop, min_auroc,
+          alphas, methods, repairs, distill_steps, augment, workers, ray_address, out_root) -> None:
+    """Measure members, exact ensembles, depths and alphas; choose on validation within the budget.
+
+    Reads the models (as export does) and the target; writes OUT_ROOT/TARGET/sweep/{sweep.json, sweep.md,
+    pareto.png, points/, candidates/}. Finished points are kept in points/, so an interrupted sweep resumes."""
+    from ..run.report import markdown
+    from ..jobs.sweep import run_sweep
+
+    console = _console(obj["quiet"])
+    models = _models(arch, model, checkpoints, n, cache, obj["quiet"]) if model or checkpoints else None
+    result = run_sweep(target, models, arch, n, dataset, out_root, cache, tuple(dict.fromkeys(methods)),
+                       tuple(alphas), tuple(None if r == "none" else r for r in dict.fromkeys(repairs)),
+                       (latency_ms[0] if len(latency_ms) == 1 else tuple(latency_ms)) if latency_ms else None,
+                       memory_mb, max_drop, workers, ray_address, distill_steps, augment, console=console,
+                       min_auroc=min_auroc)
+    _show(markdown(result))
+    _echo(f"chose {result['shipped']['label']} ({result['shipped']['kind']}); wrote "
+               f"{Path(out_root) / result['target'] / 'sweep'}/")
+
+
+from .device import build, check  # noqa: E402  (commands of the device stage)
+
+cli.add_command(check)
+cli.add_command(build)
+
+
+def main() -> None:
+    """SIGTERM (kill, timeout) unwinds like Ctrl-C: staging folders and locks are cleaned up on the way out."""
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    cli(prog_name="edgefuse")

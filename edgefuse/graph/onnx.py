@@ -1,0 +1,132 @@
+"""One self-contained ONNX file with a dynamic batch axis, simplified, and checked against PyTorch before it lands."""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..base.errors import EdgefuseError, first_line
+from ..base.files import commit, native, new_temp_path
+
+INPUT, OUTPUT, HEADS = "input", "logits", "head_logits"
+TORCHSCRIPT_MAX_OPSET = 17
+DEFAULT_OPSET = 18
+
+
+def _outputs(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    with torch.no_grad():
+        out = module(x)
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def _export(module: nn.Module, example: torch.Tensor, path: Path, opset: int) -> None:
+    """Dynamo exporter from opset 18 up; the TorchScript exporter for opset <= 17 (TensorRT 8.x parses no more).
+    A second output (a FusedModel's per-head outputs) is named head_logits."""
+    dynamo = opset > TORCHSCRIPT_MAX_OPSET
+    names = [OUTPUT, HEADS][:len(_outputs(module, example))]
+    kwargs: dict = dict(input_names=[INPUT], output_names=names, opset_version=opset, dynamo=dynamo)
+    if dynamo:
+        kwargs.update(dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False)
+    else:
+        kwargs.update(dynamic_axes={INPUT: {0: "batch"}, **{n: {0: "batch"} for n in names}})
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _silent_fd1():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), str(path), **kwargs)
+
+
+@contextlib.contextmanager
+def _silent_fd1():
+    """On failure the TorchScript exporter's C++ side prints its whole IR graph to file descriptor 1, past Python's
+    sys.stdout (70 lines under `-q`): silence the descriptor itself while the exporter runs."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _simplify(path: Path) -> None:
+    import onnx
+    import onnxsim
+
+    model = onnx.load(str(path))
+    simplified, ok = onnxsim.simplify(model)
+    if ok:
+        onnx.save(simplified, str(path))
+
+
+def parity(onnx_path: str | Path, module: nn.Module, inputs: list[torch.Tensor]) -> float:
+    """Largest |ONNX - PyTorch| over the given input batches, run with onnxruntime on the CPU."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(native(onnx_path), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for x in inputs:
+        refs = _outputs(module, x)
+        gots = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+        if len(gots) != len(refs):
+            raise EdgefuseError(f"the ONNX graph has {len(gots)} outputs, PyTorch {len(refs)}")
+        for got, ref in zip(gots, refs):
+            if got.shape != tuple(ref.shape):
+                raise EdgefuseError(f"ONNX output shape {got.shape} differs from PyTorch {tuple(ref.shape)}")
+            bad = int((~np.isfinite(got)).sum() + (~np.isfinite(ref.numpy())).sum())
+            if bad:
+                raise EdgefuseError(f"{bad} non-finite values in the outputs of the ONNX graph or the PyTorch model "
+                                    f"at batch {len(x)}: NaN or Inf is never a result")
+            worst = max(worst, float(np.abs(got - ref.numpy()).max()))
+    return worst
+
+
+def parity_inputs(example: torch.Tensor, sizes: tuple[int, ...] = (1, 3), seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.rand((b, *example.shape[1:]), generator=gen, dtype=example.dtype) for b in sizes]
+
+
+def export_onnx(module: nn.Module, example_input: torch.Tensor, path: str | Path, opset: int | None = None,
+                simplify: bool = True, atol: float = 1e-4) -> Path:
+    """Export, check and simplify into a temporary file beside `path`, verify parity at batch 1 and 3 (max abs
+    difference <= atol, scaled by the output magnitude), and only then replace `path`."""
+    import onnx
+
+    path = Path(path)
+    opset = opset or DEFAULT_OPSET
+    module = module.eval()
+    example = example_input if example_input.shape[0] >= 2 else example_input.repeat(2, *[1] * (example_input.ndim - 1))
+    tmp = new_temp_path(path, ".onnx")
+    try:
+        try:
+            _export(module, example, tmp, opset)
+        except Exception as e:  # exporter failures are many types; report the first line
+            raise EdgefuseError(f"ONNX export failed: {first_line(e)}") from None
+        onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
+        if simplify:
+            _simplify(tmp)
+        inputs = parity_inputs(example)
+        scale = max(1.0, max(float(o.abs().max()) for o in _outputs(module, inputs[-1])))
+        diff = parity(tmp, module, inputs)
+        if not diff <= atol * scale:
+            raise EdgefuseError(f"ONNX output differs from PyTorch by {diff:.3g} (tolerance {atol * scale:.3g})")
+        commit(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def onnx_nodes(path: str | Path) -> int:
+    """Nodes in the main graph: on a Jetson at batch 1 each costs a kernel launch, so fewer is faster."""
+    import onnx
+
+    return len(onnx.load(str(path), load_external_data=False).graph.node)

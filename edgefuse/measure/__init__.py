@@ -1,0 +1,1 @@
+"""How a candidate is measured: runners (PyTorch, onnxruntime, CUDA), latency, memory, metrics, uncertainty."""

@@ -1,0 +1,73 @@
+"""The honest baselines: each member, and the exact ensemble in its three forms (one graph with the members one
+after another, one batched graph of grouped kernels, N separate sessions), measured exactly like every fused point."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from ..models.data import Splits
+from ..graph.onnx import onnx_nodes
+from ..fuse import ensemble
+from ..measure.runners import SessionsRunner, peak_memory_mb
+from .points import export_and_measure
+from .candidate import ALL_CORES, Candidate, measure, with_agreement
+
+EXACT = ("ensemble", "ensemble_batched", "ensemble_sessions")
+EXACT_LABELS = {"ensemble": "ensemble (members one after another, one graph)",
+                "ensemble_batched": "ensemble, batched (grouped kernels)"}
+
+
+def exact_ensembles(members: list[nn.Module], member_files: list[str], splits: Splits, batch_sizes: tuple[int, ...],
+                    threads: int, opset: int, out_dir: Path) -> tuple[dict[str, Candidate], dict[str, nn.Module]]:
+    """The three exact ensembles as candidates, and the modules of the two that are one graph. Each also gives every
+    member's logits (head_logits), for the uncertainty of their disagreement."""
+    big = max(batch_sizes)
+    seq = ensemble(members, head_outputs=True)
+    rows, modules = {}, {}
+    for name, module in (("ensemble", seq), ("ensemble_batched", seq.batch_heads())):
+        rows[name] = export_and_measure(module, splits, out_dir / f"{name}.onnx", opset, batch_sizes, threads,
+                                        key=name, label=EXACT_LABELS[name], kind="ensemble")
+        modules[name] = module
+    runner, predictor = SessionsRunner(member_files, threads), SessionsRunner(member_files, ALL_CORES)
+    rows["ensemble_sessions"] = measure(seq, splits, batch_sizes=batch_sizes, threads=threads, runner=runner,
+                                        predictor=predictor,
+                                        key="ensemble_sessions", label=f"ensemble, {len(members)} separate sessions",
+                                        kind="ensemble", onnx_nodes=sum(onnx_nodes(f) for f in member_files),
+                                        peak_memory_mb=peak_memory_mb(member_files, big, threads))
+    reference = rows["ensemble"].test_predictions
+    return {k: with_agreement(r, reference) for k, r in rows.items()}, modules
+
+
+def int8_ensembles(modules: dict[str, nn.Module], splits: Splits, target, out_dir: Path,
+                   reference: np.ndarray) -> list[Candidate]:
+    """The one-graph ensembles as INT8 QDQ graphs: candidates like any other, no longer exact, so never the
+    baseline latencies are compared with."""
+    rows = []
+    for name in ("ensemble", "ensemble_batched"):
+        row = export_and_measure(modules[name], splits, out_dir / f"{name}-int8.onnx", target.opset,
+                                 target.batch_sizes, target.threads, precision="int8", keep_ends=target.int8_keep_ends,
+                                 key=f"{name}-int8", label=f"{EXACT_LABELS[name]}, INT8", kind="ensemble")
+        rows.append(with_agreement(row, reference))
+    return rows
+
+
+def best_exact(rows: dict[str, Candidate]) -> dict[str, dict]:
+    """Per batch size, the fastest exact ensemble (p50): the honest baseline every latency is compared with."""
+    batches = rows["ensemble"].latency_by_batch
+    return {b: min(({"name": name, "p50": r.p50(b)} for name, r in rows.items()), key=lambda e: e["p50"])
+            for b in batches}
+
+
+def mean_of_members(members: list[Candidate]) -> dict:
+    """The report's `single` entry: scores averaged over the members (both splits), cost and latency of member 0."""
+    out = members[0].to_json()
+    out.pop("file", None)
+    for split in ("validation", "test"):
+        values = {k: [getattr(m, split)[k] for m in members] for k in members[0].test}
+        out[split] = {k: float(np.mean(v)) if None not in v else None for k, v in values.items()}
+    out |= out["test"] | {"key": "single", "label": "single (mean of members)",
+                          "point": None, "members": [{"key": m.key, "validation": m.validation, "test": m.test}
+                                                     for m in members]}
+    return out

@@ -1,0 +1,165 @@
+"""The one chooser: among every candidate (members, the distilled member, the exact ensembles, fused points) it ships
+the most accurate on validation data within the target's budgets, and never one that another candidate dominates.
+Test data never enters the choice. A validation difference within noise is a tie, and a tie goes to the clearly
+faster candidate."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from .candidate import Candidate
+from ..base.errors import EdgefuseError
+from ..measure.metrics import paired_z
+from ..targets import Target
+
+NOISE_Z = 2.0  # two standard errors of the paired difference: below this, two accuracies are a tie
+FASTER = 0.9  # "clearly faster": p50 at most 90 % of the other's at every batch size (timing noise is a few %)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """What the target allows. Latency budgets are per call, one per batch size (a single number applies to all);
+    `max_drop` asks instead for the fastest candidate within that validation-accuracy drop from the ensemble."""
+    max_macs_ratio: float | None = None
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    memory_mb: float | None = None
+    max_drop: float | None = None
+    min_auroc: float | None = None
+
+    def describe(self) -> str:
+        parts = [f"MACs ≤ {self.max_macs_ratio:g}× the ensemble" if self.max_macs_ratio is not None else "",
+                 ", ".join(f"p50 ≤ {v:g} ms at batch {b}" for b, v in self.latency_ms.items()),
+                 f"peak memory ≤ {self.memory_mb:g} MB" if self.memory_mb is not None else "",
+                 f"validation accuracy within {self.max_drop:g} of the ensemble" if self.max_drop is not None else "",
+                 f"misclassification-detection AUROC ≥ {self.min_auroc:g} on validation"
+                 if self.min_auroc is not None else ""]
+        return "; ".join(p for p in parts if p) or "no budget"
+
+    def as_dict(self) -> dict:
+        return {"max_macs_ratio": self.max_macs_ratio, "latency_ms": dict(self.latency_ms),
+                "memory_mb": self.memory_mb, "max_drop": self.max_drop, "min_auroc": self.min_auroc}
+
+
+@dataclass(frozen=True)
+class Choice:
+    chosen: Candidate
+    reason: str
+    dominated_by: dict[str, str]  # candidate key -> key of a candidate that dominates it
+    within_budget: tuple[str, ...]
+
+
+def dominates(a: Candidate, b: Candidate, batches: list[str], memory: bool = False, uncertainty: bool = False) -> bool:
+    """`a` matches or beats `b` on validation accuracy while being no slower at every batch size (and, when memory is
+    budgeted, no larger; when uncertainty is asked for, flagging errors at least as well)."""
+    return (a.accuracy >= b.accuracy and all(a.p50(x) <= b.p50(x) for x in batches)
+            and (not memory or (a.peak_memory_mb or 0.0) <= (b.peak_memory_mb or 0.0))
+            and (not uncertainty or (a.uncertainty_auroc or 0.0) >= (b.uncertainty_auroc or 0.0)))
+
+
+def _speed(c: Candidate, batches: list[str]) -> float:
+    """Geometric mean of p50 over the batch sizes: one number to order candidates by speed."""
+    return math.exp(sum(math.log(max(c.p50(b), 1e-9)) for b in batches) / len(batches))
+
+
+def dominance(rows: list[Candidate], batches: list[str], memory: bool = False,
+              uncertainty: bool = False) -> dict[str, str]:
+    """For each dominated row, the key of its most accurate dominator. Of two rows equal on every criterion the
+    first listed stands and the second is dominated, so a set of identical rows keeps exactly one."""
+    out = {}
+    for j, b in enumerate(rows):
+        beaten_by = [a for i, a in enumerate(rows) if i != j and dominates(a, b, batches, memory, uncertainty)
+                     and (i < j or not dominates(b, a, batches, memory, uncertainty))]
+        if beaten_by:
+            out[b.key] = max(beaten_by, key=lambda a: (a.accuracy, -_speed(a, batches))).key
+    return out
+
+
+def fits(c: Candidate, budget: Budget, ensemble_macs: int) -> bool:
+    """Within every budget: MACs, latency, memory, and the uncertainty criterion (the validation AUROC of the
+    candidate's better signal, max softmax or its heads' disagreement)."""
+    return ((budget.max_macs_ratio is None or c.macs <= budget.max_macs_ratio * ensemble_macs)
+            and all(c.p50(b) <= v for b, v in budget.latency_ms.items())
+            and (budget.memory_mb is None or (c.peak_memory_mb or 0.0) <= budget.memory_mb)
+            and (budget.min_auroc is None or (c.uncertainty_auroc or 0.0) >= budget.min_auroc))
+
+
+def tie_z(a: Candidate, b: Candidate) -> float | None:
+    """Paired z of `a` over `b` on validation, or None when the per-sample results are not known."""
+    if a.val_correct is None or b.val_correct is None or len(a.val_correct) != len(b.val_correct):
+        return None
+    return paired_z(a.val_correct, b.val_correct)
+
+
+def same_network(a: Candidate, b: Candidate) -> bool:
+    """Same MACs, parameters, ONNX node count and precision: in practice the same graph (two members, a member and
+    its distilled copy), so a latency difference between them is timing noise, however large it was measured, and
+    cannot break a tie. An INT8 twin or the batched ensemble differs in graph, so its speed still counts."""
+    return (a.macs, a.params, a.onnx_nodes, a.precision) == (b.macs, b.params, b.onnx_nodes, b.precision)
+
+
+def choose(rows: list[Candidate], budget: Budget, ensemble: Candidate) -> Choice:
+    """The chooser. `rows` holds every candidate, the exact ensembles included; `ensemble` is the reference for
+    the MACs share and for `max_drop`."""
+    batches = list(ensemble.latency_by_batch)
+    beaten = dominance(rows, batches, memory=budget.memory_mb is not None, uncertainty=budget.min_auroc is not None)
+    within = [c for c in rows if fits(c, budget, ensemble.macs)]
+    if budget.max_drop is not None:
+        within = [c for c in within if c.accuracy >= ensemble.accuracy - budget.max_drop]
+    pool = [c for c in within if c.key not in beaten]
+    if not pool:
+        cheapest = min(rows, key=lambda c: _speed(c, batches))
+        raise EdgefuseError(f"no candidate meets the budget ({budget.describe()}); the cheapest is {cheapest.label}: "
+                            f"p50 {cheapest.p50(batches[0]):.3f} ms at batch {batches[0]}, "
+                            f"{cheapest.peak_memory_mb or float('nan'):.1f} MB, validation accuracy "
+                            f"{cheapest.accuracy:.4f}")
+    if budget.max_drop is not None:
+        chosen = min(pool, key=lambda c: _speed(c, batches))
+        reason = (f"the fastest candidate within {budget.max_drop:g} of the ensemble's validation accuracy "
+                  f"({chosen.accuracy:.4f} vs {ensemble.accuracy:.4f})")
+        return Choice(chosen, reason, beaten, tuple(c.key for c in within))
+    best = max(pool, key=lambda c: (c.accuracy, -_speed(c, batches)))
+    reason = (f"the most accurate on validation ({best.accuracy:.4f}) of the {len(within)} candidates within the "
+              f"budget ({budget.describe()}), and no candidate is as accurate and at least as fast")
+    faster = [c for c in pool if c is not best and not same_network(c, best)
+              and all(c.p50(b) <= FASTER * best.p50(b) for b in batches)
+              and (z := tie_z(best, c)) is not None and z < NOISE_Z]
+    chosen = best
+    if faster:
+        chosen = min(faster, key=lambda c: _speed(c, batches))
+        z = tie_z(best, chosen)
+        ratios = ", ".join(f"{chosen.p50(b) / best.p50(b):.2f}× at b{b}" for b in batches)
+        reason = (f"ties on validation with the most accurate candidate, {best.label} ({chosen.accuracy:.4f} vs "
+                  f"{best.accuracy:.4f}, {z:.1f} standard errors apart, under {NOISE_Z:g}), and is clearly faster "
+                  f"(p50 {ratios})")
+    ties = [c.label for c in pool if c is not chosen and (z := tie_z(chosen, c)) is not None and abs(z) < NOISE_Z]
+    if ties:
+        reason += f"; within noise of it on validation (a tie): {', '.join(ties)}"
+    if chosen.kind in ("member", "distilled member"):
+        reason += f"; a single {chosen.kind} ships: no fused model or ensemble within the budget does better"
+    return Choice(chosen, reason, beaten, tuple(c.key for c in within))
+
+
+def target_budget(tgt: Target, latency_ms: float | tuple[float, ...] | None = None, memory_mb: float | None = None,
+                  max_drop: float | None = None, min_auroc: float | None = None) -> Budget:
+    """The target's budgets, overridden where given. A latency budget is one p50 per batch size of the target (a
+    single number applies to every batch size), and applies only where latency is measured on the target's own
+    runtime (onnxruntime here); a device's latency comes from its bundle, so TensorRT targets use the MACs share as
+    their proxy."""
+    if min_auroc is not None and not (isinstance(min_auroc, (int, float)) and 0 <= min_auroc <= 1):
+        raise EdgefuseError(f"the minimum AUROC must be a number from 0 to 1, got {min_auroc!r}")
+    for name, v in (("latency budget", latency_ms), ("memory budget", memory_mb), ("accuracy drop", max_drop)):
+        values = v if isinstance(v, (tuple, list)) else () if v is None else (v,)
+        if not all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in values):
+            raise EdgefuseError(f"the {name} must be a finite number of at least 0, got {v!r}")
+    lat = latency_ms if latency_ms is not None else tgt.latency_budget_ms
+    lat = lat if tgt.runtime == "onnxruntime" else None
+    if lat is None:
+        per_batch = {}
+    else:
+        values = tuple(lat) if isinstance(lat, (tuple, list)) else (lat,) * len(tgt.batch_sizes)
+        if len(values) != len(tgt.batch_sizes):
+            raise EdgefuseError(f"{len(values)} latency budgets for the {len(tgt.batch_sizes)} batch sizes of target "
+                                f"'{tgt.name}' ({', '.join(map(str, tgt.batch_sizes))}): give one, or one per size")
+        per_batch = {str(b): float(v) for b, v in zip(tgt.batch_sizes, values)}
+    return Budget(tgt.max_macs_ratio, per_batch, memory_mb if memory_mb is not None else tgt.memory_budget_mb,
+                  max_drop, min_auroc if min_auroc is not None else tgt.min_auroc)

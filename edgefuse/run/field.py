@@ -1,0 +1,122 @@
+"""Every candidate of one run, measured alike: the members, the exact ensembles, the fused points, and then the
+distilled ones — the best member distilled towards the ensemble and the best fused depth and alpha within the budget,
+each with the same distillation budget."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import Progress
+from torch import nn
+
+from .baselines import exact_ensembles, int8_ensembles
+from .candidate import Candidate, Point
+from .points import Job, run_points
+from .choose import Budget, fits
+from ..fuse import DistillConfig
+from .setup import Setup
+from ..targets import Target
+
+
+DEFAULT_ALPHAS = (0.1, 0.25, 0.5, 0.75)
+
+
+def grid(n_cuts: int, alphas=DEFAULT_ALPHAS, methods=("weight",), repairs=("bn",)) -> list[Point]:
+    """Every depth from 1 to the full merge and every alpha, for each alignment method and repair."""
+    return [Point(kind, float(v), m, r) for m in methods for r in repairs
+            for kind, values in (("depth", range(1, n_cuts + 1)), ("alpha", alphas)) for v in values]
+
+
+@dataclass
+class Field:
+    """The measured candidates and, when kept, their modules by key (the shipped one is parity-checked)."""
+    members: list[Candidate]
+    exact: dict[str, Candidate]
+    others: list[Candidate]
+    modules: dict[str, nn.Module] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> list[Candidate]:
+        return self.members + list(self.exact.values()) + self.others
+
+
+def distill_config(tgt: Target, augment: bool | None = None) -> DistillConfig | None:
+    """The target's distillation budget (`distill_steps`, `distill_batch_size`, `distill_augment`,
+    `distill_per_head`); None without."""
+    if not tgt.distill_steps:
+        return None
+    return DistillConfig(steps=tgt.distill_steps, batch_size=tgt.distill_batch_size,
+                         augment=tgt.distill_augment if augment is None else augment, per_head=tgt.distill_per_head)
+
+
+def measure_field(s: Setup, tgt: Target, points: list[Point], out_dir: Path, budget: Budget, console: Console,
+                  distill: DistillConfig | None = None, cache: str | Path | None = None, workers: int = 0,
+                  ray_address: str | None = None, store: Path | None = None, key: str = "", pick: bool = True) -> Field:
+    """Members, then the exact ensembles (their N-sessions form runs the members' files), then `points`, then (with
+    `pick`) the distilled candidates picked on validation accuracy. Everything lands in `out_dir`."""
+    method = points[0].method if points else next(iter(s.aligned))
+    keep = workers == 0 and ray_address is None and store is None
+
+    def jobs(pts: list[Point]) -> list[Job]:
+        return [Job(p, s.aligned[p.method], s.splits.name, tgt.opset, tgt.batch_sizes, tgt.threads, tgt.batch_heads,
+                    str(out_dir), s.ensemble_predictions, distill, str(cache) if cache else None, keep,
+                    tgt.int8_keep_ends) for p in pts]
+
+    def int8(pts: list[Point]) -> list[Point]:
+        """Every point again as an INT8 graph, when the target weighs INT8."""
+        return [p.as_int8() for p in pts] if tgt.int8 else []
+
+    def run(pts: list[Point], what: str, w: int = workers) -> list[Candidate]:
+        with Progress(console=console, disable=console.quiet or not pts) as progress:
+            task = progress.add_task(f"{what}: {len(pts)} candidates", total=len(pts))
+            done = run_points(jobs(pts), w, ray_address if w else None, store, key, (progress, task))
+        out.modules |= {c.key: m for c, m in done if m is not None}
+        return [c for c, _ in done]
+
+    out = Field([], {}, [])
+    members = [Point("member", i, method, None) for i in range(len(s.models))]
+    out.members = run(members, "members", 0)
+    exact, modules = exact_ensembles(s.aligned[method], [m.file for m in out.members], s.splits, tgt.batch_sizes,
+                                     tgt.threads, tgt.opset, out_dir)
+    out.exact, out.modules = exact, out.modules | modules
+    if tgt.int8:
+        out.others += int8_ensembles(modules, s.splits, tgt, out_dir, s.ensemble_predictions)
+    out.others += run(points + int8(members + points), "fuse, export, measure")
+    if distill is not None and pick:
+        picks = distill_picks(out, budget)
+        console.print(f"[bold]distill[/]: {', '.join(p.label for p in picks)}; {distill.describe()} each")
+        out.others += run(picks + int8(picks), "distill, export, measure")
+    return out
+
+
+def distill_picks(f: Field, budget: Budget) -> list[Point]:
+    """The points worth the distillation budget, chosen on validation only: the most accurate member, and per
+    fused family (depth, alpha) its most accurate point within the budget (or its cheapest when none fits)."""
+    best = max(f.members, key=lambda c: c.accuracy)
+    picks = [Point("member", best.point.value, best.point.method, None, True)]
+    ens_macs = f.exact["ensemble"].macs
+    for kind in ("depth", "alpha"):
+        family = [c for c in f.others if c.point and c.point.kind == kind and not c.point.distill
+                  and c.precision == "fp32"]
+        if not family:
+            continue
+        within = [c for c in family if fits(c, budget, ens_macs)]
+        pick = max(within, key=lambda c: c.accuracy) if within else min(family, key=lambda c: c.macs)
+        p = pick.point
+        picks.append(Point(p.kind, p.value, p.method, p.repair, True))
+    return picks
+
+
+DISTILL_WHY = "the same budget for every distilled candidate, sized to keep make export under 10 minutes on 2 cores"
+
+
+def report_head(tgt: Target, s: Setup, methods: tuple[str, ...], budget: Budget, cfg: DistillConfig | None) -> dict:
+    """What a report says about its run before the rows: target, models, data splits, alignment, budget."""
+    return {"target": tgt.name, "arch": s.label, "n_models": len(s.models), **s.data_lines(),
+            "threads": tgt.threads, "batch_sizes": list(tgt.batch_sizes), "batched_heads": tgt.batch_heads,
+            "max_depth": len(s.spec.cut_points), "align_method": ", ".join(methods),
+            "align_seconds": s.align_seconds[methods[0]] if len(methods) == 1 else s.align_seconds,
+            "budget": budget.as_dict(),
+            "distillation": {"config": cfg.describe(), "steps": cfg.steps, "batch_size": cfg.batch_size,
+                             "augment": cfg.augment, "why": DISTILL_WHY} if cfg else None}

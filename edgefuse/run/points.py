@@ -1,0 +1,185 @@
+"""Jobs: build one candidate (a member, the distilled member, a fused point), export it and measure it — in this
+process, in worker processes or on a Ray cluster. Finished points are stored one file each, so a sweep resumes;
+distilled weights are cached, so a second run does not train again."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..models.data import load_dataset
+from ..graph.int8 import quantize_int8
+from ..base.errors import EdgefuseError
+from ..graph.onnx import export_onnx, onnx_nodes
+from ..base.files import atomic_write_bytes, atomic_write_text
+from ..fuse import DistillConfig, distill, ensemble, fuse
+from ..measure.runners import peak_memory_mb
+from ..spec.permspec import permutation_spec
+from .candidate import Candidate, Point, measure, with_agreement
+
+
+@dataclass
+class Job:
+    """What a worker needs to evaluate one point; plain data and modules, so it pickles to another process."""
+    point: Point
+    aligned: list[nn.Module]
+    dataset: str
+    opset: int
+    batch_sizes: tuple[int, ...]
+    threads: int
+    batch_heads: bool
+    out_dir: str
+    ensemble_predictions: np.ndarray
+    distill: DistillConfig | None = None
+    cache: str | None = None
+    keep_module: bool = False
+    keep_ends: bool = False  # INT8: the first and last weighted layers stay FP32
+
+
+def fingerprint(models: list[nn.Module], *parts: str) -> str:
+    """Identity of a job's inputs: stored points and distilled weights are reused only for the same models,
+    data and settings."""
+    h = hashlib.sha256("\0".join(parts).encode())
+    for m in models:
+        for k, v in sorted(m.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def build(job: Job, splits) -> nn.Module:
+    """The point's module: a member as it is, or the aligned models fused at the point (BN reset or REPAIR), then
+    distilled towards their exact ensemble when the point says so. A depth split also outputs its heads' logits
+    (head_logits), whose disagreement flags inputs not to trust."""
+    p = job.point
+    if p.kind == "member":
+        if not 0 <= int(p.value) < len(job.aligned):
+            raise EdgefuseError(f"there is no member {int(p.value)} among {len(job.aligned)} models")
+        module = job.aligned[int(p.value)]
+        module = copy.deepcopy(module) if p.distill else module
+    else:
+        spec = permutation_spec(job.aligned[0], splits.example)
+        kw = dict(depth=int(p.value)) if p.kind == "depth" else dict(alpha=p.value)
+        module = fuse(job.aligned, spec, data=splits.calib_batches, repair=p.repair,
+                      batch_heads=p.kind == "depth" and job.batch_heads, head_outputs=p.kind == "depth", **kw)
+    if p.distill:
+        if job.distill is None:
+            raise EdgefuseError(f"{p.label}: no distillation budget was given")
+        _distilled(module, job, splits)
+    return module.eval()
+
+
+def _distilled(student: nn.Module, job: Job, splits) -> None:
+    """Distil in place, or load the weights of an earlier run with the same models, point and budget."""
+    cfg = job.distill
+    key = fingerprint(job.aligned, job.point.key, repr(cfg), job.dataset, str(job.batch_heads))
+    path = Path(job.cache) / "distilled" / f"{key}.pt" if job.cache else None
+    if path is not None and path.is_file():
+        student.load_state_dict(torch.load(path, weights_only=True))
+        return
+    distill(student, ensemble(job.aligned, batched=True, head_outputs=cfg.per_head), splits.x_train, cfg,
+            label=job.point.label,
+            quiet=multiprocessing.parent_process() is not None or None)
+    if path is not None:
+        import io
+
+        buf = io.BytesIO()
+        torch.save(student.state_dict(), buf)
+        atomic_write_bytes(path, buf.getvalue())
+
+
+def evaluate(job: Job) -> tuple[Candidate, nn.Module | None]:
+    """Build, export and measure one point: scores on both splits, agreement with the ensemble, cost, latency and
+    peak memory on the target's runtime."""
+    if multiprocessing.parent_process() is not None:  # a worker: several share the cores
+        torch.set_num_threads(max(1, job.threads))
+    splits = load_dataset(job.dataset)
+    module = build(job, splits)
+    p = job.point
+    row = export_and_measure(module, splits, Path(job.out_dir) / f"{p.key}.onnx", job.opset, job.batch_sizes,
+                             job.threads, key=p.key, label=p.label, kind=p.row_kind, point=p,
+                             batched_heads=p.kind == "depth" and job.batch_heads,
+                             distill=job.distill.describe() if p.distill else None, precision=p.precision,
+                             keep_ends=job.keep_ends)
+    return with_agreement(row, job.ensemble_predictions), module if job.keep_module else None
+
+
+def export_and_measure(module: nn.Module, splits, path: Path, opset: int, batch_sizes: tuple[int, ...],
+                       threads: int, precision: str = "fp32", keep_ends: bool = False, **fields) -> Candidate:
+    """One candidate as every candidate is measured: exported (parity-checked), run with onnxruntime on both
+    splits, timed at each batch size, its peak memory taken in a fresh process. An INT8 candidate is the QDQ graph
+    of that export, calibrated on training images only, and measured the same way."""
+    if precision == "int8":
+        fp32 = export_onnx(module, splits.example, path.with_name(f"{path.stem}-fp32.onnx"), opset=opset)
+        q = quantize_int8(fp32, splits.x_train, path, keep_ends)
+        fp32.unlink()
+        path, fields = q.path, fields | {"precision": "int8", "quantization": q.summary()}
+    else:
+        path = export_onnx(module, splits.example, path, opset=opset)
+    return measure(module, splits, path, batch_sizes, threads, onnx_nodes=onnx_nodes(path),
+                   peak_memory_mb=peak_memory_mb([path], max(batch_sizes), threads), **fields)
+
+
+def run_points(jobs: list[Job], workers: int = 0, ray_address: str | None = None, store: Path | None = None,
+               key: str = "", progress=None) -> list[tuple[Candidate, nn.Module | None]]:
+    """Evaluate every job, skipping those already stored under `store` with the same fingerprint `key`.
+    workers=0 runs in this process; otherwise fresh spawned processes (one per point: clean memory, no state)."""
+    done_rows: dict[str, tuple[Candidate, nn.Module | None]] = {}
+    todo = []
+    for job in jobs:
+        saved = store / f"{job.point.key}.json" if store else None
+        if saved and saved.is_file():
+            got = json.loads(saved.read_text())
+            if got.pop("fingerprint", None) == key:
+                done_rows[job.point.key] = (Candidate.from_json(got, store.parent), None)
+                _advance(progress)
+                continue
+        todo.append(job)
+
+    def done(result: tuple[Candidate, nn.Module | None]) -> None:
+        row = result[0]
+        done_rows[row.key] = result
+        if store:
+            stored = row.to_json(store.parent, stored=True) | {"fingerprint": key}
+            atomic_write_text(store / f"{row.key}.json", json.dumps(stored, indent=1))
+        _advance(progress)
+
+    if not todo:
+        pass
+    elif ray_address:
+        _run_ray(todo, ray_address, done)
+    elif workers == 0:
+        for job in todo:
+            done(evaluate(job))
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, max_tasks_per_child=1) as pool:
+            for f in as_completed([pool.submit(evaluate, job) for job in todo]):
+                done(f.result())
+    return [done_rows[job.point.key] for job in jobs]
+
+
+def _run_ray(jobs: list[Job], address: str, done) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise EdgefuseError("--ray needs Ray: pip install 'edgefuse[ray]'") from None
+    ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+    remote = ray.remote(evaluate)
+    pending = [remote.remote(job) for job in jobs]
+    while pending:
+        finished, pending = ray.wait(pending, num_returns=1)
+        done(ray.get(finished[0]))
+
+
+def _advance(progress) -> None:
+    if progress is not None:
+        progress[0].advance(progress[1])

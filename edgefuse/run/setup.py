@@ -1,0 +1,58 @@
+"""What every candidate of one run shares: the N models (the user's or the zoo's), the three data splits, the
+permutation spec and the alignment, and the exact ensemble's test predictions (for agreement)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from torch import nn
+
+from ..align import align
+from .candidate import torch_predictions
+from ..base.validate import check_models
+from ..models.data import Splits, load_dataset
+from ..fuse import ensemble
+from ..spec.permspec import PermSpec, permutation_spec
+
+
+@dataclass(frozen=True)
+class Setup:
+    models: list[nn.Module]
+    label: str
+    splits: Splits
+    spec: PermSpec
+    aligned: dict[str, list[nn.Module]]
+    align_seconds: dict[str, float]
+    ensemble_predictions: np.ndarray
+
+    def data_lines(self) -> dict[str, str]:
+        """What was used for what, in words for the report."""
+        s = self.splits
+        return {"dataset": s.name, "validation_data": f"{len(s.x_val):,} validation images held out of "
+                f"{s.name}'s training split", "test_data": f"{s.name}'s test split ({len(s.x_test):,} images)",
+                "n_validation": len(s.x_val), "n_test": len(s.x_test), "n_train": len(s.x_train)}
+
+
+def prepare(models: list[nn.Module] | None, arch: str, n: int, dataset: str, cache: str | Path,
+            methods: tuple[str, ...], console: Console) -> Setup:
+    """Load or train the zoo when no models are given, check the models, split the data, align once per method."""
+    label = arch if models is None else type(models[0]).__name__
+    if models is None:
+        from ..models.zoo import zoo_models
+        console.print(f"[bold]zoo[/]: {n} × {arch} on Fashion-MNIST (cached under {cache})")
+        models, _ = zoo_models(arch, n, cache=cache, quiet=console.quiet)
+    check_models(models, "export")
+    splits = load_dataset(dataset)
+    spec = permutation_spec(models[0], splits.example)
+    aligned, seconds = {}, {}
+    for method in methods:
+        t0 = time.perf_counter()
+        aligned[method] = align(models, spec, method=method, data=splits.calib_batches)
+        seconds[method] = time.perf_counter() - t0
+        console.print(f"[bold]align[/]: {method} matching of {len(models)} models, {len(spec.groups)} groups, "
+                      f"{seconds[method]:.1f} s; {len(spec.cut_points)} cut points")
+    reference = torch_predictions(ensemble(models), splits.x_test)
+    return Setup(models, label, splits, spec, aligned, seconds, reference)
