@@ -10,7 +10,7 @@ import types
 
 _PUBLIC = {
     "EdgefuseError": "base.errors", "UnsupportedModelError": "base.errors",
-    "load_models": "models.load",
+    "load_models": "models.load", "load_data": "models.sources",
     "PermSpec": "spec.permspec", "permutation_spec": "spec.permspec", "permute": "spec.permspec",
     "align": "align", "align_perms": "align",
     "FusedModel": "fuse", "batch_models": "fuse", "ensemble": "fuse", "fuse": "fuse",

@@ -77,9 +77,18 @@ model_options = [
     click.option("-n", "--n-models", "n", type=click.IntRange(2, 64), default=4, show_default=True,
                  help="Number of zoo models (seeds 0..N-1)."),
     click.option("--cache", default="build/cache", show_default=True, help="Folder of cached zoo checkpoints."),
-    click.option("--dataset", type=click.Choice(["fashion-mnist", "digits"]), default="fashion-mnist",
-                 show_default=True, help="Calibration and test data."),
+    click.option("--data", "--dataset", "data", default="fashion-mnist", show_default=True, metavar="SOURCE",
+                 help="fashion-mnist, digits, a folder (train/ test/ [val/] of <class>/<image>), an .npz file or "
+                 "MODULE:FUNCTION returning the splits."),
+    click.option("--val-size", type=click.IntRange(1, None), default=None,
+                 help="Validation samples held out of the training split when SOURCE has no val split (default: "
+                 "a tenth, at most 5,000)."),
 ]
+
+
+def _splits(data: str, val_size: int | None):
+    from ..models.sources import load_data
+    return load_data(data, val_size)
 
 
 def with_models(f):
@@ -141,7 +150,7 @@ def train(obj: dict, arch: str, n: int, epochs: int | None, width: int | None, c
 @click.option("-o", "--out", type=click.Path(dir_okay=False), required=True, help="ONNX file to write.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.pass_obj
-def fuse_cmd(obj: dict, checkpoints, arch, model, n, cache, dataset, depth, alpha, method, select, repair, steps,
+def fuse_cmd(obj: dict, checkpoints, arch, model, n, cache, data, val_size, depth, alpha, method, select, repair, steps,
              batch_heads, head_outputs, opset, out, force) -> None:
     """Align and fuse N models at one depth, write the fused model as ONNX.
 
@@ -150,15 +159,16 @@ def fuse_cmd(obj: dict, checkpoints, arch, model, n, cache, dataset, depth, alph
     from ..align import align
     from ..fuse import fuse
     from ..spec.permspec import permutation_spec
-    from ..models.data import load_dataset
     from ..graph.onnx import export_onnx
+    from ..models.fit import check_fit
 
     if Path(out).exists() and not force:
         raise EdgefuseError(f"{out} exists (use --force to overwrite)")
     if (depth is None) == (alpha is None):
         raise EdgefuseError("give exactly one of --depth and --alpha")
     models = _models(arch, model, checkpoints, n, cache, obj["quiet"])
-    splits = load_dataset(dataset)
+    splits = _splits(data, val_size)
+    check_fit(models[0], splits)
     spec = permutation_spec(models[0], splits.example)
     calib_batches = splits.calib_batches
     aligned = align(models, spec, method=method, data=calib_batches)
@@ -180,7 +190,7 @@ def fuse_cmd(obj: dict, checkpoints, arch, model, n, cache, dataset, depth, alph
 @click.option("--out-root", default="build", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an earlier export of this target.")
 @click.pass_obj
-def export(obj: dict, checkpoints, arch, model, n, cache, dataset, target, method, depth, augment, out_root,
+def export(obj: dict, checkpoints, arch, model, n, cache, data, val_size, target, method, depth, augment, out_root,
            force) -> None:
     """The main job: every member, the distilled member, the exact ensembles and the fused points, measured alike;
     the best on validation within the target's budget ships.
@@ -192,7 +202,7 @@ def export(obj: dict, checkpoints, arch, model, n, cache, dataset, target, metho
 
     console = _console(obj["quiet"])
     models = _models(arch, model, checkpoints, n, cache, obj["quiet"]) if model or checkpoints else None
-    report = run_export(target, models=models, arch=arch, n=n, dataset=dataset, out_root=out_root, cache=cache,
+    report = run_export(target, models=models, arch=arch, n=n, dataset=_splits(data, val_size), out_root=out_root, cache=cache,
                         method=method, depth=depth, console=console, force=force, augment=augment)
     _show(markdown(report))
     _echo(f"wrote {Path(out_root) / report['target']}/ (model.onnx: {report['shipped']['label']}, "
@@ -201,18 +211,18 @@ def export(obj: dict, checkpoints, arch, model, n, cache, dataset, target, metho
 
 @cli.command()
 @click.argument("onnx_file", type=click.Path())
-@click.option("--dataset", type=click.Choice(["fashion-mnist", "digits"]), default="fashion-mnist",
-              show_default=True)
+@click.option("--data", "--dataset", "data", default="fashion-mnist", show_default=True, metavar="SOURCE",
+              help="As for export: a built-in name, a folder, an .npz file or MODULE:FUNCTION.")
 @click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True)
 @click.option("--batch", "batch_sizes", type=click.IntRange(1, 4096), multiple=True, default=(1,),
               show_default=True, help="Batch size(s) for latency; repeat the option for several.")
-def verify(onnx_file: str, dataset: str, threads: int, batch_sizes: tuple[int, ...]) -> None:
+def verify(onnx_file: str, data: str, threads: int, batch_sizes: tuple[int, ...]) -> None:
     """Accuracy, NLL and latency of an ONNX model on the dataset's test split (onnxruntime CPU).
 
     Reads ONNX_FILE and the dataset; writes nothing (prints JSON)."""
     import json
 
-    from ..models.data import test_split
+    from ..models.data import BUILTIN, test_split
     from ..measure.metrics import scores
     from ..measure.runners import OrtRunner, latency, latency_batch, predict
 
@@ -222,12 +232,20 @@ def verify(onnx_file: str, dataset: str, threads: int, batch_sizes: tuple[int, .
         runner = OrtRunner(onnx_file, threads)
     except Exception as e:  # onnxruntime raises its own exception types for bad files
         raise EdgefuseError(f"cannot load {onnx_file}: {first_line(e)}") from None
-    x_test, y_test = test_split(dataset)
+    if data in BUILTIN:
+        x_test, y_test = test_split(data)
+    else:
+        splits = _splits(data, None)
+        x_test, y_test = splits.x_test, splits.y_test
     try:
-        result = scores(predict(runner, x_test), y_test)
+        logits = predict(runner, x_test)
     except Exception as e:
-        raise EdgefuseError(f"{onnx_file} does not run on {dataset} inputs {tuple(x_test.shape[1:])}: "
+        raise EdgefuseError(f"{onnx_file} does not run on {data} inputs {tuple(x_test.shape[1:])}: "
                             f"{first_line(e)}") from None
+    if logits.ndim != 2 or int(y_test.max()) >= logits.shape[1]:
+        raise EdgefuseError(f"{data}: test label {int(y_test.max())} is outside the {onnx_file}'s "
+                            f"{logits.shape[-1]} outputs")
+    result = scores(logits, y_test)
     result["latency_ms"] = {str(b): latency(runner, latency_batch(x_test, b)) for b in batch_sizes}
     _echo(json.dumps(result, indent=2))
 
@@ -262,7 +280,7 @@ def verify(onnx_file: str, dataset: str, threads: int, batch_sizes: tuple[int, .
 @click.option("--ray", "ray_address", default=None, help="Run candidates on a Ray cluster (needs edgefuse[ray]).")
 @click.option("--out-root", default="build", show_default=True)
 @click.pass_obj
-def sweep(obj: dict, checkpoints, arch, model, n, cache, dataset, target, latency_ms, memory_mb, max_drop, min_auroc,
+def sweep(obj: dict, checkpoints, arch, model, n, cache, data, val_size, target, latency_ms, memory_mb, max_drop, min_auroc,
           alphas, methods, repairs, distill_steps, augment, workers, ray_address, out_root) -> None:
     """Measure members, exact ensembles, depths and alphas; choose on validation within the budget.
 
@@ -273,7 +291,7 @@ def sweep(obj: dict, checkpoints, arch, model, n, cache, dataset, target, latenc
 
     console = _console(obj["quiet"])
     models = _models(arch, model, checkpoints, n, cache, obj["quiet"]) if model or checkpoints else None
-    result = run_sweep(target, models, arch, n, dataset, out_root, cache, tuple(dict.fromkeys(methods)),
+    result = run_sweep(target, models, arch, n, _splits(data, val_size), out_root, cache, tuple(dict.fromkeys(methods)),
                        tuple(alphas), tuple(None if r == "none" else r for r in dict.fromkeys(repairs)),
                        (latency_ms[0] if len(latency_ms) == 1 else tuple(latency_ms)) if latency_ms else None,
                        memory_mb, max_drop, workers, ray_address, distill_steps, augment, console=console,

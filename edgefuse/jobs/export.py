@@ -22,10 +22,11 @@ from ..measure.metrics import scores
 from ..run.setup import prepare
 from ..run.report import build_report, write_report
 from ..measure.runners import TorchRunner, predict
+from ..models.data import Splits
 from ..targets import Target, load_target
 
 def run_export(target: str = "cpu-ort", models: list[nn.Module] | None = None, arch: str = "cnn", n: int = 4,
-               dataset: str = "fashion-mnist", out_root: str | Path = "build", cache: str | Path = "build/cache",
+               dataset: str | Splits = "fashion-mnist", out_root: str | Path = "build", cache: str | Path = "build/cache",
                method: str = "weight", depth: int | None = None, console: Console | None = None,
                force: bool = False, augment: bool | None = None) -> dict:
     """Write out_root/<target>/{model.onnx, report.json, report.md, pareto.png, candidates/} and return the report.

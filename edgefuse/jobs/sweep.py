@@ -15,11 +15,12 @@ from ..base.errors import EdgefuseError
 from ..base.files import writable
 from ..run.setup import prepare
 from ..run.report import build_report, write_report
+from ..models.data import Splits
 from ..targets import load_target
 
 
 def run_sweep(target: str = "cpu-ort", models: list[nn.Module] | None = None, arch: str = "cnn", n: int = 4,
-              dataset: str = "fashion-mnist", out_root: str | Path = "build", cache: str | Path = "build/cache",
+              dataset: str | Splits = "fashion-mnist", out_root: str | Path = "build", cache: str | Path = "build/cache",
               methods: tuple[str, ...] = ("weight",), alphas: tuple[float, ...] = DEFAULT_ALPHAS,
               repairs: tuple = ("bn",), latency_ms: float | tuple[float, ...] | None = None,
               memory_mb: float | None = None, max_drop: float | None = None, workers: int = 1, ray_address: str | None = None,
@@ -38,7 +39,7 @@ def run_sweep(target: str = "cpu-ort", models: list[nn.Module] | None = None, ar
     writable(out / "points")
     s = prepare(models, arch, n, dataset, cache, tuple(methods), console)
     cfg = distill_config(tgt, augment)
-    key = fingerprint(s.models, Path(tgt.source).read_text(), dataset, repr(cfg))
+    key = fingerprint(s.models, Path(tgt.source).read_text(), s.splits.digest(), repr(cfg))
     points = grid(len(s.spec.cut_points), alphas, methods, repairs)
     f = measure_field(s, tgt, points, out / "candidates", budget, console, cfg, cache, workers, ray_address,
                       out / "points", key)

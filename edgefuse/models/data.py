@@ -123,14 +123,39 @@ def _check_fits(model: torch.nn.Module, x: torch.Tensor, what: str) -> None:
 @dataclass(frozen=True)
 class Splits:
     """Three disjoint parts of one dataset: `train` (zoo training, calibration, unlabeled distillation inputs),
-    `val` (the choice between candidates) and `test` (reported only, never used to choose)."""
+    `val` (the choice between candidates) and `test` (reported only, never used to choose). `x_train` may be a tensor
+    or inputs read from disk when indexed (models/images.py); its labels are optional. `name` is the source as the
+    user gave it, `classes` the class names where the data has them, `origins` where train, val and test came from."""
     name: str
     x_train: torch.Tensor
-    y_train: torch.Tensor
+    y_train: torch.Tensor | None
     x_val: torch.Tensor
     y_val: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+    classes: tuple[str, ...] = ()
+    origins: tuple[str, str, str] = ()
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_test.shape[1:])
+
+    @property
+    def n_classes(self) -> int:
+        """Named classes, else one more than the largest label seen."""
+        if self.classes:
+            return len(self.classes)
+        labels = [y for y in (self.y_train, self.y_val, self.y_test) if y is not None and len(y)]
+        return max(int(y.max()) for y in labels) + 1
+
+    def digest(self) -> str:
+        """Identity of the data for stored results: the source, the sizes, and the validation and test tensors."""
+        import hashlib
+
+        h = hashlib.sha256(f"{self.name}\0{len(self.x_train)}\0{self.classes}".encode())
+        for t in (self.x_val, self.y_val, self.x_test, self.y_test):
+            h.update(t.contiguous().numpy().tobytes())
+        return h.hexdigest()[:16]
 
     @property
     def calib(self) -> torch.Tensor:
@@ -157,16 +182,24 @@ def holdout(x: torch.Tensor, y: torch.Tensor, n_val: int) -> tuple[torch.Tensor,
     return x[train], y[train], x[val], y[val]
 
 
+BUILTIN = ("fashion-mnist", "digits")
+
+
 def load_dataset(name: str) -> Splits:
     """Fashion-MNIST (55,000 train / 5,000 validation from its training file, its 10,000 test images) or sklearn
     digits (1,000 / 297 / 500), for the zoo and for every choice the pipeline makes."""
     if name == "fashion-mnist":
         x, y = fashion_mnist("train")
         x_test, y_test = fashion_mnist("test")
-        return Splits(name, *holdout(x, y, VALIDATION_IMAGES), x_test, y_test)
+        return Splits(name, *holdout(x, y, VALIDATION_IMAGES), x_test, y_test, FASHION_CLASSES,
+                      (f"Fashion-MNIST's training file minus the hold-out ({len(x) - VALIDATION_IMAGES:,} images)",
+                       f"{VALIDATION_IMAGES:,} images held out (seed 0) of Fashion-MNIST's training file",
+                       f"Fashion-MNIST's test file ({len(x_test):,} images)"))
     if name == "digits":
         x, y = digits()
-        return Splits(name, x[:1000], y[:1000], x[1000:1297], y[1000:1297], x[1297:], y[1297:])
+        return Splits(name, x[:1000], y[:1000], x[1000:1297], y[1000:1297], x[1297:], y[1297:],
+                      tuple(str(d) for d in range(10)),
+                      ("sklearn digits 0-999", "sklearn digits 1000-1296", "sklearn digits 1297-1796"))
     raise EdgefuseError(f"unknown dataset '{name}' (choose from fashion-mnist, digits)")
 
 

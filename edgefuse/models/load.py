@@ -1,7 +1,6 @@
 """Load N checkpoints into one architecture without ever unpickling code."""
 from __future__ import annotations
 
-import importlib
 import pickle
 import warnings
 from collections.abc import Callable
@@ -12,6 +11,7 @@ from torch import nn
 
 from ..base.errors import EdgefuseError, first_line
 from ..base.files import native
+from ..base.hooks import import_callable
 
 
 def resolve_factory(factory: str | Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -26,14 +26,7 @@ def resolve_factory(factory: str | Callable[[], nn.Module]) -> Callable[[], nn.M
             return zoo.ARCHITECTURES[name]
         raise EdgefuseError(f"unknown model factory '{factory}': use 'module.path:function' or one of "
                             f"{', '.join('zoo:' + a for a in zoo.ARCHITECTURES)}")
-    mod_name, fn_name = factory.split(":", 1)
-    try:
-        fn = getattr(importlib.import_module(mod_name), fn_name)
-    except (ImportError, AttributeError) as e:
-        raise EdgefuseError(f"cannot import model factory '{factory}': {e}") from None
-    if not callable(fn):
-        raise EdgefuseError(f"model factory '{factory}' is not callable")
-    return fn
+    return import_callable(factory, "model factory")
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

@@ -59,7 +59,7 @@ def measure_field(s: Setup, tgt: Target, points: list[Point], out_dir: Path, bud
     keep = workers == 0 and ray_address is None and store is None
 
     def jobs(pts: list[Point]) -> list[Job]:
-        return [Job(p, s.aligned[p.method], s.splits.name, tgt.opset, tgt.batch_sizes, tgt.threads, tgt.batch_heads,
+        return [Job(p, s.aligned[p.method], s.splits, tgt.opset, tgt.batch_sizes, tgt.threads, tgt.batch_heads,
                     str(out_dir), s.ensemble_predictions, distill, str(cache) if cache else None, keep,
                     tgt.int8_keep_ends) for p in pts]
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..models.data import load_dataset
+from ..models.data import Splits
 from ..graph.int8 import quantize_int8
 from ..base.errors import EdgefuseError
 from ..graph.onnx import export_onnx, onnx_nodes
@@ -28,10 +28,11 @@ from .candidate import Candidate, Point, measure, with_agreement
 
 @dataclass
 class Job:
-    """What a worker needs to evaluate one point; plain data and modules, so it pickles to another process."""
+    """What a worker needs to evaluate one point; plain data and modules, so it pickles to another process. The
+    splits travel with the job (images on disk travel as file names), so no worker reads the source again."""
     point: Point
     aligned: list[nn.Module]
-    dataset: str
+    splits: Splits
     opset: int
     batch_sizes: tuple[int, ...]
     threads: int
@@ -80,7 +81,7 @@ def build(job: Job, splits) -> nn.Module:
 def _distilled(student: nn.Module, job: Job, splits) -> None:
     """Distil in place, or load the weights of an earlier run with the same models, point and budget."""
     cfg = job.distill
-    key = fingerprint(job.aligned, job.point.key, repr(cfg), job.dataset, str(job.batch_heads))
+    key = fingerprint(job.aligned, job.point.key, repr(cfg), job.splits.digest(), str(job.batch_heads))
     path = Path(job.cache) / "distilled" / f"{key}.pt" if job.cache else None
     if path is not None and path.is_file():
         student.load_state_dict(torch.load(path, weights_only=True))
@@ -101,7 +102,7 @@ def evaluate(job: Job) -> tuple[Candidate, nn.Module | None]:
     peak memory on the target's runtime."""
     if multiprocessing.parent_process() is not None:  # a worker: several share the cores
         torch.set_num_threads(max(1, job.threads))
-    splits = load_dataset(job.dataset)
+    splits = job.splits
     module = build(job, splits)
     p = job.point
     row = export_and_measure(module, splits, Path(job.out_dir) / f"{p.key}.onnx", job.opset, job.batch_sizes,

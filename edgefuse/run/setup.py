@@ -13,7 +13,9 @@ from torch import nn
 from ..align import align
 from .candidate import torch_predictions
 from ..base.validate import check_models
-from ..models.data import Splits, load_dataset
+from ..models.data import Splits
+from ..models.fit import check_fit
+from ..models.sources import load_data
 from ..fuse import ensemble
 from ..spec.permspec import PermSpec, permutation_spec
 
@@ -29,23 +31,27 @@ class Setup:
     ensemble_predictions: np.ndarray
 
     def data_lines(self) -> dict[str, str]:
-        """What was used for what, in words for the report."""
+        """What was used for what, in words for the report: the source as given, where each split came from,
+        counts, classes and the input shape."""
         s = self.splits
-        return {"dataset": s.name, "validation_data": f"{len(s.x_val):,} validation images held out of "
-                f"{s.name}'s training split", "test_data": f"{s.name}'s test split ({len(s.x_test):,} images)",
-                "n_validation": len(s.x_val), "n_test": len(s.x_test), "n_train": len(s.x_train)}
+        train, val, test = s.origins or ("", "", "")
+        return {"dataset": s.name, "data_source": s.name, "train_data": train, "validation_data": val,
+                "test_data": test, "n_validation": len(s.x_val), "n_test": len(s.x_test), "n_train": len(s.x_train),
+                "classes": list(s.classes) or s.n_classes, "input_shape": list(s.input_shape)}
 
 
-def prepare(models: list[nn.Module] | None, arch: str, n: int, dataset: str, cache: str | Path,
+def prepare(models: list[nn.Module] | None, arch: str, n: int, dataset: str | Splits, cache: str | Path,
             methods: tuple[str, ...], console: Console) -> Setup:
-    """Load or train the zoo when no models are given, check the models, split the data, align once per method."""
+    """Load or train the zoo when no models are given, check the models, read the data (a source as `load_data`
+    takes it, or its splits), check that data and models fit each other, align once per method."""
     label = arch if models is None else type(models[0]).__name__
     if models is None:
         from ..models.zoo import zoo_models
         console.print(f"[bold]zoo[/]: {n} × {arch} on Fashion-MNIST (cached under {cache})")
         models, _ = zoo_models(arch, n, cache=cache, quiet=console.quiet)
     check_models(models, "export")
-    splits = load_dataset(dataset)
+    splits = dataset if isinstance(dataset, Splits) else load_data(dataset)
+    check_fit(models[0], splits)
     spec = permutation_spec(models[0], splits.example)
     aligned, seconds = {}, {}
     for method in methods:

@@ -1,0 +1,39 @@
+"""User code named as `module.path:function` (a model factory, a data loader hook), imported the same way for both:
+the current folder first on the path, as `python -m` would have it, and one line naming the hook when it fails."""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from collections.abc import Callable
+
+from .errors import EdgefuseError, first_line
+
+
+def is_hook(text: str) -> bool:
+    """`module.path:function`: a colon with a dotted Python name on its left (so `C:\\data` or `./x:y` is a path)."""
+    mod, sep, fn = text.partition(":")
+    return bool(sep) and bool(fn) and all(p.isidentifier() for p in mod.split(".")) and fn.isidentifier()
+
+
+def import_callable(spec: str, what: str) -> Callable:
+    """The function `spec` names, imported with the current folder on sys.path."""
+    if not is_hook(spec):
+        raise EdgefuseError(f"{what} '{spec}' is not of the form module.path:function")
+    mod_name, fn_name = spec.split(":", 1)
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise EdgefuseError(f"cannot import {what} '{spec}': {first_line(e)}") from None
+    except Exception as e:  # the user's module raised while importing
+        raise EdgefuseError(f"importing {what} '{spec}' raised {type(e).__name__}: {first_line(e)}") from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    if not callable(fn):
+        raise EdgefuseError(f"{what} '{spec}' is not callable")
+    return fn
