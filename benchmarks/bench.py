@@ -1,7 +1,8 @@
 """`make bench`: the zoo (Fashion-MNIST, N=4) through the whole pipeline on cpu-ort, every depth measured in one run,
 and alignment: loss barriers and merged accuracy per method on trained MLPs, and the time to align N = 2, 4, 8
 ResNet-20s and ResNet-18-sized nets (align_scaling.py); INT8 against FP32 (int8.py); fused models against the
-distilled member at three MACs budgets, 3 distillation seeds, two zoos (fused_vs_distilled.py).
+distilled member at three MACs budgets, 3 distillation seeds, two zoos (fused_vs_distilled.py); peak memory and
+throughput of distilling from a folder of 20,000 JPEGs (data_memory.py).
 
 Prints, per architecture, accuracy and the MACs and p50 latency ratios against the ensemble measured in the same
 run, and writes build/bench/bench.json."""
@@ -131,6 +132,9 @@ def main(out_root: Path = Path("build/bench")) -> int:
     from fused_vs_distilled import main as fused_vs_distilled
 
     results["fused_vs_distilled"] = fused_vs_distilled(out_root)
+    from data_memory import data_memory
+
+    results["data_memory"] = data_memory(out_root)
     atomic_write_text(out_root / "bench.json", json.dumps(results, indent=2) + "\n")
     console.print(f"wrote {out_root / 'bench.json'}")
     return 0
