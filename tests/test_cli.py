@@ -39,6 +39,11 @@ def test_export_end_to_end(checkpoints, tmp_path):
     assert report["fused"]["macs"] <= 0.5 * report["ensemble"]["macs"]
     kinds = [c["kind"] for c in report["candidates"]]
     assert kinds.count("member") == 3 and kinds.count("ensemble") == 3 and kinds.count("distilled member") == 1
+    # The middle ground: with 3 members, the pair that greedy selection on validation picks, batched, with heads.
+    subs = [c for c in report["candidates"] if c["kind"] == "sub-ensemble"]
+    assert len(subs) == 1 and len(subs[0]["members"]) == 2
+    assert abs(subs[0]["macs"] / report["ensemble"]["macs"] - 2 / 3) < 0.01
+    assert report["distillation"]["teacher"] in {report["ensemble"]["label"], subs[0]["label"]}
     # Nothing in the report dominates what shipped: validation accuracy at least as high and p50 no higher at
     # every batch size.
     shipped = next(c for c in report["candidates"] if c["key"] == report["shipped"]["key"])
@@ -55,7 +60,8 @@ def test_export_end_to_end(checkpoints, tmp_path):
     assert report["ensemble_batched"]["onnx_nodes"] < report["ensemble"]["onnx_nodes"]
     # Rows with heads are scored on their disagreement too; the shipped model's flagging rule lands beside it.
     for c in report["candidates"]:
-        assert (c["test"]["heads_auroc"] is not None) == (c["kind"] == "ensemble" or bool(c["depth"])), c["key"]
+        has_heads = c["kind"] in ("ensemble", "sub-ensemble") or bool(c["depth"])
+        assert (c["test"]["heads_auroc"] is not None) == has_heads, c["key"]
     rule = json.loads((out / "uncertainty.json").read_text())
     assert rule == report["shipped"]["uncertainty"] == shipped["uncertainty"]
     assert rule["signal"] in ("max_softmax", "mutual_information") and 0 <= rule["test"]["flagged"] <= 1

@@ -71,7 +71,8 @@ def _run(tgt: Target, models: list[nn.Module] | None, arch: str, n: int, dataset
     f = measure_field(s, tgt, points, out_dir / "candidates", budget, console, cfg, cache, pick=depth is None)
     choice = _forced(f, depth) if depth is not None else choose(f.rows, budget, f.exact["ensemble"])
     console.print(f"[bold]ship[/]: {choice.chosen.label} — {choice.reason}")
-    report = build_report(report_head(tgt, s, (method,), budget, cfg), f.members, f.exact, f.others, choice, out_dir)
+    head = report_head(tgt, s, (method,), budget, cfg, f.teacher)
+    report = build_report(head, f.members, f.exact, f.others, choice, out_dir)
     chosen, module = choice.chosen, f.modules[choice.chosen.key]
     report["parity"] = {"max_abs_diff": parity(chosen.file, module, parity_inputs(s.splits.example)),
                         "batch_sizes": [1, 3]}

@@ -44,6 +44,7 @@ def run_sweep(target: str = "cpu-ort", models: list[nn.Module] | None = None, ar
     f = measure_field(s, tgt, points, out / "candidates", budget, console, cfg, cache, workers, ray_address,
                       out / "points", key)
     choice = choose(f.rows, budget, f.exact["ensemble"])
-    sweep = build_report(report_head(tgt, s, tuple(methods), budget, cfg), f.members, f.exact, f.others, choice, out)
+    head = report_head(tgt, s, tuple(methods), budget, cfg, f.teacher)
+    sweep = build_report(head, f.members, f.exact, f.others, choice, out)
     write_report(sweep, out, name="sweep")
     return sweep

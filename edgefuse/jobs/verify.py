@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..run.baselines import exact_ensembles
+from ..run.baselines import exact_ensembles, sub_ensembles
 from ..run.candidate import torch_predictions, with_agreement
 from ..run.points import export_and_measure
 from ..run.choose import choose, target_budget
@@ -64,13 +64,14 @@ def verify(fused: nn.Module, models: list[nn.Module], data, target: str = "cpu-o
         reference = torch_predictions(ensemble(models), x)
         members = [with_agreement(m, reference) for m in members]
         row = with_agreement(row, reference)
+        subs, _ = sub_ensembles(models, splits, tgt, cand, reference)
         budget = target_budget(tgt)
-        choice = choose(members + list(exact.values()) + [row], budget, exact["ensemble"])
+        choice = choose(members + list(exact.values()) + subs + [row], budget, exact["ensemble"])
         head = {"target": tgt.name, "arch": type(models[0]).__name__, "n_models": len(models), "dataset": "given",
                 **used, "n_validation": len(xv), "n_test": len(x), "threads": tgt.threads,
                 "batch_sizes": list(tgt.batch_sizes), "batched_heads": None, "max_depth": None,
                 "align_method": "given", "budget": budget.as_dict(), "distillation": None}
-        report = build_report(head, members, exact, [row], choice, root)
+        report = build_report(head, members, exact, subs + [row], choice, root)
         report["given"] = report["candidates"][-1]
         if out_dir is not None:
             write_report(report, root)

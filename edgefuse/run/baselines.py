@@ -1,5 +1,6 @@
-"""The honest baselines: each member, and the exact ensemble in its three forms (one graph with the members one
-after another, one batched graph of grouped kernels, N separate sessions), measured exactly like every fused point."""
+"""The honest baselines: each member, the exact ensemble in its three forms (one graph with the members one
+after another, one batched graph of grouped kernels, N separate sessions), and the sub-ensembles between one member
+and all of them, measured exactly like every fused point."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +11,8 @@ from torch import nn
 from ..models.data import Splits
 from ..graph.onnx import onnx_nodes
 from ..fuse import ensemble
-from ..measure.runners import SessionsRunner, peak_memory_mb
+from ..measure.metrics import scores
+from ..measure.runners import SessionsRunner, TorchRunner, peak_memory_mb, predict
 from .points import export_and_measure
 from .candidate import ALL_CORES, Candidate, measure, with_agreement
 
@@ -38,6 +40,40 @@ def exact_ensembles(members: list[nn.Module], member_files: list[str], splits: S
                                         peak_memory_mb=peak_memory_mb(member_files, big, threads))
     reference = rows["ensemble"].test_predictions
     return {k: with_agreement(r, reference) for k, r in rows.items()}, modules
+
+
+def select_members(members: list[nn.Module], splits: Splits) -> list[tuple[int, ...]]:
+    """Greedy forward selection on validation, as Caruana's ensemble selection: start from the most accurate
+    member and add, one at a time, the member whose addition gives the most accurate mean of logits (lower NLL
+    breaks ties). The nested subsets of 2 ... N-1 members, each sorted."""
+    logits = np.stack([predict(TorchRunner(m.eval()), splits.x_val) for m in members])
+
+    def merit(subset: list[int]) -> tuple[float, float]:
+        s = scores(logits[subset].mean(0), splits.y_val)
+        return s["accuracy"], -s["nll"]
+
+    chosen = [max(range(len(members)), key=lambda i: merit([i]))]
+    out = []
+    while len(chosen) < len(members) - 1:
+        chosen.append(max((j for j in range(len(members)) if j not in chosen), key=lambda j: merit(chosen + [j])))
+        out.append(tuple(sorted(chosen)))
+    return out
+
+
+def sub_ensembles(members: list[nn.Module], splits: Splits, target, out_dir: Path,
+                  reference: np.ndarray) -> tuple[list[Candidate], dict[str, nn.Module]]:
+    """Each selected subset of members as one batched graph with heads: the middle ground between one member and
+    the whole ensemble, at k/N of its MACs."""
+    rows, modules = [], {}
+    for subset in select_members(members, splits):
+        module = ensemble([members[i] for i in subset], head_outputs=True).batch_heads()
+        key = "sub-ensemble-" + "-".join(map(str, subset))
+        row = export_and_measure(module, splits, out_dir / f"{key}.onnx", target.opset, target.batch_sizes,
+                                 target.threads, key=key, kind="sub-ensemble", members=subset,
+                                 label=f"sub-ensemble of members {', '.join(map(str, subset))} (batched)")
+        rows.append(with_agreement(row, reference))
+        modules[key] = module
+    return rows, modules
 
 
 def int8_ensembles(modules: dict[str, nn.Module], splits: Splits, target, out_dir: Path,

@@ -15,7 +15,7 @@ from ..measure.metrics import macs, params, scores
 from ..measure.runners import OrtRunner, Runner, TorchRunner, latency, latency_batch, predict, predict_with_heads
 from ..measure.uncertainty import flag_rule
 
-KINDS = ("member", "distilled member", "ensemble", "fused")
+KINDS = ("member", "distilled member", "sub-ensemble", "ensemble", "fused")
 ALL_CORES = os.cpu_count() or 1
 LATENCY_SECONDS = 0.5  # per batch size, at least 30 calls: enough for a stable p50 on these nets
 
@@ -83,6 +83,7 @@ class Candidate:
     precision: str = "fp32"
     quantization: dict | None = None
     uncertainty: dict | None = None
+    members: tuple[int, ...] | None = None  # a sub-ensemble's members, by index
     val_correct: np.ndarray | None = field(default=None, repr=False, compare=False)
     test_predictions: np.ndarray | None = field(default=None, repr=False, compare=False)
 
@@ -131,6 +132,7 @@ class Candidate:
         names = {f for f in cls.__dataclass_fields__}
         kw = {k: v for k, v in row.items() if k in names}
         kw["point"] = Point(**row["point"]) if row.get("point") else None
+        kw["members"] = tuple(row["members"]) if row.get("members") is not None else None
         kw["file"] = str(Path(root) / row["file"]) if row.get("file") else None
         bits = np.unpackbits(np.frombuffer(bytes.fromhex(row["val_correct"]), dtype=np.uint8))
         kw["val_correct"] = bits[:row["n_val"]].astype(bool)

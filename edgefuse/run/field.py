@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import Progress
 from torch import nn
 
-from .baselines import exact_ensembles, int8_ensembles
+from .baselines import exact_ensembles, int8_ensembles, sub_ensembles
 from .candidate import Candidate, Point
 from .points import Job, run_points
 from .choose import Budget, fits
@@ -35,6 +35,7 @@ class Field:
     exact: dict[str, Candidate]
     others: list[Candidate]
     modules: dict[str, nn.Module] = field(default_factory=dict)
+    teacher: Candidate | None = None  # the ensemble (full or sub) that distillation trains towards
 
     @property
     def rows(self) -> list[Candidate]:
@@ -59,9 +60,10 @@ def measure_field(s: Setup, tgt: Target, points: list[Point], out_dir: Path, bud
     keep = workers == 0 and ray_address is None and store is None
 
     def jobs(pts: list[Point]) -> list[Job]:
+        teacher = out.teacher.members if out.teacher is not None else None
         return [Job(p, s.aligned[p.method], s.splits, tgt.opset, tgt.batch_sizes, tgt.threads, tgt.batch_heads,
                     str(out_dir), s.ensemble_predictions, distill, str(cache) if cache else None, keep,
-                    tgt.int8_keep_ends) for p in pts]
+                    tgt.int8_keep_ends, teacher) for p in pts]
 
     def int8(pts: list[Point]) -> list[Point]:
         """Every point again as an INT8 graph, when the target weighs INT8."""
@@ -80,14 +82,26 @@ def measure_field(s: Setup, tgt: Target, points: list[Point], out_dir: Path, bud
     exact, modules = exact_ensembles(s.aligned[method], [m.file for m in out.members], s.splits, tgt.batch_sizes,
                                      tgt.threads, tgt.opset, out_dir)
     out.exact, out.modules = exact, out.modules | modules
+    subs, sub_modules = sub_ensembles(s.aligned[method], s.splits, tgt, out_dir, s.ensemble_predictions)
+    out.others += subs
+    out.modules |= sub_modules
     if tgt.int8:
         out.others += int8_ensembles(modules, s.splits, tgt, out_dir, s.ensemble_predictions)
     out.others += run(points + int8(members + points), "fuse, export, measure")
     if distill is not None and pick:
+        out.teacher = teacher_of(out, distill)
+        console.print(f"[bold]teacher[/]: {out.teacher.label} (validation {out.teacher.accuracy:.4f})")
         picks = distill_picks(out, budget)
         console.print(f"[bold]distill[/]: {', '.join(p.label for p in picks)}; {distill.describe()} each")
         out.others += run(picks + int8(picks), "distill, export, measure")
     return out
+
+
+def teacher_of(f: Field, distill: DistillConfig) -> Candidate:
+    """The ensemble most accurate on validation, full or sub (the whole ensemble on a tie): where one member is
+    poor, a subset teaches better. Per-head distillation needs a head per member, so it keeps the whole ensemble."""
+    subs = [] if distill.per_head else [c for c in f.others if c.kind == "sub-ensemble" and c.precision == "fp32"]
+    return max([f.exact["ensemble"], *subs], key=lambda c: c.accuracy)
 
 
 def distill_picks(f: Field, budget: Budget) -> list[Point]:
@@ -111,12 +125,15 @@ def distill_picks(f: Field, budget: Budget) -> list[Point]:
 DISTILL_WHY = "the same budget for every distilled candidate, sized to keep make export under 10 minutes on 2 cores"
 
 
-def report_head(tgt: Target, s: Setup, methods: tuple[str, ...], budget: Budget, cfg: DistillConfig | None) -> dict:
-    """What a report says about its run before the rows: target, models, data splits, alignment, budget."""
+def report_head(tgt: Target, s: Setup, methods: tuple[str, ...], budget: Budget, cfg: DistillConfig | None,
+                teacher: Candidate | None = None) -> dict:
+    """What a report says about its run before the rows: target, models, data splits, alignment, budget, and which
+    ensemble taught the distilled candidates."""
     return {"target": tgt.name, "arch": s.label, "n_models": len(s.models), **s.data_lines(),
             "threads": tgt.threads, "batch_sizes": list(tgt.batch_sizes), "batched_heads": tgt.batch_heads,
             "max_depth": len(s.spec.cut_points), "align_method": ", ".join(methods),
             "align_seconds": s.align_seconds[methods[0]] if len(methods) == 1 else s.align_seconds,
             "budget": budget.as_dict(),
             "distillation": {"config": cfg.describe(), "steps": cfg.steps, "batch_size": cfg.batch_size,
-                             "augment": cfg.augment, "why": DISTILL_WHY} if cfg else None}
+                             "augment": cfg.augment, "why": DISTILL_WHY,
+                             "teacher": teacher.label if teacher else None} if cfg else None}

@@ -43,6 +43,7 @@ class Job:
     cache: str | None = None
     keep_module: bool = False
     keep_ends: bool = False  # INT8: the first and last weighted layers stay FP32
+    teacher: tuple[int, ...] | None = None  # the members whose ensemble teaches distillation (None: all)
 
 
 def fingerprint(models: list[nn.Module], *parts: str) -> str:
@@ -81,12 +82,14 @@ def build(job: Job, splits) -> nn.Module:
 def _distilled(student: nn.Module, job: Job, splits) -> None:
     """Distil in place, or load the weights of an earlier run with the same models, point and budget."""
     cfg = job.distill
-    key = fingerprint(job.aligned, job.point.key, repr(cfg), job.splits.digest(), str(job.batch_heads))
+    key = fingerprint(job.aligned, job.point.key, repr(cfg), job.splits.digest(), str(job.batch_heads),
+                      str(job.teacher))
     path = Path(job.cache) / "distilled" / f"{key}.pt" if job.cache else None
     if path is not None and path.is_file():
         student.load_state_dict(torch.load(path, weights_only=True))
         return
-    distill(student, ensemble(job.aligned, batched=True, head_outputs=cfg.per_head), splits.x_train, cfg,
+    members = job.aligned if job.teacher is None else [job.aligned[i] for i in job.teacher]
+    distill(student, ensemble(members, batched=True, head_outputs=cfg.per_head), splits.x_train, cfg,
             label=job.point.label,
             quiet=multiprocessing.parent_process() is not None or None)
     if path is not None:

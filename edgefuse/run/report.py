@@ -102,7 +102,8 @@ def _device_lines(report: dict) -> list[str]:
     return lines
 
 
-MARKERS = {"member": ("^", "tab:green"), "distilled member": ("P", "tab:purple"), "ensemble": ("s", "black")}
+MARKERS = {"member": ("^", "tab:green"), "distilled member": ("P", "tab:purple"), "sub-ensemble": ("D", "tab:orange"),
+           "ensemble": ("s", "black")}
 
 
 def pareto_plot(report: dict, path: str | Path) -> Path:
