@@ -1,9 +1,10 @@
 """Large data stays on disk: a generated ImageFolder of full-size JPEGs (default 20,000 training images, 224x224
 RGB, 5 classes), read with `ef.load_data`, then a student distilled towards a teacher on batches decoded from the
 files. Reports, from a fresh process, the peak RSS against the size the training split would take as one float32
-tensor (validation and test, 500 and 1,000 images here, are held in memory: every candidate runs them), and the images per second while distilling (1 torch thread; edgefuse's 4 decoding threads).
+tensor (validation and test, 500 and 1,000 images here, are held in memory: every candidate runs them), and the
+images per second while distilling (1 torch thread; edgefuse's 4 decoding threads).
 
-    python benchmarks/data_memory.py [--images 20000] [--steps 40] [--folder build/bench/jpegs]"""
+    python benchmarks/data_memory.py [--images 20000] [--steps 40] [--out-root build/bench]"""
 from __future__ import annotations
 
 import argparse
@@ -70,7 +71,8 @@ def measure(folder: Path, steps: int) -> dict:
     distill(net(), net().eval(), splits.x_train, cfg, quiet=True)
     distill_s = time.perf_counter() - t0
     n = len(splits.x_train)
-    return {"train_images": n, "val_images": len(splits.x_val), "test_images": len(splits.x_test), "input_shape": list(splits.input_shape),
+    return {"train_images": n, "val_images": len(splits.x_val), "test_images": len(splits.x_test),
+            "input_shape": list(splits.input_shape),
             "load_seconds": round(load_s, 1), "distill_steps": steps, "batch_size": cfg.batch_size,
             "images_per_second": round(steps * cfg.batch_size / distill_s, 1),
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),

@@ -7,6 +7,8 @@ from pathlib import Path
 import click
 
 from ..base.errors import EdgefuseError, first_line
+from ..align import METHODS
+from ..fuse.repair import REPAIRS
 from ..models.zoo import ARCHITECTURES
 
 DEBUG = {"on": False}
@@ -132,14 +134,14 @@ def train(obj: dict, arch: str, n: int, epochs: int | None, width: int | None, c
               help="Shared layers: 0 = ensemble, the number of cut points = full merge.")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=None,
               help="Neuron-level fusion instead of --depth: share of units kept per model (1 = ensemble, 0 = merge).")
-@click.option("--method", type=click.Choice(["weight", "activation", "ot"]), default="weight", show_default=True,
+@click.option("--method", type=click.Choice(sorted(METHODS)), default="weight", show_default=True,
               help="Alignment method.")
 @click.option("--select", type=click.Choice(["cost", "partial-ot"]), default="cost", show_default=True,
               help="With --alpha: which units stay isolated (the costliest after alignment, or the paper's partial "
               "OT with a sink, which re-matches the rest).")
-@click.option("--repair", type=click.Choice(["bn", "repair", "distill", "none"]), default="bn", show_default=True,
-              help="bn: reset BatchNorm; repair: REPAIR rescaling (nets without BN); distill: train towards the "
-              "ensemble on calibration images.")
+@click.option("--repair", type=click.Choice([r or "none" for r in REPAIRS]), default="bn", show_default=True,
+              help="bn: reset BatchNorm; repair: REPAIR rescaling (nets without BN); lsq: re-solve merged layers by "
+              "least squares towards the members' mean; distill: train towards the ensemble on calibration images.")
 @click.option("--steps", type=click.IntRange(1, 100000), default=600, show_default=True,
               help="Distillation steps (--repair distill).")
 @click.option("--opset", type=click.IntRange(9, 23), default=None, help="Default 18 (dynamo exporter); <=17 uses "
@@ -181,7 +183,7 @@ def fuse_cmd(obj: dict, checkpoints, arch, model, n, cache, data, val_size, dept
 @cli.command()
 @with_models
 @click.option("--target", default="cpu-ort", show_default=True, help="Name of a file in targets/, or a .toml path.")
-@click.option("--method", type=click.Choice(["weight", "activation", "ot"]), default="weight", show_default=True,
+@click.option("--method", type=click.Choice(sorted(METHODS)), default="weight", show_default=True,
               help="Alignment method.")
 @click.option("--depth", type=click.IntRange(0, None), default=None,
               help="Ship this fusion depth instead of the chooser's pick (0 = the batched exact ensemble).")
@@ -266,9 +268,10 @@ def verify(onnx_file: str, data: str, threads: int, batch_sizes: tuple[int, ...]
               "heads' disagreement) reaches this (default: the target's min_auroc).")
 @click.option("--alpha", "alphas", type=click.FloatRange(0, 1), multiple=True, default=(0.1, 0.25, 0.5, 0.75),
               show_default=True, help="Alpha values to try (repeat the option).")
-@click.option("--method", "methods", type=click.Choice(["weight", "activation", "ot"]), multiple=True,
+@click.option("--method", "methods", type=click.Choice(sorted(METHODS)), multiple=True,
               default=("weight",), show_default=True, help="Alignment methods to try (repeat the option).")
-@click.option("--repair", "repairs", type=click.Choice(["bn", "repair", "none"]), multiple=True,
+@click.option("--repair", "repairs", type=click.Choice([r or "none" for r in REPAIRS if r != "distill"]),
+              multiple=True,
               default=("bn",), show_default=True, help="Repairs to try (repeat the option).")
 @click.option("--distill-steps", type=click.IntRange(0, 1_000_000), default=None,
               help="Distillation steps for the distilled member and the best depth and alpha (default: the "

@@ -14,6 +14,7 @@ from .model import FusedModel, ensemble
 from .neuron import fuse_alpha
 from ..models.data import require_batches
 from .distill import DistillConfig, distill
+from .lsq import Fit, following_bn, lsq_repair
 from .repair import REPAIRS, reset_bn, rescale_units
 from .select import check_select, tensor_layout
 from .split import fuse_depth
@@ -26,7 +27,9 @@ def fuse(aligned: list[nn.Module], spec: PermSpec, depth: int | None = None, alp
     """Partially fuse aligned models. The inputs are never modified: the result owns copies of every tensor.
     `batch_heads=True` runs the N heads as one network of grouped kernels (same outputs, fewer kernels);
     `head_outputs=True` adds every head's output as a second output. `repair`: "bn" (reset BatchNorm statistics),
-    "repair" (REPAIR: rescale merged units to their parents' statistics, then reset BN), "distill" (BN reset, then
+    "repair" (REPAIR: rescale merged units to their parents' statistics, then reset BN), "lsq" (re-solve each merged
+    layer by least squares towards the members' mean output, and each head's first layer towards its member; see
+    fuse/lsq.py), "distill" (BN reset, then
     `steps` steps of distillation towards the ensemble on the calibration inputs, shifted and flipped when they are
     images; `fuse/distill.py` trains on any other unlabeled set) or None. `select` ("cost" or
     "partial-ot", with alpha) decides which units stay isolated (see fuse/select.py)."""
@@ -66,6 +69,10 @@ def _finite(fused: FusedModel, repair: str | None) -> FusedModel:
 
 def _repair(fused: FusedModel, method: str | None, data, aligned: list[nn.Module], spec: PermSpec,
             layouts: dict | None, steps: int) -> None:
+    if method == "lsq":
+        xs = require_batches(data, "lsq repair", aligned[0])
+        lsq_repair(fused, aligned, _lsq_fits(fused, aligned, spec, layouts), xs)
+        return
     if method == "repair":
         rescale_units(fused, aligned, _merged_layers(fused, spec, layouts), data)
     if method is not None:
@@ -73,6 +80,23 @@ def _repair(fused: FusedModel, method: str | None, data, aligned: list[nn.Module
     if method == "distill":
         inputs = torch.cat(require_batches(data, "distillation", aligned[0]))
         distill(fused, ensemble(aligned), inputs, DistillConfig(steps=steps), label="the fused model")
+
+
+def _lsq_fits(fused: FusedModel, aligned: list[nn.Module], spec: PermSpec, layouts: dict | None) -> list[Fit]:
+    """The merged layers (towards the members' mean), then at a depth split each head's first layer (towards its
+    own member)."""
+    bns = following_bn(aligned[0], list(spec.weight_layers))
+    owner = fused.trunk if layouts is None else fused.heads[0]
+    everyone = tuple(range(len(aligned)))
+    fits = [Fit(layer, everyone, name, units, bns.get(name), owner)
+            for _, layer, name, units in _merged_layers(fused, spec, layouts)]
+    if layouts is None:
+        trunk = {n for n, _ in fused.trunk.named_modules()}
+        first = next(n for n in spec.weight_layers if n not in trunk)
+        for i, head in enumerate(fused.heads):
+            layer = head.get_submodule(first)
+            fits.append(Fit(layer, (i,), first, torch.arange(layer.weight.shape[0]), bns.get(first), head))
+    return fits
 
 
 def _merged_layers(fused: FusedModel, spec: PermSpec, layouts: dict | None) -> list:

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..models.data import require_batches
 
-REPAIRS = ("bn", "repair", "distill", None)
+REPAIRS = ("bn", "repair", "lsq", "distill", None)
 
 
 def reset_bn(model: nn.Module, data: Iterable) -> nn.Module:

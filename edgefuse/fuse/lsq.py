@@ -1,0 +1,149 @@
+"""The least-squares repair ("lsq", after PLeaS): layer by layer, in order, re-solve each merged layer's weights so
+that its outputs, on the inputs the fused model really gives it, match the mean of the members' aligned outputs;
+at a depth split, re-solve each head's first layer so that it reproduces its own member from the trunk's features.
+A BatchNorm right after a solved layer is folded into the fit (the target is the members' normalised output and the
+fused BatchNorm becomes the identity on those channels). Ridge regression in closed form from normal equations
+accumulated batch by batch (patches of one batch at a time, never all of them), one system per group of a grouped
+or depthwise conv; the ridge is the one that fits held-out calibration batches best."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..base.errors import EdgefuseError
+from ..spec.trace import trace
+
+RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1)  # relative to the mean diagonal of the normal matrix
+HOLDOUT = 5  # every fifth calibration batch chooses the ridge
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One layer to re-solve: `layer` (a Linear/Conv of the fused model) and, for its output channels in order,
+    `parents` (member indices whose outputs are averaged), `name` (the layer in a member), `units` (their
+    channels), `bn`, the name of a BatchNorm that follows it in the members, if any, and `owner`, the part of the
+    fused model in which that name resolves."""
+    layer: nn.Module
+    parents: tuple[int, ...]
+    name: str
+    units: torch.Tensor
+    bn: str | None
+    owner: nn.Module
+
+
+def following_bn(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """For each layer name, the BatchNorm that alone consumes its output (the next node of the traced graph)."""
+    gm = trace(model)
+    modules = dict(gm.named_modules())
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and node.target in names and len(node.users) == 1:
+            user = next(iter(node.users))
+            if user.op == "call_module" and isinstance(modules.get(user.target), nn.modules.batchnorm._BatchNorm):
+                out[node.target] = user.target
+    return out
+
+
+def _columns(layer: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The layer's input as regression rows (with a constant 1 for the bias), one matrix per group."""
+    if isinstance(layer, nn.Linear):
+        cols = [x.reshape(-1, x.shape[-1])]
+    elif isinstance(layer, nn.Conv2d):
+        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+            raise EdgefuseError(f"lsq repair: conv padding {layer.padding!r}/{layer.padding_mode} is not supported")
+        patches = nn.functional.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        cols = list(rows.chunk(layer.groups, dim=1))
+    else:
+        raise EdgefuseError(f"lsq repair: {type(layer).__name__} layers are not supported (Linear, Conv2d)")
+    return [torch.cat([c.double(), torch.ones(len(c), 1, dtype=torch.float64)], 1) for c in cols]
+
+
+def _targets(layer: nn.Module, t: torch.Tensor) -> list[torch.Tensor]:
+    rows = t.reshape(-1, t.shape[-1]) if isinstance(layer, nn.Linear) else t.movedim(1, -1).reshape(-1, t.shape[1])
+    groups = 1 if isinstance(layer, nn.Linear) else layer.groups
+    return [r.double() for r in rows.chunk(groups, dim=1)]
+
+
+def _capture(model: nn.Module, module: nn.Module, x: torch.Tensor, want_input: bool) -> torch.Tensor:
+    got = {}
+
+    def hook(_m, inputs, output):
+        got["v"] = inputs[0] if want_input else output
+        raise _Stop
+
+    handle = module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            model(x)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return got["v"]
+
+
+class _Stop(Exception):
+    """Raised by a hook once it has what it needs: the rest of the forward pass is not computed."""
+
+
+def _solve(a: torch.Tensor, b: torch.Tensor, ridge: float) -> torch.Tensor:
+    reg = torch.eye(len(a), dtype=a.dtype) * ridge * a.diagonal().mean().clamp_min(1e-12)
+    reg[-1, -1] = 0  # the bias is not shrunk
+    return torch.linalg.solve(a + reg, b)
+
+
+def fit_layer(fused: nn.Module, members: list[nn.Module], fit: Fit, xs: list[torch.Tensor]) -> float:
+    """Re-solve one layer in place; returns the chosen relative ridge."""
+    groups = 1 if isinstance(fit.layer, nn.Linear) else fit.layer.groups
+    stats = {k: [[0, 0] for _ in range(groups)] for k in ("fit", "held")}
+    for i, x in enumerate(xs):
+        part = "held" if len(xs) >= HOLDOUT and i % HOLDOUT == HOLDOUT - 1 else "fit"
+        inp = _capture(fused, fit.layer, x, want_input=True)
+        outs = [_capture(members[p], members[p].get_submodule(fit.bn or fit.name), x, want_input=False)
+                for p in fit.parents]
+        target = torch.stack(outs).mean(0).index_select(-1 if isinstance(fit.layer, nn.Linear) else 1, fit.units)
+        for g, (c, t) in enumerate(zip(_columns(fit.layer, inp), _targets(fit.layer, target))):
+            s = stats[part][g]
+            s[0], s[1] = s[0] + c.T @ c, s[1] + c.T @ t
+    best, best_err = RIDGES[0], None
+    if any(isinstance(s[0], torch.Tensor) for s in stats["held"]):
+        for ridge in RIDGES:
+            err = 0.0
+            for (a, b), (ah, bh) in zip(stats["fit"], stats["held"]):
+                w = _solve(a, b, ridge)
+                err += float((w * (ah @ w)).sum() - 2 * (w * bh).sum())
+            if best_err is None or err < best_err:
+                best, best_err = ridge, err
+    solved = [_solve(f[0] + (h[0] if isinstance(h[0], torch.Tensor) else 0),
+                     f[1] + (h[1] if isinstance(h[1], torch.Tensor) else 0), best)
+              for f, h in zip(stats["fit"], stats["held"])]
+    weight = torch.cat([w[:-1].T for w in solved]).float()
+    bias = torch.cat([w[-1] for w in solved]).float()
+    with torch.no_grad():
+        fit.layer.weight.copy_(weight.reshape(fit.layer.weight.shape))
+        fit.layer.bias = nn.Parameter(bias)
+    return best
+
+
+def lsq_repair(fused: nn.Module, members: list[nn.Module], fits: list[Fit], xs: list[torch.Tensor]) -> nn.Module:
+    """Every fit in order, each seeing the layers solved before it; a following BatchNorm becomes the identity."""
+    fused.eval()
+    for fit in fits:
+        fit_layer(fused, members, fit, xs)
+        if fit.bn is not None:
+            bn = fit.owner.get_submodule(fit.bn)
+            identity_bn(bn, len(fit.units))
+    return fused
+
+
+def identity_bn(bn: nn.Module, channels: int) -> None:
+    """The first `channels` channels of a BatchNorm pass through unchanged (eval mode)."""
+    with torch.no_grad():
+        bn.running_mean[:channels] = 0
+        bn.running_var[:channels] = 1 - bn.eps
+        if bn.affine:
+            bn.weight[:channels] = 1
+            bn.bias[:channels] = 0
