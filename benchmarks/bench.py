@@ -2,7 +2,8 @@
 and alignment: loss barriers and merged accuracy per method on trained MLPs, and the time to align N = 2, 4, 8
 ResNet-20s and ResNet-18-sized nets (align_scaling.py); INT8 against FP32 (int8.py); fused models against the
 distilled member at three MACs budgets, 3 distillation seeds, two zoos (fused_vs_distilled.py); peak memory and
-throughput of distilling from a folder of 20,000 JPEGs (data_memory.py).
+throughput of distilling from a folder of 20,000 JPEGs (data_memory.py); BN reset, REPAIR and the least-squares
+repair at every depth and alpha before distillation (repairs.py).
 
 Prints, per architecture, accuracy and the MACs and p50 latency ratios against the ensemble measured in the same
 run, and writes build/bench/bench.json."""
@@ -76,7 +77,7 @@ def half_latency_sweep(console: Console, out_root: Path) -> dict:
     report = json.loads((out_root / "cnn" / "cpu-ort" / "report.json").read_text())
     budget = tuple(0.5 * e["p50"] for e in report["baseline_by_batch"].values())
     try:
-        sweep = run_sweep("cpu-ort", arch="cnn", latency_ms=budget, out_root=out_root / "cnn", console=console)
+        sweep = run_sweep("cpu-ort", console, arch="cnn", latency_ms=budget, out_root=str(out_root / "cnn"))
     except EdgefuseError as e:
         console.print(f"half-latency sweep: {e}")
         return {"latency_ms": budget, "error": str(e)}
@@ -98,7 +99,7 @@ def main(out_root: Path = Path("build/bench")) -> int:
     console = Console(width=160)
     results: dict = {"alignment_quality": alignment_quality(console), "alignment_seconds": alignment_time(console)}
     for arch in ARCHS:
-        report = run_export("cpu-ort", arch=arch, n=4, out_root=out_root / arch, force=True)
+        report = run_export("cpu-ort", arch=arch, n=4, out_root=str(out_root / arch), force=True)
         ens, base = report["ensemble"], report["baseline_by_batch"]
         batches = list(ens["latency_by_batch"])
         table = Table(title=f"{arch} × 4, cpu-ort (align {report['align_seconds']:.2f} s, unaligned full merge "
@@ -132,6 +133,9 @@ def main(out_root: Path = Path("build/bench")) -> int:
     from fused_vs_distilled import main as fused_vs_distilled
 
     results["fused_vs_distilled"] = fused_vs_distilled(out_root)
+    from repairs import repairs_table
+
+    results["repairs"] = repairs_table("cnn")
     from data_memory import data_memory
 
     results["data_memory"] = data_memory(out_root)

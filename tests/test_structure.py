@@ -91,3 +91,20 @@ def test_import_spec_loads_neither_rich_onnx_nor_the_run_layer():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=PACKAGE.parent)
     assert out.stdout.strip() == "[]"
+
+
+def public_functions_with_many_parameters(limit: int = 8) -> list[str]:
+    out = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith("_"):
+                a = node.args
+                names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg not in ("self", "cls")]
+                if len(names) > limit:
+                    out.append(f"{module_name(path)}.{node.name} ({len(names)})")
+    return out
+
+
+def test_no_public_function_takes_more_than_eight_parameters():
+    assert public_functions_with_many_parameters() == []
+    assert public_functions_with_many_parameters(limit=1)  # the walker sees parameters at all

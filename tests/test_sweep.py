@@ -23,21 +23,23 @@ def test_sweep_runs_in_workers_resumes_and_plots(checkpoints, tmp_path):
     sweep = json.loads((out / "sweep.json").read_text())
     keys = [c["key"] for c in sweep["candidates"]]
     assert keys[:6] == ["member0", "member1", "member2", "ensemble", "ensemble_batched", "ensemble_sessions"]
-    assert keys[6:9] == ["weight-depth1-bn", "weight-depth2-bn", "weight-alpha0.5-bn"]
-    assert {c["kind"] for c in sweep["candidates"][9:]} == {"distilled member", "fused"}
+    assert keys[6].startswith("sub-ensemble-") and sweep["candidates"][6]["kind"] == "sub-ensemble"
+    assert keys[7:10] == ["weight-depth1-lsq", "weight-depth2-lsq", "weight-alpha0.5-lsq"]
+    assert {c["kind"] for c in sweep["candidates"][10:]} == {"distilled member", "fused"}
     assert all(c["peak_memory_mb"] >= 0 for c in sweep["candidates"])  # tiny nets may not raise the peak
     assert sweep["shipped"]["key"] in keys and sweep["candidates"][keys.index(sweep["shipped"]["key"])][
         "dominated_by"] is None
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "points").iterdir()}
-    assert len(stamps) == len(keys) - 3  # every candidate but the exact ensembles is stored
+    assert len(stamps) == len(keys) - 4  # every candidate but the exact ensembles and the sub-ensemble is stored
     res = CliRunner().invoke(cli, args)  # resumed: no point is recomputed
     assert res.exit_code == 0, res.output
     assert {p.name: p.stat().st_mtime_ns for p in (out / "points").iterdir()} == stamps
     again = json.loads((out / "sweep.json").read_text())
     def measured(rows: list[dict]) -> list[dict]:
         """Stored rows without `dominated_by`: the exact ensembles are timed afresh, so that verdict may change."""
-        return [{k: v for k, v in c.items() if k != "dominated_by"} for c in rows if c["kind"] != "ensemble"]
+        return [{k: v for k, v in c.items() if k != "dominated_by"} for c in rows
+                if c["kind"] not in ("ensemble", "sub-ensemble")]
 
     assert measured(again["candidates"]) == measured(sweep["candidates"])  # exactly as measured
 

@@ -3,6 +3,8 @@ result in models[0]'s basis, and the sum of the aligned models is kept as a runn
 to the mean of the others is one subtraction, not a fresh mean of N−1 permuted state dicts."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -122,10 +124,19 @@ def match_pair(target: State, other: State, spec: PermSpec, perms: dict[str, tor
     return perms
 
 
+@dataclass(frozen=True)
+class Rounds:
+    """The MergeMany schedule: sweeps of the first pass, at most `max_rounds` rounds of `sweeps` sweeps, stopping
+    when a round gains less than `tol` of the objective."""
+    max_rounds: int = 20
+    tol: float = 3e-5
+    sweeps: int = 1
+    first_sweeps: int = 2
+
+
 @register("weight")
-def weight_matching(models: list[nn.Module], spec: PermSpec, data=None, seed: int = 0, max_rounds: int = 20,
-                    tol: float = 3e-5, sweeps: int = 1, first_sweeps: int = 2, solve: Solver = lsa,
-                    history: list[float] | None = None) -> list[dict]:
+def weight_matching(models: list[nn.Module], spec: PermSpec, data=None, seed: int = 0, rounds: Rounds = Rounds(),
+                    solve: Solver = lsa, history: list[float] | None = None) -> list[dict]:
     """Each model is first matched to models[0] (`first_sweeps` coordinate-descent sweeps when rounds follow, to
     convergence for N = 2); then each round matches every model, models[0] too, to the sum of the others (`sweeps`
     sweeps, warm-started: the rounds do the rest of the work more cheaply), and the result is re-expressed
@@ -142,24 +153,24 @@ def weight_matching(models: list[nn.Module], spec: PermSpec, data=None, seed: in
     total = {k: v.clone() for k, v in states[0].items()}
     for i in range(1, len(models)):  # first pass: each model against models[0]
         perms[i] = match_pair(states[0], states[i], spec, perms[i], rng, solve=solve,
-                              max_iter=first_sweeps if len(models) > 2 else 100)
+                              max_iter=rounds.first_sweeps if len(models) > 2 else 100)
         aligned[i] = permute_state(states[i], spec, perms[i])
         for k in total:
             total[k] += aligned[i][k]
     norms = sum(similarity(a, a) for a in aligned)
     objective = (similarity(total, total) - norms) / 2
     trail = [objective]
-    for _ in range(max_rounds if len(models) > 2 else 0):
+    for _ in range(rounds.max_rounds if len(models) > 2 else 0):
         for i in range(len(models)):
             others = {k: total[k] - aligned[i][k] for k in total}
-            perms[i] = match_pair(others, states[i], spec, perms[i], rng, max_iter=sweeps, solve=solve)
+            perms[i] = match_pair(others, states[i], spec, perms[i], rng, max_iter=rounds.sweeps, solve=solve)
             new = permute_state(states[i], spec, perms[i])
             for k in total:
                 total[k] += new[k] - aligned[i][k]
             aligned[i] = new
         previous, objective = objective, (similarity(total, total) - norms) / 2
         trail.append(objective)
-        if objective - previous <= tol * abs(previous):
+        if objective - previous <= rounds.tol * abs(previous):
             break
     if history is not None:
         history.extend(trail)

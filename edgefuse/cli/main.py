@@ -8,8 +8,10 @@ import click
 
 from ..base.errors import EdgefuseError, first_line
 from ..align import METHODS
+from ..fuse.distill import DistillConfig
 from ..fuse.repair import REPAIRS
 from ..models.zoo import ARCHITECTURES
+from ..run.config import DEFAULT_ALPHAS, RunConfig
 
 DEBUG = {"on": False}
 
@@ -76,16 +78,24 @@ model_options = [
                  help="Zoo architecture, used when --model is not given."),
     click.option("--model", "model", metavar="MODULE:FUNCTION",
                  help="Factory of your architecture (e.g. mypkg.nets:make_net, or zoo:cnn)."),
-    click.option("-n", "--n-models", "n", type=click.IntRange(2, 64), default=4, show_default=True,
+    click.option("-n", "--n-models", "n", type=click.IntRange(2, 64), default=RunConfig.n, show_default=True,
                  help="Number of zoo models (seeds 0..N-1)."),
-    click.option("--cache", default="build/cache", show_default=True, help="Folder of cached zoo checkpoints."),
-    click.option("--data", "--dataset", "data", default="fashion-mnist", show_default=True, metavar="SOURCE",
+    click.option("--cache", default=RunConfig.cache, show_default=True, help="Folder of cached zoo checkpoints."),
+    click.option("--data", "--dataset", "data", default=RunConfig.data, show_default=True, metavar="SOURCE",
                  help="fashion-mnist, digits, a folder (train/ test/ [val/] of <class>/<image>), an .npz file or "
                  "MODULE:FUNCTION returning the splits."),
     click.option("--val-size", type=click.IntRange(1, None), default=None,
                  help="Validation samples held out of the training split when SOURCE has no val split (default: "
                  "a tenth, at most 5,000)."),
 ]
+
+
+def _run_config(obj: dict, checkpoints: tuple[str, ...], opts: dict, **fields) -> RunConfig:
+    """The RunConfig of a command: its options by name, the user's models loaded when --model is given."""
+    model = opts.pop("model")
+    models = _models(opts["arch"], model, checkpoints, opts["n"], opts["cache"], obj["quiet"]) \
+        if model or checkpoints else None
+    return RunConfig(models=models, **opts, **fields)
 
 
 def _splits(data: str, val_size: int | None):
@@ -112,10 +122,10 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 @cli.command()
 @click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default="cnn", show_default=True)
-@click.option("-n", "--n-models", "n", type=click.IntRange(2, 64), default=4, show_default=True)
+@click.option("-n", "--n-models", "n", type=click.IntRange(2, 64), default=RunConfig.n, show_default=True)
 @click.option("--epochs", type=click.IntRange(1, 100), default=None, help="Default: 4 (mlp), 2 (others).")
 @click.option("--width", type=click.IntRange(1, 4096), default=None, help="Default: 256 (mlp), 16 (others).")
-@click.option("--cache", default="build/cache", show_default=True)
+@click.option("--cache", default=RunConfig.cache, show_default=True)
 @click.pass_obj
 def train(obj: dict, arch: str, n: int, epochs: int | None, width: int | None, cache: str) -> None:
     """Train N zoo models on Fashion-MNIST (seeds 0..N-1).
@@ -142,7 +152,7 @@ def train(obj: dict, arch: str, n: int, epochs: int | None, width: int | None, c
 @click.option("--repair", type=click.Choice([r or "none" for r in REPAIRS]), default="bn", show_default=True,
               help="bn: reset BatchNorm; repair: REPAIR rescaling (nets without BN); lsq: re-solve merged layers by "
               "least squares towards the members' mean; distill: train towards the ensemble on calibration images.")
-@click.option("--steps", type=click.IntRange(1, 100000), default=600, show_default=True,
+@click.option("--steps", type=click.IntRange(1, 100000), default=DistillConfig.steps, show_default=True,
               help="Distillation steps (--repair distill).")
 @click.option("--opset", type=click.IntRange(9, 23), default=None, help="Default 18 (dynamo exporter); <=17 uses "
               "the TorchScript exporter.")
@@ -152,63 +162,61 @@ def train(obj: dict, arch: str, n: int, epochs: int | None, width: int | None, c
 @click.option("-o", "--out", type=click.Path(dir_okay=False), required=True, help="ONNX file to write.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 @click.pass_obj
-def fuse_cmd(obj: dict, checkpoints, arch, model, n, cache, data, val_size, depth, alpha, method, select, repair, steps,
-             batch_heads, head_outputs, opset, out, force) -> None:
+def fuse_cmd(obj: dict, checkpoints: tuple[str, ...], **opts) -> None:
     """Align and fuse N models at one depth, write the fused model as ONNX.
 
     Reads CHECKPOINTS (safetensors or weights-only torch files) with --model, else the zoo cache; reads the
-    dataset's training split for calibration. Writes OUT (parity-checked against PyTorch)."""
+    data's training split for calibration. Writes OUT (parity-checked against PyTorch)."""
     from ..align import align
     from ..fuse import fuse
     from ..spec.permspec import permutation_spec
     from ..graph.onnx import export_onnx
     from ..models.fit import check_fit
 
-    if Path(out).exists() and not force:
+    out, depth, alpha = opts["out"], opts["depth"], opts["alpha"]
+    if Path(out).exists() and not opts["force"]:
         raise EdgefuseError(f"{out} exists (use --force to overwrite)")
     if (depth is None) == (alpha is None):
         raise EdgefuseError("give exactly one of --depth and --alpha")
-    models = _models(arch, model, checkpoints, n, cache, obj["quiet"])
-    splits = _splits(data, val_size)
+    models = _models(opts["arch"], opts["model"], checkpoints, opts["n"], opts["cache"], obj["quiet"])
+    splits = _splits(opts["data"], opts["val_size"])
     check_fit(models[0], splits)
     spec = permutation_spec(models[0], splits.example)
     calib_batches = splits.calib_batches
-    aligned = align(models, spec, method=method, data=calib_batches)
-    fused = fuse(aligned, spec, depth=depth, alpha=alpha, data=calib_batches, steps=steps,
-                 repair=None if repair == "none" else repair, batch_heads=batch_heads and alpha is None,
-                 head_outputs=head_outputs, select=select)
-    _echo(str(export_onnx(fused, splits.example, out, opset=opset)))
+    aligned = align(models, spec, method=opts["method"], data=calib_batches)
+    repair = None if opts["repair"] == "none" else opts["repair"]
+    fused = fuse(aligned, spec, depth=depth, alpha=alpha, data=calib_batches, steps=opts["steps"], repair=repair,
+                 batch_heads=opts["batch_heads"] and alpha is None, head_outputs=opts["head_outputs"],
+                 select=opts["select"])
+    _echo(str(export_onnx(fused, splits.example, out, opset=opts["opset"])))
 
 
 @cli.command()
 @with_models
-@click.option("--target", default="cpu-ort", show_default=True, help="Name of a file in targets/, or a .toml path.")
+@click.option("--target", default=RunConfig.target, show_default=True, help="Name of a file in targets/, or a .toml path.")
 @click.option("--method", type=click.Choice(sorted(METHODS)), default="weight", show_default=True,
               help="Alignment method.")
 @click.option("--depth", type=click.IntRange(0, None), default=None,
               help="Ship this fusion depth instead of the chooser's pick (0 = the batched exact ensemble).")
 @click.option("--augment/--no-augment", default=None,
               help="Shift/flip the distillation images (default: the target's distill_augment).")
-@click.option("--out-root", default="build", show_default=True)
+@click.option("--out-root", default=RunConfig.out_root, show_default=True)
 @click.option("--force", is_flag=True, help="Replace an earlier export of this target.")
 @click.pass_obj
-def export(obj: dict, checkpoints, arch, model, n, cache, data, val_size, target, method, depth, augment, out_root,
-           force) -> None:
-    """The main job: every member, the distilled member, the exact ensembles and the fused points, measured alike;
-    the best on validation within the target's budget ships.
+def export(obj: dict, checkpoints: tuple[str, ...], **opts) -> None:
+    """The main job: every member, the distilled member, the sub-ensembles, the exact ensembles and the fused
+    points, measured alike; the best on validation within the target's budget ships.
 
-    Reads CHECKPOINTS with --model (else trains or loads the zoo), the dataset and targets/TARGET.toml.
+    Reads CHECKPOINTS with --model (else trains or loads the zoo), the data and the target file.
     Writes OUT_ROOT/TARGET/{model.onnx, report.json, report.md, pareto.png, candidates/}."""
     from ..jobs.export import run_export
     from ..run.report import markdown
 
-    console = _console(obj["quiet"])
-    models = _models(arch, model, checkpoints, n, cache, obj["quiet"]) if model or checkpoints else None
-    report = run_export(target, models=models, arch=arch, n=n, dataset=_splits(data, val_size), out_root=out_root, cache=cache,
-                        method=method, depth=depth, console=console, force=force, augment=augment)
+    run = _run_config(obj, checkpoints, opts, methods=(opts.pop("method"),))
+    report = run_export(run, console=_console(obj["quiet"]))
     _show(markdown(report))
-    _echo(f"wrote {Path(out_root) / report['target']}/ (model.onnx: {report['shipped']['label']}, "
-               f"{report['shipped']['kind']})")
+    _echo(f"wrote {Path(run.out_root) / report['target']}/ (model.onnx: {report['shipped']['label']}, "
+          f"{report['shipped']['kind']})")
 
 
 @cli.command()
@@ -254,7 +262,7 @@ def verify(onnx_file: str, data: str, threads: int, batch_sizes: tuple[int, ...]
 
 @cli.command()
 @with_models
-@click.option("--target", default="cpu-ort", show_default=True, help="Name of a file in targets/, or a .toml path.")
+@click.option("--target", default=RunConfig.target, show_default=True, help="Name of a file in targets/, or a .toml path.")
 @click.option("--latency-ms", type=click.FloatRange(0, None, min_open=True), multiple=True,
               help="p50 latency budget per call: once for every batch size of the target, or once per batch size "
               "in the target's order (default: the target's).")
@@ -266,42 +274,39 @@ def verify(onnx_file: str, data: str, threads: int, batch_sizes: tuple[int, ...]
 @click.option("--min-auroc", type=click.FloatRange(0, 1), default=None,
               help="Ship only a candidate whose misclassification-detection AUROC on validation (max softmax or its "
               "heads' disagreement) reaches this (default: the target's min_auroc).")
-@click.option("--alpha", "alphas", type=click.FloatRange(0, 1), multiple=True, default=(0.1, 0.25, 0.5, 0.75),
+@click.option("--alpha", "alphas", type=click.FloatRange(0, 1), multiple=True, default=DEFAULT_ALPHAS,
               show_default=True, help="Alpha values to try (repeat the option).")
 @click.option("--method", "methods", type=click.Choice(sorted(METHODS)), multiple=True,
               default=("weight",), show_default=True, help="Alignment methods to try (repeat the option).")
 @click.option("--repair", "repairs", type=click.Choice([r or "none" for r in REPAIRS if r != "distill"]),
               multiple=True,
-              default=("bn",), show_default=True, help="Repairs to try (repeat the option).")
+              default=tuple(r or "none" for r in RunConfig.repairs), show_default=True,
+              help="Repairs to try (repeat the option).")
 @click.option("--distill-steps", type=click.IntRange(0, 1_000_000), default=None,
               help="Distillation steps for the distilled member and the best depth and alpha (default: the "
               "target's distill_steps; 0: none).")
 @click.option("--augment/--no-augment", default=None, help="Shift/flip the distillation images (default: the "
               "target's).")
-@click.option("--workers", type=click.IntRange(0, 64), default=1, show_default=True,
+@click.option("--workers", type=click.IntRange(0, 64), default=RunConfig.workers, show_default=True,
               help="Local worker processes (0: in this process).")
 @click.option("--ray", "ray_address", default=None, help="Run candidates on a Ray cluster (needs edgefuse[ray]).")
-@click.option("--out-root", default="build", show_default=True)
+@click.option("--out-root", default=RunConfig.out_root, show_default=True)
 @click.pass_obj
-def sweep(obj: dict, checkpoints, arch, model, n, cache, data, val_size, target, latency_ms, memory_mb, max_drop, min_auroc,
-          alphas, methods, repairs, distill_steps, augment, workers, ray_address, out_root) -> None:
-    """Measure members, exact ensembles, depths and alphas; choose on validation within the budget.
+def sweep(obj: dict, checkpoints: tuple[str, ...], **opts) -> None:
+    """Measure members, sub-ensembles, exact ensembles, depths and alphas; choose on validation within the budget.
 
     Reads the models (as export does) and the target; writes OUT_ROOT/TARGET/sweep/{sweep.json, sweep.md,
     pareto.png, points/, candidates/}. Finished points are kept in points/, so an interrupted sweep resumes."""
     from ..run.report import markdown
     from ..jobs.sweep import run_sweep
 
-    console = _console(obj["quiet"])
-    models = _models(arch, model, checkpoints, n, cache, obj["quiet"]) if model or checkpoints else None
-    result = run_sweep(target, models, arch, n, _splits(data, val_size), out_root, cache, tuple(dict.fromkeys(methods)),
-                       tuple(alphas), tuple(None if r == "none" else r for r in dict.fromkeys(repairs)),
-                       (latency_ms[0] if len(latency_ms) == 1 else tuple(latency_ms)) if latency_ms else None,
-                       memory_mb, max_drop, workers, ray_address, distill_steps, augment, console=console,
-                       min_auroc=min_auroc)
+    latency = opts.pop("latency_ms")
+    run = _run_config(obj, checkpoints, opts, latency_ms=(latency[0] if len(latency) == 1 else latency) or None,
+                      repairs=tuple(None if r == "none" else r for r in opts.pop("repairs")))
+    result = run_sweep(run, console=_console(obj["quiet"]))
     _show(markdown(result))
     _echo(f"chose {result['shipped']['label']} ({result['shipped']['kind']}); wrote "
-               f"{Path(out_root) / result['target'] / 'sweep'}/")
+          f"{Path(run.out_root) / result['target'] / 'sweep'}/")
 
 
 from .device import build, check  # noqa: E402  (commands of the device stage)

@@ -9,6 +9,7 @@ from rich.console import Console
 from torch import nn
 
 from ..base.errors import EdgefuseError
+from ..models.data import Splits
 from ..targets import Target
 from .bundle import write_bundle
 from .check import CheckReport, check_onnx, format_report
@@ -16,13 +17,13 @@ from ..graph.int8 import quantize_int8
 from ..graph.fp16 import export_fp16, precision_drop
 
 
-def prepare_device(target: Target, module: nn.Module, onnx_file: Path, example: torch.Tensor, x: torch.Tensor,
-                   y: torch.Tensor, out_dir: Path, summary: str, console: Console,
-                   calibration: torch.Tensor | None = None) -> dict:
-    """For a TensorRT target: the FP16 graph and its accuracy drop, the static check of the file the device will
-    build (an error when it cannot build), and the bundle with its self-check; with "int8" among the target's
-    precisions, the INT8 graph too (calibrated on `calibration`, training images), checked and bundled in int8/.
+def prepare_device(target: Target, module: nn.Module, onnx_file: Path, splits: Splits, out_dir: Path, summary: str,
+                   console: Console) -> dict:
+    """For a TensorRT target: the FP16 graph and its accuracy drop on the test split, the static check of the file
+    the device will build (an error when it cannot build), and the bundle with its self-check; with "int8" among the
+    target's precisions, the INT8 graph too (calibrated on training images), checked and bundled in int8/.
     `onnx_file` is the shipped model's FP32 graph. Returns the report's entries."""
+    example, x, y, calibration = splits.example, splits.x_test, splits.y_test, splits.x_train
     out: dict = {}
     device_file = onnx_file
     if target.precision == "fp16":

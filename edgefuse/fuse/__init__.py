@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -20,12 +21,20 @@ from .select import check_select, tensor_layout
 from .split import fuse_depth
 
 
+@dataclass(frozen=True)
+class FuseOptions:
+    """What else `fuse` takes by keyword; see its docstring."""
+    combine: str = "mean"
+    batch_heads: bool = False
+    head_outputs: bool = False
+    steps: int = DistillConfig.steps
+    select: str = "cost"
+
+
 def fuse(aligned: list[nn.Module], spec: PermSpec, depth: int | None = None, alpha=None,
-         data: Iterable | None = None, repair: str | None = "bn", combine: str = "mean",
-         batch_heads: bool = False, head_outputs: bool = False, steps: int = DistillConfig.steps,
-         select: str = "cost") -> FusedModel:
+         data: Iterable | None = None, repair: str | None = "bn", **options) -> FusedModel:
     """Partially fuse aligned models. The inputs are never modified: the result owns copies of every tensor.
-    `batch_heads=True` runs the N heads as one network of grouped kernels (same outputs, fewer kernels);
+    `options` are FuseOptions: `combine` ("mean" of logits or of "probs"); `batch_heads=True` runs the N heads as one network of grouped kernels (same outputs, fewer kernels);
     `head_outputs=True` adds every head's output as a second output. `repair`: "bn" (reset BatchNorm statistics),
     "repair" (REPAIR: rescale merged units to their parents' statistics, then reset BN), "lsq" (re-solve each merged
     layer by least squares towards the members' mean output, and each head's first layer towards its member; see
@@ -33,6 +42,8 @@ def fuse(aligned: list[nn.Module], spec: PermSpec, depth: int | None = None, alp
     `steps` steps of distillation towards the ensemble on the calibration inputs, shifted and flipped when they are
     images; `fuse/distill.py` trains on any other unlabeled set) or None. `select` ("cost" or
     "partial-ot", with alpha) decides which units stay isolated (see fuse/select.py)."""
+    o = FuseOptions(**options)
+    combine, batch_heads, head_outputs, steps, select = o.combine, o.batch_heads, o.head_outputs, o.steps, o.select
     check_models(aligned, "fusion")
     if alpha is not None and depth is not None:
         raise EdgefuseError("give depth= or alpha=, not both (a depth split is alpha 0 below the cut, 1 above)")
@@ -122,4 +133,4 @@ def _merged_layers(fused: FusedModel, spec: PermSpec, layouts: dict | None) -> l
     return out
 
 
-__all__ = ["DistillConfig", "FusedModel", "batch_models", "distill", "ensemble", "fuse"]
+__all__ = ["DistillConfig", "FuseOptions", "FusedModel", "batch_models", "distill", "ensemble", "fuse"]

@@ -8,11 +8,11 @@ import tempfile
 from pathlib import Path
 
 from rich.console import Console
-from torch import nn
 
 from ..run.candidate import Point
-from ..run.choose import Choice, choose, dominance, target_budget
-from ..run.field import DEFAULT_ALPHAS, Field, distill_config, grid, measure_field, report_head
+from ..run.choose import Choice, choose, dominance
+from ..run.config import RunConfig, run_config
+from ..run.field import Field, FieldPlan, distill_config, effective_target, grid, measure_field, report_head, run_budget
 from ..base.errors import EdgefuseError
 from ..graph.onnx import export_onnx, onnx_nodes, parity, parity_inputs
 from ..base.files import atomic_write_text, exclusive, publish, writable
@@ -22,53 +22,56 @@ from ..measure.metrics import scores
 from ..run.setup import prepare
 from ..run.report import build_report, write_report
 from ..measure.runners import TorchRunner, predict
-from ..models.data import Splits
-from ..targets import Target, load_target
+from ..targets import Target
 
-def run_export(target: str = "cpu-ort", models: list[nn.Module] | None = None, arch: str = "cnn", n: int = 4,
-               dataset: str | Splits = "fashion-mnist", out_root: str | Path = "build", cache: str | Path = "build/cache",
-               method: str = "weight", depth: int | None = None, console: Console | None = None,
-               force: bool = False, augment: bool | None = None) -> dict:
+def run_export(config: RunConfig | str | None = None, console: Console | None = None, **overrides) -> dict:
     """Write out_root/<target>/{model.onnx, report.json, report.md, pareto.png, candidates/} and return the report.
-    Everything is written to a staging folder first, so a failure midway leaves an earlier export as it was."""
+    `config` is a RunConfig (or a target name), `overrides` replace its fields. Everything is written to a staging
+    folder first, so a failure midway leaves an earlier export as it was."""
+    run = run_config(config, overrides)
     console = console or Console(stderr=True)
-    tgt = load_target(target)
+    tgt = effective_target(run)
     if tgt.runtime == "cuda":
-        if models is not None:
+        if run.models is not None:
             raise EdgefuseError(f"target '{tgt.name}' measures the zoo's cached models; pass no checkpoints")
-        return run_gpu_check(tgt, arch, n, cache, out_root, console=console)
-    out_dir = Path(out_root) / tgt.name
-    if (out_dir / "model.onnx").exists() and not force:
+        return run_gpu_check(tgt, run.arch, run.n, run.cache, run.out_root, console=console)
+    if len(run.methods) != 1:
+        raise EdgefuseError(f"an export aligns with one method, got {len(run.methods)}: {', '.join(run.methods)}")
+    out_root = Path(run.out_root)
+    out_dir = out_root / tgt.name
+    if (out_dir / "model.onnx").exists() and not run.force:
         raise EdgefuseError(f"{out_dir} holds an earlier export (use --force to replace it)")
-    writable(Path(out_root))
-    with exclusive(Path(out_root) / f".{tgt.name}.lock", str(out_dir)):
-        for stale in Path(out_root).glob(f".{tgt.name}-staging-*"):  # left by a killed run: we hold the lock
+    writable(out_root)
+    with exclusive(out_root / f".{tgt.name}.lock", str(out_dir)):
+        for stale in out_root.glob(f".{tgt.name}-staging-*"):  # left by a killed run: we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
         stage = Path(tempfile.mkdtemp(dir=out_root, prefix=f".{tgt.name}-staging-"))
         try:
-            report = _run(tgt, models, arch, n, dataset, stage, cache, method, depth, console, augment)
+            report = _run(tgt, run, stage, console)
             publish(stage, out_dir)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     return report
 
 
-def _run(tgt: Target, models: list[nn.Module] | None, arch: str, n: int, dataset: str, out_dir: Path,
-         cache: str | Path, method: str, depth: int | None, console: Console, augment: bool | None) -> dict:
-    s = prepare(models, arch, n, dataset, cache, (method,), console)
+def _run(tgt: Target, run: RunConfig, out_dir: Path, console: Console) -> dict:
+    method, depth = run.methods[0], run.depth
+    s = prepare(run, console)
     if depth is not None and not 0 <= depth <= len(s.spec.cut_points):
         raise EdgefuseError(f"depth must be between 0 and {len(s.spec.cut_points)} for this model, got {depth}")
-    budget = target_budget(tgt)
-    cfg = distill_config(tgt, augment)
+    budget = run_budget(tgt, run)
+    cfg = distill_config(tgt, run.augment)
     if cfg is not None:
         console.print(f"[bold]distillation budget[/]: {cfg.describe()} per distilled candidate (distill_steps in "
                       f"{tgt.source}); about {cfg.steps * cfg.batch_size / len(s.splits.x_train):.1f} passes over the "
                       "unlabeled training images")
     if depth is None:
-        points = grid(len(s.spec.cut_points), DEFAULT_ALPHAS, (method,))
+        points = grid(len(s.spec.cut_points), run.alphas, (method,), run.repairs)
     else:  # that depth alone, and its distilled form when the target distils
-        points = [Point("depth", float(depth), method, "bn", d) for d in (False, True) if depth and (cfg or not d)]
-    f = measure_field(s, tgt, points, out_dir / "candidates", budget, console, cfg, cache, pick=depth is None)
+        points = [Point("depth", float(depth), method, run.repairs[0], d) for d in (False, True)
+                  if depth and (cfg or not d)]
+    plan = FieldPlan(out_dir / "candidates", cfg, run.cache, workers=0, pick=depth is None)
+    f = measure_field(s, tgt, points, budget, console, plan)
     choice = _forced(f, depth) if depth is not None else choose(f.rows, budget, f.exact["ensemble"])
     console.print(f"[bold]ship[/]: {choice.chosen.label} — {choice.reason}")
     head = report_head(tgt, s, (method,), budget, cfg, f.teacher)
@@ -88,8 +91,7 @@ def _run(tgt: Target, models: list[nn.Module] | None, arch: str, n: int, dataset
         summary = f"{len(s.models)} × {s.label}, {chosen.label}, test accuracy {chosen.test['accuracy']:.4f}"
         fp32 = Path(chosen.file) if chosen.precision == "fp32" else export_onnx(  # an INT8 choice: its FP32 graph
             module, s.splits.example, out_dir / "candidates" / "model_fp32.onnx", tgt.opset)
-        report |= prepare_device(tgt, module, fp32, s.splits.example, s.splits.x_test, s.splits.y_test, out_dir,
-                                 summary, console, calibration=s.splits.x_train)
+        report |= prepare_device(tgt, module, fp32, s.splits, out_dir, summary, console)
     write_report(report, out_dir)
     for folder in (out_dir, out_dir / "bundle"):
         if chosen.uncertainty and folder.is_dir():  # the device flags inputs with the shipped model's rule

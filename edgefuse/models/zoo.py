@@ -153,7 +153,7 @@ def build(arch: str, **kwargs) -> nn.Module:
 
 
 def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int,
-                batch_size: int = 128, lr: float = 1e-3, progress=None, task=None) -> nn.Module:
+                batch_size: int = 128, lr: float = 1e-3, progress: tuple | None = None) -> nn.Module:
     """Adam with a cosine schedule; the seed fixes both the data order (init is seeded by the caller)."""
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -169,8 +169,8 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int,
             loss.backward()
             opt.step()
             sched.step()
-            if progress is not None:
-                progress.advance(task)
+            if progress is not None:  # (a rich Progress, its task)
+                progress[0].advance(progress[1])
     return model.eval()
 
 
@@ -210,7 +210,7 @@ def zoo_models(arch: str = "cnn", n: int = 4, width: int | None = None, epochs: 
                 torch.manual_seed(s)
                 model = build(arch, width=width)
                 task = progress.add_task(f"training {arch} seed {s}", total=steps)
-                train_model(model, x, y, epochs, seed=s, progress=progress, task=task)
+                train_model(model, x, y, epochs, seed=s, progress=(progress, task))
                 fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
                 os.close(fd)
                 save_file(model.state_dict(), tmp, metadata={"arch": arch, "width": str(width)})

@@ -63,15 +63,19 @@ def select_members(members: list[nn.Module], splits: Splits) -> list[tuple[int, 
 def sub_ensembles(members: list[nn.Module], splits: Splits, target, out_dir: Path,
                   reference: np.ndarray) -> tuple[list[Candidate], dict[str, nn.Module]]:
     """Each selected subset of members as one batched graph with heads: the middle ground between one member and
-    the whole ensemble, at k/N of its MACs."""
+    the whole ensemble, at k/N of its MACs; also as INT8 when the target weighs INT8."""
     rows, modules = [], {}
     for subset in select_members(members, splits):
         module = ensemble([members[i] for i in subset], head_outputs=True).batch_heads()
         key = "sub-ensemble-" + "-".join(map(str, subset))
-        row = export_and_measure(module, splits, out_dir / f"{key}.onnx", target.opset, target.batch_sizes,
-                                 target.threads, key=key, kind="sub-ensemble", members=subset,
-                                 label=f"sub-ensemble of members {', '.join(map(str, subset))} (batched)")
-        rows.append(with_agreement(row, reference))
+        label = f"sub-ensemble of members {', '.join(map(str, subset))} (batched)"
+        for precision in ("fp32", "int8") if target.int8 else ("fp32",):
+            tag = "-int8" if precision == "int8" else ""
+            row = export_and_measure(module, splits, out_dir / f"{key}{tag}.onnx", target.opset, target.batch_sizes,
+                                     target.threads, precision=precision, keep_ends=target.int8_keep_ends,
+                                     key=key + tag, kind="sub-ensemble", members=subset,
+                                     label=label + (", INT8" if tag else ""))
+            rows.append(with_agreement(row, reference))
         modules[key] = module
     return rows, modules
 

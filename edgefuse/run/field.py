@@ -3,7 +3,7 @@ distilled ones — the best member distilled towards the ensemble and the best f
 each with the same distillation budget."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -13,16 +13,14 @@ from torch import nn
 from .baselines import exact_ensembles, int8_ensembles, sub_ensembles
 from .candidate import Candidate, Point
 from .points import Job, run_points
-from .choose import Budget, fits
+from .choose import Budget, fits, target_budget
+from .config import RunConfig
 from ..fuse import DistillConfig
 from .setup import Setup
-from ..targets import Target
+from ..targets import Target, load_target
 
 
-DEFAULT_ALPHAS = (0.1, 0.25, 0.5, 0.75)
-
-
-def grid(n_cuts: int, alphas=DEFAULT_ALPHAS, methods=("weight",), repairs=("bn",)) -> list[Point]:
+def grid(n_cuts: int, alphas: tuple[float, ...], methods: tuple[str, ...], repairs: tuple) -> list[Point]:
     """Every depth from 1 to the full merge and every alpha, for each alignment method and repair."""
     return [Point(kind, float(v), m, r) for m in methods for r in repairs
             for kind, values in (("depth", range(1, n_cuts + 1)), ("alpha", alphas)) for v in values]
@@ -42,6 +40,31 @@ class Field:
         return self.members + list(self.exact.values()) + self.others
 
 
+@dataclass(frozen=True)
+class FieldPlan:
+    """How the candidates of one run are measured: where their files go, the distillation budget, where distilled
+    weights are cached, where points run (`workers` processes, or Ray), where finished points are stored (`store`,
+    under the fingerprint `key`, for a resumable sweep), and whether the distilled candidates are picked (`pick`)."""
+    out_dir: Path
+    distill: DistillConfig | None = None
+    cache: str | Path | None = None
+    workers: int = 0
+    ray_address: str | None = None
+    store: Path | None = None
+    key: str = ""
+    pick: bool = True
+
+
+def effective_target(run: RunConfig) -> Target:
+    """The run's target file, with the distillation budget the run overrides."""
+    tgt = load_target(run.target)
+    return replace(tgt, distill_steps=run.distill_steps) if run.distill_steps is not None else tgt
+
+
+def run_budget(tgt: Target, run: RunConfig) -> Budget:
+    return target_budget(tgt, run.latency_ms, run.memory_mb, run.max_drop, run.min_auroc)
+
+
 def distill_config(tgt: Target, augment: bool | None = None) -> DistillConfig | None:
     """The target's distillation budget (`distill_steps`, `distill_batch_size`, `distill_augment`,
     `distill_per_head`); None without."""
@@ -51,19 +74,21 @@ def distill_config(tgt: Target, augment: bool | None = None) -> DistillConfig | 
                          augment=tgt.distill_augment if augment is None else augment, per_head=tgt.distill_per_head)
 
 
-def measure_field(s: Setup, tgt: Target, points: list[Point], out_dir: Path, budget: Budget, console: Console,
-                  distill: DistillConfig | None = None, cache: str | Path | None = None, workers: int = 0,
-                  ray_address: str | None = None, store: Path | None = None, key: str = "", pick: bool = True) -> Field:
+def measure_field(s: Setup, tgt: Target, points: list[Point], budget: Budget, console: Console,
+                  plan: FieldPlan) -> Field:
     """Members, then the exact ensembles (their N-sessions form runs the members' files), then `points`, then (with
-    `pick`) the distilled candidates picked on validation accuracy. Everything lands in `out_dir`."""
+    `pick`) the distilled candidates picked on validation accuracy. Everything lands in `plan.out_dir`."""
+    out_dir, distill, cache, workers = plan.out_dir, plan.distill, plan.cache, plan.workers
     method = points[0].method if points else next(iter(s.aligned))
-    keep = workers == 0 and ray_address is None and store is None
+    keep = workers == 0 and plan.ray_address is None and plan.store is None
 
     def jobs(pts: list[Point]) -> list[Job]:
         teacher = out.teacher.members if out.teacher is not None else None
-        return [Job(p, s.aligned[p.method], s.splits, tgt.opset, tgt.batch_sizes, tgt.threads, tgt.batch_heads,
-                    str(out_dir), s.ensemble_predictions, distill, str(cache) if cache else None, keep,
-                    tgt.int8_keep_ends, teacher) for p in pts]
+        return [Job(point=p, aligned=s.aligned[p.method], splits=s.splits, opset=tgt.opset,
+                    batch_sizes=tgt.batch_sizes, threads=tgt.threads, batch_heads=tgt.batch_heads,
+                    out_dir=str(out_dir), ensemble_predictions=s.ensemble_predictions, distill=distill,
+                    cache=str(cache) if cache else None, keep_module=keep, keep_ends=tgt.int8_keep_ends,
+                    teacher=teacher) for p in pts]
 
     def int8(pts: list[Point]) -> list[Point]:
         """Every point again as an INT8 graph, when the target weighs INT8."""
@@ -72,7 +97,8 @@ def measure_field(s: Setup, tgt: Target, points: list[Point], out_dir: Path, bud
     def run(pts: list[Point], what: str, w: int = workers) -> list[Candidate]:
         with Progress(console=console, disable=console.quiet or not pts) as progress:
             task = progress.add_task(f"{what}: {len(pts)} candidates", total=len(pts))
-            done = run_points(jobs(pts), w, ray_address if w else None, store, key, (progress, task))
+            done = run_points(jobs(pts), w, plan.ray_address if w else None, plan.store, plan.key,
+                              (progress, task))
         out.modules |= {c.key: m for c, m in done if m is not None}
         return [c for c, _ in done]
 
@@ -88,7 +114,7 @@ def measure_field(s: Setup, tgt: Target, points: list[Point], out_dir: Path, bud
     if tgt.int8:
         out.others += int8_ensembles(modules, s.splits, tgt, out_dir, s.ensemble_predictions)
     out.others += run(points + int8(members + points), "fuse, export, measure")
-    if distill is not None and pick:
+    if distill is not None and plan.pick:
         out.teacher = teacher_of(out, distill)
         console.print(f"[bold]teacher[/]: {out.teacher.label} (validation {out.teacher.accuracy:.4f})")
         picks = distill_picks(out, budget)

@@ -34,8 +34,10 @@ def markdown(report: dict) -> str:
              "fastest exact ensemble at each batch size: " +
              ", ".join(f"b{b}: {e['name']} ({e['p50']:.3f} ms)" for b, e in base.items()) + ".", ""]
     if report.get("distillation"):
-        lines += [f"Distilled candidates: {report['distillation']['config']} on the training split's unlabeled "
-                  f"images ({report['distillation']['why']}).", ""]
+        d = report["distillation"]
+        teacher = f", towards {d['teacher']} (the ensemble most accurate on validation)" if d.get("teacher") else ""
+        lines += [f"Distilled candidates: {d['config']} on the training split's unlabeled images{teacher} "
+                  f"({d['why']}).", ""]
     lines += [head, "|" + "---|" * (12 + 2 * len(batches))]
     for c in report["candidates"]:
         name = c["label"] + (" **← model.onnx**" if c["key"] == shipped["key"] else "")

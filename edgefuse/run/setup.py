@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from rich.console import Console
@@ -14,6 +13,7 @@ from ..align import align
 from .candidate import torch_predictions
 from ..base.validate import check_models
 from ..models.data import Splits
+from .config import RunConfig
 from ..models.fit import check_fit
 from ..models.sources import load_data
 from ..fuse import ensemble
@@ -40,21 +40,21 @@ class Setup:
                 "classes": list(s.classes) or s.n_classes, "input_shape": list(s.input_shape)}
 
 
-def prepare(models: list[nn.Module] | None, arch: str, n: int, dataset: str | Splits, cache: str | Path,
-            methods: tuple[str, ...], console: Console) -> Setup:
+def prepare(run: RunConfig, console: Console) -> Setup:
     """Load or train the zoo when no models are given, check the models, read the data (a source as `load_data`
     takes it, or its splits), check that data and models fit each other, align once per method."""
-    label = arch if models is None else type(models[0]).__name__
+    models = run.model_list
+    label = run.arch if models is None else type(models[0]).__name__
     if models is None:
         from ..models.zoo import zoo_models
-        console.print(f"[bold]zoo[/]: {n} × {arch} on Fashion-MNIST (cached under {cache})")
-        models, _ = zoo_models(arch, n, cache=cache, quiet=console.quiet)
+        console.print(f"[bold]zoo[/]: {run.n} × {run.arch} on Fashion-MNIST (cached under {run.cache})")
+        models, _ = zoo_models(run.arch, run.n, cache=run.cache, quiet=console.quiet)
     check_models(models, "export")
-    splits = dataset if isinstance(dataset, Splits) else load_data(dataset)
+    splits = run.data if isinstance(run.data, Splits) else load_data(run.data, run.val_size)
     check_fit(models[0], splits)
     spec = permutation_spec(models[0], splits.example)
     aligned, seconds = {}, {}
-    for method in methods:
+    for method in run.methods:
         t0 = time.perf_counter()
         aligned[method] = align(models, spec, method=method, data=splits.calib_batches)
         seconds[method] = time.perf_counter() - t0
