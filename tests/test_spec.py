@@ -147,3 +147,16 @@ def test_channel_views_other_than_a_shuffle_are_refused():
 
     with pytest.raises(ef.UnsupportedModelError, match="channel shuffle"):
         ef.permutation_spec(GroupSum(), torch.rand(2, 1, 8, 8))
+
+
+def test_a_spec_pickles_to_a_worker_unchanged():
+    import pickle
+
+    model = zoo.resnet20(width=4)
+    spec = ef.permutation_spec(model, torch.zeros(2, 1, 28, 28))
+    back = pickle.loads(pickle.dumps(spec))
+    assert back == spec and type(back.params).__name__ == "mappingproxy"
+    perms = back.random_perms(1)
+    model.eval()
+    x = torch.rand(3, 1, 28, 28)
+    torch.testing.assert_close(ef.permute(model, back, perms)(x), model(x), atol=1e-5, rtol=1e-5)

@@ -88,7 +88,7 @@ def measure_field(s: Setup, tgt: Target, points: list[Point], budget: Budget, co
                     batch_sizes=tgt.batch_sizes, threads=tgt.threads, batch_heads=tgt.batch_heads,
                     out_dir=str(out_dir), ensemble_predictions=s.ensemble_predictions, distill=distill,
                     cache=str(cache) if cache else None, keep_module=keep, keep_ends=tgt.int8_keep_ends,
-                    teacher=teacher) for p in pts]
+                    teacher=teacher, spec=s.spec) for p in pts]
 
     def int8(pts: list[Point]) -> list[Point]:
         """Every point again as an INT8 graph, when the target weighs INT8."""

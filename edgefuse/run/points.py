@@ -22,7 +22,7 @@ from ..graph.onnx import export_onnx, onnx_nodes
 from ..base.files import atomic_write_bytes, atomic_write_text
 from ..fuse import DistillConfig, distill, ensemble, fuse
 from ..measure.runners import peak_memory_mb
-from ..spec.permspec import permutation_spec
+from ..spec.permspec import PermSpec, permutation_spec
 from .candidate import Candidate, Point, measure, with_agreement
 
 
@@ -44,6 +44,7 @@ class Job:
     keep_module: bool = False
     keep_ends: bool = False  # INT8: the first and last weighted layers stay FP32
     teacher: tuple[int, ...] | None = None  # the members whose ensemble teaches distillation (None: all)
+    spec: PermSpec | None = None  # traced once per run; None: traced here
 
 
 def fingerprint(models: list[nn.Module], *parts: str) -> str:
@@ -68,7 +69,7 @@ def build(job: Job, splits) -> nn.Module:
         module = job.aligned[int(p.value)]
         module = copy.deepcopy(module) if p.distill else module
     else:
-        spec = permutation_spec(job.aligned[0], splits.example)
+        spec = job.spec or permutation_spec(job.aligned[0], splits.example)
         kw = dict(depth=int(p.value)) if p.kind == "depth" else dict(alpha=p.value)
         module = fuse(job.aligned, spec, data=splits.calib_batches, repair=p.repair,
                       batch_heads=p.kind == "depth" and job.batch_heads, head_outputs=p.kind == "depth", **kw)

@@ -56,6 +56,12 @@ class PermSpec:
     families: tuple[Family, ...] = field(default=())
     grouped: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))
 
+    def __reduce__(self):
+        """Pickles (to a worker process) as plain dicts, rebuilt read-only: the spec travels with a job, so no
+        worker traces the model again."""
+        return _rebuild, (dict(self.groups), dict(self.params), self.cut_points, self.weight_layers,
+                          dict(self.probes), self.families, dict(self.grouped))
+
     def coordinates(self) -> list[Family]:
         """Every group once: the families of blocks, then each free group as a family of one block."""
         tied = {g for f in self.families for g in f.groups}
@@ -79,6 +85,11 @@ class PermSpec:
 
     def identity_perms(self) -> dict[str, torch.Tensor]:
         return {g: torch.arange(n) for g, n in self.groups.items()}
+
+
+def _rebuild(groups, params, cut_points, weight_layers, probes, families, grouped) -> PermSpec:
+    return PermSpec(MappingProxyType(groups), MappingProxyType(params), cut_points, weight_layers,
+                    MappingProxyType(probes), families, MappingProxyType(grouped))
 
 
 def block_perm(sigma: torch.Tensor, inner: list[torch.Tensor]) -> torch.Tensor:
