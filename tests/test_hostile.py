@@ -275,3 +275,17 @@ def test_one_line_errors_survive_empty_and_long_messages():
     from edgefuse.base.errors import first_line
     assert first_line(RuntimeError("\n  shapes differ\nstack...\n")) == "shapes differ"
     assert first_line(KeyError()) == "KeyError" and first_line(ValueError("  \n ")) == "ValueError"
+
+
+def test_a_data_folder_in_the_environment_that_points_nowhere_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEFUSE_FASHION_MNIST", str(tmp_path / "nowhere"))
+    with pytest.raises(ef.EdgefuseError, match="EDGEFUSE_FASHION_MNIST=.*holds no Fashion-MNIST files"):
+        ef.load_data("fashion-mnist")
+
+
+def test_a_targets_folder_in_the_environment_that_points_nowhere_is_an_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EDGEFUSE_TARGETS", str(tmp_path / "nowhere"))
+    res = CliRunner().invoke(cli, ["-q", "export", "--target", "cpu-ort"])
+    assert res.exit_code == 1 and "EDGEFUSE_TARGETS=" in res.stderr, res.output
+    assert len(res.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []

@@ -15,8 +15,7 @@ from ..base.errors import EdgefuseError, first_line
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
                  "t10k-labels-idx1-ubyte.gz")
 # build/data/fashion-mnist: where a machine without the Debian package (the lent GPU machine) gets a copy.
-FASHION_DIRS = (os.environ.get("EDGEFUSE_FASHION_MNIST", ""), "/usr/share/datasets/fashion-mnist",
-                "build/data/fashion-mnist")
+FASHION_DIRS = ("/usr/share/datasets/fashion-mnist", "build/data/fashion-mnist")
 VALIDATION_IMAGES = 5000  # held out of Fashion-MNIST's 60,000 training images: the chooser's data
 CALIBRATION_IMAGES = 2000  # alignment, BatchNorm reset and REPAIR statistics, from the training part
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -24,7 +23,13 @@ FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 
 
 def fashion_mnist_dir() -> Path:
-    """The folder with the four IDX files, or a one-line error saying how to get them."""
+    """The folder with the four IDX files, or a one-line error saying how to get them. A folder named by
+    EDGEFUSE_FASHION_MNIST must hold them: a setting that points nowhere is an error, never a silent fallback."""
+    env = os.environ.get("EDGEFUSE_FASHION_MNIST")
+    if env:
+        if (Path(env) / "t10k-labels-idx1-ubyte.gz").is_file():
+            return Path(env)
+        raise EdgefuseError(f"EDGEFUSE_FASHION_MNIST={env} holds no Fashion-MNIST files ({', '.join(FASHION_FILES)})")
     for d in FASHION_DIRS:
         if d and (Path(d) / "t10k-labels-idx1-ubyte.gz").is_file():
             return Path(d)

@@ -169,7 +169,10 @@ def _check_values(raw: dict, source: str) -> None:
 
 
 def targets_dirs() -> list[Path]:
-    dirs = [Path(os.environ["EDGEFUSE_TARGETS"])] if os.environ.get("EDGEFUSE_TARGETS") else []
+    env = os.environ.get("EDGEFUSE_TARGETS")
+    if env and not Path(env).is_dir():
+        raise EdgefuseError(f"EDGEFUSE_TARGETS={env} is not a folder of target files")
+    dirs = [Path(env)] if env else []
     return dirs + [Path.cwd() / "targets", Path(__file__).resolve().parent]
 
 
