@@ -110,19 +110,23 @@ def require_batches(data: Iterable | None, what: str, model: torch.nn.Module | N
     return xs
 
 
-def _check_fits(model: torch.nn.Module, x: torch.Tensor, what: str) -> None:
-    """Run one sample in eval mode (so no statistic moves), then give every module back its own mode."""
+def trial_run(model: torch.nn.Module, x: torch.Tensor, failure: str):
+    """The model's output on `x` in eval mode (so no statistic moves), every module given back its own mode after;
+    an input it cannot take is one line, `failure` followed by the framework's first line."""
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            model(x)
+            return model(x)
     except Exception as e:  # torch reports a shape mismatch as RuntimeError, others as other types
-        raise EdgefuseError(f"{what}: calibration inputs of shape {tuple(x.shape[1:])} do not fit the model: "
-                            f"{first_line(e)}") from None
+        raise EdgefuseError(f"{failure}: {first_line(e)}") from None
     finally:
         for m, training in modes:
             m.training = training
+
+
+def _check_fits(model: torch.nn.Module, x: torch.Tensor, what: str) -> None:
+    trial_run(model, x, f"{what}: calibration inputs of shape {tuple(x.shape[1:])} do not fit the model")
 
 
 @dataclass(frozen=True)

@@ -5,23 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..base.errors import EdgefuseError, first_line
-from .data import Splits
+from ..base.errors import EdgefuseError
+from .data import Splits, trial_run
 
 
 def output_width(model: nn.Module, x: torch.Tensor, source: str) -> int:
     """The model's number of outputs on one batch of `x`, or one line saying the input does not fit it."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        with torch.no_grad():
-            out = model(x)
-    except Exception as e:  # torch reports shape mismatches as RuntimeError, others as other types
-        raise EdgefuseError(f"the model does not take the inputs of {source} (shape {tuple(x.shape[1:])}): "
-                            f"{first_line(e)}") from None
-    finally:
-        for m, training in modes:
-            m.training = training
+    out = trial_run(model, x, f"the model does not take the inputs of {source} (shape {tuple(x.shape[1:])})")
     out = out[0] if isinstance(out, (tuple, list)) else out
     if not isinstance(out, torch.Tensor) or out.ndim != 2:
         raise EdgefuseError(f"the model's output on {source} has shape "
