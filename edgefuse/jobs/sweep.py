@@ -30,7 +30,7 @@ def run_sweep(config: RunConfig | str | None = None, console: Console | None = N
     writable(out / "points")
     s = prepare(run, console)
     cfg = distill_config(tgt, run.augment)
-    key = fingerprint(s.models, Path(tgt.source).read_text(), s.splits.digest(), repr(cfg))
+    key = fingerprint(s.models, Path(tgt.source).read_text(), s.splits.digest, repr(cfg))
     points = grid(len(s.spec.cut_points), run.alphas, run.methods, run.repairs)
     plan = FieldPlan(out / "candidates", cfg, run.cache, run.workers, run.ray_address, out / "points", key)
     f = measure_field(s, tgt, points, budget, console, plan)

@@ -5,6 +5,7 @@ import gzip
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -157,8 +158,10 @@ class Splits:
         labels = [y for y in (self.y_train, self.y_val, self.y_test) if y is not None and len(y)]
         return max(int(y.max()) for y in labels) + 1
 
+    @cached_property
     def digest(self) -> str:
-        """Identity of the data for stored results: the source, the sizes, and the validation and test tensors."""
+        """Identity of the data for stored results: the source, the sizes, and the validation and test tensors;
+        hashed once per process, not once per job that asks."""
         import hashlib
 
         h = hashlib.sha256(f"{self.name}\0{len(self.x_train)}\0{self.classes}".encode())

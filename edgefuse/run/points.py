@@ -83,7 +83,7 @@ def build(job: Job, splits) -> nn.Module:
 def _distilled(student: nn.Module, job: Job, splits) -> None:
     """Distil in place, or load the weights of an earlier run with the same models, point and budget."""
     cfg = job.distill
-    key = fingerprint(job.aligned, job.point.key, repr(cfg), job.splits.digest(), str(job.batch_heads),
+    key = fingerprint(job.aligned, job.point.key, repr(cfg), job.splits.digest, str(job.batch_heads),
                       str(job.teacher))
     path = Path(job.cache) / "distilled" / f"{key}.pt" if job.cache else None
     if path is not None and path.is_file():
