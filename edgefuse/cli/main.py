@@ -12,6 +12,7 @@ from ..fuse.distill import DistillConfig
 from ..fuse.repair import REPAIRS
 from ..models.zoo import ARCHITECTURES
 from ..run.config import DEFAULT_ALPHAS, RunConfig
+from .options import cli_models, run_config_of, splits_of, with_models
 
 DEBUG = {"on": False}
 
@@ -60,55 +61,6 @@ def _console(quiet: bool):
     return Console(stderr=True, quiet=quiet)
 
 
-def _models(arch: str | None, model: str | None, checkpoints: tuple[str, ...], n: int, cache: str, quiet: bool):
-    """User checkpoints when --model is given, else the cached zoo."""
-    if model:
-        from ..models.load import load_models
-        if len(checkpoints) < 2:
-            raise EdgefuseError(f"--model needs at least 2 checkpoints, got {len(checkpoints)}")
-        return load_models(model, list(checkpoints))
-    if checkpoints:
-        raise EdgefuseError("checkpoints were given without --model (say which architecture they are for)")
-    from ..models.zoo import zoo_models
-    return zoo_models(arch or "cnn", n, cache=cache, quiet=quiet)[0]
-
-
-model_options = [
-    click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default="cnn", show_default=True,
-                 help="Zoo architecture, used when --model is not given."),
-    click.option("--model", "model", metavar="MODULE:FUNCTION",
-                 help="Factory of your architecture (e.g. mypkg.nets:make_net, or zoo:cnn)."),
-    click.option("-n", "--n-models", "n", type=click.IntRange(2, 64), default=RunConfig.n, show_default=True,
-                 help="Number of zoo models (seeds 0..N-1)."),
-    click.option("--cache", default=RunConfig.cache, show_default=True, help="Folder of cached zoo checkpoints."),
-    click.option("--data", "--dataset", "data", default=RunConfig.data, show_default=True, metavar="SOURCE",
-                 help="fashion-mnist, digits, a folder (train/ test/ [val/] of <class>/<image>), an .npz file or "
-                 "MODULE:FUNCTION returning the splits."),
-    click.option("--val-size", type=click.IntRange(1, None), default=None,
-                 help="Validation samples held out of the training split when SOURCE has no val split (default: "
-                 "a tenth, at most 5,000)."),
-]
-
-
-def _run_config(obj: dict, checkpoints: tuple[str, ...], opts: dict, **fields) -> RunConfig:
-    """The RunConfig of a command: its options by name, the user's models loaded when --model is given."""
-    model = opts.pop("model")
-    models = _models(opts["arch"], model, checkpoints, opts["n"], opts["cache"], obj["quiet"]) \
-        if model or checkpoints else None
-    return RunConfig(models=models, **opts, **fields)
-
-
-def _splits(data: str, val_size: int | None):
-    from ..models.sources import load_data
-    return load_data(data, val_size)
-
-
-def with_models(f):
-    for opt in reversed(model_options):
-        f = opt(f)
-    return click.argument("checkpoints", nargs=-1, type=click.Path())(f)
-
-
 @click.group(cls=Cli, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress output.")
@@ -121,7 +73,7 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 
 @cli.command()
-@click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default="cnn", show_default=True)
+@click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default=RunConfig.arch, show_default=True)
 @click.option("-n", "--n-models", "n", type=click.IntRange(2, 64), default=RunConfig.n, show_default=True)
 @click.option("--epochs", type=click.IntRange(1, 100), default=None, help="Default: 4 (mlp), 2 (others).")
 @click.option("--width", type=click.IntRange(1, 4096), default=None, help="Default: 256 (mlp), 16 (others).")
@@ -178,8 +130,8 @@ def fuse_cmd(obj: dict, checkpoints: tuple[str, ...], **opts) -> None:
         raise EdgefuseError(f"{out} exists (use --force to overwrite)")
     if (depth is None) == (alpha is None):
         raise EdgefuseError("give exactly one of --depth and --alpha")
-    models = _models(opts["arch"], opts["model"], checkpoints, opts["n"], opts["cache"], obj["quiet"])
-    splits = _splits(opts["data"], opts["val_size"])
+    models = cli_models(opts["arch"], opts["model"], checkpoints, opts["n"], opts["cache"], obj["quiet"])
+    splits = splits_of(opts["data"], opts["val_size"])
     check_fit(models[0], splits)
     spec = permutation_spec(models[0], splits.example)
     calib_batches = splits.calib_batches
@@ -212,7 +164,7 @@ def export(obj: dict, checkpoints: tuple[str, ...], **opts) -> None:
     from ..jobs.export import run_export
     from ..run.report import markdown
 
-    run = _run_config(obj, checkpoints, opts, methods=(opts.pop("method"),))
+    run = run_config_of(obj, checkpoints, opts, methods=(opts.pop("method"),))
     report = run_export(run, console=_console(obj["quiet"]))
     _show(markdown(report))
     _echo(f"wrote {Path(run.out_root) / report['target']}/ (model.onnx: {report['shipped']['label']}, "
@@ -245,7 +197,7 @@ def verify(onnx_file: str, data: str, threads: int, batch_sizes: tuple[int, ...]
     if data in BUILTIN:
         x_test, y_test = test_split(data)
     else:
-        splits = _splits(data, None)
+        splits = splits_of(data, None)
         x_test, y_test = splits.x_test, splits.y_test
     try:
         logits = predict(runner, x_test)
@@ -301,7 +253,7 @@ def sweep(obj: dict, checkpoints: tuple[str, ...], **opts) -> None:
     from ..jobs.sweep import run_sweep
 
     latency = opts.pop("latency_ms")
-    run = _run_config(obj, checkpoints, opts, latency_ms=(latency[0] if len(latency) == 1 else latency) or None,
+    run = run_config_of(obj, checkpoints, opts, latency_ms=(latency[0] if len(latency) == 1 else latency) or None,
                       repairs=tuple(None if r == "none" else r for r in opts.pop("repairs")))
     result = run_sweep(run, console=_console(obj["quiet"]))
     _show(markdown(result))

@@ -1,0 +1,59 @@
+"""What the commands that read models and data share: their options, and the models and run configuration those
+options describe."""
+from __future__ import annotations
+
+import click
+
+from ..base.errors import EdgefuseError
+from ..models.zoo import ARCHITECTURES
+from ..run.config import RunConfig
+
+
+def cli_models(arch: str | None, model: str | None, checkpoints: tuple[str, ...], n: int, cache: str, quiet: bool):
+    """User checkpoints when --model is given, else the cached zoo."""
+    if model:
+        from ..models.load import load_models
+        if len(checkpoints) < 2:
+            raise EdgefuseError(f"--model needs at least 2 checkpoints, got {len(checkpoints)}")
+        return load_models(model, list(checkpoints))
+    if checkpoints:
+        raise EdgefuseError("checkpoints were given without --model (say which architecture they are for)")
+    from ..models.zoo import zoo_models
+    return zoo_models(arch or RunConfig.arch, n, cache=cache, quiet=quiet)[0]
+
+
+model_options = [
+    click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default=RunConfig.arch, show_default=True,
+                 help="Zoo architecture, used when --model is not given."),
+    click.option("--model", "model", metavar="MODULE:FUNCTION",
+                 help="Factory of your architecture (e.g. mypkg.nets:make_net, or zoo:cnn)."),
+    click.option("-n", "--n-models", "n", type=click.IntRange(2, 64), default=RunConfig.n, show_default=True,
+                 help="Number of zoo models (seeds 0..N-1)."),
+    click.option("--cache", default=RunConfig.cache, show_default=True, help="Folder of cached zoo checkpoints."),
+    click.option("--data", "--dataset", "data", default=RunConfig.data, show_default=True, metavar="SOURCE",
+                 help="fashion-mnist, digits, a folder (train/ test/ [val/] of <class>/<image>), an .npz file or "
+                 "MODULE:FUNCTION returning the splits."),
+    click.option("--val-size", type=click.IntRange(1, None), default=None,
+                 help="Validation samples held out of the training split when SOURCE has no val split (default: "
+                 "a tenth, at most 5,000)."),
+]
+
+
+def run_config_of(obj: dict, checkpoints: tuple[str, ...], opts: dict, **fields) -> RunConfig:
+    """The RunConfig of a command: its options by name, the user's models loaded when --model is given."""
+    model = opts.pop("model")
+    models = cli_models(opts["arch"], model, checkpoints, opts["n"], opts["cache"], obj["quiet"]) \
+        if model or checkpoints else None
+    return RunConfig(models=models, **opts, **fields)
+
+
+def splits_of(data: str, val_size: int | None):
+    """The splits of a --data source (read here for fuse and verify; export and sweep read them in the run)."""
+    from ..models.sources import load_data
+    return load_data(data, val_size)
+
+
+def with_models(f):
+    for opt in reversed(model_options):
+        f = opt(f)
+    return click.argument("checkpoints", nargs=-1, type=click.Path())(f)
