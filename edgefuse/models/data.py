@@ -185,12 +185,17 @@ class Splits:
         return self.x_test[:2]
 
 
+def holdout_indices(n: int, n_val: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held out): a seeded permutation of n samples, whose last `n_val` are validation."""
+    if not 0 < n_val < n:
+        raise EdgefuseError(f"cannot hold out {n_val} of {n} samples for validation")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    return order[:-n_val], order[-n_val:]
+
+
 def holdout(x: torch.Tensor, y: torch.Tensor, n_val: int) -> tuple[torch.Tensor, ...]:
     """(x_train, y_train, x_val, y_val): a seeded permutation's last `n_val` samples are validation."""
-    if not 0 < n_val < len(x):
-        raise EdgefuseError(f"cannot hold out {n_val} of {len(x)} samples for validation")
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
-    train, val = order[:-n_val], order[-n_val:]
+    train, val = holdout_indices(len(x), n_val)
     return x[train], y[train], x[val], y[val]
 
 

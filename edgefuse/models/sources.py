@@ -11,7 +11,7 @@ import torch
 
 from ..base.errors import EdgefuseError, first_line
 from ..base.hooks import import_callable, is_hook
-from .data import BUILTIN, VALIDATION_IMAGES, Splits, load_dataset
+from .data import BUILTIN, VALIDATION_IMAGES, Splits, holdout_indices, load_dataset
 from .images import ImageFiles, scan_classes
 
 KEYS = ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test")
@@ -169,10 +169,7 @@ def _assemble(source: str, parts: dict, val_size: int | None, classes: tuple[str
             raise EdgefuseError(f"{source}: without x_val/y_val the validation split is held out of the training "
                                 "split, which then needs labels (y_train)")
         n_val = default_val_size(n_train) if val_size is None else val_size
-        if not 0 < n_val < n_train:
-            raise EdgefuseError(f"cannot hold out {n_val} of {n_train} training samples for validation")
-        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(0))
-        keep, held = order[:-n_val], order[-n_val:]
+        keep, held = holdout_indices(n_train, n_val)
         x_val = x_train[held] if isinstance(x_train, torch.Tensor) else x_train.subset(held)[:]
         y_val = y_train[held]
         x_train = x_train[keep] if isinstance(x_train, torch.Tensor) else x_train.subset(keep)
