@@ -51,3 +51,33 @@ def test_cuda_peak_memory_counts_weights_and_grows_with_batch():
     weights = sum(p.numel() * 4 for p in ens.parameters()) / 2**20
     small, big = (runner.peak_memory_mb(torch.rand(b, 1, 28, 28).numpy()) for b in (1, 256))
     assert weights < small < big
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="this machine has a GPU: the refusal path cannot be exercised")
+def test_an_export_for_a_cuda_target_without_a_gpu_is_one_line_and_writes_nothing(cnn_checkpoints, tmp_path):
+    from click.testing import CliRunner
+
+    from edgefuse.cli import cli
+
+    res = CliRunner().invoke(cli, ["-q", "export", "--model", "tests.nets:digits_cnn", *cnn_checkpoints,
+                                   "--dataset", "digits", "--target", "desktop-cuda", "--out-root", str(tmp_path)])
+    assert res.exit_code == 1 and "no CUDA GPU" in res.output and len(res.output.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason=NO_GPU)
+def test_an_export_for_a_cuda_target_is_measured_on_the_gpu_and_renders(cnn_checkpoints, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from edgefuse.cli import cli
+
+    res = CliRunner().invoke(cli, ["-q", "export", "--model", "tests.nets:digits_cnn", *cnn_checkpoints,
+                                   "--dataset", "digits", "--target", "desktop-cuda", "--out-root", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "desktop-cuda"
+    report = json.loads((out / "report.json").read_text())
+    assert all(c["runtime"].startswith("cuda:") for c in report["candidates"])
+    assert report["budget"]["latency_ms"] == {"1": 0.25, "32": 0.5, "256": 2.0}
+    assert "edgefuse report: desktop-cuda" in (out / "report.md").read_text() and (out / "model.onnx").is_file()

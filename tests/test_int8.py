@@ -9,6 +9,7 @@ import torch
 
 import edgefuse as ef
 from edgefuse.run.points import export_and_measure
+from edgefuse.targets import load_target
 from edgefuse.models.data import load_dataset
 from edgefuse.graph.int8 import CALIBRATION_IMAGES, quantize_int8, reference_parity
 from edgefuse.measure.runners import OrtRunner
@@ -52,8 +53,8 @@ def test_a_candidate_calibrates_on_the_training_split(bare, tmp_path):
     model, _ = bare
     splits = load_dataset("digits")
     halved = dataclasses.replace(splits, x_train=splits.x_train * 0.5)  # unlike validation and test images
-    row = export_and_measure(model, halved, tmp_path / "c.onnx", 18, (1,), 1, precision="int8", key="c", label="c",
-                             kind="member")
+    row = export_and_measure(model, halved, tmp_path / "c.onnx", load_target("cpu-ort"), "int8", key="c",
+                             label="c", kind="member")
     assert row.precision == "int8" and row.quantization["calibration"]["images"] == CALIBRATION_IMAGES
     assert _input_scale(row.file) == pytest.approx(float(halved.x_train[:CALIBRATION_IMAGES].abs().max()) / 127,
                                                    rel=1e-6)

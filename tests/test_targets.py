@@ -114,7 +114,7 @@ def test_fp16_graph_matches_fp32(fused_cnn, tmp_path, io):
 def _bundle(fused_cnn, tmp_path):
     target = load_target("desktop-trt11")
     path = export_fp16(fused_cnn, X[:2], tmp_path / "h.onnx", opset=18)
-    checks = write_bundle(tmp_path, target, Path(target.source), path, fused_cnn, X, "test")
+    checks = write_bundle(tmp_path, target, path, fused_cnn, X, "test")
     return tmp_path / "bundle", checks["model"]
 
 
@@ -220,7 +220,7 @@ def test_an_int8_bundle_carries_the_qdq_graph_and_passes_its_self_check(fused_cn
     target = load_target("jetson-agx-orin-jp6")
     fp32 = ef.export_onnx(fused_cnn, X[:2], tmp_path / "m.onnx", opset=target.opset)
     int8 = quantize_int8(fp32, torch.rand(64, 1, 28, 28), tmp_path / "q.onnx")
-    checks = write_bundle(tmp_path, target, Path(target.source), fp32, fused_cnn, X, "test", int8)
+    checks = write_bundle(tmp_path, target, fp32, fused_cnn, X, "test", int8)
     assert checks["model"]["ok"] and checks["int8"]["ok"]
     sub = tmp_path / "bundle" / "int8"
     spec = json.loads((sub / "target.json").read_text())
@@ -233,11 +233,11 @@ def test_an_int8_bundle_carries_the_qdq_graph_and_passes_its_self_check(fused_cn
 
 
 def test_builder_flags_follow_precision_graph_and_typing():
-    from edgefuse.device import deploy
+    from edgefuse.device import engines
     from edgefuse.device.bundle import target_dict
 
     agx = target_dict(load_target("jetson-agx-orin-jp6"))
-    assert deploy._precision_flags(agx) == ["FP16"]
-    assert deploy._precision_flags(agx | {"graph": "int8"}) == ["FP16", "INT8"]
-    assert deploy._precision_flags(target_dict(load_target("desktop-trt11")) | {"graph": "int8"}) == []
-    assert deploy._precision_flags(agx | {"precision": "fp32"}) == []
+    assert engines.precision_flags(agx) == ["FP16"]
+    assert engines.precision_flags(agx | {"graph": "int8"}) == ["FP16", "INT8"]
+    assert engines.precision_flags(target_dict(load_target("desktop-trt11")) | {"graph": "int8"}) == []
+    assert engines.precision_flags(agx | {"precision": "fp32"}) == []

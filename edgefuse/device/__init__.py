@@ -12,17 +12,19 @@ from ..base.errors import EdgefuseError
 from ..models.data import Splits
 from ..targets import Target
 from .bundle import write_bundle
+from .frontier import DeviceCandidate, device_candidates
 from .check import CheckReport, check_onnx, format_report
 from ..graph.int8 import quantize_int8
 from ..graph.fp16 import export_fp16, precision_drop
 
 
 def prepare_device(target: Target, module: nn.Module, onnx_file: Path, splits: Splits, out_dir: Path, summary: str,
-                   console: Console) -> dict:
+                   console: Console, candidates: tuple[DeviceCandidate, ...] = ()) -> dict:
     """For a TensorRT target: the FP16 graph and its accuracy drop on the test split, the static check of the file
     the device will build (an error when it cannot build), and the bundle with its self-check; with "int8" among the
     target's precisions, the INT8 graph too (calibrated on training images), checked and bundled in int8/.
-    `onnx_file` is the shipped model's FP32 graph. Returns the report's entries."""
+    `onnx_file` is the shipped model's FP32 graph; `candidates` go in the bundle for the device's own choice.
+    Returns the report's entries."""
     example, x, y, calibration = splits.example, splits.x_test, splits.y_test, splits.x_train
     out: dict = {}
     device_file = onnx_file
@@ -50,10 +52,19 @@ def prepare_device(target: Target, module: nn.Module, onnx_file: Path, splits: S
         console.print(format_report(check))
         if not check.ok:
             raise EdgefuseError(f"{target.name}: {path.name} will not build: {check.errors[0]}")
-    checks = write_bundle(out_dir, target, Path(target.source), device_file, module, x, summary, int8)
+    checks = write_bundle(out_dir, target, device_file, module, x, summary, int8, candidates)
     out["bundle"] = {"path": "bundle/", "self_check_onnxruntime": checks["model"]}
     if int8:
         out["bundle"]["self_check_int8_onnxruntime"] = checks["int8"]
+    if candidates:
+        out["device_choice"] = {
+            "decides": "the device: python3 deploy.py --choose in the bundle times these and ships the best that fits",
+            "manifest": "bundle/candidates.json", "host_choice": next(c.row.key for c in candidates if c.shipped)
+            if any(c.shipped for c in candidates) else None,
+            "candidates": [{"key": c.row.key, "label": c.row.label, "graph": c.graph,
+                            "validation_accuracy": c.row.accuracy, "test_accuracy": c.row.test["accuracy"],
+                            "macs": c.row.macs} for c in candidates],
+            "self_checks_onnxruntime_ok": all(v["ok"] for k, v in checks.items() if k.startswith("candidate "))}
     bad = next((c for c in checks.values() if not c["ok"]), None)
     if bad is not None:
         raise EdgefuseError(f"{target.name}: the bundle's self-check failed: {bad['problems'][0]}")
@@ -63,8 +74,9 @@ def prepare_device(target: Target, module: nn.Module, onnx_file: Path, splits: S
 def build_engine(onnx_file: str | Path, target: Target, engine_file: str | Path,
                  timing_cache: str | Path | None = None) -> Path:
     """Build a TensorRT engine here (needs a GPU and the TensorRT bindings: `pip install 'edgefuse[tensorrt]'`)."""
-    from . import deploy
     from .bundle import target_dict
+    from .engines import build_engine as build
+    from .golden import DeployError
 
     if target.runtime != "tensorrt":
         raise EdgefuseError(f"target '{target.name}' runs on {target.runtime}, not TensorRT")
@@ -72,10 +84,11 @@ def build_engine(onnx_file: str | Path, target: Target, engine_file: str | Path,
         raise EdgefuseError("building a TensorRT engine needs an NVIDIA GPU and none is visible here; copy the "
                             "deploy bundle (make export TARGET=...) to the device and run deploy.py there")
     try:
-        return deploy.build_engine(Path(onnx_file), target_dict(target), Path(engine_file),
-                                   Path(timing_cache) if timing_cache else None)
-    except deploy.DeployError as e:
+        return build(Path(onnx_file), target_dict(target), Path(engine_file),
+                     Path(timing_cache) if timing_cache else None)
+    except DeployError as e:
         raise EdgefuseError(str(e)) from None
 
 
-__all__ = ["CheckReport", "build_engine", "check_onnx", "format_report", "prepare_device", "write_bundle"]
+__all__ = ["CheckReport", "DeviceCandidate", "build_engine", "check_onnx", "device_candidates", "format_report",
+           "prepare_device", "write_bundle"]

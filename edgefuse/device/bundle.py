@@ -16,14 +16,17 @@ from ..base.files import publish
 from ..measure.runners import OrtRunner
 from ..targets import Target
 from . import deploy
+from .device_choice import MANIFEST
+from .frontier import DeviceCandidate, manifest
 from ..graph.int8 import INT8_ATOL, INT8_RTOL, Int8Graph
 
 README = """# edgefuse deploy bundle: {name}
 
-{description}. Fused model: {summary}.
+{description}. Shipped model: {summary}.
 
 Files: `model.onnx` ({graph}), `target.json` / `{name}.toml` (the target), `golden_inputs.npy` ({batch} test
-images), `reference_outputs.npz` (the fused model's outputs in FP32 PyTorch), `deploy.py` (builder and checker).
+images), `reference_outputs.npz` (the model's outputs in FP32 PyTorch), `deploy.py` (builder, checker and
+chooser, with its siblings golden.py, engines.py, runtimes.py and device_choice.py).
 
 ## On the device
 ```
@@ -43,7 +46,18 @@ Inputs not to trust: `uncertainty.json` (written beside this file by the export)
 both chosen on validation data. `max_softmax`: flag an input when the largest softmax probability of `logits` is
 below the threshold; `mutual_information`: when the mutual information of the heads' softmax probabilities
 (`head_logits`, batch × N × classes: entropy of their mean minus the mean of their entropies) is above it.
-{int8}"""
+{extra}"""
+
+CHOOSE_README = """
+## Let the device choose
+The host chose `model.onnx` with the MACs share standing in for this device's latency. `candidates/` holds the
+{n} candidates no other beats on validation accuracy at no higher MACs (`candidates.json`: their validation and test
+accuracy, MACs, parameters and golden outputs). `python3 deploy.py --choose` builds each with this target's
+settings (one shared timing cache), checks it against its golden outputs, times p50 and p99 at every batch size,
+and ships the most accurate on validation within the latency and memory budgets (`--latency-ms MS` for one p50
+budget at every batch size): `choice.json` says what each measured and why the winner won, `model.engine` is the
+winner's engine. None fits: one line naming the fastest, exit 2, nothing written.
+""" 
 
 INT8_README = """
 ## INT8
@@ -53,6 +67,8 @@ INT8 run) and tolerance (atol {atol}, rtol {rtol}): `python3 deploy.py --bundle 
 (on the DLA where the target names one) and lists the layers that fell back to higher precision.
 """
 
+SELF_CHECK_SECONDS = 0.1  # onnxruntime here: a check, not a benchmark
+
 
 def target_dict(target: Target) -> dict:
     out = dataclasses.asdict(target)
@@ -61,49 +77,70 @@ def target_dict(target: Target) -> dict:
     return out
 
 
-def _int8_bundle(folder: Path, target: Target, int8: Int8Graph, golden: torch.Tensor) -> None:
-    """int8/: the QDQ graph, its golden outputs from onnxruntime's INT8 run, INT8 tolerances, calibration summary."""
-    folder.mkdir()
-    shutil.copyfile(int8.path, folder / "model.onnx")
-    spec = target_dict(target) | {"graph": "int8", "io_precision": "fp32", "atol": INT8_ATOL, "rtol": INT8_RTOL}
+def _graph_folder(folder: Path, spec: dict, graph: Path, golden: torch.Tensor, module: nn.Module | None) -> None:
+    """A folder deploy.py can check: the graph, its target settings, the golden inputs and the reference outputs
+    (the module's FP32 outputs, or onnxruntime's run of the graph itself when there is no module: an INT8 graph)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(graph, folder / "model.onnx")
     (folder / "target.json").write_text(json.dumps(spec, indent=2) + "\n")
-    (folder / "calibration.json").write_text(json.dumps(int8.summary(), indent=2) + "\n")
-    np.save(folder / "golden_inputs.npy", golden.numpy().astype(np.float32))
-    runner = OrtRunner(int8.path)
-    outs = runner.session.run(None, {runner.input: golden.numpy().astype(np.float32)})
+    io = np.float16 if spec["io_precision"] == "fp16" else np.float32
+    np.save(folder / "golden_inputs.npy", golden.numpy().astype(io))
+    if module is None:
+        runner = OrtRunner(graph)
+        outs = runner.session.run(None, {runner.input: golden.numpy().astype(np.float32)})
+    else:
+        with torch.no_grad():
+            got = module.eval()(golden)
+        outs = [o.numpy() for o in (got if isinstance(got, tuple) else [got])]
     np.savez(folder / "reference_outputs.npz", **{f"out{i}": o.astype(np.float32) for i, o in enumerate(outs)})
 
 
-def write_bundle(out_dir: str | Path, target: Target, target_file: Path, onnx_file: Path, module: nn.Module,
-                 x: torch.Tensor, summary: str, int8: Int8Graph | None = None) -> dict[str, dict]:
-    """Write out_dir/bundle/ (and bundle/int8/ for an INT8 graph) and check each here with onnxruntime in place of
-    TensorRT; returns those checks by name ("model", "int8")."""
+def _int8_spec(target: Target) -> dict:
+    return target_dict(target) | {"graph": "int8", "io_precision": "fp32", "atol": INT8_ATOL, "rtol": INT8_RTOL}
+
+
+def _candidates(stage: Path, target: Target, golden: torch.Tensor,
+                candidates: list[DeviceCandidate]) -> dict[str, dict]:
+    """candidates/<key>/ for each device candidate and the manifest; each folder self-checked here."""
+    checks = {}
+    for dc in candidates:
+        folder = stage / "candidates" / dc.row.key
+        _graph_folder(folder, _int8_spec(target) if dc.graph == "int8" else target_dict(target), dc.file, golden,
+                      dc.module)
+        checks[f"candidate {dc.row.key}"] = deploy.check_bundle(folder, "onnxruntime", SELF_CHECK_SECONDS)
+    (stage / MANIFEST).write_text(json.dumps(manifest(candidates, target), indent=2) + "\n")
+    return checks
+
+
+def write_bundle(out_dir: str | Path, target: Target, onnx_file: Path, module: nn.Module, x: torch.Tensor,
+                 summary: str, int8: Int8Graph | None = None, candidates: tuple[DeviceCandidate, ...] = (),
+                 ) -> dict[str, dict]:
+    """Write out_dir/bundle/ (bundle/int8/ for an INT8 graph, bundle/candidates/ and candidates.json for the
+    device's own choice) and check each graph here with onnxruntime in place of TensorRT; returns those checks by
+    name ("model", "int8", "candidate KEY")."""
     out_dir = Path(out_dir)
     high = target.batch_profile[2]
     golden = x[torch.arange(high) % len(x)]  # the largest batch the engine takes, real images throughout
-    with torch.no_grad():
-        outs = module.eval()(golden)
-    outs = list(outs) if isinstance(outs, tuple) else [outs]
     stage = Path(tempfile.mkdtemp(dir=out_dir, prefix=".bundle-"))
     try:
-        shutil.copyfile(onnx_file, stage / "model.onnx")
-        shutil.copyfile(target_file, stage / f"{target.name}.toml")
-        shutil.copyfile(deploy.__file__, stage / "deploy.py")
-        (stage / "target.json").write_text(json.dumps(target_dict(target), indent=2) + "\n")
-        io = np.float16 if target.io_precision == "fp16" else np.float32
-        np.save(stage / "golden_inputs.npy", golden.numpy().astype(io))
-        np.savez(stage / "reference_outputs.npz", **{f"out{i}": o.numpy().astype(np.float32)
-                                                     for i, o in enumerate(outs)})
+        _graph_folder(stage, target_dict(target), onnx_file, golden, module)
+        shutil.copyfile(target.source, stage / f"{target.name}.toml")
+        for script in deploy.SCRIPTS:
+            shutil.copyfile(Path(deploy.__file__).with_name(script), stage / script)
         graph = "FP16 graph, FP32 inputs and outputs" if target.strongly_typed else \
             "FP32 graph; FP16 chosen by the builder flag" if target.precision == "fp16" else "FP32 graph"
         extra = INT8_README.format(images=int8.calibration_images, atol=INT8_ATOL, rtol=INT8_RTOL) if int8 else ""
+        extra += CHOOSE_README.format(n=len(candidates)) if candidates else ""
         (stage / "README.md").write_text(README.format(
             name=target.name, description=target.description, summary=summary, graph=graph, batch=len(golden),
-            atol=target.atol, rtol=target.rtol, int8=extra))
-        checks = {"model": deploy.check_bundle(stage, "onnxruntime")}
+            atol=target.atol, rtol=target.rtol, extra=extra))
+        checks = {"model": deploy.check_bundle(stage, "onnxruntime", SELF_CHECK_SECONDS)}
         if int8 is not None:
-            _int8_bundle(stage / "int8", target, int8, golden)
-            checks["int8"] = deploy.check_bundle(stage / "int8", "onnxruntime")
+            _graph_folder(stage / "int8", _int8_spec(target), int8.path, golden, None)
+            (stage / "int8" / "calibration.json").write_text(json.dumps(int8.summary(), indent=2) + "\n")
+            checks["int8"] = deploy.check_bundle(stage / "int8", "onnxruntime", SELF_CHECK_SECONDS)
+        if candidates:
+            checks |= _candidates(stage, target, golden, list(candidates))
         publish(stage, out_dir / "bundle")
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -17,7 +17,7 @@ from ..base.errors import EdgefuseError
 from ..graph.onnx import export_onnx, onnx_nodes, parity, parity_inputs
 from ..base.files import atomic_write_text, exclusive, publish, writable
 from ..fuse import fuse
-from .gpucheck import run_gpu_check
+from ..measure.cuda import require_cuda
 from ..measure.metrics import scores
 from ..run.setup import prepare
 from ..run.report import build_report, write_report
@@ -31,10 +31,8 @@ def run_export(config: RunConfig | str | None = None, console: Console | None = 
     run = run_config(config, overrides)
     console = console or Console(stderr=True)
     tgt = effective_target(run)
-    if tgt.runtime == "cuda":
-        if run.models is not None:
-            raise EdgefuseError(f"target '{tgt.name}' measures the zoo's cached models; pass no checkpoints")
-        return run_gpu_check(tgt, run.arch, run.n, run.cache, run.out_root, console=console)
+    if tgt.runtime == "cuda":  # every candidate is timed on this machine's GPU: fail before any work without one
+        console.print(f"[bold]{tgt.name}[/]: candidates timed on {require_cuda()} (torch, CUDA graphs, {tgt.precision})")
     if len(run.methods) != 1:
         raise EdgefuseError(f"an export aligns with one method, got {len(run.methods)}: {', '.join(run.methods)}")
     out_root = Path(run.out_root)
@@ -86,12 +84,15 @@ def _run(tgt: Target, run: RunConfig, out_dir: Path, console: Console) -> dict:
         report["fused"]["onnx_nodes_unbatched"] = onnx_nodes(
             export_onnx(unbatched, s.splits.example, out_dir / "candidates" / "chosen_unbatched.onnx", tgt.opset))
     if tgt.runtime == "tensorrt":
-        from ..device import prepare_device
+        from ..device import device_candidates, prepare_device
 
         summary = f"{len(s.models)} × {s.label}, {chosen.label}, test accuracy {chosen.test['accuracy']:.4f}"
         fp32 = Path(chosen.file) if chosen.precision == "fp32" else export_onnx(  # an INT8 choice: its FP32 graph
             module, s.splits.example, out_dir / "candidates" / "model_fp32.onnx", tgt.opset)
-        report |= prepare_device(tgt, module, fp32, s.splits, out_dir, summary, console)
+        sent = tuple(device_candidates(f.rows, f.modules, tgt, s.splits.example, out_dir, chosen, console))
+        console.print(f"[bold]device candidates[/]: {', '.join(c.row.label for c in sent)} — the device times them "
+                      "and decides (python3 deploy.py --choose in the bundle)")
+        report |= prepare_device(tgt, module, fp32, s.splits, out_dir, summary, console, sent)
     write_report(report, out_dir)
     for folder in (out_dir, out_dir / "bundle"):
         if chosen.uncertainty and folder.is_dir():  # the device flags inputs with the shipped model's rule

@@ -54,13 +54,11 @@ def verify(fused: nn.Module, models: list[nn.Module], data, target: str = "cpu-o
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(out_dir) if out_dir is not None else Path(tmp)
         cand = root / "candidates"
-        kw = dict(opset=tgt.opset, batch_sizes=tgt.batch_sizes, threads=tgt.threads)
-        members = [export_and_measure(m, splits, cand / f"member{i}.onnx", key=f"member{i}", label=f"member {i}",
-                                      kind="member", **kw) for i, m in enumerate(models)]
-        exact, _ = exact_ensembles(models, [m.file for m in members], splits, tgt.batch_sizes, tgt.threads,
-                                   tgt.opset, cand)
-        row = export_and_measure(fused, splits, cand / "fused.onnx", key="fused", label="fused (given)",
-                                 kind="fused", **kw)
+        members = [export_and_measure(m, splits, cand / f"member{i}.onnx", tgt, key=f"member{i}",
+                                      label=f"member {i}", kind="member") for i, m in enumerate(models)]
+        exact, _ = exact_ensembles(models, [m.file for m in members], splits, tgt, cand)
+        row = export_and_measure(fused, splits, cand / "fused.onnx", tgt, key="fused", label="fused (given)",
+                                 kind="fused")
         reference = torch_predictions(ensemble(models), x)
         members = [with_agreement(m, reference) for m in members]
         row = with_agreement(row, reference)

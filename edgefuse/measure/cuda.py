@@ -96,7 +96,12 @@ class CudaRunner:
         return static_out
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return self.forward(self._input(x)).float().cpu().numpy()
+        return self.outputs(x)[0]
+
+    def outputs(self, x: np.ndarray) -> list[np.ndarray]:
+        """Every output as float32 on the host: the logits, then head_logits where the module gives them."""
+        out = self.forward(self._input(x))
+        return [o.float().cpu().numpy() for o in (out if isinstance(out, (tuple, list)) else [out])]
 
     def latency(self, x: np.ndarray, warmup: int = 10, min_runs: int = 30, budget_s: float = 1.0) -> dict:
         """Milliseconds per call from CUDA events around each call, the input already on the device."""

@@ -15,29 +15,32 @@ from ..measure.metrics import scores
 from ..measure.runners import SessionsRunner, TorchRunner, peak_memory_mb, predict
 from .points import export_and_measure
 from .candidate import ALL_CORES, Candidate, measure, with_agreement
+from ..targets import Target
 
 EXACT = ("ensemble", "ensemble_batched", "ensemble_sessions")
 EXACT_LABELS = {"ensemble": "ensemble (members one after another, one graph)",
                 "ensemble_batched": "ensemble, batched (grouped kernels)"}
 
 
-def exact_ensembles(members: list[nn.Module], member_files: list[str], splits: Splits, batch_sizes: tuple[int, ...],
-                    threads: int, opset: int, out_dir: Path) -> tuple[dict[str, Candidate], dict[str, nn.Module]]:
-    """The three exact ensembles as candidates, and the modules of the two that are one graph. Each also gives every
-    member's logits (head_logits), for the uncertainty of their disagreement."""
-    big = max(batch_sizes)
+def exact_ensembles(members: list[nn.Module], member_files: list[str], splits: Splits, target: Target,
+                    out_dir: Path) -> tuple[dict[str, Candidate], dict[str, nn.Module]]:
+    """The exact ensembles as candidates, and the modules of the two that are one graph. Each also gives every
+    member's logits (head_logits), for the uncertainty of their disagreement. The N-sessions form is onnxruntime's
+    own, so a `cuda` target measures the two one-graph forms only."""
     seq = ensemble(members, head_outputs=True)
     rows, modules = {}, {}
     for name, module in (("ensemble", seq), ("ensemble_batched", seq.batch_heads())):
-        rows[name] = export_and_measure(module, splits, out_dir / f"{name}.onnx", opset, batch_sizes, threads,
-                                        key=name, label=EXACT_LABELS[name], kind="ensemble")
+        rows[name] = export_and_measure(module, splits, out_dir / f"{name}.onnx", target, key=name,
+                                        label=EXACT_LABELS[name], kind="ensemble")
         modules[name] = module
-    runner, predictor = SessionsRunner(member_files, threads), SessionsRunner(member_files, ALL_CORES)
-    rows["ensemble_sessions"] = measure(seq, splits, batch_sizes=batch_sizes, threads=threads, runner=runner,
-                                        predictor=predictor,
-                                        key="ensemble_sessions", label=f"ensemble, {len(members)} separate sessions",
-                                        kind="ensemble", onnx_nodes=sum(onnx_nodes(f) for f in member_files),
-                                        peak_memory_mb=peak_memory_mb(member_files, big, threads))
+    if target.runtime != "cuda":
+        threads = target.threads
+        runner, predictor = SessionsRunner(member_files, threads), SessionsRunner(member_files, ALL_CORES)
+        rows["ensemble_sessions"] = measure(
+            seq, splits, batch_sizes=target.batch_sizes, threads=threads, runner=runner, predictor=predictor,
+            key="ensemble_sessions", label=f"ensemble, {len(members)} separate sessions", kind="ensemble",
+            onnx_nodes=sum(onnx_nodes(f) for f in member_files),
+            peak_memory_mb=peak_memory_mb(member_files, max(target.batch_sizes), threads))
     reference = rows["ensemble"].test_predictions
     return {k: with_agreement(r, reference) for k, r in rows.items()}, modules
 
@@ -60,7 +63,7 @@ def select_members(members: list[nn.Module], splits: Splits) -> list[tuple[int, 
     return out
 
 
-def sub_ensembles(members: list[nn.Module], splits: Splits, target, out_dir: Path,
+def sub_ensembles(members: list[nn.Module], splits: Splits, target: Target, out_dir: Path,
                   reference: np.ndarray) -> tuple[list[Candidate], dict[str, nn.Module]]:
     """Each selected subset of members as one batched graph with heads: the middle ground between one member and
     the whole ensemble, at k/N of its MACs; also as INT8 when the target weighs INT8."""
@@ -71,23 +74,21 @@ def sub_ensembles(members: list[nn.Module], splits: Splits, target, out_dir: Pat
         label = f"sub-ensemble of members {', '.join(map(str, subset))} (batched)"
         for precision in ("fp32", "int8") if target.int8 else ("fp32",):
             tag = "-int8" if precision == "int8" else ""
-            row = export_and_measure(module, splits, out_dir / f"{key}{tag}.onnx", target.opset, target.batch_sizes,
-                                     target.threads, precision=precision, keep_ends=target.int8_keep_ends,
-                                     key=key + tag, kind="sub-ensemble", members=subset,
+            row = export_and_measure(module, splits, out_dir / f"{key}{tag}.onnx", target, precision, key=key + tag,
+                                     kind="sub-ensemble", members=subset,
                                      label=label + (", INT8" if tag else ""))
             rows.append(with_agreement(row, reference))
         modules[key] = module
     return rows, modules
 
 
-def int8_ensembles(modules: dict[str, nn.Module], splits: Splits, target, out_dir: Path,
+def int8_ensembles(modules: dict[str, nn.Module], splits: Splits, target: Target, out_dir: Path,
                    reference: np.ndarray) -> list[Candidate]:
     """The one-graph ensembles as INT8 QDQ graphs: candidates like any other, no longer exact, so never the
     baseline latencies are compared with."""
     rows = []
     for name in ("ensemble", "ensemble_batched"):
-        row = export_and_measure(modules[name], splits, out_dir / f"{name}-int8.onnx", target.opset,
-                                 target.batch_sizes, target.threads, precision="int8", keep_ends=target.int8_keep_ends,
+        row = export_and_measure(modules[name], splits, out_dir / f"{name}-int8.onnx", target, "int8",
                                  key=f"{name}-int8", label=f"{EXACT_LABELS[name]}, INT8", kind="ensemble")
         rows.append(with_agreement(row, reference))
     return rows

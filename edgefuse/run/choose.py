@@ -13,6 +13,7 @@ from ..measure.metrics import paired_z
 from ..targets import Target
 
 NOISE_Z = 2.0  # two standard errors of the paired difference: below this, two accuracies are a tie
+MEASURED_HERE = ("onnxruntime", "cuda")  # runtimes whose latency the host measures; TensorRT's is the device's
 FASTER = 0.9  # "clearly faster": p50 at most 90 % of the other's at every batch size (timing noise is a few %)
 
 
@@ -143,8 +144,8 @@ def target_budget(tgt: Target, latency_ms: float | tuple[float, ...] | None = No
                   max_drop: float | None = None, min_auroc: float | None = None) -> Budget:
     """The target's budgets, overridden where given. A latency budget is one p50 per batch size of the target (a
     single number applies to every batch size), and applies only where latency is measured on the target's own
-    runtime (onnxruntime here); a device's latency comes from its bundle, so TensorRT targets use the MACs share as
-    their proxy."""
+    runtime (onnxruntime, or torch on this machine's CUDA GPU); a TensorRT device times the candidates itself
+    (`deploy.py --choose`), so here its targets use the MACs share as their proxy."""
     if min_auroc is not None and not (isinstance(min_auroc, (int, float)) and 0 <= min_auroc <= 1):
         raise EdgefuseError(f"the minimum AUROC must be a number from 0 to 1, got {min_auroc!r}")
     for name, v in (("latency budget", latency_ms), ("memory budget", memory_mb), ("accuracy drop", max_drop)):
@@ -152,7 +153,7 @@ def target_budget(tgt: Target, latency_ms: float | tuple[float, ...] | None = No
         if not all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in values):
             raise EdgefuseError(f"the {name} must be a finite number of at least 0, got {v!r}")
     lat = latency_ms if latency_ms is not None else tgt.latency_budget_ms
-    lat = lat if tgt.runtime == "onnxruntime" else None
+    lat = lat if tgt.runtime in MEASURED_HERE else None
     if lat is None:
         per_batch = {}
     else:
@@ -163,3 +164,23 @@ def target_budget(tgt: Target, latency_ms: float | tuple[float, ...] | None = No
         per_batch = {str(b): float(v) for b, v in zip(tgt.batch_sizes, values)}
     return Budget(tgt.max_macs_ratio, per_batch, memory_mb if memory_mb is not None else tgt.memory_budget_mb,
                   max_drop, min_auroc if min_auroc is not None else tgt.min_auroc)
+
+
+def frontier(rows: list[Candidate], cap: int) -> list[Candidate]:
+    """The candidates no other beats on validation accuracy at no higher MACs (an INT8 graph counts as cheaper
+    than an FP32 one of the same MACs), cheapest first: what a device that times them itself chooses among. More
+    than `cap` are thinned evenly from the cheapest to the most accurate."""
+    def cost(c: Candidate) -> tuple[int, int]:
+        return c.macs, 0 if c.precision == "int8" else 1
+
+    def covers(i: int, j: int) -> bool:
+        a, b = rows[i], rows[j]
+        if not (all(x <= y for x, y in zip(cost(a), cost(b))) and a.accuracy >= b.accuracy):
+            return False
+        return a.accuracy > b.accuracy or cost(a) != cost(b) or i < j  # of equals, the first listed stands
+
+    keep = sorted((b for j, b in enumerate(rows) if not any(covers(i, j) for i in range(len(rows)) if i != j)),
+                  key=cost)
+    if len(keep) <= cap:
+        return keep
+    return [keep[round(k * (len(keep) - 1) / (cap - 1))] for k in range(cap)]

@@ -84,11 +84,10 @@ def measure_field(s: Setup, tgt: Target, points: list[Point], budget: Budget, co
 
     def jobs(pts: list[Point]) -> list[Job]:
         teacher = out.teacher.members if out.teacher is not None else None
-        return [Job(point=p, aligned=s.aligned[p.method], splits=s.splits, opset=tgt.opset,
-                    batch_sizes=tgt.batch_sizes, threads=tgt.threads, batch_heads=tgt.batch_heads,
-                    out_dir=str(out_dir), ensemble_predictions=s.ensemble_predictions, distill=distill,
-                    cache=str(cache) if cache else None, keep_module=keep, keep_ends=tgt.int8_keep_ends,
-                    teacher=teacher, spec=s.spec) for p in pts]
+        return [Job(point=p, aligned=s.aligned[p.method], splits=s.splits, target=tgt, out_dir=str(out_dir),
+                    ensemble_predictions=s.ensemble_predictions, distill=distill,
+                    cache=str(cache) if cache else None, keep_module=keep, teacher=teacher, spec=s.spec)
+                for p in pts]
 
     def int8(pts: list[Point]) -> list[Point]:
         """Every point again as an INT8 graph, when the target weighs INT8."""
@@ -105,8 +104,7 @@ def measure_field(s: Setup, tgt: Target, points: list[Point], budget: Budget, co
     out = Field([], {}, [])
     members = [Point("member", i, method, None) for i in range(len(s.models))]
     out.members = run(members, "members", 0)
-    exact, modules = exact_ensembles(s.aligned[method], [m.file for m in out.members], s.splits, tgt.batch_sizes,
-                                     tgt.threads, tgt.opset, out_dir)
+    exact, modules = exact_ensembles(s.aligned[method], [m.file for m in out.members], s.splits, tgt, out_dir)
     out.exact, out.modules = exact, out.modules | modules
     subs, sub_modules = sub_ensembles(s.aligned[method], s.splits, tgt, out_dir, s.ensemble_predictions)
     out.others += subs

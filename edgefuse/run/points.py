@@ -21,8 +21,10 @@ from ..base.errors import EdgefuseError
 from ..graph.onnx import export_onnx, onnx_nodes
 from ..base.files import atomic_write_bytes, atomic_write_text
 from ..fuse import DistillConfig, distill, ensemble, fuse
-from ..measure.runners import peak_memory_mb
+from ..measure.cuda import CudaRunner
+from ..measure.runners import latency_batch, peak_memory_mb
 from ..spec.permspec import PermSpec, permutation_spec
+from ..targets import Target
 from .candidate import Candidate, Point, measure, with_agreement
 
 
@@ -33,16 +35,12 @@ class Job:
     point: Point
     aligned: list[nn.Module]
     splits: Splits
-    opset: int
-    batch_sizes: tuple[int, ...]
-    threads: int
-    batch_heads: bool
+    target: Target  # opset, batch sizes, threads, runtime, batched heads, INT8's kept ends
     out_dir: str
     ensemble_predictions: np.ndarray
     distill: DistillConfig | None = None
     cache: str | None = None
     keep_module: bool = False
-    keep_ends: bool = False  # INT8: the first and last weighted layers stay FP32
     teacher: tuple[int, ...] | None = None  # the members whose ensemble teaches distillation (None: all)
     spec: PermSpec | None = None  # traced once per run; None: traced here
 
@@ -72,7 +70,7 @@ def build(job: Job, splits) -> nn.Module:
         spec = job.spec or permutation_spec(job.aligned[0], splits.example)
         kw = dict(depth=int(p.value)) if p.kind == "depth" else dict(alpha=p.value)
         module = fuse(job.aligned, spec, data=splits.calib_batches, repair=p.repair,
-                      batch_heads=p.kind == "depth" and job.batch_heads, head_outputs=p.kind == "depth", **kw)
+                      batch_heads=p.kind == "depth" and job.target.batch_heads, head_outputs=p.kind == "depth", **kw)
     if p.distill:
         if job.distill is None:
             raise EdgefuseError(f"{p.label}: no distillation budget was given")
@@ -83,7 +81,7 @@ def build(job: Job, splits) -> nn.Module:
 def _distilled(student: nn.Module, job: Job, splits) -> None:
     """Distil in place, or load the weights of an earlier run with the same models, point and budget."""
     cfg = job.distill
-    key = fingerprint(job.aligned, job.point.key, repr(cfg), job.splits.digest, str(job.batch_heads),
+    key = fingerprint(job.aligned, job.point.key, repr(cfg), job.splits.digest, str(job.target.batch_heads),
                       str(job.teacher))
     path = Path(job.cache) / "distilled" / f"{key}.pt" if job.cache else None
     if path is not None and path.is_file():
@@ -105,32 +103,38 @@ def evaluate(job: Job) -> tuple[Candidate, nn.Module | None]:
     """Build, export and measure one point: scores on both splits, agreement with the ensemble, cost, latency and
     peak memory on the target's runtime."""
     if multiprocessing.parent_process() is not None:  # a worker: several share the cores
-        torch.set_num_threads(max(1, job.threads))
+        torch.set_num_threads(max(1, job.target.threads))
     splits = job.splits
     module = build(job, splits)
     p = job.point
-    row = export_and_measure(module, splits, Path(job.out_dir) / f"{p.key}.onnx", job.opset, job.batch_sizes,
-                             job.threads, key=p.key, label=p.label, kind=p.row_kind, point=p,
-                             batched_heads=p.kind == "depth" and job.batch_heads,
-                             distill=job.distill.describe() if p.distill else None, precision=p.precision,
-                             keep_ends=job.keep_ends)
+    row = export_and_measure(module, splits, Path(job.out_dir) / f"{p.key}.onnx", job.target, p.precision,
+                             key=p.key, label=p.label, kind=p.row_kind, point=p,
+                             batched_heads=p.kind == "depth" and job.target.batch_heads,
+                             distill=job.distill.describe() if p.distill else None)
     return with_agreement(row, job.ensemble_predictions), module if job.keep_module else None
 
 
-def export_and_measure(module: nn.Module, splits, path: Path, opset: int, batch_sizes: tuple[int, ...],
-                       threads: int, precision: str = "fp32", keep_ends: bool = False, **fields) -> Candidate:
-    """One candidate as every candidate is measured: exported (parity-checked), run with onnxruntime on both
-    splits, timed at each batch size, its peak memory taken in a fresh process. An INT8 candidate is the QDQ graph
-    of that export, calibrated on training images only, and measured the same way."""
+def export_and_measure(module: nn.Module, splits, path: Path, target: Target, precision: str = "fp32",
+                       **fields) -> Candidate:
+    """One candidate as every candidate is measured: exported (parity-checked), run on both splits and timed at
+    each batch size on the target's runtime — onnxruntime, its peak memory taken in a fresh process, or torch on the
+    CUDA GPU for a `cuda` target. An INT8 candidate is the QDQ graph of that export, calibrated on training images
+    only (first and last weighted layers kept in FP32 where the target says so), and measured the same way."""
     if precision == "int8":
-        fp32 = export_onnx(module, splits.example, path.with_name(f"{path.stem}-fp32.onnx"), opset=opset)
-        q = quantize_int8(fp32, splits.x_train, path, keep_ends)
+        fp32 = export_onnx(module, splits.example, path.with_name(f"{path.stem}-fp32.onnx"), opset=target.opset)
+        q = quantize_int8(fp32, splits.x_train, path, target.int8_keep_ends)
         fp32.unlink()
         path, fields = q.path, fields | {"precision": "int8", "quantization": q.summary()}
     else:
-        path = export_onnx(module, splits.example, path, opset=opset)
-    return measure(module, splits, path, batch_sizes, threads, onnx_nodes=onnx_nodes(path),
-                   peak_memory_mb=peak_memory_mb([path], max(batch_sizes), threads), **fields)
+        path = export_onnx(module, splits.example, path, opset=target.opset)
+    fields |= {"onnx_nodes": onnx_nodes(path)}
+    if target.runtime == "cuda":
+        runner = CudaRunner(module, target.precision, graphs=True)
+        big = latency_batch(splits.x_test, max(target.batch_sizes))
+        return measure(module, splits, path, target.batch_sizes, runner=runner, predictor=runner,
+                       peak_memory_mb=runner.peak_memory_mb(big), **fields)
+    return measure(module, splits, path, target.batch_sizes, target.threads,
+                   peak_memory_mb=peak_memory_mb([path], max(target.batch_sizes), target.threads), **fields)
 
 
 def run_points(jobs: list[Job], workers: int = 0, ray_address: str | None = None, store: Path | None = None,

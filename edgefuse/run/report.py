@@ -101,6 +101,19 @@ def _device_lines(report: dict) -> list[str]:
         lines.append(f"- bundle/: self-check with onnxruntime in place of TensorRT "
                      f"{'passes' if b['ok'] else 'FAILS'} (batch {b['batch']}); copy it to the device and run "
                      "`python3 deploy.py` there.")
+    if "device_choice" in report:
+        d = report["device_choice"]
+        lines += ["", "### The device decides", "",
+                  f"The shipped model above was chosen here with the MACs share standing in for the device's latency. "
+                  f"These {len(d['candidates'])} candidates (none beaten on validation accuracy at no higher MACs) "
+                  "went to the device in `bundle/candidates/`; `python3 deploy.py --choose` there builds and times "
+                  "each and ships the most accurate within the target's latency and memory budgets "
+                  "(`choice.json`, `model.engine`).", "",
+                  "| candidate | graph | val acc | test acc | MACs / ens |", "|---|---|---|---|---|"]
+        ens_macs = report["ensemble"]["macs"]
+        lines += [f"| {c['label']}{' (shipped here)' if c['key'] == d['host_choice'] else ''} | {c['graph']} | "
+                  f"{c['validation_accuracy']:.4f} | {c['test_accuracy']:.4f} | {c['macs'] / ens_macs:.2f} |"
+                  for c in d["candidates"]]
     return lines
 
 

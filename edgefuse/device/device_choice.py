@@ -1,0 +1,151 @@
+"""`deploy.py --choose`: the device decides. Every candidate the host sent (bundle/candidates.json and one folder
+each under candidates/) is built with the target's settings, checked against its golden outputs and timed at each
+of the target's batch sizes; the most accurate on validation within the latency budget (p50, at every batch size)
+and the memory budget ships, with the host chooser's rule for ties: a candidate within NOISE_Z standard errors of
+the most accurate on validation that is clearly faster (p50 at most FASTER of its at every batch size) wins.
+
+Copied as-is into every deploy bundle beside deploy.py."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+try:  # in the package, and as a script's sibling in a bundle
+    from .golden import DeployError, atomic_write, compare, percentiles, read_bundle, read_json
+    from .runtimes import open_engine, resolve
+except ImportError:
+    from golden import DeployError, atomic_write, compare, percentiles, read_bundle, read_json
+    from runtimes import open_engine, resolve
+
+MANIFEST = "candidates.json"
+
+
+class NoFit(DeployError):
+    """No candidate meets the budget: exit 2, nothing written."""
+
+
+class NoMatch(DeployError):
+    """No candidate's engine computes what its model computed on the host: exit 1, nothing written."""
+
+
+def read_manifest(bundle: Path) -> dict:
+    """The manifest, with every candidate's folder checked to lie inside the bundle."""
+    if not (bundle / MANIFEST).is_file():
+        raise DeployError(f"{bundle / MANIFEST} is missing: this bundle carries no candidates (a TensorRT "
+                          "target's `edgefuse export` writes them)")
+    manifest = read_json(bundle / MANIFEST, "candidate manifest")
+    rows = manifest.get("candidates")
+    if not isinstance(rows, list) or not rows:
+        raise DeployError(f"{bundle / MANIFEST}: 'candidates' must be a non-empty list")
+    root = bundle.resolve()
+    for row in rows:
+        folder = (bundle / str(row.get("folder", ""))).resolve() if isinstance(row, dict) else None
+        acc = row.get("validation", {}).get("accuracy") if isinstance(row, dict) else None
+        if folder is None or root not in folder.parents or not isinstance(acc, (int, float)) or not \
+                isinstance(row.get("key"), str):
+            raise DeployError(f"{bundle / MANIFEST}: every candidate needs a key, a folder inside the bundle and "
+                              "a validation accuracy")
+    return manifest
+
+
+def latency_budget(manifest: dict, latency_ms: float | None) -> dict[str, float]:
+    """p50 per batch size: `--latency-ms` for every batch size, else the target's budget, else none."""
+    batches = [str(b) for b in manifest["batch_sizes"]]
+    if latency_ms is not None:
+        if not (math.isfinite(latency_ms) and latency_ms > 0):
+            raise DeployError(f"--latency-ms must be a positive number of milliseconds, got {latency_ms}")
+        return {b: float(latency_ms) for b in batches}
+    return {str(b): float(v) for b, v in (manifest.get("latency_budget_ms") or {}).items()}
+
+
+def _batch(x: np.ndarray, b: int) -> np.ndarray:
+    return x[np.arange(b) % len(x)]
+
+
+def measure(bundle: Path, row: dict, runtime: str, batches: list[int], seconds: float) -> dict:
+    """Build, self-check and time one candidate on this device."""
+    folder = bundle / row["folder"]
+    target, x, references = read_bundle(folder)
+    runner = open_engine(folder, target, runtime, bundle / "timing.cache")
+    problems = compare(runner(x), references, target["atol"], target["rtol"])
+    latency = {str(b): percentiles(runner.latency(_batch(x, b), seconds)) for b in batches}
+    return {"key": row["key"], "label": row.get("label", row["key"]), "kind": row.get("kind"),
+            "precision": row.get("precision"), "validation_accuracy": row["validation"]["accuracy"],
+            "test_accuracy": row.get("test", {}).get("accuracy"), "macs": row.get("macs"),
+            "ok": not problems, "problems": problems, "latency_ms": latency, "memory_mb": runner.memory_mb(),
+            "engine": str(Path(row["folder"]) / "model.engine") if runtime != "onnxruntime" else None}
+
+
+def _speed(m: dict) -> float:
+    values = [max(v["p50"], 1e-9) for v in m["latency_ms"].values()]
+    return math.exp(sum(map(math.log, values)) / len(values))
+
+
+def pick(measured: list[dict], manifest: dict, budget: dict[str, float]) -> tuple[dict, str]:
+    """The most accurate fitting candidate on validation, or a clearly faster one that ties with it."""
+    memory = manifest.get("memory_budget_mb")
+    for m in measured:
+        over = [b for b, v in budget.items() if m["latency_ms"][b]["p50"] > v]
+        m["fits"] = m["ok"] and not over and (memory is None or m["memory_mb"] is None or m["memory_mb"] <= memory)
+        m["why_not"] = "outputs differ from its references" if not m["ok"] else \
+            f"p50 over budget at batch {', '.join(over)}" if over else \
+            f"{m['memory_mb']:.1f} MB over the memory budget" if not m["fits"] else None
+    pool = [m for m in measured if m["fits"]]
+    if not pool:
+        ok = [m for m in measured if m["ok"]]
+        if not ok:
+            raise NoMatch("no candidate's outputs match its references on this device")
+        fastest = min(ok, key=_speed)
+        b = next(iter(fastest["latency_ms"]))
+        raise NoFit(f"no candidate fits the budget ({describe(budget, memory)}); the fastest is {fastest['label']}: "
+                    f"p50 {fastest['latency_ms'][b]['p50']:.3f} ms at batch {b}")
+    best = max(pool, key=lambda m: (m["validation_accuracy"], -_speed(m)))
+    z = {k: v for k, v in next(r for r in manifest["candidates"] if r["key"] == best["key"]).get("tie_z", {}).items()}
+    noise = manifest.get("noise", {"z": 2.0, "faster": 0.9})
+    faster = [m for m in pool if m is not best and m["key"] in z and z[m["key"]] < noise["z"]
+              and all(m["latency_ms"][b]["p50"] <= noise["faster"] * best["latency_ms"][b]["p50"]
+                      for b in best["latency_ms"])]
+    if not faster:
+        return best, (f"the most accurate on validation ({best['validation_accuracy']:.4f}) of the {len(pool)} "
+                      f"candidates within the budget ({describe(budget, memory)}) on this device")
+    chosen = min(faster, key=_speed)
+    return chosen, (f"ties on validation with the most accurate fitting candidate, {best['label']} "
+                    f"({z[chosen['key']]:.1f} standard errors apart, under {noise['z']:g}), and is clearly faster "
+                    f"here (p50 {_speed(chosen) / _speed(best):.2f}× its, geometric mean over batch sizes)")
+
+
+def describe(budget: dict[str, float], memory: float | None) -> str:
+    parts = [", ".join(f"p50 ≤ {v:g} ms at batch {b}" for b, v in budget.items()),
+             f"memory ≤ {memory:g} MB" if memory is not None else ""]
+    return "; ".join(p for p in parts if p) or "no budget"
+
+
+def choose(bundle: Path, runtime: str = "auto", latency_ms: float | None = None, seconds: float = 3.0) -> dict:
+    """Measure every candidate here, pick one, and write choice.json (and, on TensorRT, model.engine: the chosen
+    candidate's engine) into the bundle; NoFit when none fits, with nothing written."""
+    manifest = read_manifest(bundle)
+    budget = latency_budget(manifest, latency_ms)
+    runtime = resolve(runtime)
+    measured = []
+    for row in manifest["candidates"]:
+        m = measure(bundle, row, runtime, [int(b) for b in manifest["batch_sizes"]], seconds)
+        lat = ", ".join(f"b{b} p50 {v['p50']:.3f} ms (p99 {v['p99']:.3f})" for b, v in m["latency_ms"].items())
+        print(f"{m['label']}: validation {m['validation_accuracy']:.4f}, {lat}"
+              + (f", {m['memory_mb']:.1f} MB" if m["memory_mb"] is not None else "")
+              + ("" if m["ok"] else f", MISMATCH {m['problems'][0]}"))
+        measured.append(m)
+    chosen, reason = pick(measured, manifest, budget)
+    choice = {"runtime": runtime, "chosen": chosen["key"], "label": chosen["label"], "reason": reason,
+              "host_choice": manifest.get("host_choice"), "budget": {"latency_ms": budget,
+                                                                    "memory_mb": manifest.get("memory_budget_mb")},
+              "timing": {"seconds_per_batch_size": seconds, "statistic": "p50"}, "candidates": measured}
+    if chosen["engine"]:
+        staged = bundle / ".model.engine.tmp"
+        shutil.copyfile(bundle / chosen["engine"], staged)
+        staged.replace(bundle / "model.engine")
+    atomic_write(bundle / "choice.json", (json.dumps(choice, indent=2) + "\n").encode())
+    return choice

@@ -1,0 +1,80 @@
+"""The candidates a TensorRT target's device chooses among: the host measures accuracy, the device measures
+latency. Those on the accuracy-for-MACs frontier go in the bundle (members' best, sub-ensembles, the batched exact
+ensemble, fused and distilled points, INT8 twins where the target weighs INT8), each as the graph the device
+builds, statically checked; deploy.py --choose times them there and ships the best that fits."""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from rich.console import Console
+from torch import nn
+
+from ..graph.fp16 import export_fp16
+from ..run.candidate import Candidate
+from ..run.choose import FASTER, NOISE_Z, frontier, tie_z
+from ..targets import Target
+from .check import check_onnx
+
+FRONTIER_CAP = 6  # engines built and timed on the device: a handful keeps --choose to a few minutes on a Jetson
+ONE_GRAPH = ("member", "distilled member", "sub-ensemble", "fused")  # and ensemble_batched; not N sessions
+
+
+@dataclass(frozen=True)
+class DeviceCandidate:
+    """One candidate as it travels to the device: its row, its module (None for an INT8 graph, whose references
+    come from onnxruntime's INT8 run), the graph file the device builds and what kind of graph that is."""
+    row: Candidate
+    module: nn.Module | None
+    file: Path
+    graph: str  # "fp32" (FP16 by the builder flag on an FP16 target), "fp16" (strongly typed) or "int8"
+    shipped: bool = False  # the host's own choice, model.onnx at the bundle's root
+
+
+def device_candidates(rows: list[Candidate], modules: dict[str, nn.Module], target: Target, example, out_dir: Path,
+                      chosen: Candidate, console: Console) -> list[DeviceCandidate]:
+    """The frontier (with the host's choice always among it) as device graphs; one that would not build is left
+    out with a line saying why."""
+    pool = [c for c in rows if c.file and (c.kind in ONE_GRAPH or c.key == "ensemble_batched")
+            and (c.precision == "int8" or c.key in modules)]
+    picked = frontier(pool, FRONTIER_CAP)
+    if chosen.key in {c.key for c in pool} - {c.key for c in picked}:
+        picked = sorted([*frontier(pool, FRONTIER_CAP - 1), chosen], key=lambda c: c.macs)
+    out = []
+    for c in picked:
+        if c.precision == "int8":
+            dc = DeviceCandidate(c, None, Path(c.file), "int8")
+        elif target.strongly_typed:
+            path = out_dir / "candidates" / f"{c.key}-fp16.onnx"
+            dc = DeviceCandidate(c, modules[c.key], export_fp16(modules[c.key], example, path, target.opset,
+                                                                target.io_precision), "fp16")
+        else:
+            dc = DeviceCandidate(c, modules[c.key], Path(c.file), "fp32")
+        dc = replace(dc, shipped=c.key == chosen.key)
+        check = check_onnx(dc.file, target)
+        if check.ok:
+            out.append(dc)
+        else:
+            console.print(f"[yellow]device candidates[/]: {c.label} left out, it will not build: {check.errors[0]}")
+    return out
+
+
+def manifest(candidates: list[DeviceCandidate], target: Target) -> dict:
+    """candidates.json: what the device needs to choose (budgets, the noise rule, each candidate's validation
+    accuracy and its paired z against every other) and what it reports (test accuracy, MACs, parameters)."""
+    lat = target.latency_budget_ms
+    per_batch = {} if lat is None else {str(b): float(v) for b, v in
+                                        zip(target.batch_sizes, lat if isinstance(lat, tuple) else
+                                            (lat,) * len(target.batch_sizes))}
+    rows = []
+    for dc in candidates:
+        c = dc.row
+        z = {o.row.key: tie_z(c, o.row) for o in candidates if o is not dc}
+        rows.append({"key": c.key, "label": c.label, "kind": c.kind, "precision": c.precision, "graph": dc.graph,
+                     "validation": c.validation, "test": c.test, "macs": c.macs, "params": c.params,
+                     "members": list(c.members) if c.members else None, "folder": f"candidates/{c.key}",
+                     "golden": f"candidates/{c.key}/reference_outputs.npz",
+                     "tie_z": {k: v for k, v in z.items() if v is not None}})
+    return {"target": target.name, "batch_sizes": list(target.batch_sizes), "latency_budget_ms": per_batch,
+            "memory_budget_mb": target.memory_budget_mb, "noise": {"z": NOISE_Z, "faster": FASTER},
+            "host_choice": next((dc.row.key for dc in candidates if dc.shipped), None), "candidates": rows}

@@ -1,0 +1,82 @@
+"""A bundle folder's files — target, golden inputs, reference outputs — read and checked, and outputs compared
+with the references at the target's tolerance.
+
+Copied as-is into every deploy bundle beside deploy.py: Python 3.8+ and numpy only."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+FILES = ("model.onnx", "target.json", "golden_inputs.npy", "reference_outputs.npz")
+
+
+class DeployError(Exception):
+    """A problem the user can fix (missing tool, file or device); printed as one line."""
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # Python 3.8+
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        out = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise DeployError(f"{path} is not a valid {what}: {e}") from None
+    if not isinstance(out, dict):
+        raise DeployError(f"{path} is not a valid {what}: not a JSON object")
+    return out
+
+
+def read_bundle(bundle: Path) -> tuple[dict, np.ndarray, list[np.ndarray]]:
+    """The target, golden inputs and references, each checked: a broken bundle is "could not check", never PASS."""
+    for name in FILES:
+        if not (bundle / name).is_file():
+            raise DeployError(f"{bundle / name} is missing: is this an edgefuse bundle?")
+    target = read_json(bundle / "target.json", "target file")
+    tol = [target.get(k) for k in ("atol", "rtol")]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < float("inf") for v in tol):
+        raise DeployError(f"{bundle / 'target.json'}: atol and rtol must be non-negative numbers, got {tol}")
+    try:  # allow_pickle=False: a bundle's arrays never run code
+        x = np.load(bundle / "golden_inputs.npy", allow_pickle=False)
+        with np.load(bundle / "reference_outputs.npz", allow_pickle=False) as refs:
+            references = [refs[k] for k in sorted(refs.files)]
+    except (ValueError, OSError, EOFError) as e:
+        raise DeployError(f"cannot read the bundle's golden inputs or reference outputs: {e}") from None
+    for name, arrays in (("golden inputs", [x]), ("reference outputs", references)):
+        if not arrays or any(a.size == 0 or a.dtype.kind not in "fiu" or not np.isfinite(a).all() for a in arrays):
+            raise DeployError(f"the bundle's {name} are empty, not numeric, or hold NaN or Inf values")
+    return target, x, references
+
+
+def compare(outputs: list[np.ndarray], references: list[np.ndarray], atol: float, rtol: float) -> list[str]:
+    """One line per output that differs beyond atol + rtol·|reference|; an empty list means a match."""
+    problems = []
+    if len(outputs) != len(references):
+        return [f"{len(outputs)} outputs, {len(references)} references"]
+    for i, (got, ref) in enumerate(zip(outputs, references)):
+        if got.shape != ref.shape:
+            problems.append(f"output {i}: shape {got.shape}, reference {ref.shape}")
+            continue
+        excess = np.abs(got - ref) - (atol + rtol * np.abs(ref))
+        if (excess > 0).any() or not np.isfinite(got).all():
+            problems.append(f"output {i}: max |diff| {np.abs(got - ref).max():.3g} exceeds atol {atol} + "
+                            f"rtol {rtol}·|ref| at {int((excess > 0).sum())} values")
+    return problems
+
+
+def percentiles(times: list[float]) -> dict:
+    """Milliseconds per call as trtexec reports them: min, mean, median and the 90th/99th percentiles."""
+    a = np.asarray(times, dtype=np.float64)
+    return {"min": float(a.min()), "mean": float(a.mean()),
+            **{f"p{q}": float(np.percentile(a, q)) for q in (50, 90, 99)}, "runs": int(a.size)}

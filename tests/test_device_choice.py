@@ -1,0 +1,116 @@
+"""The device decides: a TensorRT target's bundle carries the accuracy-for-MACs frontier, and `deploy.py --choose`
+times every candidate there and ships the most accurate that fits. Run here end to end with onnxruntime."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from edgefuse.cli import cli
+from edgefuse.targets import load_target
+
+
+@pytest.fixture(scope="module")
+def export(cnn_checkpoints, tmp_path_factory):
+    root = tmp_path_factory.mktemp("device")
+    nano = Path(load_target("jetson-orin-nano-jp6").source).read_text()
+    (root / "nano.toml").write_text(nano.replace("distill_steps = 500", "distill_steps = 0"))  # time: no distilling
+    res = CliRunner().invoke(cli, ["-q", "export", "--model", "tests.nets:digits_cnn", *cnn_checkpoints,
+                                   "--dataset", "digits", "--target", str(root / "nano.toml"),
+                                   "--out-root", str(root)])
+    assert res.exit_code == 0, res.output
+    return root / "nano"
+
+
+def bundle_copy(export, tmp_path) -> Path:
+    return Path(shutil.copytree(export / "bundle", tmp_path / "bundle"))
+
+
+def choose(bundle: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(bundle / "deploy.py"), "--choose", "--runtime", "onnxruntime",
+                           "--seconds", "0.02", *args], capture_output=True, text=True, cwd=bundle.parent)
+
+
+def test_the_bundle_carries_the_frontier_with_a_manifest(export):
+    report = json.loads((export / "report.json").read_text())
+    manifest = json.loads((export / "bundle" / "candidates.json").read_text())
+    rows = manifest["candidates"]
+    assert len(rows) >= 3 and manifest["batch_sizes"] == [1, 8]
+    assert manifest["latency_budget_ms"] == {"1": 1.0, "8": 1.0} and manifest["memory_budget_mb"] == 256
+    assert [r["key"] for r in rows] == [c["key"] for c in report["device_choice"]["candidates"]]
+    for r in rows:  # each a folder deploy.py can check, golden outputs included
+        folder = export / "bundle" / r["folder"]
+        assert {p.name for p in folder.iterdir()} >= {"model.onnx", "target.json", "golden_inputs.npy",
+                                                      "reference_outputs.npz"}
+        assert (export / "bundle" / r["golden"]).is_file() and r["graph"] == "fp32"
+    # The frontier: no candidate of the report beats a sent one on validation accuracy at no higher MACs.
+    by_key = {c["key"]: c for c in report["candidates"]}
+    for r in rows:
+        assert not any(c["validation"]["accuracy"] > r["validation"]["accuracy"] and c["macs"] <= r["macs"]
+                       and c["precision"] == "fp32" and c["key"] not in ("ensemble", "ensemble_sessions")
+                       for c in report["candidates"]), r["key"]
+        assert by_key[r["key"]]["validation"] == r["validation"]
+    assert manifest["host_choice"] == report["shipped"]["key"]
+    assert "The device decides" in (export / "report.md").read_text()
+
+
+def test_choose_with_a_generous_budget_ships_the_most_accurate(export, tmp_path):
+    bundle = bundle_copy(export, tmp_path)
+    res = choose(bundle, "--latency-ms", "10000")
+    assert res.returncode == 0, res.stderr
+    choice = json.loads((bundle / "choice.json").read_text())
+    rows = choice["candidates"]
+    assert len(rows) == len(json.loads((bundle / "candidates.json").read_text())["candidates"])
+    for r in rows:  # measured here, at both batch sizes
+        assert set(r["latency_ms"]) == {"1", "8"} and r["ok"] and r["fits"]
+        assert all(0 < v["p50"] <= v["p99"] and v["runs"] >= 100 for v in r["latency_ms"].values())
+    best = max(r["validation_accuracy"] for r in rows)
+    chosen = next(r for r in rows if r["key"] == choice["chosen"])
+    manifest = {r["key"]: r for r in json.loads((bundle / "candidates.json").read_text())["candidates"]}
+    if chosen["validation_accuracy"] < best:  # only a clearly faster tie may beat the most accurate
+        top = max(rows, key=lambda r: r["validation_accuracy"])
+        assert manifest[top["key"]]["tie_z"][chosen["key"]] < 2.0
+        assert all(chosen["latency_ms"][b]["p50"] <= 0.9 * top["latency_ms"][b]["p50"] for b in ("1", "8"))
+    assert "chose" in res.stdout and choice["budget"]["latency_ms"] == {"1": 10000.0, "8": 10000.0}
+
+
+def test_a_budget_below_every_candidate_exits_2_in_one_line_and_writes_nothing(export, tmp_path):
+    bundle = bundle_copy(export, tmp_path)
+    res = choose(bundle, "--latency-ms", "0.000001")
+    assert res.returncode == 2
+    assert len(res.stderr.strip().splitlines()) == 1 and "the fastest is" in res.stderr
+    assert not (bundle / "choice.json").exists()
+
+
+def test_a_candidate_whose_outputs_differ_is_never_chosen(export, tmp_path):
+    bundle = bundle_copy(export, tmp_path)
+    manifest = json.loads((bundle / "candidates.json").read_text())
+    top = max(manifest["candidates"], key=lambda r: r["validation"]["accuracy"])
+    refs = bundle / top["golden"]
+    np.savez(refs, out0=np.load(refs)["out0"] + 1.0)
+    res = choose(bundle, "--latency-ms", "10000")
+    assert res.returncode == 0, res.stderr
+    choice = json.loads((bundle / "choice.json").read_text())
+    assert choice["chosen"] != top["key"] and "MISMATCH" in res.stdout
+    assert next(r for r in choice["candidates"] if r["key"] == top["key"])["why_not"].startswith("outputs differ")
+
+
+@pytest.mark.parametrize("edit", ["escape", "empty", "garbage"])
+def test_a_broken_manifest_is_one_line_and_exit_2(export, tmp_path, edit):
+    bundle = bundle_copy(export, tmp_path)
+    path = bundle / "candidates.json"
+    manifest = json.loads(path.read_text())
+    if edit == "escape":
+        manifest["candidates"][0]["folder"] = "../../elsewhere"
+        path.write_text(json.dumps(manifest))
+    elif edit == "empty":
+        path.write_text(json.dumps(manifest | {"candidates": []}))
+    else:
+        path.write_text("{not json")
+    res = choose(bundle)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+    assert not (bundle / "choice.json").exists()
