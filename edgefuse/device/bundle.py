@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..base import compare
 from ..base.files import publish
 from ..measure.runners import OrtRunner
 from ..targets import Target
@@ -127,6 +128,7 @@ def write_bundle(out_dir: str | Path, target: Target, onnx_file: Path, module: n
         shutil.copyfile(target.source, stage / f"{target.name}.toml")
         for script in deploy.SCRIPTS:
             shutil.copyfile(Path(deploy.__file__).with_name(script), stage / script)
+        shutil.copyfile(compare.__file__, stage / "compare.py")
         graph = "FP16 graph, FP32 inputs and outputs" if target.strongly_typed else \
             "FP32 graph; FP16 chosen by the builder flag" if target.precision == "fp16" else "FP32 graph"
         extra = INT8_README.format(images=int8.calibration_images, atol=INT8_ATOL, rtol=INT8_RTOL) if int8 else ""

@@ -39,7 +39,7 @@ def check_bundle(bundle: Path, runtime: str = "auto", seconds: float = 1.0) -> d
         for kind, names in runner.layer_types().items():
             print(f"layers with {kind} outputs: {len(names)}" + ("" if "Int8" in kind else
                                                                 f" (higher precision: {', '.join(names[:8])})"))
-    problems = compare(outputs, references, target["atol"], target["rtol"])
+    problems = compare(outputs, references, target)
     return {"runtime": runtime, "batch": int(x.shape[0]), "ok": not problems, "problems": problems,
             "latency_ms": percentiles(runner.latency(x, seconds))}
 

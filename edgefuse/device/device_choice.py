@@ -71,7 +71,7 @@ def measure(bundle: Path, row: dict, runtime: str, batches: list[int], seconds: 
     folder = bundle / row["folder"]
     target, x, references = read_bundle(folder)
     runner = open_engine(folder, target, runtime, bundle / "timing.cache")
-    problems = compare(runner(x), references, target["atol"], target["rtol"])
+    problems = compare(runner(x), references, target)
     latency = {str(b): percentiles(runner.latency(_batch(x, b), seconds)) for b in batches}
     return {"key": row["key"], "label": row.get("label", row["key"]), "kind": row.get("kind"),
             "precision": row.get("precision"), "validation_accuracy": row["validation"]["accuracy"],

@@ -1,5 +1,5 @@
-"""A bundle folder's files — target, golden inputs, reference outputs — read and checked, and outputs compared
-with the references at the target's tolerance.
+"""A bundle folder's files — target, golden inputs, reference outputs — read and checked; outputs are compared
+with the references by the package's one comparator (base/compare.py, which travels as compare.py).
 
 Copied as-is into every deploy bundle beside deploy.py: Python 3.8+ and numpy only."""
 from __future__ import annotations
@@ -10,6 +10,11 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+try:  # in the package, and as a script's sibling in a bundle
+    from ..base.compare import mismatches
+except ImportError:
+    from compare import mismatches
 
 FILES = ("model.onnx", "target.json", "golden_inputs.npy", "reference_outputs.npz")
 
@@ -59,24 +64,13 @@ def read_bundle(bundle: Path) -> tuple[dict, np.ndarray, list[np.ndarray]]:
     return target, x, references
 
 
-def compare(outputs: list[np.ndarray], references: list[np.ndarray], atol: float, rtol: float) -> list[str]:
-    """One line per output that differs beyond atol + rtol·|reference|; an empty list means a match."""
-    problems = []
-    if len(outputs) != len(references):
-        return [f"{len(outputs)} outputs, {len(references)} references"]
-    for i, (got, ref) in enumerate(zip(outputs, references)):
-        if got.shape != ref.shape:
-            problems.append(f"output {i}: shape {got.shape}, reference {ref.shape}")
-            continue
-        excess = np.abs(got - ref) - (atol + rtol * np.abs(ref))
-        if (excess > 0).any() or not np.isfinite(got).all():
-            problems.append(f"output {i}: max |diff| {np.abs(got - ref).max():.3g} exceeds atol {atol} + "
-                            f"rtol {rtol}·|ref| at {int((excess > 0).sum())} values")
-    return problems
-
-
 def percentiles(times: list[float]) -> dict:
     """Milliseconds per call as trtexec reports them: min, mean, median and the 90th/99th percentiles."""
     a = np.asarray(times, dtype=np.float64)
     return {"min": float(a.min()), "mean": float(a.mean()),
             **{f"p{q}": float(np.percentile(a, q)) for q in (50, 90, 99)}, "runs": int(a.size)}
+
+
+def compare(outputs: list[np.ndarray], references: list[np.ndarray], target: dict) -> list[str]:
+    """What differs beyond the target's atol + rtol·|reference|; an empty list means a match."""
+    return mismatches(outputs, references, target["atol"], target["rtol"])

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .onnx import export_onnx
+from ..base.compare import differences
 from ..measure.runners import OrtRunner, predict
 from ..measure.metrics import scores
 
@@ -50,5 +51,5 @@ def precision_drop(fp32_path: str | Path, low_path: str | Path, x: torch.Tensor,
     s32, s_low = scores(out32, y), scores(out_low, y)
     return {"fp32_accuracy": s32["accuracy"], f"{low}_accuracy": s_low["accuracy"],
             "accuracy_drop": s32["accuracy"] - s_low["accuracy"], f"{low}_nll": s_low["nll"],
-            "max_abs_logit_diff": float(np.abs(out32 - out_low).max()),
+            "max_abs_logit_diff": differences([out_low], [out32])[0],
             "prediction_agreement": float((out32.argmax(1) == out_low.argmax(1)).mean())}

@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import torch
 
+from ..base.compare import differences
 from ..base.errors import EdgefuseError
 from ..base.files import atomic_write_bytes
 from ..measure.runners import OrtRunner
@@ -159,4 +160,4 @@ def reference_parity(int8_path: str | Path, x: np.ndarray) -> float:
         if op.domain in ("", "ai.onnx") and op.version < 19:  # is opset 18's (19 added float8 types)
             op.version = 19
     ref = ReferenceEvaluator(model).run(None, {model.graph.input[0].name: x})[0]
-    return float(np.abs(ours - ref).max())
+    return differences([ours], [ref])[0]

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..base.compare import differences
 from ..base.errors import EdgefuseError, first_line
 from ..base.files import commit, native, new_temp_path
 
@@ -75,18 +76,13 @@ def parity(onnx_path: str | Path, module: nn.Module, inputs: list[torch.Tensor])
     sess = ort.InferenceSession(native(onnx_path), providers=["CPUExecutionProvider"])
     worst = 0.0
     for x in inputs:
-        refs = _outputs(module, x)
-        gots = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
-        if len(gots) != len(refs):
-            raise EdgefuseError(f"the ONNX graph has {len(gots)} outputs, PyTorch {len(refs)}")
-        for got, ref in zip(gots, refs):
-            if got.shape != tuple(ref.shape):
-                raise EdgefuseError(f"ONNX output shape {got.shape} differs from PyTorch {tuple(ref.shape)}")
-            bad = int((~np.isfinite(got)).sum() + (~np.isfinite(ref.numpy())).sum())
-            if bad:
-                raise EdgefuseError(f"{bad} non-finite values in the outputs of the ONNX graph or the PyTorch model "
-                                    f"at batch {len(x)}: NaN or Inf is never a result")
-            worst = max(worst, float(np.abs(got - ref.numpy()).max()))
+        refs = [r.numpy() for r in _outputs(module, x)]
+        diff, problems = differences(sess.run(None, {sess.get_inputs()[0].name: x.numpy()}), refs)
+        if problems:
+            raise EdgefuseError(f"the ONNX graph and the PyTorch model (the reference) at batch {len(x)}: "
+                                f"{problems[0]}" + (" (non-finite values: NaN or Inf is never a result)"
+                                                    if "NaN" in problems[0] else ""))
+        worst = max(worst, diff)
     return worst
 
 
