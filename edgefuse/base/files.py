@@ -126,6 +126,18 @@ def exclusive(lock: Path, what: str):
         lock.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def claimed(dest: Path, force: bool):
+    """One output file for one writer, from the check to the final rename: a second command writing the same file
+    stops at once (the lock), and an existing file is replaced only with `force`, checked under the lock."""
+    dest = Path(dest)
+    writable(dest.parent)
+    with exclusive(dest.parent / f".{dest.name}.lock", str(dest)):
+        if dest.exists() and not force:
+            raise EdgefuseError(f"{dest} exists (use --force to overwrite)")
+        yield dest
+
+
 def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
     """A matplotlib figure written atomically, then closed."""
     import matplotlib.pyplot as plt

@@ -6,6 +6,7 @@ from pathlib import Path
 import click
 
 from ..base.errors import EdgefuseError
+from ..base.files import claimed
 
 
 @click.command()
@@ -34,7 +35,8 @@ def check(onnx_file: str, target: str, as_json: bool) -> None:
 @click.option("--target", required=True, help="A TensorRT target: a name in targets/ or a .toml path.")
 @click.option("-o", "--out", type=click.Path(dir_okay=False), required=True, help="Engine file to write.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), default=None, help="Timing cache to reuse/update.")
-def build(onnx_file: str, target: str, out: str, timing_cache: str | None) -> None:
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+def build(onnx_file: str, target: str, out: str, timing_cache: str | None, force: bool) -> None:
     """Build a TensorRT engine here (needs an NVIDIA GPU and `pip install 'edgefuse[tensorrt]'`).
 
     Reads ONNX_FILE and the target; writes OUT (and the timing cache). On a Jetson, the bundle's deploy.py does
@@ -49,4 +51,5 @@ def build(onnx_file: str, target: str, out: str, timing_cache: str | None) -> No
     report = check_onnx(onnx_file, tgt)
     if not report.ok:
         raise EdgefuseError(f"{onnx_file} will not build for {tgt.name}: {report.errors[0]}")
-    click.echo(str(build_engine(onnx_file, tgt, out, timing_cache)))
+    with claimed(Path(out), force):
+        click.echo(str(build_engine(onnx_file, tgt, out, timing_cache)))

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..base.errors import EdgefuseError, first_line
+from ..base.files import claimed
 from ..align import METHODS
 from ..fuse.distill import DistillConfig
 from ..fuse.repair import REPAIRS
@@ -119,6 +120,15 @@ def fuse_cmd(obj: dict, checkpoints: tuple[str, ...], **opts) -> None:
 
     Reads CHECKPOINTS (safetensors or weights-only torch files) with --model, else the zoo cache; reads the
     data's training split for calibration. Writes OUT (parity-checked against PyTorch)."""
+    out, depth, alpha = opts["out"], opts["depth"], opts["alpha"]
+    if (depth is None) == (alpha is None):
+        raise EdgefuseError("give exactly one of --depth and --alpha")
+    with claimed(Path(out), opts["force"]):
+        _fuse_to(obj, checkpoints, opts)
+
+
+def _fuse_to(obj: dict, checkpoints: tuple[str, ...], opts: dict) -> None:
+    """The fuse command's work, under the claim on its output file."""
     from ..align import align
     from ..fuse import fuse
     from ..spec.permspec import permutation_spec
@@ -126,10 +136,6 @@ def fuse_cmd(obj: dict, checkpoints: tuple[str, ...], **opts) -> None:
     from ..models.fit import check_fit
 
     out, depth, alpha = opts["out"], opts["depth"], opts["alpha"]
-    if Path(out).exists() and not opts["force"]:
-        raise EdgefuseError(f"{out} exists (use --force to overwrite)")
-    if (depth is None) == (alpha is None):
-        raise EdgefuseError("give exactly one of --depth and --alpha")
     models = cli_models(opts["arch"], opts["model"], checkpoints, opts["n"], opts["cache"], obj["quiet"])
     splits = splits_of(opts["data"], opts["val_size"])
     check_fit(models[0], splits)

@@ -7,13 +7,14 @@ from pathlib import Path
 from rich.console import Console
 
 from ..run.points import fingerprint
-from ..run.choose import choose
+from ..run.choose import Budget, choose
 from ..run.config import RunConfig, run_config
 from ..run.field import FieldPlan, distill_config, effective_target, grid, measure_field, report_head, run_budget
 from ..base.errors import EdgefuseError
-from ..base.files import writable
+from ..base.files import exclusive, writable
 from ..run.setup import prepare
 from ..run.report import build_report, write_report
+from ..targets import Target
 
 
 def run_sweep(config: RunConfig | str | None = None, console: Console | None = None, **overrides) -> dict:
@@ -24,10 +25,16 @@ def run_sweep(config: RunConfig | str | None = None, console: Console | None = N
     console = console or Console(stderr=True)
     tgt = effective_target(run)
     if tgt.runtime == "cuda":
-        raise EdgefuseError(f"target '{tgt.name}' is measured by make gpu-check, not by a sweep")
+        raise EdgefuseError(f"target '{tgt.name}' is measured on the GPU by an export (make export "
+                            f"TARGET={tgt.name}), not by a sweep")
     budget = run_budget(tgt, run)
     out = Path(run.out_root) / tgt.name / "sweep"
     writable(out / "points")
+    with exclusive(Path(run.out_root) / f".{tgt.name}.lock", str(out.parent)):  # the export's lock: one writer
+        return _sweep(run, tgt, budget, out, console)
+
+
+def _sweep(run: RunConfig, tgt: Target, budget: Budget, out: Path, console: Console) -> dict:
     s = prepare(run, console)
     cfg = distill_config(tgt, run.augment)
     key = fingerprint(s.models, Path(tgt.source).read_text(), s.splits.digest, repr(cfg))
