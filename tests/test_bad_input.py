@@ -104,7 +104,13 @@ def test_input_shape_that_does_not_fit(work):
 
 def test_truncated_onnx(work):
     (work / "cut.onnx").write_bytes(b"\x08\x07\x12\x04trun")
-    fails(work, ["verify", "cut.onnx", "--dataset", "digits"], "cannot load cut.onnx")
+    fails(work, ["verify", "cut.onnx", "--dataset", "digits"], "cut.onnx holds no ONNX graph")
+
+
+@pytest.mark.parametrize("command", [["verify"], ["check", "--target", "jetson-orin-nano-jp6"]])
+def test_an_empty_onnx_file_is_named_as_empty(work, command):
+    (work / "empty.onnx").write_bytes(b"")
+    fails(work, [command[0], *command[1:], "empty.onnx"], "empty.onnx is empty (0 bytes)")
 
 
 @pytest.mark.skipif(not data.Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz").is_file(),

@@ -8,13 +8,14 @@ from functools import partial
 import numpy as np
 from torch import nn
 
+from ..base.hooks import optional
 from ..spec.permspec import PermSpec
 from . import register
 from .weight import lsa, weight_matching
 
 
 def ot_assign(similarity: np.ndarray, reg: float = 0.0) -> np.ndarray:
-    import ot
+    ot = optional("ot", "POT", "optimal-transport matching")
 
     n = similarity.shape[0]
     cost = similarity.max() - similarity

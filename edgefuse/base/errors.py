@@ -1,4 +1,15 @@
-"""Errors a user can cause. The CLI prints them as one line; anything else is a bug."""
+"""Errors a user can cause. The CLI prints them as one line; anything else is a bug. Warnings: a setting that
+changes nothing, or a stored file that had to be replaced, said once per process as one line."""
+import sys
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """One line on stderr, the first time this message comes up in this process."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"edgefuse: warning: {message}", file=sys.stderr, flush=True)
 
 
 def first_line(e: BaseException) -> str:

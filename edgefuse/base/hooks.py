@@ -37,3 +37,12 @@ def import_callable(spec: str, what: str) -> Callable:
     if not callable(fn):
         raise EdgefuseError(f"{what} '{spec}' is not callable")
     return fn
+
+
+def optional(module: str, package: str, why: str):
+    """A library only some paths need (POT for OT matching, scikit-learn for the digits set), imported when used:
+    missing, it is the user's one-line fix, not an internal error."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise EdgefuseError(f"{why} needs the Python package {package}: pip install {package}") from None

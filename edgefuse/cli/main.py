@@ -190,12 +190,12 @@ def verify(onnx_file: str, data: str, threads: int, batch_sizes: tuple[int, ...]
     Reads ONNX_FILE and the dataset; writes nothing (prints JSON)."""
     import json
 
+    from ..graph.onnx import read_onnx
     from ..models.data import BUILTIN, test_split
     from ..measure.metrics import scores
     from ..measure.runners import OrtRunner, latency, latency_batch, predict
 
-    if not Path(onnx_file).is_file():
-        raise EdgefuseError(f"ONNX file not found: {onnx_file}")
+    read_onnx(onnx_file)
     try:
         runner = OrtRunner(onnx_file, threads)
     except Exception as e:  # onnxruntime raises its own exception types for bad files

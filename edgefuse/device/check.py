@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-from ..base.errors import EdgefuseError, first_line
+from ..base.errors import EdgefuseError
+from ..graph.onnx import read_onnx
 from ..targets import Target, opset_range
 
 TABLE = Path(__file__).with_name("trt_operators.csv")
@@ -74,14 +75,9 @@ def _types(model) -> dict[str, int]:
 
 def check_onnx(path: str | Path, target: Target) -> CheckReport:
     """Everything the TensorRT parser and builder would refuse, found before a device is involved."""
-    import onnx
-
     if target.runtime != "tensorrt":
         raise EdgefuseError(f"target '{target.name}' runs on {target.runtime}, not TensorRT: nothing to check")
-    try:
-        model = onnx.load(str(path))
-    except Exception as e:  # protobuf raises several kinds on a corrupt file
-        raise EdgefuseError(f"cannot read ONNX file {path}: {first_line(e)}") from None
+    model = read_onnx(path)
     version = target.trt_version
     known = closest_table(version)
     opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)

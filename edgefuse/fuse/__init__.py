@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..base.validate import check_models, nonfinite_tensor
-from ..base.errors import EdgefuseError
+from ..base.errors import EdgefuseError, warn_once
 from ..spec.permspec import PermSpec
 from .batched import batch_models
 from .model import FusedModel, ensemble
@@ -86,6 +86,9 @@ def _repair(fused: FusedModel, method: str | None, data, aligned: list[nn.Module
         return
     if method == "repair":
         rescale_units(fused, aligned, _merged_layers(fused, spec, layouts), data)
+    if method == "bn" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused.modules()):
+        warn_once("repair 'bn' re-estimates BatchNorm statistics and this model has no BatchNorm: the fused model "
+                  "is left unrepaired (repair 'lsq' or 'repair' works without BatchNorm)")
     if method is not None:
         reset_bn(fused, data)
     if method == "distill":

@@ -20,6 +20,7 @@ from torch import nn
 
 from ..align.weight import unit_rows
 from ..base.errors import EdgefuseError
+from ..base.hooks import optional
 from ..spec.permspec import Family, PermSpec, dense_state, permute
 
 SELECTIONS = ("cost", "partial-ot")
@@ -85,8 +86,9 @@ def _isolated_counts(spec: PermSpec, alpha: float | Mapping[str, float]) -> dict
 
 
 def _partial_ot(models: list[nn.Module], spec: PermSpec, group: str, k: int) -> tuple[list[nn.Module], Layout]:
-    import ot
     from scipy.optimize import linear_sum_assignment
+
+    ot = optional("ot", "POT", "partial-ot unit selection")
 
     n = spec.groups[group]
     f = unit_features(models, spec, group, scaled=False).numpy()

@@ -14,12 +14,32 @@ import torch
 from torch import nn
 
 from ..base.compare import differences
-from ..base.errors import EdgefuseError, first_line
+from ..base.errors import EdgefuseError, first_line, warn_once
 from ..base.files import commit, native, new_temp_path
 
 INPUT, OUTPUT, HEADS = "input", "logits", "head_logits"
 TORCHSCRIPT_MAX_OPSET = 17
 DEFAULT_OPSET = 18
+
+
+def read_onnx(path: str | Path):
+    """A user's ONNX file as a checked ModelProto: missing, empty, not protobuf, or without a graph is one line
+    naming the file and the cause, before any runtime sees it."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise EdgefuseError(f"ONNX file not found: {path}" + (" (it is a folder)" if path.is_dir() else ""))
+    if path.stat().st_size == 0:
+        raise EdgefuseError(f"{path} is empty (0 bytes): not an ONNX model")
+    try:
+        model = onnx.load(native(path)) if isinstance(native(path), str) else onnx.load_from_string(native(path))
+    except Exception as e:  # protobuf raises several kinds on a corrupt or truncated file
+        raise EdgefuseError(f"{path} is not a readable ONNX model (truncated or another format?): "
+                            f"{first_line(e)}") from None
+    if not model.graph.node or not model.graph.input or not model.graph.output:
+        raise EdgefuseError(f"{path} holds no ONNX graph (no nodes, inputs or outputs): truncated or another format?")
+    return model
 
 
 def _outputs(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -60,8 +80,15 @@ def _silent_fd1():
 
 
 def _simplify(path: Path) -> None:
+    """onnxsim's constant folding and shape simplification, where it is installed (a GPU machine without a
+    registry may lack it: the graph is then written as exported, which is equally correct)."""
     import onnx
-    import onnxsim
+
+    try:
+        import onnxsim
+    except ImportError:
+        warn_once("onnxsim is not installed: ONNX graphs are written as exported, unsimplified")
+        return
 
     model = onnx.load(str(path))
     simplified, ok = onnxsim.simplify(model)

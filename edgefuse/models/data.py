@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..base.errors import EdgefuseError, first_line
+from ..base.hooks import optional
 
 FASHION_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
                  "t10k-labels-idx1-ubyte.gz")
@@ -70,7 +71,7 @@ def fashion_mnist(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
 
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
     """sklearn's 8x8 digits as (n, 1, 8, 8) floats in [0, 1]: small enough for fast tests."""
-    from sklearn.datasets import load_digits
+    load_digits = optional("sklearn.datasets", "scikit-learn", "the digits data set").load_digits
 
     d = load_digits()
     x = torch.tensor(d.images / 16.0, dtype=torch.float32).unsqueeze(1)

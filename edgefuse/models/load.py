@@ -29,32 +29,106 @@ def resolve_factory(factory: str | Callable[[], nn.Module]) -> Callable[[], nn.M
     return import_callable(factory, "model factory")
 
 
+def _format(path: Path) -> str:
+    """What the file holds, from its first bytes (its suffix may say otherwise): "torch" (a zip archive, or the
+    legacy pickle format), "safetensors" (an 8-byte header length, then a JSON header), or "unknown"."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        return "torch"
+    return "safetensors" if len(head) == 9 and head[8:9] == b"{" else "unknown"
+
+
+def _truncated(path: Path, kind: str) -> str | None:
+    """Why the file is incomplete, when it is: a zip archive without its end record, or a safetensors file shorter
+    than its header says."""
+    if kind == "torch":
+        import zipfile
+
+        with open(path, "rb") as f:
+            zipped = f.read(4) == b"PK\x03\x04"
+        return "it is cut short (the zip archive has no end record)" if zipped and not zipfile.is_zipfile(path) \
+            else None
+    import json
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(n)) if 8 + n <= size else None
+        except ValueError:
+            return None
+    if header is None:
+        return f"it is cut short (its header alone needs {8 + n:,} bytes, the file holds {size:,})"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
+            and isinstance(v.get("data_offsets"), list) and len(v["data_offsets"]) == 2]
+    need = 8 + n + max(ends, default=0)
+    return f"it is cut short (its header describes {need:,} bytes, the file holds {size:,})" if need > size else None
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """safetensors, or torch.load with weights_only=True (a pickle that would run code is refused)."""
+    """safetensors, or torch.load with weights_only=True (a pickle that would run code is refused), by what the file
+    holds whatever its suffix; a training checkpoint's one dict of tensors (`state_dict`, `model`, ...) is taken
+    from it."""
     path = Path(path)
     if path.is_dir():
         raise EdgefuseError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise EdgefuseError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise EdgefuseError(f"cannot read checkpoint {path}: the file is empty")
+    kind = _format(path)
+    if kind == "unknown":
+        raise EdgefuseError(f"cannot read checkpoint {path}: it is neither a safetensors file nor a torch checkpoint "
+                            "(torch.save's zip archive or pickle)")
+    why = _truncated(path, kind)
+    if why:
+        raise EdgefuseError(f"cannot read checkpoint {path}: {why}; copy or save it again")
     try:
-        if path.suffix == ".safetensors":
+        if kind == "safetensors":
             from safetensors.torch import load, load_file
             source = native(path)
             state = load_file(source) if isinstance(source, str) else load(source)
         else:
-            with warnings.catch_warnings():  # torch warns about pickle protocols on stderr; the error says enough
-                warnings.simplefilter("ignore")
-                state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings(), open(path, "rb") as f:  # a file object: torch.load would go by the
+                warnings.simplefilter("ignore")  # suffix; and its pickle-protocol warnings say less than our error
+                state = torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         raise EdgefuseError(f"cannot read checkpoint {path}: it holds Python objects, not only tensors "
                             "(refused: loading it could run code; save a state_dict or use safetensors)") from None
     except Exception as e:  # corrupt files raise many types; the user needs the file name and the first line
         raise EdgefuseError(f"cannot read checkpoint {path}: {first_line(e)}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise EdgefuseError(f"checkpoint {path} is not a state dict of tensors")
+    state = _tensors_of(state)
+    if state is None:
+        raise EdgefuseError(f"checkpoint {path} is not a state dict of tensors, nor a dict holding exactly one")
     return state
+
+
+def _tensors_of(state) -> dict[str, torch.Tensor] | None:
+    """The state dict itself, or the one dict of tensors a training checkpoint holds beside its optimizer state and
+    counters (Lightning's `state_dict`, a script's `model` or `model_state_dict`)."""
+    def tensors(d) -> bool:
+        return isinstance(d, dict) and bool(d) and all(isinstance(v, torch.Tensor) for v in d.values())
+    if tensors(state):
+        return state
+    if not isinstance(state, dict):
+        return None
+    inner = [v for v in state.values() if tensors(v)]
+    return inner[0] if len(inner) == 1 else state.get("state_dict") if tensors(state.get("state_dict")) else None
+
+
+def _strip_prefix(state: dict[str, torch.Tensor], expected: dict) -> tuple[dict[str, torch.Tensor], str]:
+    """Keys saved from a wrapper (`module.` of DataParallel, `model.` of Lightning, or several): the prefix every key
+    shares, removed one component at a time while that makes the keys the model's. ("", unchanged) otherwise."""
+    keys, prefix = list(state), ""
+    while keys and all(k.startswith(prefix) for k in keys):
+        first = keys[0][len(prefix):].split(".", 1)
+        if len(first) < 2 or not all(k[len(prefix):].startswith(first[0] + ".") for k in keys):
+            break
+        prefix += first[0] + "."
+        if {k[len(prefix):] for k in keys} == set(expected):
+            return {k[len(prefix):]: v for k, v in state.items()}, prefix
+    return state, prefix
 
 
 def load_models(factory: str | Callable[[], nn.Module], paths: list[str | Path]) -> list[nn.Module]:
@@ -65,12 +139,15 @@ def load_models(factory: str | Callable[[], nn.Module], paths: list[str | Path])
         state = read_state_dict(p)
         model = _build(make, factory)
         expected = model.state_dict()
+        if set(state) != set(expected):
+            state, prefix = _strip_prefix(state, expected)
         missing = [k for k in expected if k not in state]
         extra = [k for k in state if k not in expected]
         if missing or extra:
             what = f"missing key '{missing[0]}'" if missing else f"unexpected key '{extra[0]}'"
+            shared = f"; every key starts with '{prefix}' and without it they still do not match" if prefix else ""
             raise EdgefuseError(f"checkpoint {p} does not fit the architecture: {what} "
-                                f"({len(missing)} missing, {len(extra)} unexpected)")
+                                f"({len(missing)} missing, {len(extra)} unexpected){shared}")
         for k, v in expected.items():
             if tuple(v.shape) != tuple(state[k].shape):
                 raise EdgefuseError(f"checkpoint {p} does not fit the architecture: '{k}' has shape "

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .data import VALIDATION_IMAGES
-from ..base.errors import EdgefuseError
+from ..base.errors import EdgefuseError, first_line, warn_once
 
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 
@@ -196,7 +196,7 @@ def zoo_models(arch: str = "cnn", n: int = 4, width: int | None = None, epochs: 
     epochs = epochs or DEFAULT_EPOCHS[arch]
     folder = cache_dir(Path(cache), arch, width, epochs)
     paths = [folder / f"seed{s}.safetensors" for s in range(n)]
-    missing = [s for s, p in enumerate(paths) if not p.is_file()]
+    missing = [s for s, p in enumerate(paths) if not _readable(p)]
     if missing and not train:
         raise EdgefuseError(f"trained weights missing: {', '.join(str(paths[s]) for s in missing)} (run 'make export' "
                             f"where training is possible, then copy {cache} here)")
@@ -222,3 +222,18 @@ def zoo_models(arch: str = "cnn", n: int = 4, width: int | None = None, epochs: 
         model.load_state_dict(load_file(str(p)))
         models.append(model.eval())
     return models, paths
+
+
+def _readable(path: Path) -> bool:
+    """A cached model that loads; one that does not (truncated by a full disk, edited) is said once and trained
+    again, never trusted."""
+    if not path.is_file():
+        return False
+    from safetensors.torch import load_file
+
+    try:
+        load_file(str(path))
+        return True
+    except Exception as e:  # safetensors raises its own error types for a cut or corrupt file
+        warn_once(f"cached weights {path} do not load ({first_line(e)}): trained again")
+        return False

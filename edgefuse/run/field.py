@@ -17,6 +17,7 @@ from .choose import Budget, fits, target_budget
 from .config import RunConfig
 from ..fuse import DistillConfig
 from .setup import Setup
+from ..base.errors import warn_once
 from ..targets import Target, load_target
 
 
@@ -56,9 +57,16 @@ class FieldPlan:
 
 
 def effective_target(run: RunConfig) -> Target:
-    """The run's target file, with the distillation budget the run overrides."""
+    """The run's target file, with the distillation budget and the latency and memory budgets the run overrides
+    (for a TensorRT target those go to the device, which applies them)."""
     tgt = load_target(run.target)
-    return replace(tgt, distill_steps=run.distill_steps) if run.distill_steps is not None else tgt
+    lat = tuple(run.latency_ms) if isinstance(run.latency_ms, (list, tuple)) else run.latency_ms
+    changes = {k: v for k, v in (("distill_steps", run.distill_steps), ("memory_budget_mb", run.memory_mb),
+                                 ("latency_budget_ms", lat)) if v is not None}
+    if run.augment is not None and not changes.get("distill_steps", tgt.distill_steps):
+        warn_once("--augment/--no-augment shapes distillation images, and this run distils nothing (distill_steps "
+                  "is 0): it changes nothing")
+    return replace(tgt, **changes)
 
 
 def run_budget(tgt: Target, run: RunConfig) -> Budget:

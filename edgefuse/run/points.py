@@ -17,7 +17,7 @@ from torch import nn
 
 from ..models.data import Splits
 from ..graph.int8 import quantize_int8
-from ..base.errors import EdgefuseError
+from ..base.errors import EdgefuseError, first_line, warn_once
 from ..graph.onnx import export_onnx, onnx_nodes
 from ..base.files import atomic_write_bytes, atomic_write_text
 from ..fuse import DistillConfig, distill, ensemble, fuse
@@ -85,8 +85,12 @@ def _distilled(student: nn.Module, job: Job, splits) -> None:
                       str(job.teacher))
     path = Path(job.cache) / "distilled" / f"{key}.pt" if job.cache else None
     if path is not None and path.is_file():
-        student.load_state_dict(torch.load(path, weights_only=True))
-        return
+        try:
+            with open(path, "rb") as f:
+                student.load_state_dict(torch.load(f, weights_only=True))
+            return
+        except Exception as e:  # a cut or edited cache file: distil again rather than trust it
+            warn_once(f"cached distilled weights {path} do not load ({first_line(e)}): distilled again")
     members = job.aligned if job.teacher is None else [job.aligned[i] for i in job.teacher]
     distill(student, ensemble(members, batched=True, head_outputs=cfg.per_head), splits.x_train, cfg,
             label=job.point.label,

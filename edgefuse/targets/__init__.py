@@ -218,4 +218,8 @@ def load_target(name: str) -> Target:
         path = next((d / f"{name}.toml" for d in targets_dirs() if (d / f"{name}.toml").is_file()), path)
     if not path.is_file():
         raise EdgefuseError(f"unknown target '{name}' (available: {', '.join(available_targets()) or 'none'})")
-    return parse_target(path.stem, path.read_text(), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise EdgefuseError(f"target file {path} is not UTF-8 text (byte {e.start}): TOML files are UTF-8") from None
+    return parse_target(path.stem, text, str(path))
