@@ -138,7 +138,7 @@ def test_bad_input_is_one_line(args, text, tmp_path, monkeypatch):
 def test_truncated_onnx_is_one_line(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"\x08\x07\x12\x04trun")
-    _one_line_error(run("verify", str(bad), "--dataset", "digits"), 1, "cannot load")
+    _one_line_error(run("verify", str(bad), "--dataset", "digits"), 1, "holds no ONNX graph")
 
 
 def test_help_says_what_commands_read_and_write():
