@@ -19,9 +19,10 @@ test: setup
 bench: setup data
 	$(BIN)/python benchmarks/bench.py
 
-# On a machine with one CUDA GPU and the repository with build/cache (trained zoo weights) copied in. No install
-# step: that machine may have no package registry, so it runs on its own python3 (torch with CUDA, numpy, scipy,
-# onnx, safetensors, click, rich). Fashion-MNIST: the Debian package, or its four files in build/data/fashion-mnist.
+# The export for desktop-cuda (every candidate timed on the GPU) on a machine with one CUDA GPU and build/cache
+# (trained zoo weights) copied in. No install step: that machine may have no package registry, so it runs on its
+# own python3 (torch with CUDA, numpy, scipy, onnx, onnxruntime, safetensors, click, rich, matplotlib).
+# Fashion-MNIST: the Debian package, or its four files in build/data/fashion-mnist. GPU_CHECK_ARGS: --arch, --align, --out.
 gpu-check:
 	PYTHONPATH=. $(PYTHON) -m edgefuse.jobs.gpucheck $(GPU_CHECK_ARGS)
 
