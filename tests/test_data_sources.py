@@ -205,3 +205,23 @@ def test_bad_loader_hooks_are_one_line(work, body, message, monkeypatch):
 
 def test_an_unknown_source_says_what_sources_are(work):
     fails(work, fuse_on("no-such-thing"), "is not a built-in set")
+
+
+def test_calibration_images_sets_how_many_training_images_calibrate(cnn_checkpoints, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from edgefuse.cli import cli
+    from edgefuse.models.data import load_dataset
+    from dataclasses import replace
+
+    splits = load_dataset("digits")
+    assert len(replace(splits, calibration_images=100).calib) == 100
+    assert len(replace(splits, calibration_images=0).calib) == len(splits.x_train)  # 0: all of them
+    assert replace(splits, calibration_images=100).digest != splits.digest  # stored results tell them apart
+    res = CliRunner().invoke(cli, ["-q", "export", "--model", "tests.nets:digits_cnn", *cnn_checkpoints,
+                                   "--dataset", "digits", "--depth", "1",
+                                   "--calibration-images", "150", "--out-root", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "cpu-ort" / "report.json").read_text())["calibration_images"] == 150

@@ -13,7 +13,7 @@ from ..fuse.distill import DistillConfig
 from ..fuse.repair import REPAIRS
 from ..models.zoo import ARCHITECTURES
 from ..run.config import DEFAULT_ALPHAS, RunConfig
-from .options import cli_models, run_config_of, splits_of, with_models
+from .options import cli_models, partition_option, run_config_of, splits_of, with_models
 
 DEBUG = {"on": False}
 
@@ -79,14 +79,17 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 @click.option("--epochs", type=click.IntRange(1, 100), default=None, help="Default: 4 (mlp), 2 (others).")
 @click.option("--width", type=click.IntRange(1, 4096), default=None, help="Default: 256 (mlp), 16 (others).")
 @click.option("--cache", default=RunConfig.cache, show_default=True)
+@partition_option
 @click.pass_obj
-def train(obj: dict, arch: str, n: int, epochs: int | None, width: int | None, cache: str) -> None:
-    """Train N zoo models on Fashion-MNIST (seeds 0..N-1).
+def train(obj: dict, arch: str, n: int, epochs: int | None, width: int | None, cache: str, partition: str) -> None:
+    """Train N zoo models on Fashion-MNIST (seeds 0..N-1), each on all of the training split or on its shard.
 
-    Reads /usr/share/datasets/fashion-mnist; writes CACHE/<arch>-w<width>-e<epochs>/seed<i>.safetensors.
-    Cached models are not retrained."""
+    Reads /usr/share/datasets/fashion-mnist; writes CACHE/<arch>-w<width>-e<epochs>-val5000[-<partition>-n<N>]/
+    seed<i>.safetensors. Cached models are not retrained."""
+    from ..models.partition import parse_partition
     from ..models.zoo import zoo_models
-    _, paths = zoo_models(arch, n, width=width, epochs=epochs, cache=cache, quiet=obj["quiet"])
+    _, paths = zoo_models(arch, n, width=width, epochs=epochs, cache=cache, quiet=obj["quiet"],
+                          partition=parse_partition(partition))
     for p in paths:
         _echo(str(p))
 
@@ -136,8 +139,9 @@ def _fuse_to(obj: dict, checkpoints: tuple[str, ...], opts: dict) -> None:
     from ..models.fit import check_fit
 
     out, depth, alpha = opts["out"], opts["depth"], opts["alpha"]
-    models = cli_models(opts["arch"], opts["model"], checkpoints, opts["n"], opts["cache"], obj["quiet"])
-    splits = splits_of(opts["data"], opts["val_size"])
+    models = cli_models(opts["arch"], opts["model"], checkpoints, opts["n"], opts["cache"], obj["quiet"],
+                        opts["partition"])
+    splits = splits_of(opts["data"], opts["val_size"], opts["calibration_images"])
     check_fit(models[0], splits)
     spec = permutation_spec(models[0], splits.example)
     calib_batches = splits.calib_batches

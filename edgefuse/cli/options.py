@@ -5,12 +5,14 @@ from __future__ import annotations
 import click
 
 from ..base.errors import EdgefuseError
+from ..models.data import CALIBRATION_IMAGES
 from ..models.zoo import ARCHITECTURES
 from ..run.config import RunConfig
 
 
-def cli_models(arch: str | None, model: str | None, checkpoints: tuple[str, ...], n: int, cache: str, quiet: bool):
-    """User checkpoints when --model is given, else the cached zoo."""
+def cli_models(arch: str | None, model: str | None, checkpoints: tuple[str, ...], n: int, cache: str, quiet: bool,
+               partition: str = RunConfig.partition):
+    """User checkpoints when --model is given, else the cached zoo (trained on `partition`'s shards)."""
     if model:
         from ..models.load import load_models
         if len(checkpoints) < 2:
@@ -18,9 +20,15 @@ def cli_models(arch: str | None, model: str | None, checkpoints: tuple[str, ...]
         return load_models(model, list(checkpoints))
     if checkpoints:
         raise EdgefuseError("checkpoints were given without --model (say which architecture they are for)")
+    from ..models.partition import parse_partition
     from ..models.zoo import zoo_models
-    return zoo_models(arch or RunConfig.arch, n, cache=cache, quiet=quiet)[0]
+    return zoo_models(arch or RunConfig.arch, n, cache=cache, quiet=quiet, partition=parse_partition(partition))[0]
 
+
+partition_option = click.option(
+    "--partition", default=RunConfig.partition, show_default=True, metavar="all|iid|dirichlet:A|classes:K",
+    help="The zoo's training data: all of it per member, or disjoint shards (IID, Dirichlet label skew of "
+    "concentration A per class, K classes per member).")
 
 model_options = [
     click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default=RunConfig.arch, show_default=True,
@@ -30,27 +38,34 @@ model_options = [
     click.option("-n", "--n-models", "n", type=click.IntRange(2, 64), default=RunConfig.n, show_default=True,
                  help="Number of zoo models (seeds 0..N-1)."),
     click.option("--cache", default=RunConfig.cache, show_default=True, help="Folder of cached zoo checkpoints."),
+    partition_option,
     click.option("--data", "--dataset", "data", default=RunConfig.data, show_default=True, metavar="SOURCE",
                  help="fashion-mnist, digits, a folder (train/ test/ [val/] of <class>/<image>), an .npz file or "
                  "MODULE:FUNCTION returning the splits."),
     click.option("--val-size", type=click.IntRange(1, None), default=None,
                  help="Validation samples held out of the training split when SOURCE has no val split (default: "
                  "a tenth, at most 5,000)."),
+    click.option("--calibration-images", type=click.IntRange(0, None), default=None,
+                 help=f"Training images that calibrate alignment and repairs (default {CALIBRATION_IMAGES:,}; 0: all "
+                 "of them)."),
 ]
 
 
 def run_config_of(obj: dict, checkpoints: tuple[str, ...], opts: dict, **fields) -> RunConfig:
     """The RunConfig of a command: its options by name, the user's models loaded when --model is given."""
     model = opts.pop("model")
-    models = cli_models(opts["arch"], model, checkpoints, opts["n"], opts["cache"], obj["quiet"]) \
+    models = cli_models(opts["arch"], model, checkpoints, opts["n"], opts["cache"], obj["quiet"], opts["partition"]) \
         if model or checkpoints else None
     return RunConfig(models=models, **opts, **fields)
 
 
-def splits_of(data: str, val_size: int | None):
+def splits_of(data: str, val_size: int | None, calibration_images: int | None = None):
     """The splits of a --data source (read here for fuse and verify; export and sweep read them in the run)."""
+    from dataclasses import replace
+
     from ..models.sources import load_data
-    return load_data(data, val_size)
+    splits = load_data(data, val_size)
+    return splits if calibration_images is None else replace(splits, calibration_images=calibration_images)
 
 
 def with_models(f):

@@ -146,6 +146,7 @@ class Splits:
     y_test: torch.Tensor
     classes: tuple[str, ...] = ()
     origins: tuple[str, str, str] = ()
+    calibration_images: int = CALIBRATION_IMAGES  # 0: every training image
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -165,17 +166,22 @@ class Splits:
         hashed once per process, not once per job that asks."""
         import hashlib
 
-        h = hashlib.sha256(f"{self.name}\0{len(self.x_train)}\0{self.classes}".encode())
+        h = hashlib.sha256(f"{self.name}\0{len(self.x_train)}\0{self.classes}\0{self.n_calib}".encode())
         for t in (self.x_val, self.y_val, self.x_test, self.y_test):
             h.update(t.contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
     @property
+    def n_calib(self) -> int:
+        """How many training images calibrate (alignment, BatchNorm reset, REPAIR and lsq statistics)."""
+        n = len(self.x_train)
+        return n if self.calibration_images == 0 else min(self.calibration_images, n)
+
+    @property
     def calib(self) -> torch.Tensor:
         """A fixed random subset of the training part, the same in every run."""
         gen = torch.Generator().manual_seed(0)
-        n = min(CALIBRATION_IMAGES, len(self.x_train))
-        return self.x_train[torch.randperm(len(self.x_train), generator=gen)[:n]]
+        return self.x_train[torch.randperm(len(self.x_train), generator=gen)[:self.n_calib]]
 
     @property
     def calib_batches(self) -> list[torch.Tensor]:

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .data import VALIDATION_IMAGES
+from .partition import Partition
 from ..base.errors import EdgefuseError, first_line, warn_once
 
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
@@ -174,16 +175,19 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int,
     return model.eval()
 
 
-def cache_dir(root: Path, arch: str, width: int, epochs: int) -> Path:
-    """One folder per configuration; "-val5000" marks members that never saw the validation images."""
-    return Path(root) / f"{arch}-w{width}-e{epochs}-val{VALIDATION_IMAGES}"
+def cache_dir(root: Path, arch: str, width: int, epochs: int, partition: Partition = Partition(),
+              n: int = 0) -> Path:
+    """One folder per configuration; "-val5000" marks members that never saw the validation images; a partition's
+    tag and N mark members trained on disjoint shards (shard i of N differs for another N)."""
+    shards = f"{partition.tag}-n{n}" if partition.kind != "all" else ""
+    return Path(root) / f"{arch}-w{width}-e{epochs}-val{VALIDATION_IMAGES}{shards}"
 
 
 def zoo_models(arch: str = "cnn", n: int = 4, width: int | None = None, epochs: int | None = None,
-               cache: Path | str = "build/cache", quiet: bool = False,
-               train: bool = True) -> tuple[list[nn.Module], list[Path]]:
+               cache: Path | str = "build/cache", quiet: bool = False, train: bool = True,
+               partition: Partition = Partition()) -> tuple[list[nn.Module], list[Path]]:
     """Train (or load from the cache) N models of one zoo architecture on Fashion-MNIST's training part (the
-    validation images held out), seeds 0..N-1.
+    validation images held out), seeds 0..N-1, each on all of it or on its shard of `partition`.
     `train=False` only reads the cache (machines that must never retrain) and names what is missing."""
     from safetensors.torch import load_file, save_file
     from rich.progress import Progress
@@ -194,7 +198,7 @@ def zoo_models(arch: str = "cnn", n: int = 4, width: int | None = None, epochs: 
         raise EdgefuseError(f"unknown zoo architecture '{arch}' (choose from {', '.join(ARCHITECTURES)})")
     width = width or DEFAULT_WIDTH[arch]
     epochs = epochs or DEFAULT_EPOCHS[arch]
-    folder = cache_dir(Path(cache), arch, width, epochs)
+    folder = cache_dir(Path(cache), arch, width, epochs, partition, n)
     paths = [folder / f"seed{s}.safetensors" for s in range(n)]
     missing = [s for s, p in enumerate(paths) if not _readable(p)]
     if missing and not train:
@@ -202,20 +206,21 @@ def zoo_models(arch: str = "cnn", n: int = 4, width: int | None = None, epochs: 
                             f"where training is possible, then copy {cache} here)")
     if missing:
         splits = load_dataset("fashion-mnist")
-        x, y = splits.x_train, splits.y_train
+        shards = partition.shards(splits.y_train, n)
         folder.mkdir(parents=True, exist_ok=True)
-        steps = epochs * ((len(x) + 127) // 128)
         with Progress(disable=quiet) as progress:
             for s in missing:
+                x, y = splits.x_train[shards[s]], splits.y_train[shards[s]]
                 torch.manual_seed(s)
                 model = build(arch, width=width)
-                task = progress.add_task(f"training {arch} seed {s}", total=steps)
+                task = progress.add_task(f"training {arch} seed {s}", total=epochs * ((len(x) + 127) // 128))
                 train_model(model, x, y, epochs, seed=s, progress=(progress, task))
                 fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
                 os.close(fd)
                 save_file(model.state_dict(), tmp, metadata={"arch": arch, "width": str(width)})
                 os.replace(tmp, paths[s])
-        (folder / "zoo.json").write_text(json.dumps({"arch": arch, "width": width, "epochs": epochs}))
+        (folder / "zoo.json").write_text(json.dumps({"arch": arch, "width": width, "epochs": epochs,
+                                                     "partition": partition.describe(), "members": n}))
     models = []
     for p in paths:
         model = build(arch, width=width)

@@ -15,16 +15,19 @@ DEFAULT_ALPHAS = (0.1, 0.25, 0.5, 0.75)
 
 @dataclass(frozen=True)
 class RunConfig:
-    """`models`: the user's N models (None: the embedded zoo of `n` × `arch`, cached under `cache`); `data`: a
+    """`models`: the user's N models (None: the embedded zoo of `n` × `arch`, cached under `cache`, trained on
+    `partition`'s shards); `data`: a
     source as `ef.load_data` takes it, or its splits; `depth`: ship this depth instead of the chooser's pick (export
-    only); `latency_ms`, `memory_mb`, `max_drop`, `min_auroc`, `distill_steps`, `augment`: the target's values
+    only); `calibration_images`: how many training images calibrate; `latency_ms`, `memory_mb`, `max_drop`, `min_auroc`, `distill_steps`, `augment`: the target's values
     unless given; `workers` / `ray_address`: where the sweep's points run (the export runs them in this process)."""
     target: str = "cpu-ort"
     models: tuple[nn.Module, ...] | None = None
     arch: str = "cnn"
     n: int = 4
+    partition: str = "all"  # the zoo's: all, iid, dirichlet:A or classes:K (models/partition.py)
     data: str | Splits = "fashion-mnist"
     val_size: int | None = None
+    calibration_images: int | None = None  # None: the data's default (models/data.CALIBRATION_IMAGES); 0: all
     out_root: str = "build"
     cache: str = "build/cache"
     methods: tuple[str, ...] = ("weight",)
