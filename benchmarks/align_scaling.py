@@ -2,6 +2,11 @@
 and a ResNet-18-sized net (11 M parameters, torchvision's widths). Independent random inits with trained-like
 BatchNorm: this measures time and the weight-matching objective, not merge quality (bench.py's MLP table does).
 
+`scaling()` (`--scaling`): where weight matching's time goes as N grows — first pass, rounds until the stop rule,
+seconds per round — for N = 2, 4, 8, 16 on the zoo's ResNet-18 and on a torchvision-style ResNet-18 written out below
+(7×7 stem, max-pool, downsample shortcuts, in-place residual add, one ReLU module reused), random weights as
+initialised, seeds 0..N-1, torch threads as given (--threads, default 2).
+
 The objective is weight matching's: the sum over model pairs of <aligned_i, aligned_j> over the learned parameters;
 the table shows its gain over the unaligned models (most of the raw value is BatchNorm scales, equal for all).
 Run alone: python benchmarks/align_scaling.py (writes build/bench/align_scaling.json)."""
@@ -14,6 +19,7 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from torch import nn
 from rich.table import Table
 
 import edgefuse as ef
@@ -21,6 +27,72 @@ from edgefuse.models import data, zoo
 from edgefuse.align.weight import _float_params, similarity
 from edgefuse.base.files import atomic_write_text
 from edgefuse.spec.permspec import permute_state
+
+
+class BasicBlock(nn.Module):
+    """torchvision's BasicBlock, written the way torchvision writes it (torchvision itself does not import here)."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x):
+        identity = x
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        out = self.relu(out)
+        return out
+
+
+class ResNet18(nn.Module):
+    """torchvision's resnet18(num_classes=10) layout and initialisation, for 3 × 64 × 64 inputs here."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.inplanes = 64
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.layer1 = self._make_layer(64, 1)
+        self.layer2 = self._make_layer(128, 2)
+        self.layer3 = self._make_layer(256, 2)
+        self.layer4 = self._make_layer(512, 2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(512, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+
+    def _make_layer(self, planes: int, stride: int) -> nn.Sequential:
+        downsample = None
+        if stride != 1 or self.inplanes != planes:
+            downsample = nn.Sequential(nn.Conv2d(self.inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+        layers = [BasicBlock(self.inplanes, planes, stride, downsample)]
+        self.inplanes = planes
+        layers.append(BasicBlock(planes, planes))
+        return nn.Sequential(*layers)
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
 
 METHODS = (("weight", {}), ("activation", {}), ("ot", {}), ("ot", {"reg": 0.05}))
 NETS = (("resnet20", 16), ("resnet18", 64))
@@ -86,8 +158,55 @@ def alignment_time(console: Console, sizes: tuple[int, ...] = (2, 4, 8)) -> dict
     return out
 
 
+def scaling(console: Console, sizes: tuple[int, ...] = (2, 4, 8, 16), threads: int = 2) -> dict:
+    """Weight matching of N = sizes models of each ResNet-18: seconds in all, in the first pass, rounds and seconds
+    per round, the objective reached, and each N's time as a ratio to the N before it."""
+    from edgefuse.align.weight import weight_matching
+
+    torch.set_num_threads(threads)
+    nets = {"zoo resnet18 (1×28×28)": (lambda: zoo.build("resnet18", width=64), (2, 1, 28, 28)),
+            "torchvision-style resnet18 (3×64×64)": (ResNet18, (2, 3, 64, 64))}
+    out: dict = {"threads": threads}
+    for name, (make, shape) in nets.items():
+        models = []
+        for seed in range(max(sizes)):
+            torch.manual_seed(seed)
+            models.append(make().eval())
+        spec = ef.permutation_spec(models[0], torch.rand(shape))
+        table = Table(title=f"weight matching, {name}: {threads} torch thread(s)")
+        for col in ("N", "seconds", "× previous N", "first pass s", "rounds", "s / round", "objective"):
+            table.add_column(col, justify="right")
+        rows, previous = {}, None
+        for n in sizes:
+            history: list[float] = []
+            stamps: list[float] = []
+            weight_matching(models[:n], spec, history=history, stamps=stamps)
+            seconds, rounds = stamps[-1] - stamps[0], len(history) - 1
+            rows[str(n)] = {"seconds": seconds, "first_pass_seconds": stamps[1] - stamps[0], "rounds": rounds,
+                            "seconds_per_round": (stamps[-1] - stamps[1]) / rounds if rounds else None,
+                            "objective": history[-1],
+                            "ratio_to_previous": seconds / rows[str(previous)]["seconds"] if previous else None}
+            r = rows[str(n)]
+            table.add_row(str(n), f"{seconds:.2f}", f"{r['ratio_to_previous']:.2f}" if previous else "-",
+                          f"{r['first_pass_seconds']:.2f}", str(rounds),
+                          f"{r['seconds_per_round']:.2f}" if rounds else "-", f"{r['objective']:.1f}")
+            previous = n
+        console.print(table)
+        out[name] = rows
+    return out
+
+
 if __name__ == "__main__":
-    result = alignment_time(Console(width=160))
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scaling", action="store_true", help="only the weight-matching scaling table")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    console = Console(width=160)
+    result = {"scaling": scaling(console, threads=args.threads)}
+    if not args.scaling:
+        result["methods"] = alignment_time(console)
     path = Path("build/bench/align_scaling.json")
     atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
