@@ -126,3 +126,24 @@ def test_without_onnxsim_the_graph_is_written_unsimplified_and_said_once(mlps, t
         ef.export_onnx(mlps[0], torch.rand(2, 1, 8, 8), tmp_path / f"{name}.onnx")
         assert (tmp_path / f"{name}.onnx").is_file()
     assert capsys.readouterr().err.count("onnxsim is not installed") == 1
+
+
+def test_cached_distilled_weights_that_do_not_load_are_distilled_again(mlps, tmp_path, capsys, monkeypatch):
+    import numpy as np
+
+    from edgefuse.fuse import DistillConfig
+    from edgefuse.models.data import load_dataset
+    from edgefuse.run.candidate import Point
+    from edgefuse.run.points import Job, build
+
+    monkeypatch.setattr(errors, "_WARNED", set())
+    splits = load_dataset("digits")
+    job = Job(point=Point("member", 0, distill=True), aligned=mlps, splits=splits, target=load_target("cpu-ort"),
+              out_dir=str(tmp_path), ensemble_predictions=np.zeros(1), distill=DistillConfig(steps=3, batch_size=16),
+              cache=str(tmp_path))
+    first = build(job, splits).state_dict()
+    (cached,) = (tmp_path / "distilled").iterdir()
+    cached.write_bytes(cached.read_bytes()[:64])  # cut short, as by a full disk
+    again = build(job, splits).state_dict()
+    assert "do not load" in capsys.readouterr().err and cached.stat().st_size > 64  # distilled and stored again
+    assert all(torch.equal(first[k], again[k]) for k in first)  # the same seeded distillation
