@@ -57,3 +57,29 @@ def test_distillation_refuses_no_data_and_non_finite_inputs(mlps):
         distill(copy.deepcopy(mlps[0]), teacher, bad, DistillConfig(steps=2, batch_size=4), quiet=True)
     with pytest.raises(ef.EdgefuseError, match="at least 1 step"):
         DistillConfig(steps=0)
+
+
+def test_students_of_one_run_share_one_teacher_pass_and_learn_the_same(mlps, digits_split):
+    calls = {"n": 0}
+
+    class Counting(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            calls["n"] += 1
+            return self.inner(x)
+
+    teacher = Counting(ef.ensemble(mlps))
+    x = digits_split[0][:300]
+    cfg = DistillConfig(steps=6, batch_size=32)
+    alone = distill(copy.deepcopy(mlps[0]), teacher, x, cfg, quiet=True)
+    assert calls["n"] == 6
+    shared: list = []
+    first = distill(copy.deepcopy(mlps[0]), teacher, x, cfg, quiet=True, targets=shared)
+    second = distill(copy.deepcopy(mlps[1]), teacher, x, cfg, quiet=True, targets=shared)
+    assert calls["n"] == 12 and len(shared) == 6  # the second student's teacher outputs came from the first's pass
+    assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(), first.state_dict().values()))
+    again = distill(copy.deepcopy(mlps[1]), teacher, x, cfg, quiet=True)
+    assert all(torch.equal(a, b) for a, b in zip(second.state_dict().values(), again.state_dict().values()))

@@ -73,12 +73,14 @@ def _loss(student_out, teacher_out, t: float, per_head: bool) -> torch.Tensor:
 
 
 def distill(student: nn.Module, teacher: nn.Module, inputs: torch.Tensor, config: DistillConfig = DistillConfig(),
-            label: str = "student", quiet: bool | None = None) -> nn.Module:
+            label: str = "student", quiet: bool | None = None, targets: list | None = None) -> nn.Module:
     """Train `student` in place towards `teacher` (KL divergence at the temperature, scaled by T²) on random
     batches of `inputs`, with a cosine learning-rate schedule. BatchNorm statistics stay frozen (eval mode) unless
     `config.bn_train`: they were just reset on calibration data. With `config.per_head` and a teacher and student
     that both output head logits, each head also learns its own member. Only the student's tensors change; a
-    non-finite loss stops with an error instead of returning a broken model."""
+    non-finite loss stops with an error instead of returning a broken model. `targets`: the teacher's output for
+    each step's batch, shared by the students of one run (the batches depend only on the inputs and the config):
+    taken from it where an earlier student filled it in, appended to it where not, so the teacher runs once."""
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -95,11 +97,16 @@ def distill(student: nn.Module, teacher: nn.Module, inputs: torch.Tensor, config
                TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), disable=quiet, transient=True) as progress:
         task = progress.add_task(f"distilling {label}", total=config.steps)
-        for _ in range(config.steps):
+        for step in range(config.steps):
             idx = torch.randint(0, len(inputs), (min(config.batch_size, len(inputs)),), generator=gen)
             x = shift_flip(inputs[idx], gen) if config.augment else inputs[idx]
-            with torch.no_grad():
-                target = teacher(x)
+            if targets is not None and step < len(targets):
+                target = targets[step]
+            else:
+                with torch.no_grad():
+                    target = teacher(x)
+                if targets is not None:
+                    targets.append(target)
             loss = _loss(student(x), target, t, config.per_head)
             if not torch.isfinite(loss):
                 raise EdgefuseError(f"distilling {label}: the loss is not finite (non-finite inputs or weights?)")

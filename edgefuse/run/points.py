@@ -93,14 +93,27 @@ def _distilled(student: nn.Module, job: Job, splits) -> None:
             warn_once(f"cached distilled weights {path} do not load ({first_line(e)}): distilled again")
     members = job.aligned if job.teacher is None else [job.aligned[i] for i in job.teacher]
     distill(student, ensemble(members, batched=True, head_outputs=cfg.per_head), splits.x_train, cfg,
-            label=job.point.label,
-            quiet=multiprocessing.parent_process() is not None or None)
+            label=job.point.label, quiet=multiprocessing.parent_process() is not None or None,
+            targets=_teacher_pass(fingerprint(members, repr(cfg), job.splits.digest)))
     if path is not None:
         import io
 
         buf = io.BytesIO()
         torch.save(student.state_dict(), buf)
         atomic_write_bytes(path, buf.getvalue())
+
+
+_TEACHER_PASS: dict[str, list] = {}
+
+
+def _teacher_pass(key: str) -> list:
+    """The teacher's outputs of this process's current run, one per distillation step: the students of one run
+    (the best member, depth and alpha) draw the same batches, so the teacher runs for the first of them only. One
+    run's worth is kept (about 2.5 MB for 500 steps of 128 × 10 logits)."""
+    if key not in _TEACHER_PASS:
+        _TEACHER_PASS.clear()
+        _TEACHER_PASS[key] = []
+    return _TEACHER_PASS[key]
 
 
 def evaluate(job: Job) -> tuple[Candidate, nn.Module | None]:
