@@ -147,3 +147,17 @@ def test_misclassification_auroc_against_a_hand_computed_case():
     logits = np.array([[5.0, 0.0], [0.0, 3.0], [1.0, 0.0], [0.2, 0.0]])
     got = scores(logits, torch.tensor([0, 1, 1, 0]))  # the one mistake is the least confident but one: 2 of 3 pairs
     assert got["accuracy"] == 0.75 and got["auroc"] == 2 / 3
+
+
+def test_the_device_frontier_keeps_what_nothing_cheaper_beats_and_thins_evenly():
+    from edgefuse.run.choose import frontier
+
+    rows = [row("m0", "member", 0.90, 25, 1, 1), row("m1", "member", 0.91, 25, 1, 1),
+            row("pair", "sub-ensemble", 0.92, 50, 2, 2), row("d2", "fused", 0.89, 70, 2, 2),
+            row("trio", "sub-ensemble", 0.93, 75, 3, 3), row("ens", "ensemble", 0.925, 100, 4, 4),
+            replace(row("m1-int8", "member", 0.905, 25, 1, 1), precision="int8")]
+    keys = [c.key for c in frontier(rows, 6)]
+    assert keys == ["m1-int8", "m1", "pair", "trio"]  # INT8 is cheaper at equal MACs; d2, ens and m0 are beaten
+    assert [c.key for c in frontier(rows, 3)] == ["m1-int8", "pair", "trio"]  # the cheapest and the best stay
+    ties = [row("a", "member", 0.9, 25, 1, 1), row("b", "member", 0.9, 25, 1, 1)]
+    assert [c.key for c in frontier(ties, 6)] == ["a"]  # of equals the first listed stands

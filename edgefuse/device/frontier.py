@@ -39,7 +39,8 @@ def device_candidates(rows: list[Candidate], modules: dict[str, nn.Module], targ
             and (c.precision == "int8" or c.key in modules)]
     picked = frontier(pool, FRONTIER_CAP)
     if chosen.key in {c.key for c in pool} - {c.key for c in picked}:
-        picked = sorted([*frontier(pool, FRONTIER_CAP - 1), chosen], key=lambda c: c.macs)
+        kept = {c.key: c for c in [*frontier(pool, FRONTIER_CAP - 1), chosen]}  # thinned anew: chosen may be in
+        picked = sorted(kept.values(), key=lambda c: c.macs)
     out = []
     for c in picked:
         if c.precision == "int8":
