@@ -61,11 +61,8 @@ def run_config_of(obj: dict, checkpoints: tuple[str, ...], opts: dict, **fields)
 
 def splits_of(data: str, val_size: int | None, calibration_images: int | None = None):
     """The splits of a --data source (read here for fuse and verify; export and sweep read them in the run)."""
-    from dataclasses import replace
-
     from ..models.sources import load_data
-    splits = load_data(data, val_size)
-    return splits if calibration_images is None else replace(splits, calibration_images=calibration_images)
+    return load_data(data, val_size).with_calibration(calibration_images)
 
 
 def with_models(f):

@@ -12,7 +12,7 @@ from ..base.errors import EdgefuseError
 from ..models.data import Splits
 from ..targets import Target
 from .bundle import write_bundle
-from .frontier import DeviceCandidate, device_candidates
+from .frontier import DeviceCandidate, device_candidates, host_choice
 from .check import CheckReport, check_onnx, format_report
 from ..graph.int8 import quantize_int8
 from ..graph.fp16 import export_fp16, precision_drop
@@ -59,8 +59,7 @@ def prepare_device(target: Target, module: nn.Module, onnx_file: Path, splits: S
     if candidates:
         out["device_choice"] = {
             "decides": "the device: python3 deploy.py --choose in the bundle times these and ships the best that fits",
-            "manifest": "bundle/candidates.json", "host_choice": next(c.row.key for c in candidates if c.shipped)
-            if any(c.shipped for c in candidates) else None,
+            "manifest": "bundle/candidates.json", "host_choice": host_choice(candidates),
             "candidates": [{"key": c.row.key, "label": c.row.label, "graph": c.graph,
                             "validation_accuracy": c.row.accuracy, "test_accuracy": c.row.test["accuracy"],
                             "macs": c.row.macs} for c in candidates],

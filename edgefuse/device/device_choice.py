@@ -104,7 +104,7 @@ def pick(measured: list[dict], manifest: dict, budget: dict[str, float]) -> tupl
         raise NoFit(f"no candidate fits the budget ({describe(budget, memory)}); the fastest is {fastest['label']}: "
                     f"p50 {fastest['latency_ms'][b]['p50']:.3f} ms at batch {b}")
     best = max(pool, key=lambda m: (m["validation_accuracy"], -_speed(m)))
-    z = {k: v for k, v in next(r for r in manifest["candidates"] if r["key"] == best["key"]).get("tie_z", {}).items()}
+    z = next(r for r in manifest["candidates"] if r["key"] == best["key"]).get("tie_z", {})
     noise = manifest.get("noise", {"z": 2.0, "faster": 0.9})
     faster = [m for m in pool if m is not best and m["key"] in z and z[m["key"]] < noise["z"]
               and all(m["latency_ms"][b]["p50"] <= noise["faster"] * best["latency_ms"][b]["p50"]

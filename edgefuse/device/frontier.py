@@ -4,6 +4,7 @@ ensemble, fused and distilled points, INT8 twins where the target weighs INT8), 
 builds, statically checked; deploy.py --choose times them there and ships the best that fits."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from torch import nn
 
 from ..graph.fp16 import export_fp16
 from ..run.candidate import Candidate
-from ..run.choose import FASTER, NOISE_Z, frontier, tie_z
+from ..run.choose import FASTER, NOISE_Z, frontier, per_batch_latency, tie_z
 from ..targets import Target
 from .check import check_onnx
 
@@ -63,10 +64,6 @@ def device_candidates(rows: list[Candidate], modules: dict[str, nn.Module], targ
 def manifest(candidates: list[DeviceCandidate], target: Target) -> dict:
     """candidates.json: what the device needs to choose (budgets, the noise rule, each candidate's validation
     accuracy and its paired z against every other) and what it reports (test accuracy, MACs, parameters)."""
-    lat = target.latency_budget_ms
-    per_batch = {} if lat is None else {str(b): float(v) for b, v in
-                                        zip(target.batch_sizes, lat if isinstance(lat, tuple) else
-                                            (lat,) * len(target.batch_sizes))}
     rows = []
     for dc in candidates:
         c = dc.row
@@ -76,6 +73,12 @@ def manifest(candidates: list[DeviceCandidate], target: Target) -> dict:
                      "members": list(c.members) if c.members else None, "folder": f"candidates/{c.key}",
                      "golden": f"candidates/{c.key}/reference_outputs.npz",
                      "tie_z": {k: v for k, v in z.items() if v is not None}})
-    return {"target": target.name, "batch_sizes": list(target.batch_sizes), "latency_budget_ms": per_batch,
+    return {"target": target.name, "batch_sizes": list(target.batch_sizes),
+            "latency_budget_ms": per_batch_latency(target, target.latency_budget_ms),
             "memory_budget_mb": target.memory_budget_mb, "noise": {"z": NOISE_Z, "faster": FASTER},
-            "host_choice": next((dc.row.key for dc in candidates if dc.shipped), None), "candidates": rows}
+            "host_choice": host_choice(candidates), "candidates": rows}
+
+
+def host_choice(candidates: Iterable[DeviceCandidate]) -> str | None:
+    """The key of the candidate the host shipped as model.onnx, when it went to the device."""
+    return next((dc.row.key for dc in candidates if dc.shipped), None)

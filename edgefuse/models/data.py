@@ -4,7 +4,7 @@ from __future__ import annotations
 import gzip
 import os
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -170,6 +170,10 @@ class Splits:
         for t in (self.x_val, self.y_val, self.x_test, self.y_test):
             h.update(t.contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
+
+    def with_calibration(self, images: int | None) -> Splits:
+        """The same splits calibrating on `images` training images (0: all; None: as they are)."""
+        return self if images is None else replace(self, calibration_images=images)
 
     @property
     def n_calib(self) -> int:

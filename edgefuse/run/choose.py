@@ -153,17 +153,20 @@ def target_budget(tgt: Target, latency_ms: float | tuple[float, ...] | None = No
         if not all(isinstance(x, (int, float)) and math.isfinite(x) and x >= 0 for x in values):
             raise EdgefuseError(f"the {name} must be a finite number of at least 0, got {v!r}")
     lat = latency_ms if latency_ms is not None else tgt.latency_budget_ms
-    lat = lat if tgt.runtime in MEASURED_HERE else None
-    if lat is None:
-        per_batch = {}
-    else:
-        values = tuple(lat) if isinstance(lat, (tuple, list)) else (lat,) * len(tgt.batch_sizes)
-        if len(values) != len(tgt.batch_sizes):
-            raise EdgefuseError(f"{len(values)} latency budgets for the {len(tgt.batch_sizes)} batch sizes of target "
-                                f"'{tgt.name}' ({', '.join(map(str, tgt.batch_sizes))}): give one, or one per size")
-        per_batch = {str(b): float(v) for b, v in zip(tgt.batch_sizes, values)}
+    per_batch = per_batch_latency(tgt, lat if tgt.runtime in MEASURED_HERE else None)
     return Budget(tgt.max_macs_ratio, per_batch, memory_mb if memory_mb is not None else tgt.memory_budget_mb,
                   max_drop, min_auroc if min_auroc is not None else tgt.min_auroc)
+
+
+def per_batch_latency(tgt: Target, lat: float | tuple[float, ...] | None) -> dict[str, float]:
+    """A latency budget as one p50 per batch size of the target: a single number applies to every batch size."""
+    if lat is None:
+        return {}
+    values = tuple(lat) if isinstance(lat, (tuple, list)) else (lat,) * len(tgt.batch_sizes)
+    if len(values) != len(tgt.batch_sizes):
+        raise EdgefuseError(f"{len(values)} latency budgets for the {len(tgt.batch_sizes)} batch sizes of target "
+                            f"'{tgt.name}' ({', '.join(map(str, tgt.batch_sizes))}): give one, or one per size")
+    return {str(b): float(v) for b, v in zip(tgt.batch_sizes, values)}
 
 
 def frontier(rows: list[Candidate], cap: int) -> list[Candidate]:

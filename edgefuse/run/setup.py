@@ -3,7 +3,7 @@ permutation spec and the alignment, and the exact ensemble's test predictions (f
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 from rich.console import Console
@@ -59,8 +59,7 @@ def prepare(run: RunConfig, console: Console) -> Setup:
         warn_once("--partition shapes the zoo's training data; your models are used as they were trained")
     check_models(models, "export")
     splits = run.data if isinstance(run.data, Splits) else load_data(run.data, run.val_size)
-    if run.calibration_images is not None:
-        splits = replace(splits, calibration_images=run.calibration_images)
+    splits = splits.with_calibration(run.calibration_images)
     check_fit(models[0], splits)
     spec = permutation_spec(models[0], splits.example)
     aligned, seconds = {}, {}
