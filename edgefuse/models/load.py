@@ -30,25 +30,25 @@ def resolve_factory(factory: str | Callable[[], nn.Module]) -> Callable[[], nn.M
 
 
 def _format(path: Path) -> str:
-    """What the file holds, from its first bytes (its suffix may say otherwise): "torch" (a zip archive, or the
-    legacy pickle format), "safetensors" (an 8-byte header length, then a JSON header), or "unknown"."""
+    """What the file holds, from its first bytes (its suffix may say otherwise): "zip" (torch.save's archive),
+    "pickle" (torch's legacy format), "safetensors" (an 8-byte header length, then a JSON header), or "unknown"."""
     with open(path, "rb") as f:
         head = f.read(9)
-    if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
-        return "torch"
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if head[:1] == b"\x80":
+        return "pickle"
     return "safetensors" if len(head) == 9 and head[8:9] == b"{" else "unknown"
 
 
 def _truncated(path: Path, kind: str) -> str | None:
     """Why the file is incomplete, when it is: a zip archive without its end record, or a safetensors file shorter
     than its header says."""
-    if kind == "torch":
+    if kind != "safetensors":
         import zipfile
 
-        with open(path, "rb") as f:
-            zipped = f.read(4) == b"PK\x03\x04"
-        return "it is cut short (the zip archive has no end record)" if zipped and not zipfile.is_zipfile(path) \
-            else None
+        return "it is cut short (the zip archive has no end record)" if kind == "zip" and \
+            not zipfile.is_zipfile(path) else None
     import json
 
     size = path.stat().st_size
@@ -139,8 +139,7 @@ def load_models(factory: str | Callable[[], nn.Module], paths: list[str | Path])
         state = read_state_dict(p)
         model = _build(make, factory)
         expected = model.state_dict()
-        if set(state) != set(expected):
-            state, prefix = _strip_prefix(state, expected)
+        state, prefix = _strip_prefix(state, expected) if set(state) != set(expected) else (state, "")
         missing = [k for k in expected if k not in state]
         extra = [k for k in state if k not in expected]
         if missing or extra:

@@ -189,7 +189,7 @@ def zoo_models(arch: str = "cnn", n: int = 4, width: int | None = None, epochs: 
     """Train (or load from the cache) N models of one zoo architecture on Fashion-MNIST's training part (the
     validation images held out), seeds 0..N-1, each on all of it or on its shard of `partition`.
     `train=False` only reads the cache (machines that must never retrain) and names what is missing."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
     from rich.progress import Progress
 
     from .data import load_dataset
@@ -200,7 +200,8 @@ def zoo_models(arch: str = "cnn", n: int = 4, width: int | None = None, epochs: 
     epochs = epochs or DEFAULT_EPOCHS[arch]
     folder = cache_dir(Path(cache), arch, width, epochs, partition, n)
     paths = [folder / f"seed{s}.safetensors" for s in range(n)]
-    missing = [s for s, p in enumerate(paths) if not _readable(p)]
+    states = [_cached(p) for p in paths]
+    missing = [s for s, state in enumerate(states) if state is None]
     if missing and not train:
         raise EdgefuseError(f"trained weights missing: {', '.join(str(paths[s]) for s in missing)} (run 'make export' "
                             f"where training is possible, then copy {cache} here)")
@@ -219,26 +220,26 @@ def zoo_models(arch: str = "cnn", n: int = 4, width: int | None = None, epochs: 
                 os.close(fd)
                 save_file(model.state_dict(), tmp, metadata={"arch": arch, "width": str(width)})
                 os.replace(tmp, paths[s])
+                states[s] = model.state_dict()
         (folder / "zoo.json").write_text(json.dumps({"arch": arch, "width": width, "epochs": epochs,
                                                      "partition": partition.describe(), "members": n}))
     models = []
-    for p in paths:
+    for state in states:
         model = build(arch, width=width)
-        model.load_state_dict(load_file(str(p)))
+        model.load_state_dict(state)
         models.append(model.eval())
     return models, paths
 
 
-def _readable(path: Path) -> bool:
-    """A cached model that loads; one that does not (truncated by a full disk, edited) is said once and trained
-    again, never trusted."""
+def _cached(path: Path) -> dict[str, torch.Tensor] | None:
+    """A cached model's weights, read once; None when there are none or they do not load (truncated by a full disk,
+    edited), which is said once: those are trained again, never trusted."""
     if not path.is_file():
-        return False
+        return None
     from safetensors.torch import load_file
 
     try:
-        load_file(str(path))
-        return True
+        return load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for a cut or corrupt file
         warn_once(f"cached weights {path} do not load ({first_line(e)}): trained again")
-        return False
+        return None
