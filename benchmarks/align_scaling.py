@@ -5,7 +5,9 @@ BatchNorm: this measures time and the weight-matching objective, not merge quali
 `scaling()` (`--scaling`): where weight matching's time goes as N grows — first pass, rounds until the stop rule,
 seconds per round — for N = 2, 4, 8, 16 on the zoo's ResNet-18 and on a torchvision-style ResNet-18 written out below
 (7×7 stem, max-pool, downsample shortcuts, in-place residual add, one ReLU module reused), random weights as
-initialised, seeds 0..N-1, torch threads as given (--threads, default 2).
+initialised, seeds 0..N-1, alignment seeds 0..2 (--seeds), torch threads as given (--threads, default 2: the
+matrix products run on both cores; scipy's assignment solver on one). Each point is also run with the first pass
+against models[0] alone (the schedule before the running-sum first pass), whose objective is reported as a ratio.
 
 The objective is weight matching's: the sum over model pairs of <aligned_i, aligned_j> over the learned parameters;
 the table shows its gain over the unaligned models (most of the raw value is BatchNorm scales, equal for all).
@@ -158,42 +160,53 @@ def alignment_time(console: Console, sizes: tuple[int, ...] = (2, 4, 8)) -> dict
     return out
 
 
-def scaling(console: Console, sizes: tuple[int, ...] = (2, 4, 8, 16), threads: int = 2) -> dict:
-    """Weight matching of N = sizes models of each ResNet-18: seconds in all, in the first pass, rounds and seconds
-    per round, the objective reached, and each N's time as a ratio to the N before it."""
-    from edgefuse.align.weight import weight_matching
+def scaling(console: Console, sizes: tuple[int, ...] = (2, 4, 8, 16), threads: int = 2, seeds: int = 3) -> dict:
+    """Weight matching of N = sizes models of each ResNet-18, per alignment seed: seconds in all, in the first
+    pass, rounds and seconds per round, the objective reached, each N's time as a ratio to the N before it, and
+    the objective of the previous schedule (first pass against models[0]) in the same run, as a ratio."""
+    from edgefuse.align.weight import Rounds, weight_matching
 
     torch.set_num_threads(threads)
     nets = {"zoo resnet18 (1×28×28)": (lambda: zoo.build("resnet18", width=64), (2, 1, 28, 28)),
             "torchvision-style resnet18 (3×64×64)": (ResNet18, (2, 3, 64, 64))}
-    out: dict = {"threads": threads}
+    out: dict = {"threads": threads, "seeds": seeds}
     for name, (make, shape) in nets.items():
         models = []
         for seed in range(max(sizes)):
             torch.manual_seed(seed)
             models.append(make().eval())
         spec = ef.permutation_spec(models[0], torch.rand(shape))
-        table = Table(title=f"weight matching, {name}: {threads} torch thread(s)")
-        for col in ("N", "seconds", "× previous N", "first pass s", "rounds", "s / round", "objective"):
+        table = Table(title=f"weight matching, {name}: {threads} torch thread(s), alignment seeds 0-{seeds - 1}")
+        for col in ("N", "seed", "seconds", "× previous N", "first pass s", "rounds", "s / round", "objective",
+                    "anchored first pass: objective, rounds, s"):
             table.add_column(col, justify="right")
-        rows, previous = {}, None
+        rows: dict = {}
         for n in sizes:
-            history: list[float] = []
-            stamps: list[float] = []
-            weight_matching(models[:n], spec, history=history, stamps=stamps)
-            seconds, rounds = stamps[-1] - stamps[0], len(history) - 1
-            rows[str(n)] = {"seconds": seconds, "first_pass_seconds": stamps[1] - stamps[0], "rounds": rounds,
-                            "seconds_per_round": (stamps[-1] - stamps[1]) / rounds if rounds else None,
-                            "objective": history[-1],
-                            "ratio_to_previous": seconds / rows[str(previous)]["seconds"] if previous else None}
-            r = rows[str(n)]
-            table.add_row(str(n), f"{seconds:.2f}", f"{r['ratio_to_previous']:.2f}" if previous else "-",
-                          f"{r['first_pass_seconds']:.2f}", str(rounds),
-                          f"{r['seconds_per_round']:.2f}" if rounds else "-", f"{r['objective']:.1f}")
-            previous = n
+            for seed in range(seeds):
+                r = _run(weight_matching, models[:n], spec, seed, Rounds())
+                old = _run(weight_matching, models[:n], spec, seed, Rounds(first="anchor"))
+                before = rows.get(f"{n // 2} {seed}")
+                r |= {"anchored": old, "objective_vs_anchored": r["objective"] / old["objective"],
+                      "ratio_to_previous": r["seconds"] / before["seconds"] if before else None}
+                rows[f"{n} {seed}"] = r
+                table.add_row(str(n), str(seed), f"{r['seconds']:.2f}",
+                              f"{r['ratio_to_previous']:.2f}" if before else "-", f"{r['first_pass_seconds']:.2f}",
+                              str(r["rounds"]), f"{r['seconds_per_round']:.2f}" if r["rounds"] else "-",
+                              f"{r['objective']:.1f}", f"{old['objective']:.1f} (×{r['objective_vs_anchored']:.5f}), "
+                              f"{old['rounds']}, {old['seconds']:.2f}")
         console.print(table)
         out[name] = rows
     return out
+
+
+def _run(weight_matching, models: list, spec, seed: int, rounds) -> dict:
+    history: list[float] = []
+    stamps: list[float] = []
+    weight_matching(models, spec, seed=seed, rounds=rounds, history=history, stamps=stamps)
+    n_rounds = len(history) - 1
+    return {"seconds": stamps[-1] - stamps[0], "first_pass_seconds": stamps[1] - stamps[0], "rounds": n_rounds,
+            "seconds_per_round": (stamps[-1] - stamps[1]) / n_rounds if n_rounds else None,
+            "objective": history[-1]}
 
 
 if __name__ == "__main__":
@@ -202,9 +215,10 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scaling", action="store_true", help="only the weight-matching scaling table")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seeds", type=int, default=3, help="alignment seeds per N (the scaling table)")
     args = ap.parse_args()
-    console = Console(width=160)
-    result = {"scaling": scaling(console, threads=args.threads)}
+    console = Console(width=180)
+    result = {"scaling": scaling(console, threads=args.threads, seeds=args.seeds)}
     if not args.scaling:
         result["methods"] = alignment_time(console)
     path = Path("build/bench/align_scaling.json")

@@ -67,3 +67,40 @@ def test_lsq_leaves_the_inputs_alone(cnns):
     ef.fuse(cnns, spec, depth=2, data=s.calib_batches, repair="lsq")
     for m, state in zip(cnns, before):
         assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+
+
+def test_each_members_isolated_units_are_refit_towards_that_member(cnns, monkeypatch):
+    """Under alpha, a member's isolated units read merged features that lsq changed: refitting them (from the
+    fused inputs and the member's own) brings their outputs closer to the member's own than its original weights
+    do, on validation images the fit never saw."""
+    import importlib
+
+    fuse_module = importlib.import_module("edgefuse.fuse")  # the package: ef.fuse is the function
+    s = data.load_dataset("digits")
+    spec = ef.permutation_spec(cnns[0], s.example)
+    aligned = ef.align(cnns, spec)
+    fits, real = [], fuse_module.isolated_fits
+
+    def spy(*args):
+        made = real(*args)
+        fits.extend(made)
+        return made
+
+    def errors(fused):
+        out = []
+        for fit in fits:
+            where = fit.bn or fit.name
+            got = _capture(fused, fused.heads[0].get_submodule(where), s.x_val, want_input=False)
+            got = got[:, fit.channels:fit.channels + len(fit.units)]
+            m = aligned[fit.parents[0]]
+            want = _capture(m, m.get_submodule(where), s.x_val, want_input=False).index_select(1, fit.units)
+            out.append(float(((got - want) ** 2).mean() / want.var()))
+        return out
+
+    monkeypatch.setattr(fuse_module, "isolated_fits", spy)
+    refit = errors(ef.fuse(aligned, spec, alpha=0.5, data=s.calib_batches, repair="lsq"))
+    assert len(fits) >= 2 * len(aligned)  # at least two layers with isolated units, one fit per member each
+    monkeypatch.setattr(fuse_module, "isolated_fits", lambda *args: [])
+    kept = errors(ef.fuse(aligned, spec, alpha=0.5, data=s.calib_batches, repair="lsq"))
+    later = [(r, k) for fit, r, k in zip(fits, refit, kept) if fit.select is not None]  # past the shared input
+    assert later and all(r < k for r, k in later), later

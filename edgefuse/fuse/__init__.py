@@ -12,10 +12,10 @@ from ..base.errors import EdgefuseError, warn_once
 from ..spec.permspec import PermSpec
 from .batched import batch_models
 from .model import FusedModel, ensemble
-from .neuron import fuse_alpha
+from .neuron import MixedLayer, fuse_alpha
 from ..models.data import require_batches
 from .distill import DistillConfig, distill
-from .lsq import Fit, following_bn, lsq_repair
+from .lsq import Fit, following_bn, isolated_fits, lsq_repair
 from .repair import REPAIRS, reset_bn, rescale_units
 from .select import check_select, tensor_layout
 from .split import fuse_depth
@@ -97,13 +97,21 @@ def _repair(fused: FusedModel, method: str | None, data, aligned: list[nn.Module
 
 
 def _lsq_fits(fused: FusedModel, aligned: list[nn.Module], spec: PermSpec, layouts: dict | None) -> list[Fit]:
-    """The merged layers (towards the members' mean), then at a depth split each head's first layer (towards its
-    own member)."""
+    """The merged layers (towards the members' mean), each followed under alpha by every member's isolated units
+    of that layer (towards that member), then at a depth split each head's first layer (towards its own member)."""
     bns = following_bn(aligned[0], list(spec.weight_layers))
     owner = fused.trunk if layouts is None else fused.heads[0]
     everyone = tuple(range(len(aligned)))
-    fits = [Fit(layer, everyone, name, units, bns.get(name), owner)
-            for _, layer, name, units in _merged_layers(fused, spec, layouts)]
+    merged = {name: (layer, units) for _, layer, name, units in _merged_layers(fused, spec, layouts)}
+    fits = []
+    for name in spec.weight_layers:
+        if name in merged:
+            fits.append(Fit(merged[name][0], everyone, name, merged[name][1], bns.get(name), owner))
+        axes = spec.params.get(f"{name}.weight")
+        outer = owner.get_submodule(name) if layouts is not None and axes and axes[0] is not None else None
+        if isinstance(outer, MixedLayer):
+            isolated = tensor_layout(axes[0], layouts, name).isolated
+            fits += isolated_fits(outer, len(aligned), name, isolated, bns.get(name), owner)
     if layouts is None:
         trunk = {n for n, _ in fused.trunk.named_modules()}
         first = next(n for n in spec.weight_layers if n not in trunk)

@@ -7,6 +7,8 @@ accumulated batch by batch (patches of one batch at a time, never all of them), 
 or depthwise conv; the ridge is the one that fits held-out calibration batches best."""
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +16,8 @@ from torch import nn
 
 from ..base.errors import EdgefuseError
 from ..spec.trace import trace
+from .layers import GroupedLinear
+from .neuron import MixedLayer
 
 RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1)  # relative to the mean diagonal of the normal matrix
 HOLDOUT = 5  # every fifth calibration batch chooses the ridge
@@ -27,13 +31,19 @@ class Fit:
     """One layer to re-solve: `layer` (a Linear/Conv of the fused model) and, for its output channels in order,
     `parents` (member indices whose outputs are averaged), `name` (the layer in a member), `units` (their
     channels), `bn`, the name of a BatchNorm that follows it in the members, if any, and `owner`, the part of the
-    fused model in which that name resolves."""
+    fused model in which that name resolves. A member's isolated units in an alpha-fused layer are solved in a
+    stand-alone `layer` fed by `source`'s input channels `select`, then written back by `write`; `channels` is the
+    first of its outputs' channels in the following BatchNorm."""
     layer: nn.Module
     parents: tuple[int, ...]
     name: str
     units: torch.Tensor
     bn: str | None
     owner: nn.Module
+    source: nn.Module | None = None
+    select: torch.Tensor | None = None
+    write: Callable[[nn.Module], None] | None = None
+    channels: int = 0
 
 
 def following_bn(model: nn.Module, names: list[str]) -> dict[str, str]:
@@ -106,7 +116,9 @@ def fit_layer(fused: nn.Module, members: list[nn.Module], fit: Fit, xs: list[tor
     per_batch = -(-MAX_ROWS // len(xs))
     for i, x in enumerate(xs):
         part = "held" if len(xs) >= HOLDOUT and i % HOLDOUT == HOLDOUT - 1 else "fit"
-        inp = _capture(fused, fit.layer, x, want_input=True)
+        inp = _capture(fused, fit.source or fit.layer, x, want_input=True)
+        if fit.select is not None:
+            inp = inp.index_select(-1 if isinstance(fit.layer, nn.Linear) else 1, fit.select)
         outs = [_capture(members[p], members[p].get_submodule(fit.bn or fit.name), x, want_input=False)
                 for p in fit.parents]
         target = torch.stack(outs).mean(0).index_select(-1 if isinstance(fit.layer, nn.Linear) else 1, fit.units)
@@ -143,17 +155,75 @@ def lsq_repair(fused: nn.Module, members: list[nn.Module], fits: list[Fit], xs: 
     fused.eval()
     for fit in fits:
         fit_layer(fused, members, fit, xs)
+        if fit.write is not None:
+            fit.write(fit.layer)
         if fit.bn is not None:
-            bn = fit.owner.get_submodule(fit.bn)
-            identity_bn(bn, len(fit.units))
+            identity_bn(fit.owner.get_submodule(fit.bn), slice(fit.channels, fit.channels + len(fit.units)))
     return fused
 
 
-def identity_bn(bn: nn.Module, channels: int) -> None:
-    """The first `channels` channels of a BatchNorm pass through unchanged (eval mode)."""
+def identity_bn(bn: nn.Module, channels: slice) -> None:
+    """These channels of a BatchNorm pass through unchanged (eval mode)."""
     with torch.no_grad():
-        bn.running_mean[:channels] = 0
-        bn.running_var[:channels] = 1 - bn.eps
+        bn.running_mean[channels] = 0
+        bn.running_var[channels] = 1 - bn.eps
         if bn.affine:
-            bn.weight[:channels] = 1
-            bn.bias[:channels] = 0
+            bn.weight[channels] = 1
+            bn.bias[channels] = 0
+
+
+def isolated_fits(layer: MixedLayer, n: int, name: str, units: torch.Tensor, bn: str | None,
+                  owner: nn.Module) -> list[Fit]:
+    """One fit per member for its isolated units of an alpha-fused layer: from the fused input channels and its
+    own isolated ones, towards its own outputs. They read features the merged layers before them changed, so
+    their original weights no longer fit."""
+    parts = [m for m in (layer.from_fused, layer.from_isolated) if m is not None]
+    if not parts or not len(units):
+        return []
+    width = len(units)
+    start = layer.fused.weight.shape[0] if layer.fused is not None else 0
+    split = layer.split
+    own = layer.from_isolated.weight.shape[1] if layer.from_isolated is not None else 0  # inputs per member
+    shared = split if split is not None else layer.from_fused.weight.shape[1]  # inputs every member reads
+    out = []
+    for i in range(n):
+        select = None if split is None else torch.cat([torch.arange(split), split + i * own + torch.arange(own)])
+        proxy = _proxy(parts[0], width, shared + own)
+        out.append(Fit(proxy, (i,), name, units, bn, owner, source=layer, select=select,
+                       write=_writer(layer, i, width, shared), channels=start + i * width))
+    return out
+
+
+def _proxy(like: nn.Module, out: int, inp: int) -> nn.Module:
+    """A stand-alone Linear/Conv of `like`'s kind with these widths, to solve one member's isolated units in."""
+    if isinstance(like, (nn.Linear, GroupedLinear)):
+        return nn.Linear(inp, out)
+    proxy = copy.deepcopy(like)
+    proxy.weight = nn.Parameter(torch.zeros(out, inp, *like.weight.shape[2:]))
+    proxy.in_channels, proxy.out_channels, proxy.groups = inp, out, 1
+    return proxy
+
+
+def _writer(layer: MixedLayer, i: int, width: int, shared: int) -> Callable[[nn.Module], None]:
+    """Copies a solved proxy into member i's rows of the layer's parts: the columns of the fused inputs into
+    `from_fused`, the rest into its block of `from_isolated`, the bias into the part that adds it."""
+    rows = slice(i * width, (i + 1) * width)
+
+    def write(proxy: nn.Module) -> None:
+        w, b = proxy.weight.detach(), proxy.bias.detach()
+        with torch.no_grad():
+            if layer.from_fused is not None:
+                layer.from_fused.weight[rows] = w[:, :shared]
+            iso = layer.from_isolated
+            if iso is not None:
+                if isinstance(iso, GroupedLinear):
+                    iso.weight[i] = w[:, shared:].T
+                else:
+                    iso.weight[rows] = w[:, shared:]
+            holder = layer.from_fused if layer.from_fused is not None else iso
+            if holder.bias is None:
+                holder.bias = nn.Parameter(torch.zeros(holder.weight.shape[0] if not isinstance(
+                    holder, GroupedLinear) else holder.weight.shape[0] * holder.weight.shape[2]))
+            holder.bias[rows] = b
+
+    return write

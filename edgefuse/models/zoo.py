@@ -176,18 +176,21 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int,
 
 
 def cache_dir(root: Path, arch: str, width: int, epochs: int, partition: Partition = Partition(),
-              n: int = 0) -> Path:
+              n: int = 0, seed: int = 0) -> Path:
     """One folder per configuration; "-val5000" marks members that never saw the validation images; a partition's
-    tag and N mark members trained on disjoint shards (shard i of N differs for another N)."""
+    tag and N mark members trained on disjoint shards (shard i of N differs for another N); "-zs<seed>" another
+    zoo seed."""
     shards = f"{partition.tag}-n{n}" if partition.kind != "all" else ""
-    return Path(root) / f"{arch}-w{width}-e{epochs}-val{VALIDATION_IMAGES}{shards}"
+    zoo_seed = f"-zs{seed}" if seed else ""
+    return Path(root) / f"{arch}-w{width}-e{epochs}-val{VALIDATION_IMAGES}{shards}{zoo_seed}"
 
 
 def zoo_models(arch: str = "cnn", n: int = 4, width: int | None = None, epochs: int | None = None,
                cache: Path | str = "build/cache", quiet: bool = False, train: bool = True,
-               partition: Partition = Partition()) -> tuple[list[nn.Module], list[Path]]:
+               partition: Partition = Partition(), seed: int = 0) -> tuple[list[nn.Module], list[Path]]:
     """Train (or load from the cache) N models of one zoo architecture on Fashion-MNIST's training part (the
-    validation images held out), seeds 0..N-1, each on all of it or on its shard of `partition`.
+    validation images held out), seeds seed·N .. seed·N+N−1, each on all of it or on its shard of `partition`
+    (drawn with `seed`): another zoo seed is another zoo, for benchmarks that report a spread over zoos.
     `train=False` only reads the cache (machines that must never retrain) and names what is missing."""
     from safetensors.torch import save_file
     from rich.progress import Progress
@@ -198,8 +201,9 @@ def zoo_models(arch: str = "cnn", n: int = 4, width: int | None = None, epochs: 
         raise EdgefuseError(f"unknown zoo architecture '{arch}' (choose from {', '.join(ARCHITECTURES)})")
     width = width or DEFAULT_WIDTH[arch]
     epochs = epochs or DEFAULT_EPOCHS[arch]
-    folder = cache_dir(Path(cache), arch, width, epochs, partition, n)
-    paths = [folder / f"seed{s}.safetensors" for s in range(n)]
+    folder = cache_dir(Path(cache), arch, width, epochs, partition, n, seed)
+    seeds = [seed * n + i for i in range(n)]
+    paths = [folder / f"seed{s}.safetensors" for s in seeds]
     states = [_cached(p) for p in paths]
     missing = [s for s, state in enumerate(states) if state is None]
     if missing and not train:
@@ -207,22 +211,23 @@ def zoo_models(arch: str = "cnn", n: int = 4, width: int | None = None, epochs: 
                             f"where training is possible, then copy {cache} here)")
     if missing:
         splits = load_dataset("fashion-mnist")
-        shards = partition.shards(splits.y_train, n)
+        shards = partition.shards(splits.y_train, n, seed)
         folder.mkdir(parents=True, exist_ok=True)
         with Progress(disable=quiet) as progress:
             for s in missing:
                 x, y = splits.x_train[shards[s]], splits.y_train[shards[s]]
-                torch.manual_seed(s)
+                torch.manual_seed(seeds[s])
                 model = build(arch, width=width)
-                task = progress.add_task(f"training {arch} seed {s}", total=epochs * ((len(x) + 127) // 128))
-                train_model(model, x, y, epochs, seed=s, progress=(progress, task))
+                task = progress.add_task(f"training {arch} seed {seeds[s]}", total=epochs * ((len(x) + 127) // 128))
+                train_model(model, x, y, epochs, seed=seeds[s], progress=(progress, task))
                 fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
                 os.close(fd)
                 save_file(model.state_dict(), tmp, metadata={"arch": arch, "width": str(width)})
                 os.replace(tmp, paths[s])
                 states[s] = model.state_dict()
         (folder / "zoo.json").write_text(json.dumps({"arch": arch, "width": width, "epochs": epochs,
-                                                     "partition": partition.describe(), "members": n}))
+                                                     "partition": partition.describe(), "members": n,
+                                                     "seeds": seeds}))
     models = []
     for state in states:
         model = build(arch, width=width)
