@@ -82,6 +82,8 @@ def measure_zoo(partition: Partition, seed: int) -> dict:
                 module = ef.fuse(aligned, spec, data=splits.calib_batches, repair=repair, **kw)
                 seconds[p.key] = time.perf_counter() - t0
                 fused.append(row(module, splits, ens.macs, key=p.key, label=_label(p), kind="fused", point=p))
+                print(f"  {partition.describe()}, zoo seed {seed}: {_label(p)} {fused[-1].accuracy:.4f}, "
+                      f"{seconds[p.key]:.0f} s", flush=True)
     field = Field(members, {"ensemble": ens}, subs + fused)
     cfg = distill_config(load_target("cpu-ort"))
     teacher = teacher_of(field, cfg)
@@ -99,6 +101,7 @@ def measure_zoo(partition: Partition, seed: int) -> dict:
                 quiet=True, targets=shared)
         distilled.append(row(student, splits, ens.macs, key=p.key, label=_label(p),
                              kind=p.row_kind, point=p))
+        print(f"  zoo seed {seed}: {_label(p)} {distilled[-1].accuracy:.4f}", flush=True)
     rows = members + [ens] + subs + fused + distilled
     choices = {}
     for b in BUDGETS:

@@ -105,13 +105,14 @@ def _lsq_fits(fused: FusedModel, aligned: list[nn.Module], spec: PermSpec, layou
     merged = {name: (layer, units) for _, layer, name, units in _merged_layers(fused, spec, layouts)}
     fits = []
     for name in spec.weight_layers:
-        if name in merged:
-            fits.append(Fit(merged[name][0], everyone, name, merged[name][1], bns.get(name), owner))
         axes = spec.params.get(f"{name}.weight")
         outer = owner.get_submodule(name) if layouts is not None and axes and axes[0] is not None else None
-        if isinstance(outer, MixedLayer):
+        mixed = outer if isinstance(outer, MixedLayer) else None  # whose input its parts share
+        if name in merged:
+            fits.append(Fit(merged[name][0], everyone, name, merged[name][1], bns.get(name), owner, source=mixed))
+        if mixed is not None:
             isolated = tensor_layout(axes[0], layouts, name).isolated
-            fits += isolated_fits(outer, len(aligned), name, isolated, bns.get(name), owner)
+            fits += isolated_fits(mixed, len(aligned), name, isolated, bns.get(name), owner)
     if layouts is None:
         trunk = {n for n, _ in fused.trunk.named_modules()}
         first = next(n for n in spec.weight_layers if n not in trunk)

@@ -110,26 +110,49 @@ def _solve(a: torch.Tensor, b: torch.Tensor, ridge: float) -> torch.Tensor:
 
 def fit_layer(fused: nn.Module, members: list[nn.Module], fit: Fit, xs: list[torch.Tensor]) -> float:
     """Re-solve one layer in place; returns the chosen relative ridge."""
-    groups = 1 if isinstance(fit.layer, nn.Linear) else fit.layer.groups
-    stats = {k: [[0, 0] for _ in range(groups)] for k in ("fit", "held")}
-    gen = torch.Generator().manual_seed(0)
+    return fit_layers(fused, members, [fit], xs)[0]
+
+
+def _source(fit: Fit) -> nn.Module:
+    return fit.source or fit.layer
+
+
+def fit_layers(fused: nn.Module, members: list[nn.Module], fits: list[Fit], xs: list[torch.Tensor]) -> list[float]:
+    """Re-solve fits that read the same input (one layer's merged part and its members' isolated units) in place,
+    from one pass over the calibration batches: the input is captured once per batch, and each member's output
+    once. Returns the chosen relative ridges."""
+    stats = [{k: [[0, 0] for _ in range(_groups(f.layer))] for k in ("fit", "held")} for f in fits]
+    gens = [torch.Generator().manual_seed(0) for _ in fits]
     per_batch = -(-MAX_ROWS // len(xs))
     for i, x in enumerate(xs):
         part = "held" if len(xs) >= HOLDOUT and i % HOLDOUT == HOLDOUT - 1 else "fit"
-        inp = _capture(fused, fit.source or fit.layer, x, want_input=True)
-        if fit.select is not None:
-            inp = inp.index_select(-1 if isinstance(fit.layer, nn.Linear) else 1, fit.select)
-        outs = [_capture(members[p], members[p].get_submodule(fit.bn or fit.name), x, want_input=False)
-                for p in fit.parents]
-        target = torch.stack(outs).mean(0).index_select(-1 if isinstance(fit.layer, nn.Linear) else 1, fit.units)
-        cols, targets = _columns(fit.layer, inp), _targets(fit.layer, target)
-        if len(cols[0]) > per_batch:
-            keep = torch.randperm(len(cols[0]), generator=gen)[:per_batch]
-            cols, targets = [c[keep] for c in cols], [t[keep] for t in targets]
-        for g, (c, t) in enumerate(zip(cols, targets)):
-            c = torch.cat([c.double(), torch.ones(len(c), 1, dtype=torch.float64)], 1)  # the bias's column
-            s = stats[part][g]
-            s[0], s[1] = s[0] + c.T @ c, s[1] + c.T @ t.double()
+        inp = _capture(fused, _source(fits[0]), x, want_input=True)
+        outs: dict[tuple[int, str], torch.Tensor] = {}
+        for fit, stat, gen in zip(fits, stats, gens):
+            axis = -1 if isinstance(fit.layer, nn.Linear) else 1
+            for p in fit.parents:
+                if (p, fit.bn or fit.name) not in outs:
+                    outs[(p, fit.bn or fit.name)] = _capture(members[p], members[p].get_submodule(fit.bn or fit.name),
+                                                             x, want_input=False)
+            target = torch.stack([outs[(p, fit.bn or fit.name)] for p in fit.parents]).mean(0)
+            own = inp if fit.select is None else inp.index_select(axis, fit.select)
+            cols, targets = _columns(fit.layer, own), _targets(fit.layer, target.index_select(axis, fit.units))
+            if len(cols[0]) > per_batch:
+                keep = torch.randperm(len(cols[0]), generator=gen)[:per_batch]
+                cols, targets = [c[keep] for c in cols], [t[keep] for t in targets]
+            for g, (c, t) in enumerate(zip(cols, targets)):
+                c = torch.cat([c.double(), torch.ones(len(c), 1, dtype=torch.float64)], 1)  # the bias's column
+                acc = stat[part][g]
+                acc[0], acc[1] = acc[0] + c.T @ c, acc[1] + c.T @ t.double()
+    return [_finish(fit, stat) for fit, stat in zip(fits, stats)]
+
+
+def _groups(layer: nn.Module) -> int:
+    return 1 if isinstance(layer, nn.Linear) else layer.groups
+
+
+def _finish(fit: Fit, stats: dict) -> float:
+    """Choose the ridge on the held-out batches, solve on all of them, write the layer."""
     best, best_err = RIDGES[0], None
     if any(isinstance(s[0], torch.Tensor) for s in stats["held"]):
         for ridge in RIDGES:
@@ -151,14 +174,21 @@ def fit_layer(fused: nn.Module, members: list[nn.Module], fit: Fit, xs: list[tor
 
 
 def lsq_repair(fused: nn.Module, members: list[nn.Module], fits: list[Fit], xs: list[torch.Tensor]) -> nn.Module:
-    """Every fit in order, each seeing the layers solved before it; a following BatchNorm becomes the identity."""
+    """Every fit in order, each seeing the layers solved before it (fits in a row that read the same input are
+    solved together); a following BatchNorm becomes the identity."""
     fused.eval()
-    for fit in fits:
-        fit_layer(fused, members, fit, xs)
-        if fit.write is not None:
-            fit.write(fit.layer)
-        if fit.bn is not None:
-            identity_bn(fit.owner.get_submodule(fit.bn), slice(fit.channels, fit.channels + len(fit.units)))
+    k = 0
+    while k < len(fits):
+        j = k + 1
+        while j < len(fits) and _source(fits[j]) is _source(fits[k]):
+            j += 1
+        fit_layers(fused, members, fits[k:j], xs)
+        for fit in fits[k:j]:
+            if fit.write is not None:
+                fit.write(fit.layer)
+            if fit.bn is not None:
+                identity_bn(fit.owner.get_submodule(fit.bn), slice(fit.channels, fit.channels + len(fit.units)))
+        k = j
     return fused
 
 
