@@ -50,6 +50,14 @@ def test_members_trained_on_other_shards_live_in_another_folder(tmp_path):
     assert zoo.cache_dir(root, "cnn", 16, 2, Partition("iid"), 4) != zoo.cache_dir(root, "cnn", 16, 2,
                                                                                      Partition("iid"), 8)
     assert zoo.cache_dir(root, "cnn", 16, 2, Partition("dirichlet", 0.5), 4).name.endswith("-dir0.5-n4")
+    assert zoo.cache_dir(root, "cnn", 16, 2, Partition("iid", seed=1), 4).name.endswith("-iid-n4-zs1")
+    assert zoo.cache_dir(root, "cnn", 16, 2, Partition(seed=0)) == zoo.cache_dir(root, "cnn", 16, 2)
+
+
+def test_another_zoo_seed_draws_other_shards():
+    first, other = Partition("dirichlet", 0.5).shards(Y, 4), Partition("dirichlet", 0.5, seed=1).shards(Y, 4)
+    assert not all(torch.equal(a, b) for a, b in zip(first, other))
+    assert sorted(torch.cat(other).tolist()) == list(range(len(Y)))  # still every index once
 
 
 @pytest.mark.skipif(not zoo.Path("/usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz").is_file(),

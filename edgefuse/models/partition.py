@@ -16,9 +16,11 @@ KINDS = ("all", "iid", "dirichlet", "classes")
 @dataclass(frozen=True)
 class Partition:
     """`kind` "all" (every member sees the whole split), "iid", "dirichlet" (`value`: the concentration α; small
-    is skewed) or "classes" (`value`: classes per member)."""
+    is skewed) or "classes" (`value`: classes per member). `seed`: the zoo's draw, which shards and which member
+    seeds (seed·N …): another seed is another zoo, for benchmarks that report a spread over zoos."""
     kind: str = "all"
     value: float = 0.0
+    seed: int = 0
 
     @property
     def tag(self) -> str:
@@ -32,9 +34,9 @@ class Partition:
                 "dirichlet": f"disjoint shards with label skew (Dirichlet α = {self.value:g} per class)",
                 "classes": f"disjoint shards of {int(self.value)} classes per member"}[self.kind]
 
-    def shards(self, y: torch.Tensor, n: int, seed: int = 0) -> list[torch.Tensor]:
+    def shards(self, y: torch.Tensor, n: int) -> list[torch.Tensor]:
         """The training indices of each of the `n` members (all of them for "all"); disjoint otherwise."""
-        gen, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+        gen, rng = torch.Generator().manual_seed(self.seed), np.random.default_rng(self.seed)
         if self.kind == "all":
             return [torch.arange(len(y))] * n
         if self.kind == "iid":

@@ -176,21 +176,21 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int,
 
 
 def cache_dir(root: Path, arch: str, width: int, epochs: int, partition: Partition = Partition(),
-              n: int = 0, seed: int = 0) -> Path:
+              n: int = 0) -> Path:
     """One folder per configuration; "-val5000" marks members that never saw the validation images; a partition's
     tag and N mark members trained on disjoint shards (shard i of N differs for another N); "-zs<seed>" another
     zoo seed."""
     shards = f"{partition.tag}-n{n}" if partition.kind != "all" else ""
-    zoo_seed = f"-zs{seed}" if seed else ""
+    zoo_seed = f"-zs{partition.seed}" if partition.seed else ""
     return Path(root) / f"{arch}-w{width}-e{epochs}-val{VALIDATION_IMAGES}{shards}{zoo_seed}"
 
 
 def zoo_models(arch: str = "cnn", n: int = 4, width: int | None = None, epochs: int | None = None,
                cache: Path | str = "build/cache", quiet: bool = False, train: bool = True,
-               partition: Partition = Partition(), seed: int = 0) -> tuple[list[nn.Module], list[Path]]:
+               partition: Partition = Partition()) -> tuple[list[nn.Module], list[Path]]:
     """Train (or load from the cache) N models of one zoo architecture on Fashion-MNIST's training part (the
-    validation images held out), seeds seed·N .. seed·N+N−1, each on all of it or on its shard of `partition`
-    (drawn with `seed`): another zoo seed is another zoo, for benchmarks that report a spread over zoos.
+    validation images held out), seeds s·N .. s·N+N−1 for the partition's seed s, each on all of it or on its
+    shard of `partition`.
     `train=False` only reads the cache (machines that must never retrain) and names what is missing."""
     from safetensors.torch import save_file
     from rich.progress import Progress
@@ -201,8 +201,8 @@ def zoo_models(arch: str = "cnn", n: int = 4, width: int | None = None, epochs: 
         raise EdgefuseError(f"unknown zoo architecture '{arch}' (choose from {', '.join(ARCHITECTURES)})")
     width = width or DEFAULT_WIDTH[arch]
     epochs = epochs or DEFAULT_EPOCHS[arch]
-    folder = cache_dir(Path(cache), arch, width, epochs, partition, n, seed)
-    seeds = [seed * n + i for i in range(n)]
+    folder = cache_dir(Path(cache), arch, width, epochs, partition, n)
+    seeds = [partition.seed * n + i for i in range(n)]
     paths = [folder / f"seed{s}.safetensors" for s in seeds]
     states = [_cached(p) for p in paths]
     missing = [s for s, state in enumerate(states) if state is None]
@@ -211,7 +211,7 @@ def zoo_models(arch: str = "cnn", n: int = 4, width: int | None = None, epochs: 
                             f"where training is possible, then copy {cache} here)")
     if missing:
         splits = load_dataset("fashion-mnist")
-        shards = partition.shards(splits.y_train, n, seed)
+        shards = partition.shards(splits.y_train, n)
         folder.mkdir(parents=True, exist_ok=True)
         with Progress(disable=quiet) as progress:
             for s in missing:
