@@ -161,3 +161,16 @@ def test_the_device_frontier_keeps_what_nothing_cheaper_beats_and_thins_evenly()
     assert [c.key for c in frontier(rows, 3)] == ["m1-int8", "pair", "trio"]  # the cheapest and the best stay
     ties = [row("a", "member", 0.9, 25, 1, 1), row("b", "member", 0.9, 25, 1, 1)]
     assert [c.key for c in frontier(ties, 6)] == ["a"]  # of equals the first listed stands
+
+
+def test_distillation_picks_the_most_accurate_repair_of_a_family_when_none_fits_the_budget():
+    from edgefuse.run.candidate import Point
+    from edgefuse.run.field import Field, distill_picks
+
+    member = replace(row("member0", "member", 0.90, 25, 0.3, 8.0), point=Point("member", 0, repair=None))
+    alphas = [replace(row(f"alpha{r}", "fused", acc, 57, 0.6, 17.0, seed=3), point=Point("alpha", 0.25, repair=r))
+              for r, acc in ((None, 0.44), ("lsq", 0.86), ("bn", 0.42))]
+    depth = replace(row("depth4", "fused", 0.87, 27, 0.3, 8.0), point=Point("depth", 4.0, repair="lsq"))
+    picks = distill_picks(Field([member], {"ensemble": ENS}, alphas + [depth]), Budget(max_macs_ratio=0.3))
+    assert [(p.kind, p.repair, p.distill) for p in picks] == [("member", None, True), ("depth", "lsq", True),
+                                                              ("alpha", "lsq", True)]

@@ -138,7 +138,8 @@ def teacher_of(f: Field, distill: DistillConfig) -> Candidate:
 
 def distill_picks(f: Field, budget: Budget) -> list[Point]:
     """The points worth the distillation budget, chosen on validation only: the most accurate member, and per
-    fused family (depth, alpha) its most accurate point within the budget (or its cheapest when none fits)."""
+    fused family (depth, alpha) its most accurate point within the budget (or, when none fits, the most accurate of
+    its cheapest: the repairs of one point cost the same)."""
     best = max(f.members, key=lambda c: c.accuracy)
     picks = [Point("member", best.point.value, best.point.method, None, True)]
     ens_macs = f.exact["ensemble"].macs
@@ -148,7 +149,7 @@ def distill_picks(f: Field, budget: Budget) -> list[Point]:
         if not family:
             continue
         within = [c for c in family if fits(c, budget, ens_macs)]
-        pick = max(within, key=lambda c: c.accuracy) if within else min(family, key=lambda c: c.macs)
+        pick = max(within, key=lambda c: c.accuracy) if within else min(family, key=lambda c: (c.macs, -c.accuracy))
         p = pick.point
         picks.append(Point(p.kind, p.value, p.method, p.repair, True))
     return picks
