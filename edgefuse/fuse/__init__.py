@@ -15,7 +15,8 @@ from .model import FusedModel, ensemble
 from .neuron import MixedLayer, fuse_alpha
 from ..models.data import require_batches
 from .distill import DistillConfig, distill
-from .lsq import Fit, following_bn, isolated_fits, lsq_repair
+from .lsq import Fit, following_bn, lsq_repair
+from .lsq_isolated import isolated_fits
 from .repair import REPAIRS, reset_bn, rescale_units
 from .select import check_select, tensor_layout
 from .split import fuse_depth

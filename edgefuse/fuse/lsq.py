@@ -7,7 +7,7 @@ accumulated batch by batch (patches of one batch at a time, never all of them), 
 or depthwise conv; the ridge is the one that fits held-out calibration batches best."""
 from __future__ import annotations
 
-import copy
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,8 +16,6 @@ from torch import nn
 
 from ..base.errors import EdgefuseError
 from ..spec.trace import trace
-from .layers import GroupedLinear
-from .neuron import MixedLayer
 
 RIDGES = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1)  # relative to the mean diagonal of the normal matrix
 HOLDOUT = 5  # every fifth calibration batch chooses the ridge
@@ -177,18 +175,14 @@ def lsq_repair(fused: nn.Module, members: list[nn.Module], fits: list[Fit], xs: 
     """Every fit in order, each seeing the layers solved before it (fits in a row that read the same input are
     solved together); a following BatchNorm becomes the identity."""
     fused.eval()
-    k = 0
-    while k < len(fits):
-        j = k + 1
-        while j < len(fits) and _source(fits[j]) is _source(fits[k]):
-            j += 1
-        fit_layers(fused, members, fits[k:j], xs)
-        for fit in fits[k:j]:
+    for _, group in itertools.groupby(fits, key=lambda f: id(_source(f))):
+        group = list(group)
+        fit_layers(fused, members, group, xs)
+        for fit in group:
             if fit.write is not None:
                 fit.write(fit.layer)
             if fit.bn is not None:
                 identity_bn(fit.owner.get_submodule(fit.bn), slice(fit.channels, fit.channels + len(fit.units)))
-        k = j
     return fused
 
 
@@ -200,60 +194,3 @@ def identity_bn(bn: nn.Module, channels: slice) -> None:
         if bn.affine:
             bn.weight[channels] = 1
             bn.bias[channels] = 0
-
-
-def isolated_fits(layer: MixedLayer, n: int, name: str, units: torch.Tensor, bn: str | None,
-                  owner: nn.Module) -> list[Fit]:
-    """One fit per member for its isolated units of an alpha-fused layer: from the fused input channels and its
-    own isolated ones, towards its own outputs. They read features the merged layers before them changed, so
-    their original weights no longer fit."""
-    parts = [m for m in (layer.from_fused, layer.from_isolated) if m is not None]
-    if not parts or not len(units):
-        return []
-    width = len(units)
-    start = layer.fused.weight.shape[0] if layer.fused is not None else 0
-    split = layer.split
-    own = layer.from_isolated.weight.shape[1] if layer.from_isolated is not None else 0  # inputs per member
-    shared = split if split is not None else layer.from_fused.weight.shape[1]  # inputs every member reads
-    out = []
-    for i in range(n):
-        select = None if split is None else torch.cat([torch.arange(split), split + i * own + torch.arange(own)])
-        proxy = _proxy(parts[0], width, shared + own)
-        out.append(Fit(proxy, (i,), name, units, bn, owner, source=layer, select=select,
-                       write=_writer(layer, i, width, shared), channels=start + i * width))
-    return out
-
-
-def _proxy(like: nn.Module, out: int, inp: int) -> nn.Module:
-    """A stand-alone Linear/Conv of `like`'s kind with these widths, to solve one member's isolated units in."""
-    if isinstance(like, (nn.Linear, GroupedLinear)):
-        return nn.Linear(inp, out)
-    proxy = copy.deepcopy(like)
-    proxy.weight = nn.Parameter(torch.zeros(out, inp, *like.weight.shape[2:]))
-    proxy.in_channels, proxy.out_channels, proxy.groups = inp, out, 1
-    return proxy
-
-
-def _writer(layer: MixedLayer, i: int, width: int, shared: int) -> Callable[[nn.Module], None]:
-    """Copies a solved proxy into member i's rows of the layer's parts: the columns of the fused inputs into
-    `from_fused`, the rest into its block of `from_isolated`, the bias into the part that adds it."""
-    rows = slice(i * width, (i + 1) * width)
-
-    def write(proxy: nn.Module) -> None:
-        w, b = proxy.weight.detach(), proxy.bias.detach()
-        with torch.no_grad():
-            if layer.from_fused is not None:
-                layer.from_fused.weight[rows] = w[:, :shared]
-            iso = layer.from_isolated
-            if iso is not None:
-                if isinstance(iso, GroupedLinear):
-                    iso.weight[i] = w[:, shared:].T
-                else:
-                    iso.weight[rows] = w[:, shared:]
-            holder = layer.from_fused if layer.from_fused is not None else iso
-            if holder.bias is None:
-                holder.bias = nn.Parameter(torch.zeros(holder.weight.shape[0] if not isinstance(
-                    holder, GroupedLinear) else holder.weight.shape[0] * holder.weight.shape[2]))
-            holder.bias[rows] = b
-
-    return write
