@@ -5,13 +5,14 @@ Per zoo: every member, the sub-ensembles picked by greedy forward selection on v
 every depth and alpha 0.25 / 0.5 with no repair, BN reset, REPAIR and the least-squares repair, then distilled
 (500 steps × 128, the export's budget, towards the ensemble, full or sub, most accurate on validation) the best
 member and, at ≤ 0.30 of the ensemble's MACs, the more accurate of the export's depth and alpha picks (two
-students rather than the export's three to seven keep a zoo near 15 minutes on one core). At ≤ 0.30, ≤ 0.55 and ≤ 0.80 of the ensemble's MACs the run's
-own chooser (run/choose.choose, validation only, its noise rule) picks what ships; MACs stand in for latency, as
-they do for a TensorRT target on the host, so the figures do not depend on how busy the machine is. Accuracies are
+students rather than the export's three to seven: a zoo still takes 30–45 minutes on 2 shared cores). At ≤ 0.30,
+≤ 0.55 and ≤ 0.80 of the ensemble's MACs the run's own chooser (run/choose.choose, validation only, its noise
+rule) picks what ships; MACs stand in for latency, as they do for a TensorRT target on the host, so the figures
+do not depend on how busy the machine is. Accuracies are
 mean ± standard deviation over the zoos; the fused rows of the repairs other than lsq are scored on validation
 only (they show how the repairs compare; one that ships is scored on test too).
 
-    python benchmarks/regimes.py [--seeds 3] [--threads 1]
+    python benchmarks/regimes.py [--seeds 3] [--zoo-seed S ...] [--regime NAME ...] [--threads 1]
 
 Each finished zoo is kept in build/bench/regimes/ (a stopped run resumes); build/bench/regimes.json and
 build/bench/regimes.md hold the tables."""

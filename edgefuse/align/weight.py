@@ -159,18 +159,18 @@ def weight_matching(models: list[nn.Module], spec: PermSpec, data=None, seed: in
                     solve: Solver = lsa, history: list[float] | None = None,
                     stamps: list[float] | None = None) -> list[dict]:
     """Each model is first matched to the sum of the models aligned before it (`first_sweeps` coordinate-descent
-    sweeps when rounds follow, to convergence for N = 2); then each round matches every model, models[0] too, to the sum of the others (`sweeps`
-    sweeps, warm-started: the rounds do the rest of the work more cheaply), and the result is re-expressed
-    in models[0]'s basis (a common permutation of all N changes neither the objective nor any fused function).
-    Holding models[0] fixed instead would forbid moving the other N−1 together, and stopped 0.007 % lower on
-    ResNet-18s. Rounds stop when one raises the objective (the sum over model pairs of <aligned_i, aligned_j>) by
-    less than `tol` of its value; `history`, if given, receives the objective after the first pass and after each
-    round, `stamps` the time.perf_counter() at the start and at those moments (where the time goes, for benchmarks).
-    The running sum is already close to the consensus the rounds seek, so they have less to do and their number
-    stops growing with N: on torchvision-style ResNet-18s 7 and 6 rounds for N = 4 and 8 against 8 and 12 from a
-    first pass against models[0] alone, at a 0.1-0.2 % higher objective. On the trained zoo CNN it ends 0.1 %
-    lower and fuses worse under BN reset (depth 4: 0.46 against 0.58), as well under lsq (0.867 against 0.860):
-    `Rounds(first="anchor")` keeps the other schedule."""
+    sweeps when rounds follow, to convergence for N = 2); then each round matches every model, models[0] too, to
+    the sum of the others (`sweeps` sweeps, warm-started: the rounds do the rest of the work more cheaply), and the
+    result is re-expressed in models[0]'s basis (a common permutation of all N changes neither the objective nor
+    any fused function). Holding models[0] fixed instead would forbid moving the other N−1 together, and stopped
+    0.007 % lower on ResNet-18s. Rounds stop when one raises the objective (the sum over model pairs of
+    <aligned_i, aligned_j>) by less than `tol` of its value; `history`, if given, receives the objective after the
+    first pass and after each round, `stamps` the time.perf_counter() at the start and at those moments (where the
+    time goes, for benchmarks). The running sum is already close to the consensus the rounds seek, so they have
+    less to do and their number stops growing with N: on ResNet-18s 1–4 rounds at N = 4, 8 and 16 against 4–7 from
+    a first pass against models[0] alone, at a 0.01–0.2 % higher objective (benchmarks/align_scaling.py). On the
+    trained zoo CNN it ends 0.1 % lower and fuses worse under BN reset (depth 4: 0.46 against 0.58), as well under
+    lsq (0.867 against 0.860): `Rounds(first="anchor")` keeps the other schedule."""
     marks = [time.perf_counter()]
     rng = np.random.default_rng(seed)
     states = [_float_params(m, spec) for m in models]
