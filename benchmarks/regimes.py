@@ -37,7 +37,7 @@ from edgefuse.models import data, zoo
 from edgefuse.models.partition import Partition
 from edgefuse.run.baselines import select_members
 from edgefuse.run.candidate import Candidate, Point
-from edgefuse.run.choose import Budget, choose
+from edgefuse.run.choose import Budget, choose, fits
 from edgefuse.run.field import Field, distill_config, distill_picks, teacher_of
 from edgefuse.targets import load_target
 
@@ -86,8 +86,7 @@ def measure_zoo(partition: Partition, seed: int) -> dict:
             for v in values:
                 p = Point(kind, float(v), repair=repair)
                 t0 = time.perf_counter()
-                kw = {"depth": int(v)} if kind == "depth" else {"alpha": v}
-                module = ef.fuse(aligned, spec, data=splits.calib_batches, repair=repair, **kw)
+                module = _fused(aligned, spec, splits, p)
                 seconds[p.key] = time.perf_counter() - t0
                 fused.append(row(module, splits, ens.macs, test=repair == "lsq", key=p.key, label=_label(p),
                                  kind="fused", point=p))
@@ -106,8 +105,7 @@ def measure_zoo(partition: Partition, seed: int) -> dict:
         if p.kind == "member":
             student = copy.deepcopy(aligned[int(p.value)])
         else:
-            kw = {"depth": int(p.value)} if p.kind == "depth" else {"alpha": p.value}
-            student = ef.fuse(aligned, spec, data=splits.calib_batches, repair=p.repair, **kw)
+            student = _fused(aligned, spec, splits, p)
         distill(student, ensemble([aligned[i] for i in teacher_members], batched=True), splits.x_train, cfg,
                 quiet=True, targets=shared)
         distilled.append(row(student, splits, ens.macs, key=p.key, label=_label(p),
@@ -135,8 +133,15 @@ def _picks(field: Field, budget: float) -> list[Point]:
     if budget != min(BUDGETS):
         return [member]
     rows = {c.key: c for c in field.others}
-    fits = [p for p in fused if rows[replace(p, distill=False).key].macs <= budget * field.exact["ensemble"].macs]
-    return [member] + ([max(fits, key=lambda p: rows[replace(p, distill=False).key].accuracy)] if fits else [])
+    ens_macs = field.exact["ensemble"].macs
+    within = [p for p in fused if fits(rows[replace(p, distill=False).key], Budget(max_macs_ratio=budget), ens_macs)]
+    return [member] + ([max(within, key=lambda p: rows[replace(p, distill=False).key].accuracy)] if within else [])
+
+
+def _fused(aligned: list, spec, splits, p: Point) -> torch.nn.Module:
+    """The aligned models fused at the point (a depth split or alpha), with its repair."""
+    kw = {"depth": int(p.value)} if p.kind == "depth" else {"alpha": p.value}
+    return ef.fuse(aligned, spec, data=splits.calib_batches, repair=p.repair, **kw)
 
 
 def _label(p: Point) -> str:

@@ -32,7 +32,7 @@ def isolated_fits(layer: MixedLayer, n: int, name: str, units: torch.Tensor, bn:
         select = None if split is None else torch.cat([torch.arange(split), split + i * own + torch.arange(own)])
         proxy = _proxy(parts[0], width, shared + own)
         out.append(Fit(proxy, (i,), name, units, bn, owner, source=layer, select=select,
-                       write=_writer(layer, i, width, shared), channels=start + i * width))
+                       write=_writer(layer, i, width, shared, n), channels=start + i * width))
     return out
 
 
@@ -46,7 +46,7 @@ def _proxy(like: nn.Module, out: int, inp: int) -> nn.Module:
     return proxy
 
 
-def _writer(layer: MixedLayer, i: int, width: int, shared: int) -> Callable[[nn.Module], None]:
+def _writer(layer: MixedLayer, i: int, width: int, shared: int, n: int) -> Callable[[nn.Module], None]:
     """Copies a solved proxy into member i's rows of the layer's parts: the columns of the fused inputs into
     `from_fused`, the rest into its block of `from_isolated`, the bias into the part that adds it."""
     rows = slice(i * width, (i + 1) * width)
@@ -63,9 +63,8 @@ def _writer(layer: MixedLayer, i: int, width: int, shared: int) -> Callable[[nn.
                 else:
                     iso.weight[rows] = w[:, shared:]
             holder = layer.from_fused if layer.from_fused is not None else iso
-            if holder.bias is None:
-                holder.bias = nn.Parameter(torch.zeros(holder.weight.shape[0] if not isinstance(
-                    holder, GroupedLinear) else holder.weight.shape[0] * holder.weight.shape[2]))
+            if holder.bias is None:  # a bias for every member's isolated units; the others' blocks follow
+                holder.bias = nn.Parameter(torch.zeros(n * width))
             holder.bias[rows] = b
 
     return write
