@@ -115,18 +115,65 @@ def _source(fit: Fit) -> nn.Module:
     return fit.source or fit.layer
 
 
+class NormalEquations:
+    """One layer's ridge regression (weights and bias) of targets on its inputs, from normal equations accumulated
+    batch by batch: at most `MAX_ROWS` rows in all (a seeded sample, spread evenly over `batches`), one system per
+    group of a grouped conv; batches marked held out choose the ridge."""
+
+    def __init__(self, layer: nn.Module, batches: int) -> None:
+        self.layer = layer
+        self.stats = {k: [[0, 0] for _ in range(_groups(layer))] for k in ("fit", "held")}
+        self.gen = torch.Generator().manual_seed(0)
+        self.per_batch = -(-MAX_ROWS // batches)
+
+    def add(self, x: torch.Tensor, target: torch.Tensor, held: bool = False) -> None:
+        """One batch: the layer's input `x` and the output it should give (channels on the layer's output axis)."""
+        cols, targets = _columns(self.layer, x), _targets(self.layer, target)
+        if len(cols[0]) > self.per_batch:
+            keep = torch.randperm(len(cols[0]), generator=self.gen)[:self.per_batch]
+            cols, targets = [c[keep] for c in cols], [t[keep] for t in targets]
+        for g, (c, t) in enumerate(zip(cols, targets)):
+            c = torch.cat([c.double(), torch.ones(len(c), 1, dtype=torch.float64)], 1)  # the bias's column
+            acc = self.stats["held" if held else "fit"][g]
+            acc[0], acc[1] = acc[0] + c.T @ c, acc[1] + c.T @ t.double()
+
+    def write(self) -> float:
+        """Choose the ridge on the held-out batches, solve on all of them, write the layer; returns the ridge."""
+        stats = self.stats
+        best, best_err = RIDGES[0], None
+        if any(isinstance(s[0], torch.Tensor) for s in stats["held"]):
+            for ridge in RIDGES:
+                err = 0.0
+                for (a, b), (ah, bh) in zip(stats["fit"], stats["held"]):
+                    w = _solve(a, b, ridge)
+                    err += float((w * (ah @ w)).sum() - 2 * (w * bh).sum())
+                if best_err is None or err < best_err:
+                    best, best_err = ridge, err
+        solved = [_solve(f[0] + (h[0] if isinstance(h[0], torch.Tensor) else 0),
+                         f[1] + (h[1] if isinstance(h[1], torch.Tensor) else 0), best)
+                  for f, h in zip(stats["fit"], stats["held"])]
+        weight = torch.cat([w[:-1].T for w in solved]).float()
+        bias = torch.cat([w[-1] for w in solved]).float()
+        with torch.no_grad():
+            self.layer.weight.copy_(weight.reshape(self.layer.weight.shape))
+            self.layer.bias = nn.Parameter(bias)
+        return best
+
+
+def held_out(i: int, batches: int) -> bool:
+    """Every HOLDOUT-th calibration batch chooses the ridge (none when there are too few)."""
+    return batches >= HOLDOUT and i % HOLDOUT == HOLDOUT - 1
+
+
 def fit_layers(fused: nn.Module, members: list[nn.Module], fits: list[Fit], xs: list[torch.Tensor]) -> list[float]:
     """Re-solve fits that read the same input (one layer's merged part and its members' isolated units) in place,
     from one pass over the calibration batches: the input is captured once per batch, and each member's output
     once. Returns the chosen relative ridges."""
-    stats = [{k: [[0, 0] for _ in range(_groups(f.layer))] for k in ("fit", "held")} for f in fits]
-    gens = [torch.Generator().manual_seed(0) for _ in fits]
-    per_batch = -(-MAX_ROWS // len(xs))
+    systems = [NormalEquations(f.layer, len(xs)) for f in fits]
     for i, x in enumerate(xs):
-        part = "held" if len(xs) >= HOLDOUT and i % HOLDOUT == HOLDOUT - 1 else "fit"
         inp = _capture(fused, _source(fits[0]), x, want_input=True)
         outs: dict[tuple[int, str], torch.Tensor] = {}
-        for fit, stat, gen in zip(fits, stats, gens):
+        for fit, system in zip(fits, systems):
             axis = -1 if isinstance(fit.layer, nn.Linear) else 1
             for p in fit.parents:
                 if (p, fit.bn or fit.name) not in outs:
@@ -134,41 +181,12 @@ def fit_layers(fused: nn.Module, members: list[nn.Module], fits: list[Fit], xs: 
                                                              x, want_input=False)
             target = torch.stack([outs[(p, fit.bn or fit.name)] for p in fit.parents]).mean(0)
             own = inp if fit.select is None else inp.index_select(axis, fit.select)
-            cols, targets = _columns(fit.layer, own), _targets(fit.layer, target.index_select(axis, fit.units))
-            if len(cols[0]) > per_batch:
-                keep = torch.randperm(len(cols[0]), generator=gen)[:per_batch]
-                cols, targets = [c[keep] for c in cols], [t[keep] for t in targets]
-            for g, (c, t) in enumerate(zip(cols, targets)):
-                c = torch.cat([c.double(), torch.ones(len(c), 1, dtype=torch.float64)], 1)  # the bias's column
-                acc = stat[part][g]
-                acc[0], acc[1] = acc[0] + c.T @ c, acc[1] + c.T @ t.double()
-    return [_finish(fit, stat) for fit, stat in zip(fits, stats)]
+            system.add(own, target.index_select(axis, fit.units), held_out(i, len(xs)))
+    return [system.write() for system in systems]
 
 
 def _groups(layer: nn.Module) -> int:
     return 1 if isinstance(layer, nn.Linear) else layer.groups
-
-
-def _finish(fit: Fit, stats: dict) -> float:
-    """Choose the ridge on the held-out batches, solve on all of them, write the layer."""
-    best, best_err = RIDGES[0], None
-    if any(isinstance(s[0], torch.Tensor) for s in stats["held"]):
-        for ridge in RIDGES:
-            err = 0.0
-            for (a, b), (ah, bh) in zip(stats["fit"], stats["held"]):
-                w = _solve(a, b, ridge)
-                err += float((w * (ah @ w)).sum() - 2 * (w * bh).sum())
-            if best_err is None or err < best_err:
-                best, best_err = ridge, err
-    solved = [_solve(f[0] + (h[0] if isinstance(h[0], torch.Tensor) else 0),
-                     f[1] + (h[1] if isinstance(h[1], torch.Tensor) else 0), best)
-              for f, h in zip(stats["fit"], stats["held"])]
-    weight = torch.cat([w[:-1].T for w in solved]).float()
-    bias = torch.cat([w[-1] for w in solved]).float()
-    with torch.no_grad():
-        fit.layer.weight.copy_(weight.reshape(fit.layer.weight.shape))
-        fit.layer.bias = nn.Parameter(bias)
-    return best
 
 
 def lsq_repair(fused: nn.Module, members: list[nn.Module], fits: list[Fit], xs: list[torch.Tensor]) -> nn.Module:
