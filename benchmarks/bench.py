@@ -4,7 +4,7 @@ ResNet-20s and ResNet-18-sized nets (align_scaling.py); INT8 against FP32 (int8.
 distilled member at three MACs budgets, 3 distillation seeds, two zoos (fused_vs_distilled.py); peak memory and
 throughput of distilling from a folder of 20,000 JPEGs (data_memory.py); BN reset, REPAIR and the least-squares
 repair at every depth and alpha before distillation (repairs.py); where fusion ships, on zoos trained on IID and
-label-skewed shards (regimes.py).
+label-skewed shards (regimes.py); ZipIt!-style merges against weight and activation matching (zipit.py).
 
 Prints, per architecture, accuracy and the MACs and p50 latency ratios against the ensemble measured in the same
 run, and writes build/bench/bench.json."""
@@ -140,6 +140,9 @@ def main(out_root: Path = Path("build/bench")) -> int:
     from regimes import run as regimes
 
     results["regimes"] = regimes()
+    from zipit import run as zipit
+
+    results["zipit"] = zipit()
     from data_memory import data_memory
 
     results["data_memory"] = data_memory(out_root)

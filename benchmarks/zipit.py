@@ -258,6 +258,16 @@ def table(zoos: list[dict]) -> str:
     return "\n".join(out)
 
 
+def run(partition: str = "all", zoo_seeds: tuple[int, ...] = (0,), n: int = 4) -> dict:
+    """Every zoo, the table (printed), and build/bench/zipit.json."""
+    torch.set_num_threads(1)
+    zoos = [measure_zoo(replace(parse_partition(partition), seed=seed), n) for seed in zoo_seeds]
+    result = {"n": n, "split": "validation (5,000 images)", "torch_threads": 1, "zoos": zoos, "table": table(zoos)}
+    atomic_write_text(Path("build/bench/zipit.json"), json.dumps(result, indent=1) + "\n")
+    print(result["table"])
+    return result
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=4)
@@ -265,12 +275,7 @@ def main() -> int:
                                                         "dirichlet:A or classes:K")
     ap.add_argument("--zoo-seed", type=int, action="append", help="zoo seeds (default: 0)")
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    zoos = [measure_zoo(replace(parse_partition(args.partition), seed=seed), args.n) for seed in args.zoo_seed or [0]]
-    text = table(zoos)
-    atomic_write_text(Path("build/bench/zipit.json"), json.dumps({"n": args.n, "split": "validation (5,000 images)",
-                                                                  "torch_threads": 1, "zoos": zoos}, indent=1) + "\n")
-    print(text)
+    run(args.partition, tuple(args.zoo_seed or [0]), args.n)
     return 0
 
 
