@@ -57,6 +57,26 @@ def test_a_dominated_fused_row_is_never_chosen():
     assert choose(rows, Budget(max_macs_ratio=0.5), ENS).chosen.key == "depth3"
 
 
+def test_a_fused_row_within_noise_of_a_distilled_member_as_fast_does_not_ship():
+    # depth4 is right on 10 validation samples the distilled member gets wrong and wrong on 6 it gets right (a
+    # lead of 4, 1 standard error) at about the same speed: fusion has not earned its place, the student ships.
+    student = row("student", "distilled member", 0.88, 25, 0.25, 8.0, seed=2)
+    lead = worse_by(student.val_correct, 6)
+    lead[np.flatnonzero(~student.val_correct)[:10]] = True
+    rows = [row("member0", "member", 0.86, 25, 0.25, 8.0, seed=3), student, ENS, BATCHED,
+            row("depth4", "fused", 0.0, 27, 0.26, 8.2, val=lead)]
+    choice = choose(rows, Budget(max_macs_ratio=0.5), ENS)
+    assert choice.chosen.key == "student" and "fused model ships only where" in choice.reason
+
+
+def test_a_fused_row_that_leads_beyond_noise_ships():
+    student = row("student", "distilled member", 0.88, 25, 0.25, 8.0, seed=2)
+    lead = student.val_correct.copy()
+    lead[np.flatnonzero(~lead)[:60]] = True
+    rows = [student, ENS, BATCHED, row("depth4", "fused", 0.0, 27, 0.26, 8.2, val=lead)]
+    assert choose(rows, Budget(max_macs_ratio=0.5), ENS).chosen.key == "depth4"
+
+
 def test_budgets_hold_at_every_batch_size():
     rows = [row("member0", "member", 0.80, 25, 0.25, 8.0, seed=2), ENS, BATCHED,
             row("depth3", "fused", 0.88, 40, 0.5, 15.0, seed=6),

@@ -1,7 +1,8 @@
 """The one chooser: among every candidate (members, the distilled member, the exact ensembles, fused points) it ships
 the most accurate on validation data within the target's budgets, and never one that another candidate dominates.
 Test data never enters the choice. A validation difference within noise is a tie, and a tie goes to the clearly
-faster candidate."""
+faster candidate; between a fused model and a member, distilled member or ensemble that is not clearly slower, to
+the latter."""
 from __future__ import annotations
 
 import math
@@ -132,12 +133,29 @@ def choose(rows: list[Candidate], budget: Budget, ensemble: Candidate) -> Choice
         reason = (f"ties on validation with the most accurate candidate, {best.label} ({chosen.accuracy:.4f} vs "
                   f"{best.accuracy:.4f}, {z:.1f} standard errors apart, under {NOISE_Z:g}), and is clearly faster "
                   f"(p50 {ratios})")
+    if chosen.kind == "fused" and (plain := _plain_tie(pool, chosen, batches)):
+        reason = (f"ties on validation with the most accurate fused model, {chosen.label} ({plain.accuracy:.4f} vs "
+                  f"{chosen.accuracy:.4f}), and is not clearly slower: a fused model ships only where it beats "
+                  f"every member, distilled member and ensemble at no higher cost beyond noise")
+        chosen = plain
     ties = [c.label for c in pool if c is not chosen and (z := tie_z(chosen, c)) is not None and abs(z) < NOISE_Z]
     if ties:
         reason += f"; within noise of it on validation (a tie): {', '.join(ties)}"
     if chosen.kind in ("member", "distilled member"):
         reason += f"; a single {chosen.kind} ships: no fused model or ensemble within the budget does better"
     return Choice(chosen, reason, beaten, tuple(c.key for c in within))
+
+
+PLAIN = ("member", "distilled member", "sub-ensemble", "ensemble")
+
+
+def _plain_tie(pool: list[Candidate], fused: Candidate, batches: list[str]) -> Candidate | None:
+    """The most accurate member, distilled member or (sub-)ensemble that ties with `fused` on validation and is not
+    clearly slower at any batch size: fusion has to earn its place beyond noise, and on a tie the plainer model,
+    whose accuracy needs no merge to hold, ships."""
+    ties = [c for c in pool if c.kind in PLAIN and (z := tie_z(fused, c)) is not None and z < NOISE_Z
+            and all(FASTER * c.p50(b) <= fused.p50(b) for b in batches)]
+    return max(ties, key=lambda c: (c.accuracy, -_speed(c, batches))) if ties else None
 
 
 def target_budget(tgt: Target, latency_ms: float | tuple[float, ...] | None = None, memory_mb: float | None = None,
