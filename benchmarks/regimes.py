@@ -5,7 +5,7 @@ Per zoo: every member, the sub-ensembles picked by greedy forward selection on v
 every depth and alpha 0.25 / 0.5 with no repair, BN reset, REPAIR and the least-squares repair, then distilled
 (500 steps × 128, the export's budget, towards the ensemble, full or sub, most accurate on validation) the best
 member and, at ≤ 0.30 of the ensemble's MACs, the more accurate of the export's depth and alpha picks (two
-students rather than the export's three to seven: a zoo still takes 30–45 minutes on 2 shared cores). At ≤ 0.30,
+students rather than the export's three to seven: a zoo still takes 14–20 minutes on one core). At ≤ 0.30,
 ≤ 0.55 and ≤ 0.80 of the ensemble's MACs the run's own chooser (run/choose.choose, validation only, its noise
 rule) picks what ships; MACs stand in for latency, as they do for a TensorRT target on the host, so the figures
 do not depend on how busy the machine is. Accuracies are
@@ -174,7 +174,7 @@ def tables(results: dict[str, list[dict]]) -> str:
                     labels.setdefault(r["label"], []).append(r)
         for label, rs in labels.items():
             tests = [r["test"] for r in rs if r["test"] is not None]
-            out.append(f"| {label}{'' if len(rs) == len(zoos) else f' ({len(rs)} zoos)'} | "
+            out.append(f"| {label}{'' if len(rs) == len(zoos) else f' ({len(rs)} of {len(zoos)} zoos)'} | "
                        f"{np.mean([r['macs_ratio'] for r in rs]):.2f} | {_mean_std([r['validation'] for r in rs])} | "
                        f"{_mean_std(tests) if tests else '–'} |")
         out += ["", "| budget (MACs / ens) | shipped, per zoo | test accuracy of what ships |", "|---|---|---|"]
