@@ -114,3 +114,21 @@ def test_a_broken_manifest_is_one_line_and_exit_2(export, tmp_path, edit):
     res = choose(bundle)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
     assert not (bundle / "choice.json").exists()
+
+
+def _measured(key, kind, acc, p50):
+    return {"key": key, "label": key, "kind": kind, "validation_accuracy": acc, "ok": True, "memory_mb": 10.0,
+            "latency_ms": {"1": {"p50": p50}}}
+
+
+@pytest.mark.parametrize("z, ships", [(1.0, "student"), (5.0, "depth4")])
+def test_on_the_device_a_fused_pick_gives_way_to_a_tied_plainer_model(z, ships):
+    from edgefuse.device.device_choice import pick
+
+    measured = [_measured("depth4", "fused", 0.905, 1.0), _measured("student", "distilled member", 0.900, 1.05),
+                _measured("ensemble", "ensemble", 0.910, 4.0)]
+    manifest = {"candidates": [{"key": "depth4", "tie_z": {"student": z}}, {"key": "student", "tie_z": {}},
+                               {"key": "ensemble", "tie_z": {}}], "noise": {"z": 2.0, "faster": 0.9}}
+    chosen, reason = pick(measured, manifest, {"1": 2.0})
+    assert chosen["key"] == ships
+    assert ("fused model ships only where" in reason) == (ships == "student")

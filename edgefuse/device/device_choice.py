@@ -2,7 +2,8 @@
 each under candidates/) is built with the target's settings, checked against its golden outputs and timed at each
 of the target's batch sizes; the most accurate on validation within the latency budget (p50, at every batch size)
 and the memory budget ships, with the host chooser's rule for ties: a candidate within NOISE_Z standard errors of
-the most accurate on validation that is clearly faster (p50 at most FASTER of its at every batch size) wins.
+the most accurate on validation that is clearly faster (p50 at most FASTER of its at every batch size) wins, and
+a fused pick gives way to a member, distilled member or ensemble that ties with it and is not clearly slower.
 
 Copied as-is into every deploy bundle beside deploy.py."""
 from __future__ import annotations
@@ -80,6 +81,9 @@ def measure(bundle: Path, row: dict, runtime: str, batches: list[int], seconds: 
             "engine": str(Path(row["folder"]) / "model.engine") if runtime != "onnxruntime" else None}
 
 
+PLAIN = ("member", "distilled member", "sub-ensemble", "ensemble")  # as run/choose.py: on a tie they beat fusion
+
+
 def _speed(m: dict) -> float:
     values = [max(v["p50"], 1e-9) for v in m["latency_ms"].values()]
     return math.exp(sum(map(math.log, values)) / len(values))
@@ -109,13 +113,23 @@ def pick(measured: list[dict], manifest: dict, budget: dict[str, float]) -> tupl
     faster = [m for m in pool if m is not best and m["key"] in z and z[m["key"]] < noise["z"]
               and all(m["latency_ms"][b]["p50"] <= noise["faster"] * best["latency_ms"][b]["p50"]
                       for b in best["latency_ms"])]
-    if not faster:
-        return best, (f"the most accurate on validation ({best['validation_accuracy']:.4f}) of the {len(pool)} "
-                      f"candidates within the budget ({describe(budget, memory)}) on this device")
-    chosen = min(faster, key=_speed)
-    return chosen, (f"ties on validation with the most accurate fitting candidate, {best['label']} "
-                    f"({z[chosen['key']]:.1f} standard errors apart, under {noise['z']:g}), and is clearly faster "
-                    f"here (p50 {_speed(chosen) / _speed(best):.2f}× its, geometric mean over batch sizes)")
+    chosen, reason = best, (f"the most accurate on validation ({best['validation_accuracy']:.4f}) of the {len(pool)} "
+                            f"candidates within the budget ({describe(budget, memory)}) on this device")
+    if faster:
+        chosen = min(faster, key=_speed)
+        reason = (f"ties on validation with the most accurate fitting candidate, {best['label']} "
+                  f"({z[chosen['key']]:.1f} standard errors apart, under {noise['z']:g}), and is clearly faster "
+                  f"here (p50 {_speed(chosen) / _speed(best):.2f}× its, geometric mean over batch sizes)")
+    if chosen.get("kind") == "fused":
+        zc = next(r for r in manifest["candidates"] if r["key"] == chosen["key"]).get("tie_z", {})
+        plain = [m for m in pool if m.get("kind") in PLAIN and m["key"] in zc and zc[m["key"]] < noise["z"]
+                 and all(noise["faster"] * m["latency_ms"][b]["p50"] <= chosen["latency_ms"][b]["p50"]
+                         for b in chosen["latency_ms"])]
+        if plain:
+            fused, chosen = chosen, max(plain, key=lambda m: (m["validation_accuracy"], -_speed(m)))
+            reason = (f"ties on validation with the fused {fused['label']} and is not clearly slower here: a fused "
+                      f"model ships only where it beats the members and ensembles beyond noise")
+    return chosen, reason
 
 
 def describe(budget: dict[str, float], memory: float | None) -> str:
