@@ -1,8 +1,8 @@
 """Repairs before any distillation: validation accuracy of every fused depth and of alpha 0.25 / 0.5 on the zoo
-(4 members of one architecture, Fashion-MNIST, weight matching), with BN reset, REPAIR and the least-squares repair,
+(4 members of one architecture, Fashion-MNIST, weight matching or --align's method), with BN reset, REPAIR and the least-squares repair,
 next to the mean member measured in the same run; 1 torch thread.
 
-    python benchmarks/repairs.py [cnn|resnet20|...] [--n 4]"""
+    python benchmarks/repairs.py [cnn|resnet20|...] [--n 4] [--align weight|activation|ot]"""
 from __future__ import annotations
 
 import argparse
@@ -26,12 +26,12 @@ def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model.eval()(x).argmax(1) == y).double().mean())
 
 
-def repairs_table(arch: str, n: int = 4, cache: str = "build/cache") -> dict:
+def repairs_table(arch: str, n: int = 4, cache: str = "build/cache", align: str = "weight") -> dict:
     torch.set_num_threads(1)
     models, _ = zoo.zoo_models(arch, n, cache=cache, quiet=True)
     s = data.load_dataset("fashion-mnist")
     spec = ef.permutation_spec(models[0], s.example)
-    aligned = ef.align(models, spec, data=s.calib_batches)
+    aligned = ef.align(models, spec, align, data=s.calib_batches)
     members = [accuracy(m, s.x_val, s.y_val) for m in models]
     rows = []
     points = [{"depth": d} for d in range(1, len(spec.cut_points) + 1)] + [{"alpha": a} for a in ALPHAS]
@@ -44,7 +44,7 @@ def repairs_table(arch: str, n: int = 4, cache: str = "build/cache") -> dict:
                            "seconds": round(time.perf_counter() - t0, 1)}
         rows.append(row)
         print(point, {r: round(row[r]["accuracy"], 4) for r in REPAIRS}, flush=True)
-    return {"arch": arch, "n": n, "split": "validation (5,000 images)", "members": members,
+    return {"arch": arch, "n": n, "align": align, "split": "validation (5,000 images)", "members": members,
             "mean_member": sum(members) / n, "rows": rows, "torch_threads": 1}
 
 
@@ -52,10 +52,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("arch", nargs="?", default="cnn")
     ap.add_argument("--n", type=int, default=4)
+    ap.add_argument("--align", default="weight", help="alignment method (weight, activation, ot)")
     ap.add_argument("--out-root", default="build/bench")
     args = ap.parse_args()
-    result = repairs_table(args.arch, args.n)
-    atomic_write_text(Path(args.out_root) / f"repairs_{args.arch}.json", json.dumps(result, indent=1) + "\n")
+    result = repairs_table(args.arch, args.n, align=args.align)
+    path = Path(args.out_root) / f"repairs_{args.arch}_{args.align}.json"
+    atomic_write_text(path, json.dumps(result, indent=1) + "\n")
     print(f"mean member {result['mean_member']:.4f}")
     return 0
 
