@@ -41,6 +41,7 @@ def test_the_bundle_carries_the_frontier_with_a_manifest(export):
     rows = manifest["candidates"]
     assert len(rows) >= 3 and manifest["batch_sizes"] == [1, 8]
     assert manifest["latency_budget_ms"] == {"1": 1.0, "8": 1.0} and manifest["memory_budget_mb"] == 256
+    assert "member" in manifest["noise"]["plain"] and "fused" not in manifest["noise"]["plain"]
     assert [r["key"] for r in rows] == [c["key"] for c in report["device_choice"]["candidates"]]
     for r in rows:  # each a folder deploy.py can check, golden outputs included
         folder = export / "bundle" / r["folder"]
@@ -128,7 +129,8 @@ def test_on_the_device_a_fused_pick_gives_way_to_a_tied_plainer_model(z, ships):
     measured = [_measured("depth4", "fused", 0.905, 1.0), _measured("student", "distilled member", 0.900, 1.05),
                 _measured("ensemble", "ensemble", 0.910, 4.0)]
     manifest = {"candidates": [{"key": "depth4", "tie_z": {"student": z}}, {"key": "student", "tie_z": {}},
-                               {"key": "ensemble", "tie_z": {}}], "noise": {"z": 2.0, "faster": 0.9}}
+                               {"key": "ensemble", "tie_z": {}}],
+                "noise": {"z": 2.0, "faster": 0.9, "plain": ["member", "distilled member", "ensemble"]}}
     chosen, reason = pick(measured, manifest, {"1": 2.0})
     assert chosen["key"] == ships
     assert ("fused model ships only where" in reason) == (ships == "student")

@@ -3,7 +3,8 @@ each under candidates/) is built with the target's settings, checked against its
 of the target's batch sizes; the most accurate on validation within the latency budget (p50, at every batch size)
 and the memory budget ships, with the host chooser's rule for ties: a candidate within NOISE_Z standard errors of
 the most accurate on validation that is clearly faster (p50 at most FASTER of its at every batch size) wins, and
-a fused pick gives way to a member, distilled member or ensemble that ties with it and is not clearly slower.
+a fused pick gives way to a candidate of the manifest's plain kinds (members, distilled members, ensembles) that
+ties with it and is not clearly slower.
 
 Copied as-is into every deploy bundle beside deploy.py."""
 from __future__ import annotations
@@ -81,9 +82,6 @@ def measure(bundle: Path, row: dict, runtime: str, batches: list[int], seconds: 
             "engine": str(Path(row["folder"]) / "model.engine") if runtime != "onnxruntime" else None}
 
 
-PLAIN = ("member", "distilled member", "sub-ensemble", "ensemble")  # as run/choose.py: on a tie they beat fusion
-
-
 def _speed(m: dict) -> float:
     values = [max(v["p50"], 1e-9) for v in m["latency_ms"].values()]
     return math.exp(sum(map(math.log, values)) / len(values))
@@ -108,7 +106,7 @@ def pick(measured: list[dict], manifest: dict, budget: dict[str, float]) -> tupl
         raise NoFit(f"no candidate fits the budget ({describe(budget, memory)}); the fastest is {fastest['label']}: "
                     f"p50 {fastest['latency_ms'][b]['p50']:.3f} ms at batch {b}")
     best = max(pool, key=lambda m: (m["validation_accuracy"], -_speed(m)))
-    z = next(r for r in manifest["candidates"] if r["key"] == best["key"]).get("tie_z", {})
+    z = _tie_z(manifest, best)
     noise = manifest.get("noise", {"z": 2.0, "faster": 0.9})
     faster = [m for m in pool if m is not best and m["key"] in z and z[m["key"]] < noise["z"]
               and all(m["latency_ms"][b]["p50"] <= noise["faster"] * best["latency_ms"][b]["p50"]
@@ -121,8 +119,8 @@ def pick(measured: list[dict], manifest: dict, budget: dict[str, float]) -> tupl
                   f"({z[chosen['key']]:.1f} standard errors apart, under {noise['z']:g}), and is clearly faster "
                   f"here (p50 {_speed(chosen) / _speed(best):.2f}× its, geometric mean over batch sizes)")
     if chosen.get("kind") == "fused":
-        zc = next(r for r in manifest["candidates"] if r["key"] == chosen["key"]).get("tie_z", {})
-        plain = [m for m in pool if m.get("kind") in PLAIN and m["key"] in zc and zc[m["key"]] < noise["z"]
+        zc = _tie_z(manifest, chosen)
+        plain = [m for m in pool if m.get("kind") in noise.get("plain", ()) and m["key"] in zc and zc[m["key"]] < noise["z"]
                  and all(noise["faster"] * m["latency_ms"][b]["p50"] <= chosen["latency_ms"][b]["p50"]
                          for b in chosen["latency_ms"])]
         if plain:
@@ -130,6 +128,11 @@ def pick(measured: list[dict], manifest: dict, budget: dict[str, float]) -> tupl
             reason = (f"ties on validation with the fused {fused['label']} and is not clearly slower here: a fused "
                       f"model ships only where it beats the members and ensembles beyond noise")
     return chosen, reason
+
+
+def _tie_z(manifest: dict, m: dict) -> dict[str, float]:
+    """The host's paired z of candidate `m` over each other candidate on validation."""
+    return next(r for r in manifest["candidates"] if r["key"] == m["key"]).get("tie_z", {})
 
 
 def describe(budget: dict[str, float], memory: float | None) -> str:

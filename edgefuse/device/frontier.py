@@ -13,7 +13,7 @@ from torch import nn
 
 from ..graph.fp16 import export_fp16
 from ..run.candidate import Candidate
-from ..run.choose import FASTER, NOISE_Z, frontier, per_batch_latency, tie_z
+from ..run.choose import FASTER, NOISE_Z, PLAIN, frontier, per_batch_latency, tie_z
 from ..targets import Target
 from .check import check_onnx
 
@@ -75,7 +75,8 @@ def manifest(candidates: list[DeviceCandidate], target: Target) -> dict:
                      "tie_z": {k: v for k, v in z.items() if v is not None}})
     return {"target": target.name, "batch_sizes": list(target.batch_sizes),
             "latency_budget_ms": per_batch_latency(target, target.latency_budget_ms),
-            "memory_budget_mb": target.memory_budget_mb, "noise": {"z": NOISE_Z, "faster": FASTER},
+            "memory_budget_mb": target.memory_budget_mb,
+            "noise": {"z": NOISE_Z, "faster": FASTER, "plain": list(PLAIN)},
             "host_choice": host_choice(candidates), "candidates": rows}
 
 

@@ -15,6 +15,7 @@ from ..targets import Target
 
 NOISE_Z = 2.0  # two standard errors of the paired difference: below this, two accuracies are a tie
 MEASURED_HERE = ("onnxruntime", "cuda")  # runtimes whose latency the host measures; TensorRT's is the device's
+PLAIN = ("member", "distilled member", "sub-ensemble", "ensemble")  # kinds that win a tie with a fused model
 FASTER = 0.9  # "clearly faster": p50 at most 90 % of the other's at every batch size (timing noise is a few %)
 
 
@@ -144,9 +145,6 @@ def choose(rows: list[Candidate], budget: Budget, ensemble: Candidate) -> Choice
     if chosen.kind in ("member", "distilled member"):
         reason += f"; a single {chosen.kind} ships: no fused model or ensemble within the budget does better"
     return Choice(chosen, reason, beaten, tuple(c.key for c in within))
-
-
-PLAIN = ("member", "distilled member", "sub-ensemble", "ensemble")
 
 
 def _plain_tie(pool: list[Candidate], fused: Candidate, batches: list[str]) -> Candidate | None:
