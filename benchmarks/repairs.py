@@ -1,6 +1,6 @@
 """Repairs before any distillation: validation accuracy of every fused depth and of alpha 0.25 / 0.5 on the zoo
-(4 members of one architecture, Fashion-MNIST, weight matching or --align's method), with BN reset, REPAIR and the least-squares repair,
-next to the mean member measured in the same run; 1 torch thread.
+(4 members of one architecture, Fashion-MNIST, weight matching or --align's method), with BN reset, REPAIR and the
+least-squares repair, next to the mean member measured in the same run; 1 torch thread.
 
     python benchmarks/repairs.py [cnn|resnet20|...] [--n 4] [--align weight|activation|ot]"""
 from __future__ import annotations

@@ -37,6 +37,7 @@ from edgefuse.fuse.model import FusedModel
 from edgefuse.fuse.repair import reset_bn
 from edgefuse.models import data, zoo
 from edgefuse.models.partition import Partition, parse_partition
+from repairs import accuracy
 
 WEIGHTED = (nn.Conv2d, nn.Linear)
 REPAIRS = ("bn", "lsq")
@@ -169,10 +170,11 @@ def zip_lsq(fused: FusedModel, models: list[nn.Sequential], merges: list[torch.T
     def output_at(module: nn.Sequential, i: int) -> int:
         return i + 1 if i + 1 < len(module) and isinstance(module[i + 1], nn.modules.batchnorm._BatchNorm) else i
 
+    blocks = [merge.reshape(len(merge), n, -1) for merge in merges]  # one (merged × member's units) block each
     jobs = [(fused.trunk, start, lambda x, start=start: fused.trunk[:start](x),
-             lambda x, d=d, start=start: sum(_mix(merges[d].reshape(len(merges[d]), n, -1)[:, k],
-                                                  m[:output_at(m, start) + 1](x)) for k, m in enumerate(models)))
-            for d, start in enumerate(layers[:len(merges)])]
+             lambda x, block=block, start=start: sum(_mix(block[:, k], m[:output_at(m, start) + 1](x))
+                                                     for k, m in enumerate(models)))
+            for block, start in zip(blocks, layers)]
     cut = layers[len(merges)]
     jobs += [(head, 0, lambda x: fused.trunk(x), lambda x, m=m: m[:output_at(m, cut) + 1](x))
              for head, m in zip(fused.heads, models)]
@@ -203,11 +205,6 @@ def _spatial(model: nn.Sequential, index: int) -> int:
 def _channels(model: nn.Sequential, index: int) -> int:
     prev = [m for m in model[:index] if isinstance(m, WEIGHTED)][-1]
     return prev.out_channels if isinstance(prev, nn.Conv2d) else prev.out_features
-
-
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return float((model.eval()(x).argmax(1) == y).double().mean())
 
 
 def _zipped(models: list[nn.Sequential], depth: int, within: bool, covs: list[torch.Tensor], xs: list[torch.Tensor],
