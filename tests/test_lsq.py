@@ -1,13 +1,29 @@
 """The least-squares repair: the solver recovers a layer that is exactly the members' mean (dense, grouped and
 depthwise convs, Linear), the first merged layer of a depth split matches the members' normalised mean, and on the
-narrow digits CNN it lifts every fused point above BatchNorm reset."""
+narrow digits CNN it lifts every fused point above BatchNorm reset; a head whose input also takes a shortcut gets
+an adapter that brings it closer to its member."""
+import copy
+import importlib
+
 import pytest
 import torch
 from torch import nn
 
 import edgefuse as ef
+from edgefuse.fuse.adapter import NAME
 from edgefuse.fuse.lsq import RIDGES, Fit, _capture, fit_layer, following_bn
 from edgefuse.models import data
+
+from . import nets
+from .conftest import train_digits
+
+fuse_module = importlib.import_module("edgefuse.fuse")  # the package: ef.fuse is the function
+
+
+@pytest.fixture(scope="module")
+def residuals():
+    """4 trained digits MLPs with a residual block right after the first cut."""
+    return train_digits(nets.Residual, 4)
 
 
 @pytest.mark.parametrize("make", [
@@ -73,9 +89,6 @@ def test_each_members_isolated_units_are_refit_towards_that_member(cnns, monkeyp
     """Under alpha, a member's isolated units read merged features that lsq changed: refitting them (from the
     fused inputs and the member's own) brings their outputs closer to the member's own than its original weights
     do, on validation images the fit never saw."""
-    import importlib
-
-    fuse_module = importlib.import_module("edgefuse.fuse")  # the package: ef.fuse is the function
     s = data.load_dataset("digits")
     spec = ef.permutation_spec(cnns[0], s.example)
     aligned = ef.align(cnns, spec)
@@ -104,3 +117,53 @@ def test_each_members_isolated_units_are_refit_towards_that_member(cnns, monkeyp
     kept = errors(ef.fuse(aligned, spec, alpha=0.5, data=s.calib_batches, repair="lsq"))
     later = [(r, k) for fit, r, k in zip(fits, refit, kept) if fit.select is not None]  # past the shared input
     assert later and all(r < k for r, k in later), later
+
+
+def _head_errors(fused, aligned, x) -> list[float]:
+    """Per head, the mean squared distance of its logits to its own member's, relative to their variance."""
+    with torch.no_grad():
+        _, heads = fused(x)
+        return [float(((heads[:, i] - m(x)) ** 2).mean() / m(x).var()) for i, m in enumerate(aligned)]
+
+
+def test_only_a_head_whose_input_also_takes_a_shortcut_gets_an_adapter(residuals, cnns):
+    s = data.load_dataset("digits")
+    spec = ef.permutation_spec(residuals[0], s.example)
+    fused = ef.fuse(ef.align(residuals, spec), spec, depth=1, data=s.calib_batches, repair="lsq")
+    assert all(isinstance(head.get_submodule(NAME), nn.Linear) for head in fused.heads)
+    spec = ef.permutation_spec(cnns[0], s.example)
+    fused = ef.fuse(ef.align(cnns, spec), spec, depth=2, data=s.calib_batches, repair="lsq")
+    assert not any(NAME in dict(head.named_modules()) for head in fused.heads)
+
+
+def test_the_adapter_brings_every_head_closer_to_its_member(residuals, monkeypatch):
+    """On validation inputs the fit never saw, each head's logits are nearer its own member's with the adapter
+    than with the first layer re-solved alone."""
+    s = data.load_dataset("digits")
+    spec = ef.permutation_spec(residuals[0], s.example)
+    aligned = ef.align(residuals, spec)
+    adapted = _head_errors(ef.fuse(aligned, spec, depth=1, data=s.calib_batches, repair="lsq", head_outputs=True),
+                           aligned, s.x_val)
+    monkeypatch.setattr(fuse_module, "adapt_heads", lambda *args: [])
+    alone = _head_errors(ef.fuse(aligned, spec, depth=1, data=s.calib_batches, repair="lsq", head_outputs=True),
+                         aligned, s.x_val)
+    assert all(a < b for a, b in zip(adapted, alone)), (adapted, alone)
+
+
+def test_lsq_on_copies_of_one_residual_net_keeps_its_function(residuals):
+    s = data.load_dataset("digits")
+    copies = [copy.deepcopy(residuals[0]) for _ in range(3)]
+    spec = ef.permutation_spec(copies[0], s.example)
+    fused = ef.fuse(copies, spec, depth=1, data=s.calib_batches, repair="lsq")
+    with torch.no_grad():
+        want = residuals[0](s.x_val)
+        assert float(((fused(s.x_val) - want) ** 2).mean() / want.var()) < 1e-4
+
+
+def test_batched_heads_with_adapters_give_the_same_outputs(residuals):
+    s = data.load_dataset("digits")
+    spec = ef.permutation_spec(residuals[0], s.example)
+    aligned = ef.align(residuals, spec)
+    fused = ef.fuse(aligned, spec, depth=1, data=s.calib_batches, repair="lsq")
+    with torch.no_grad():
+        torch.testing.assert_close(fused.batch_heads()(s.x_val), fused(s.x_val), atol=1e-4, rtol=1e-4)

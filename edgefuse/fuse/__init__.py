@@ -15,6 +15,7 @@ from .model import FusedModel, ensemble
 from .neuron import MixedLayer, fuse_alpha
 from ..models.data import require_batches
 from .distill import DistillConfig, distill
+from .adapter import adapt_heads
 from .lsq import Fit, following_bn, lsq_repair
 from .lsq_isolated import isolated_fits
 from .repair import REPAIRS, reset_bn, rescale_units
@@ -38,8 +39,8 @@ def fuse(aligned: list[nn.Module], spec: PermSpec, depth: int | None = None, alp
     `options` are FuseOptions: `combine` ("mean" of logits or of "probs"); `batch_heads=True` runs the N heads as one network of grouped kernels (same outputs, fewer kernels);
     `head_outputs=True` adds every head's output as a second output. `repair`: "bn" (reset BatchNorm statistics),
     "repair" (REPAIR: rescale merged units to their parents' statistics, then reset BN), "lsq" (re-solve each merged
-    layer by least squares towards the members' mean output, and each head's first layer towards its member; see
-    fuse/lsq.py), "distill" (BN reset, then
+    layer by least squares towards the members' mean output, and each head's first layer towards its member, after
+    an adapter where a shortcut also reads the trunk; see fuse/lsq.py and fuse/adapter.py), "distill" (BN reset, then
     `steps` steps of distillation towards the ensemble on the calibration inputs, shifted and flipped when they are
     images; `fuse/distill.py` trains on any other unlabeled set) or None. `select` ("cost" or
     "partial-ot", with alpha) decides which units stay isolated (see fuse/select.py)."""
@@ -83,7 +84,11 @@ def _repair(fused: FusedModel, method: str | None, data, aligned: list[nn.Module
             layouts: dict | None, steps: int) -> None:
     if method == "lsq":
         xs = require_batches(data, "lsq repair", aligned[0])
-        lsq_repair(fused, aligned, _lsq_fits(fused, aligned, spec, layouts), xs)
+        bns = following_bn(aligned[0], list(spec.weight_layers))
+        lsq_repair(fused, aligned, _merged_fits(fused, aligned, spec, layouts, bns), xs)
+        if layouts is None:
+            adapt_heads(fused, aligned, xs)
+            lsq_repair(fused, aligned, _head_fits(fused, spec, bns), xs)
         return
     if method == "repair":
         rescale_units(fused, aligned, _merged_layers(fused, spec, layouts), data)
@@ -97,10 +102,10 @@ def _repair(fused: FusedModel, method: str | None, data, aligned: list[nn.Module
         distill(fused, ensemble(aligned), inputs, DistillConfig(steps=steps), label="the fused model")
 
 
-def _lsq_fits(fused: FusedModel, aligned: list[nn.Module], spec: PermSpec, layouts: dict | None) -> list[Fit]:
+def _merged_fits(fused: FusedModel, aligned: list[nn.Module], spec: PermSpec, layouts: dict | None,
+                 bns: dict[str, str]) -> list[Fit]:
     """The merged layers (towards the members' mean), each followed under alpha by every member's isolated units
-    of that layer (towards that member), then at a depth split each head's first layer (towards its own member)."""
-    bns = following_bn(aligned[0], list(spec.weight_layers))
+    of that layer (towards that member)."""
     owner = fused.trunk if layouts is None else fused.heads[0]
     everyone = tuple(range(len(aligned)))
     merged = {name: (layer, units) for _, layer, name, units in _merged_layers(fused, spec, layouts)}
@@ -114,12 +119,17 @@ def _lsq_fits(fused: FusedModel, aligned: list[nn.Module], spec: PermSpec, layou
         if mixed is not None:
             isolated = tensor_layout(axes[0], layouts, name).isolated
             fits += isolated_fits(mixed, len(aligned), name, isolated, bns.get(name), owner)
-    if layouts is None:
-        trunk = {n for n, _ in fused.trunk.named_modules()}
-        first = next(n for n in spec.weight_layers if n not in trunk)
-        for i, head in enumerate(fused.heads):
-            layer = head.get_submodule(first)
-            fits.append(Fit(layer, (i,), first, torch.arange(layer.weight.shape[0]), bns.get(first), head))
+    return fits
+
+
+def _head_fits(fused: FusedModel, spec: PermSpec, bns: dict[str, str]) -> list[Fit]:
+    """At a depth split, each head's first layer (towards its own member), fed by its adapter where it has one."""
+    trunk = {n for n, _ in fused.trunk.named_modules()}
+    first = next(n for n in spec.weight_layers if n not in trunk)
+    fits = []
+    for i, head in enumerate(fused.heads):
+        layer = head.get_submodule(first)
+        fits.append(Fit(layer, (i,), first, torch.arange(layer.weight.shape[0]), bns.get(first), head))
     return fits
 
 
