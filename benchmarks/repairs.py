@@ -1,6 +1,7 @@
 """Repairs before any distillation: validation accuracy of every fused depth and of alpha 0.25 / 0.5 on the zoo
 (4 members of one architecture, Fashion-MNIST, weight matching or --align's method), with BN reset, REPAIR and the
-least-squares repair, next to the mean member measured in the same run; 1 torch thread.
+least-squares repair (and each one's MACs as a share of the ensemble's), next to the mean member measured in the
+same run; 1 torch thread.
 
     python benchmarks/repairs.py [cnn|resnet20|...] [--n 4] [--align weight|activation|ot] [--repair lsq ...]"""
 from __future__ import annotations
@@ -34,6 +35,7 @@ def repairs_table(arch: str, n: int = 4, cache: str = "build/cache", align: str 
     spec = ef.permutation_spec(models[0], s.example)
     aligned = ef.align(models, spec, align, data=s.calib_batches)
     members = [accuracy(m, s.x_val, s.y_val) for m in models]
+    ensemble_macs = ef.macs(ef.ensemble(models), s.example[:1])
     rows = []
     points = [{"depth": d} for d in range(1, len(spec.cut_points) + 1)] + [{"alpha": a} for a in ALPHAS]
     for point in points:
@@ -42,7 +44,8 @@ def repairs_table(arch: str, n: int = 4, cache: str = "build/cache", align: str 
             t0 = time.perf_counter()
             fused = ef.fuse(aligned, spec, data=s.calib_batches, repair=repair, **point)
             row[repair] = {"accuracy": accuracy(fused, s.x_val, s.y_val),
-                           "seconds": round(time.perf_counter() - t0, 1)}
+                           "seconds": round(time.perf_counter() - t0, 1),
+                           "macs_ratio": round(ef.macs(fused, s.example[:1]) / ensemble_macs, 4)}
         rows.append(row)
         print(point, {r: round(row[r]["accuracy"], 4) for r in repairs}, flush=True)
     return {"arch": arch, "n": n, "align": align, "split": "validation (5,000 images)", "members": members,
