@@ -14,7 +14,8 @@ is scored with BN reset and with the least-squares repair. This file holds the m
 evaluation: the package keeps weight matching and lsq (see docs/results.md for the verdict).
 
     python benchmarks/zipit.py [--partition all|iid|dirichlet:A] [--zoo-seed S ...] [--n 4]
-    (1 torch thread; writes build/bench/zipit.json; the table shows accuracy minus the mean member)"""
+    (1 torch thread; each zoo is kept in build/bench/zipit/, read back when asked again; writes
+    build/bench/zipit.json; the table shows accuracy minus the mean member, mean ± std over the zoos)"""
 from __future__ import annotations
 
 import argparse
@@ -258,7 +259,13 @@ def table(zoos: list[dict]) -> str:
 def run(partition: str = "all", zoo_seeds: tuple[int, ...] = (0,), n: int = 4) -> dict:
     """Every zoo, the table (printed), and build/bench/zipit.json."""
     torch.set_num_threads(1)
-    zoos = [measure_zoo(replace(parse_partition(partition), seed=seed), n) for seed in zoo_seeds]
+    zoos = []
+    for seed in zoo_seeds:
+        p = replace(parse_partition(partition), seed=seed)
+        path = Path("build/bench/zipit") / f"{p.kind}{p.value:g}-n{n}-s{seed}.json"
+        if not path.is_file():  # each finished zoo is kept: zoos can run side by side, and a stopped run resumes
+            atomic_write_text(path, json.dumps(measure_zoo(p, n), indent=1) + "\n")
+        zoos.append(json.loads(path.read_text()))
     result = {"n": n, "split": "validation (5,000 images)", "torch_threads": 1, "zoos": zoos, "table": table(zoos)}
     atomic_write_text(Path("build/bench/zipit.json"), json.dumps(result, indent=1) + "\n")
     print(result["table"])
