@@ -11,6 +11,7 @@ from torch import nn
 
 import edgefuse as ef
 from edgefuse.fuse.adapter import NAME
+from edgefuse.fuse import lsq
 from edgefuse.fuse.lsq import RIDGES, Fit, _capture, fit_layer, following_bn
 from edgefuse.models import data
 
@@ -167,3 +168,22 @@ def test_batched_heads_with_adapters_give_the_same_outputs(residuals):
     fused = ef.fuse(aligned, spec, depth=1, data=s.calib_batches, repair="lsq")
     with torch.no_grad():
         torch.testing.assert_close(fused.batch_heads()(s.x_val), fused(s.x_val), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("conv", [
+    nn.Conv2d(4, 6, 3, padding=1),
+    nn.Conv2d(4, 6, (3, 2), stride=2, padding=(1, 0), dilation=(2, 1), groups=2),
+    nn.Conv2d(4, 4, 1),
+], ids=["3x3", "strided-dilated-grouped", "1x1"])
+def test_sampled_patches_are_unfolds_rows(conv):
+    """A sample of regression rows is gathered from the padded input without unfolding the others: the same
+    rows, in the same column order, as unfolding every position and keeping those."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 9, 11)
+    out = conv(x)
+    keep = torch.randperm(out.shape[0] * out.shape[2] * out.shape[3])[:50]
+    every = lsq._columns(conv, x)
+    some = lsq._columns(conv, x, keep, (len(out), *out.shape[2:]))
+    assert len(some) == conv.groups
+    for a, b in zip(every, some):
+        torch.testing.assert_close(b, a[keep], rtol=0, atol=0)

@@ -57,19 +57,38 @@ def following_bn(model: nn.Module, names: list[str]) -> dict[str, str]:
     return out
 
 
-def _columns(layer: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
-    """The layer's input as regression rows, one matrix per group."""
+def _columns(layer: nn.Module, x: torch.Tensor, keep: torch.Tensor | None = None,
+             out_size: tuple[int, ...] = ()) -> list[torch.Tensor]:
+    """The layer's input as regression rows, one matrix per group: every row, or only the rows `keep` (row r of a
+    conv is output position r of the flattened (batch, height, width) of size `out_size`), whose patches are
+    gathered from the padded input directly, never unfolding the positions a sample leaves out."""
     if isinstance(layer, nn.Linear):
-        cols = [x.reshape(-1, x.shape[-1])]
+        rows = x.reshape(-1, x.shape[-1])
+        cols = [rows if keep is None else rows[keep]]
     elif isinstance(layer, nn.Conv2d):
         if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
             raise EdgefuseError(f"lsq repair: conv padding {layer.padding!r}/{layer.padding_mode} is not supported")
-        patches = nn.functional.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
-        rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        if keep is None:
+            patches = nn.functional.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+            rows = patches.transpose(1, 2).reshape(-1, patches.shape[1])
+        else:
+            rows = _patches_at(layer, x, keep, out_size)
         cols = list(rows.chunk(layer.groups, dim=1))
     else:
         raise EdgefuseError(f"lsq repair: {type(layer).__name__} layers are not supported (Linear, Conv2d)")
     return cols
+
+
+def _patches_at(layer: nn.Conv2d, x: torch.Tensor, keep: torch.Tensor, out_size: tuple[int, ...]) -> torch.Tensor:
+    """unfold's rows `keep`, in its column order (channel, then kernel row, then kernel column)."""
+    (ph, pw), (sh, sw), (dh, dw) = layer.padding, layer.stride, layer.dilation
+    padded = nn.functional.pad(x, (pw, pw, ph, ph))
+    _, height, width = out_size
+    b, pos = keep // (height * width), keep % (height * width)
+    y, z = (pos // width) * sh, (pos % width) * sw
+    kh, kw = layer.kernel_size
+    taps = [padded[b, :, y + i * dh, z + j * dw] for i in range(kh) for j in range(kw)]
+    return torch.stack(taps, 2).reshape(len(keep), -1)
 
 
 def _targets(layer: nn.Module, t: torch.Tensor) -> list[torch.Tensor]:
@@ -128,10 +147,13 @@ class NormalEquations:
 
     def add(self, x: torch.Tensor, target: torch.Tensor, held: bool = False) -> None:
         """One batch: the layer's input `x` and the output it should give (channels on the layer's output axis)."""
-        cols, targets = _columns(self.layer, x), _targets(self.layer, target)
-        if len(cols[0]) > self.per_batch:
-            keep = torch.randperm(len(cols[0]), generator=self.gen)[:self.per_batch]
-            cols, targets = [c[keep] for c in cols], [t[keep] for t in targets]
+        targets = _targets(self.layer, target)
+        keep = None
+        if len(targets[0]) > self.per_batch:
+            keep = torch.randperm(len(targets[0]), generator=self.gen)[:self.per_batch]
+            targets = [t[keep] for t in targets]
+        size = (len(target), *target.shape[2:]) if isinstance(self.layer, nn.Conv2d) else ()
+        cols = _columns(self.layer, x, keep, size)
         for g, (c, t) in enumerate(zip(cols, targets)):
             c = torch.cat([c.double(), torch.ones(len(c), 1, dtype=torch.float64)], 1)  # the bias's column
             acc = self.stats["held" if held else "fit"][g]
