@@ -156,7 +156,7 @@ def _fuse_to(obj: dict, checkpoints: tuple[str, ...], opts: dict) -> None:
 @cli.command()
 @with_models
 @click.option("--target", default=RunConfig.target, show_default=True, help="Name of a file in targets/, or a .toml path.")
-@click.option("--method", type=click.Choice(sorted(METHODS)), default="weight", show_default=True,
+@click.option("--method", type=click.Choice(sorted(METHODS)), default=RunConfig.methods[0], show_default=True,
               help="Alignment method.")
 @click.option("--depth", type=click.IntRange(0, None), default=None,
               help="Ship this fusion depth instead of the chooser's pick (0 = the batched exact ensemble).")
@@ -239,7 +239,7 @@ def verify(onnx_file: str, data: str, threads: int, batch_sizes: tuple[int, ...]
 @click.option("--alpha", "alphas", type=click.FloatRange(0, 1), multiple=True, default=DEFAULT_ALPHAS,
               show_default=True, help="Alpha values to try (repeat the option).")
 @click.option("--method", "methods", type=click.Choice(sorted(METHODS)), multiple=True,
-              default=("weight",), show_default=True, help="Alignment methods to try (repeat the option).")
+              default=RunConfig.methods, show_default=True, help="Alignment methods to try (repeat the option).")
 @click.option("--repair", "repairs", type=click.Choice([r or "none" for r in REPAIRS if r != "distill"]),
               multiple=True,
               default=tuple(r or "none" for r in RunConfig.repairs), show_default=True,
