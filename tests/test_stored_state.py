@@ -10,10 +10,11 @@ from click.testing import CliRunner
 
 from edgefuse.base.files import exclusive
 from edgefuse.cli import cli
+from edgefuse.run.config import RunConfig
 
 SWEEP = ["-q", "sweep", "--model", "tests.nets:digits_mlp", "--dataset", "digits", "--alpha", "0.5", "--workers", "0",
          "--distill-steps", "0"]
-KEY = "weight-depth1-lsq"
+KEY = f"{RunConfig.methods[0]}-depth1-lsq"
 
 
 @pytest.fixture(scope="module")

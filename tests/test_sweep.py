@@ -6,6 +6,7 @@ from click.testing import CliRunner
 
 import edgefuse as ef
 from edgefuse.cli import cli
+from edgefuse.run.config import RunConfig
 
 
 @pytest.fixture
@@ -24,7 +25,8 @@ def test_sweep_runs_in_workers_resumes_and_plots(checkpoints, tmp_path):
     keys = [c["key"] for c in sweep["candidates"]]
     assert keys[:6] == ["member0", "member1", "member2", "ensemble", "ensemble_batched", "ensemble_sessions"]
     assert keys[6].startswith("sub-ensemble-") and sweep["candidates"][6]["kind"] == "sub-ensemble"
-    assert keys[7:10] == ["weight-depth1-lsq", "weight-depth2-lsq", "weight-alpha0.5-lsq"]
+    method = RunConfig.methods[0]
+    assert keys[7:10] == [f"{method}-depth1-lsq", f"{method}-depth2-lsq", f"{method}-alpha0.5-lsq"]
     assert {c["kind"] for c in sweep["candidates"][10:]} == {"distilled member", "fused"}
     assert all(c["peak_memory_mb"] >= 0 for c in sweep["candidates"])  # tiny nets may not raise the peak
     assert sweep["shipped"]["key"] in keys and sweep["candidates"][keys.index(sweep["shipped"]["key"])][

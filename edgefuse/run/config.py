@@ -30,7 +30,7 @@ class RunConfig:
     calibration_images: int | None = None  # None: the data's default (models/data.CALIBRATION_IMAGES); 0: all
     out_root: str = "build"
     cache: str = "build/cache"
-    methods: tuple[str, ...] = ("weight",)
+    methods: tuple[str, ...] = ("activation",)  # see docs/results.md, "The least-squares repair"
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
     repairs: tuple[str | None, ...] = ("lsq",)  # see docs/results.md, "The least-squares repair"
     depth: int | None = None
