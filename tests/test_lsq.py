@@ -7,10 +7,11 @@ import importlib
 
 import pytest
 import torch
+import torch.fx as fx
 from torch import nn
 
 import edgefuse as ef
-from edgefuse.fuse.adapter import NAME
+from edgefuse.fuse.adapter import NAME, needs_adapter
 from edgefuse.fuse import lsq
 from edgefuse.fuse.lsq import RIDGES, Fit, _capture, fit_layer, following_bn
 from edgefuse.models import data
@@ -135,6 +136,25 @@ def test_only_a_head_whose_input_also_takes_a_shortcut_gets_an_adapter(residuals
     spec = ef.permutation_spec(cnns[0], s.example)
     fused = ef.fuse(ef.align(cnns, spec), spec, depth=2, data=s.calib_batches, repair="lsq")
     assert not any(NAME in dict(head.named_modules()) for head in fused.heads)
+
+
+class _Flat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x.view(x.size(0), -1))
+
+
+class _Skip(_Flat):
+    def forward(self, x):
+        return self.fc(x) + x
+
+
+def test_a_head_that_only_asks_its_inputs_shape_needs_no_adapter():
+    assert not needs_adapter(fx.symbolic_trace(_Flat()))
+    assert needs_adapter(fx.symbolic_trace(_Skip()))
 
 
 def test_the_adapter_brings_every_head_closer_to_its_member(residuals, monkeypatch):

@@ -24,9 +24,16 @@ def _input(head: fx.GraphModule) -> fx.Node:
     return next(n for n in head.graph.nodes if n.op == "placeholder")
 
 
+def _reads_values(node: fx.Node) -> bool:
+    """False for a node that only asks the input's shape (`x.size(0)`, `x.shape`, `x.dim()`)."""
+    if node.op == "call_method" and node.target in ("size", "dim"):
+        return False
+    return not (node.op == "call_function" and node.target is getattr and node.args[1:2] == ("shape",))
+
+
 def needs_adapter(head: nn.Module) -> bool:
-    """A head whose input feeds more than one node (a shortcut beside its first layer)."""
-    return isinstance(head, fx.GraphModule) and len(_input(head).users) > 1
+    """A head whose input's values feed more than one node (a shortcut beside its first layer)."""
+    return isinstance(head, fx.GraphModule) and sum(map(_reads_values, _input(head).users)) > 1
 
 
 def _identity_map(h: torch.Tensor) -> nn.Module | None:
