@@ -72,13 +72,15 @@ def adapt_heads(fused: FusedModel, members: list[nn.Module], xs: list[torch.Tens
     """Give every head that needs one an adapter solved towards its own member's features at the cut; returns
     the chosen relative ridges (none when no head needs an adapter)."""
     heads = [i for i, head in enumerate(fused.heads) if needs_adapter(head)]
+    if not heads:
+        return []
     with torch.no_grad():
         example = fused.trunk(xs[0])
-    if not heads or _identity_map(example) is None:
+    layers = {i: _identity_map(example) for i in heads}
+    if None in layers.values():
         return []
     cut = _cut(fused.trunk)
     parts = {i: split_graph(fx.symbolic_trace(copy.deepcopy(members[i])), cut)[0].eval() for i in heads}
-    layers = {i: _identity_map(example) for i in heads}
     systems = {i: NormalEquations(layers[i], len(xs)) for i in heads}
     with torch.no_grad():
         for b, x in enumerate(xs):
