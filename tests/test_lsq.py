@@ -125,7 +125,8 @@ def _head_errors(fused, aligned, x) -> list[float]:
     """Per head, the mean squared distance of its logits to its own member's, relative to their variance."""
     with torch.no_grad():
         _, heads = fused(x)
-        return [float(((heads[:, i] - m(x)) ** 2).mean() / m(x).var()) for i, m in enumerate(aligned)]
+        wants = [m(x) for m in aligned]
+        return [float(((heads[:, i] - want) ** 2).mean() / want.var()) for i, want in enumerate(wants)]
 
 
 def test_only_a_head_whose_input_also_takes_a_shortcut_gets_an_adapter(residuals, cnns):
