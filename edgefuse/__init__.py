@@ -17,6 +17,7 @@ _PUBLIC = {
     "export_onnx": "graph.onnx",
     "barrier": "measure.barrier", "macs": "measure.metrics", "params": "measure.metrics",
     "verify": "jobs.verify",
+    "Cascade": "measure.cascade", "CascadeRule": "base.cascade",
 }
 __all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"

@@ -98,7 +98,7 @@ def latency(runner: Runner, x: np.ndarray, warmup: int = 10, min_runs: int = 30,
 
 def summarize(times: list[float]) -> dict:
     a = np.asarray(times)
-    return {"min": float(a.min()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+    return {"min": float(a.min()), "mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
             "p99": float(np.percentile(a, 99)), "runs": len(times)}
 
 

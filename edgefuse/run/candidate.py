@@ -15,7 +15,7 @@ from ..measure.metrics import macs, params, scores
 from ..measure.runners import OrtRunner, Runner, TorchRunner, latency, latency_batch, predict, predict_with_heads
 from ..measure.uncertainty import flag_rule
 
-KINDS = ("member", "distilled member", "sub-ensemble", "ensemble", "fused")
+KINDS = ("member", "distilled member", "sub-ensemble", "ensemble", "fused", "cascade")
 ALL_CORES = os.cpu_count() or 1
 LATENCY_SECONDS = 0.5  # per batch size, at least 30 calls: enough for a stable p50 on these nets
 
@@ -84,6 +84,7 @@ class Candidate:
     quantization: dict | None = None
     uncertainty: dict | None = None
     members: tuple[int, ...] | None = None  # a sub-ensemble's members, by index
+    cascade: dict | None = None  # a cascade's rule, stage graphs, escalation rates and worst-case MACs
     val_correct: np.ndarray | None = field(default=None, repr=False, compare=False)
     test_predictions: np.ndarray | None = field(default=None, repr=False, compare=False)
 
@@ -111,6 +112,16 @@ class Candidate:
     def p50(self, batch: str) -> float:
         return self.latency_by_batch[batch]["p50"]
 
+    def latency(self, batch: str, binds: str = "mean") -> float:
+        """The latency figure a budget binds: the mean per call (rows measured before the mean was recorded give
+        their p50) or the p99."""
+        lat = self.latency_by_batch[batch]
+        return lat["p99"] if binds == "p99" else lat.get("mean", lat["p50"])
+
+    def cost_macs(self, binds: str = "mean") -> int:
+        """MACs per input: a cascade's mean on validation, or its worst case where the budget binds the p99."""
+        return self.cascade["macs_worst"] if binds == "p99" and self.cascade else self.macs
+
     def to_json(self, root: str | Path | None = None, stored: bool = False) -> dict:
         """The JSON row: test scores at the top level (the report's contract), both splits spelled out, the file
         relative to `root`. `stored=True` keeps the per-sample columns, for resumable sweep points."""
@@ -120,6 +131,8 @@ class Candidate:
                             "point": asdict(self.point) if self.point else None}
         if self.file and root is not None:
             out["file"] = os.path.relpath(self.file, root)
+        if self.cascade and root is not None:
+            out["cascade"] = self.cascade | {"stages": [os.path.relpath(f, root) for f in self.cascade["stages"]]}
         if stored:
             out["val_correct"] = np.packbits(self.val_correct).tobytes().hex()
             out["n_val"] = len(self.val_correct)
@@ -134,6 +147,8 @@ class Candidate:
         kw["point"] = Point(**row["point"]) if row.get("point") else None
         kw["members"] = tuple(row["members"]) if row.get("members") is not None else None
         kw["file"] = str(Path(root) / row["file"]) if row.get("file") else None
+        if row.get("cascade"):
+            kw["cascade"] = row["cascade"] | {"stages": [str(Path(root) / f) for f in row["cascade"]["stages"]]}
         bits = np.unpackbits(np.frombuffer(bytes.fromhex(row["val_correct"]), dtype=np.uint8))
         kw["val_correct"] = bits[:row["n_val"]].astype(bool)
         kw["test_predictions"] = np.asarray(row["test_predictions"])

@@ -16,6 +16,7 @@ from ..targets import Target
 NOISE_Z = 2.0  # two standard errors of the paired difference: below this, two accuracies are a tie
 MEASURED_HERE = ("onnxruntime", "cuda")  # runtimes whose latency the host measures; TensorRT's is the device's
 PLAIN = ("member", "distilled member", "sub-ensemble", "ensemble")  # kinds that win a tie with a fused model
+TIE_YIELDS = ("fused", "cascade")  # kinds that give way, on a tie, to a plain kind that is not clearly slower
 FASTER = 0.9  # "clearly faster": p50 at most 90 % of the other's at every batch size (timing noise is a few %)
 
 
@@ -28,10 +29,12 @@ class Budget:
     memory_mb: float | None = None
     max_drop: float | None = None
     min_auroc: float | None = None
+    binds: str = "mean"  # what the latency and MACs budgets bind: the mean per call, or the p99 (worst-case MACs)
 
     def describe(self) -> str:
-        parts = [f"MACs ≤ {self.max_macs_ratio:g}× the ensemble" if self.max_macs_ratio is not None else "",
-                 ", ".join(f"p50 ≤ {v:g} ms at batch {b}" for b, v in self.latency_ms.items()),
+        worst = "worst-case " if self.binds == "p99" else ""
+        parts = [f"{worst}MACs ≤ {self.max_macs_ratio:g}× the ensemble" if self.max_macs_ratio is not None else "",
+                 ", ".join(f"{self.binds} latency ≤ {v:g} ms at batch {b}" for b, v in self.latency_ms.items()),
                  f"peak memory ≤ {self.memory_mb:g} MB" if self.memory_mb is not None else "",
                  f"validation accuracy within {self.max_drop:g} of the ensemble" if self.max_drop is not None else "",
                  f"misclassification-detection AUROC ≥ {self.min_auroc:g} on validation"
@@ -40,7 +43,8 @@ class Budget:
 
     def as_dict(self) -> dict:
         return {"max_macs_ratio": self.max_macs_ratio, "latency_ms": dict(self.latency_ms),
-                "memory_mb": self.memory_mb, "max_drop": self.max_drop, "min_auroc": self.min_auroc}
+                "memory_mb": self.memory_mb, "max_drop": self.max_drop, "min_auroc": self.min_auroc,
+                "binds": self.binds}
 
 
 @dataclass(frozen=True)
@@ -51,37 +55,40 @@ class Choice:
     within_budget: tuple[str, ...]
 
 
-def dominates(a: Candidate, b: Candidate, batches: list[str], memory: bool = False, uncertainty: bool = False) -> bool:
-    """`a` matches or beats `b` on validation accuracy while being no slower at every batch size (and, when memory is
-    budgeted, no larger; when uncertainty is asked for, flagging errors at least as well)."""
-    return (a.accuracy >= b.accuracy and all(a.p50(x) <= b.p50(x) for x in batches)
+def dominates(a: Candidate, b: Candidate, batches: list[str], memory: bool = False, uncertainty: bool = False,
+              binds: str = "mean") -> bool:
+    """`a` matches or beats `b` on validation accuracy while being no slower at every batch size (by the figure the
+    budget binds: mean or p99 per call; and, when memory is budgeted, no larger; when uncertainty is asked for,
+    flagging errors at least as well)."""
+    return (a.accuracy >= b.accuracy and all(a.latency(x, binds) <= b.latency(x, binds) for x in batches)
             and (not memory or (a.peak_memory_mb or 0.0) <= (b.peak_memory_mb or 0.0))
             and (not uncertainty or (a.uncertainty_auroc or 0.0) >= (b.uncertainty_auroc or 0.0)))
 
 
-def _speed(c: Candidate, batches: list[str]) -> float:
-    """Geometric mean of p50 over the batch sizes: one number to order candidates by speed."""
-    return math.exp(sum(math.log(max(c.p50(b), 1e-9)) for b in batches) / len(batches))
+def _speed(c: Candidate, batches: list[str], binds: str = "mean") -> float:
+    """Geometric mean of the bound latency over the batch sizes: one number to order candidates by speed."""
+    return math.exp(sum(math.log(max(c.latency(b, binds), 1e-9)) for b in batches) / len(batches))
 
 
 def dominance(rows: list[Candidate], batches: list[str], memory: bool = False,
-              uncertainty: bool = False) -> dict[str, str]:
+              uncertainty: bool = False, binds: str = "mean") -> dict[str, str]:
     """For each dominated row, the key of its most accurate dominator. Of two rows equal on every criterion the
     first listed stands and the second is dominated, so a set of identical rows keeps exactly one."""
     out = {}
     for j, b in enumerate(rows):
-        beaten_by = [a for i, a in enumerate(rows) if i != j and dominates(a, b, batches, memory, uncertainty)
-                     and (i < j or not dominates(b, a, batches, memory, uncertainty))]
+        beaten_by = [a for i, a in enumerate(rows) if i != j and dominates(a, b, batches, memory, uncertainty, binds)
+                     and (i < j or not dominates(b, a, batches, memory, uncertainty, binds))]
         if beaten_by:
-            out[b.key] = max(beaten_by, key=lambda a: (a.accuracy, -_speed(a, batches))).key
+            out[b.key] = max(beaten_by, key=lambda a: (a.accuracy, -_speed(a, batches, binds))).key
     return out
 
 
 def fits(c: Candidate, budget: Budget, ensemble_macs: int) -> bool:
-    """Within every budget: MACs, latency, memory, and the uncertainty criterion (the validation AUROC of the
-    candidate's better signal, max softmax or its heads' disagreement)."""
-    return ((budget.max_macs_ratio is None or c.macs <= budget.max_macs_ratio * ensemble_macs)
-            and all(c.p50(b) <= v for b, v in budget.latency_ms.items())
+    """Within every budget: MACs and latency (mean or worst case, as the budget binds), memory, and the uncertainty
+    criterion (the validation AUROC of the candidate's better signal, max softmax or its heads' disagreement)."""
+    binds = budget.binds
+    return ((budget.max_macs_ratio is None or c.cost_macs(binds) <= budget.max_macs_ratio * ensemble_macs)
+            and all(c.latency(b, binds) <= v for b, v in budget.latency_ms.items())
             and (budget.memory_mb is None or (c.peak_memory_mb or 0.0) <= budget.memory_mb)
             and (budget.min_auroc is None or (c.uncertainty_auroc or 0.0) >= budget.min_auroc))
 
@@ -103,40 +110,40 @@ def same_network(a: Candidate, b: Candidate) -> bool:
 def choose(rows: list[Candidate], budget: Budget, ensemble: Candidate) -> Choice:
     """The chooser. `rows` holds every candidate, the exact ensembles included; `ensemble` is the reference for
     the MACs share and for `max_drop`."""
-    batches = list(ensemble.latency_by_batch)
-    beaten = dominance(rows, batches, memory=budget.memory_mb is not None, uncertainty=budget.min_auroc is not None)
+    batches, binds = list(ensemble.latency_by_batch), budget.binds
+    beaten = dominance(rows, batches, budget.memory_mb is not None, budget.min_auroc is not None, binds)
     within = [c for c in rows if fits(c, budget, ensemble.macs)]
     if budget.max_drop is not None:
         within = [c for c in within if c.accuracy >= ensemble.accuracy - budget.max_drop]
     pool = [c for c in within if c.key not in beaten]
     if not pool:
-        cheapest = min(rows, key=lambda c: _speed(c, batches))
+        cheapest = min(rows, key=lambda c: _speed(c, batches, binds))
         raise EdgefuseError(f"no candidate meets the budget ({budget.describe()}); the cheapest is {cheapest.label}: "
-                            f"p50 {cheapest.p50(batches[0]):.3f} ms at batch {batches[0]}, "
+                            f"{binds} {cheapest.latency(batches[0], binds):.3f} ms at batch {batches[0]}, "
                             f"{cheapest.peak_memory_mb or float('nan'):.1f} MB, validation accuracy "
                             f"{cheapest.accuracy:.4f}")
     if budget.max_drop is not None:
-        chosen = min(pool, key=lambda c: _speed(c, batches))
+        chosen = min(pool, key=lambda c: _speed(c, batches, binds))
         reason = (f"the fastest candidate within {budget.max_drop:g} of the ensemble's validation accuracy "
                   f"({chosen.accuracy:.4f} vs {ensemble.accuracy:.4f})")
         return Choice(chosen, reason, beaten, tuple(c.key for c in within))
-    best = max(pool, key=lambda c: (c.accuracy, -_speed(c, batches)))
+    best = max(pool, key=lambda c: (c.accuracy, -_speed(c, batches, binds)))
     reason = (f"the most accurate on validation ({best.accuracy:.4f}) of the {len(within)} candidates within the "
               f"budget ({budget.describe()}), and no candidate is as accurate and at least as fast")
     faster = [c for c in pool if c is not best and not same_network(c, best)
-              and all(c.p50(b) <= FASTER * best.p50(b) for b in batches)
+              and all(c.latency(b, binds) <= FASTER * best.latency(b, binds) for b in batches)
               and (z := tie_z(best, c)) is not None and z < NOISE_Z]
     chosen = best
     if faster:
-        chosen = min(faster, key=lambda c: _speed(c, batches))
+        chosen = min(faster, key=lambda c: _speed(c, batches, binds))
         z = tie_z(best, chosen)
-        ratios = ", ".join(f"{chosen.p50(b) / best.p50(b):.2f}× at b{b}" for b in batches)
+        ratios = ", ".join(f"{chosen.latency(b, binds) / best.latency(b, binds):.2f}× at b{b}" for b in batches)
         reason = (f"ties on validation with the most accurate candidate, {best.label} ({chosen.accuracy:.4f} vs "
                   f"{best.accuracy:.4f}, {z:.1f} standard errors apart, under {NOISE_Z:g}), and is clearly faster "
-                  f"(p50 {ratios})")
-    if chosen.kind == "fused" and (plain := _plain_tie(pool, chosen, batches)):
-        reason = (f"ties on validation with the most accurate fused model, {chosen.label} ({plain.accuracy:.4f} vs "
-                  f"{chosen.accuracy:.4f}), and is not clearly slower: a fused model ships only where it beats "
+                  f"({binds} latency {ratios})")
+    if chosen.kind in TIE_YIELDS and (plain := _plain_tie(pool, chosen, batches, binds)):
+        reason = (f"ties on validation with the most accurate {chosen.kind}, {chosen.label} ({plain.accuracy:.4f} vs "
+                  f"{chosen.accuracy:.4f}), and is not clearly slower: a {chosen.kind} ships only where it beats "
                   f"every member, distilled member and ensemble at no higher cost beyond noise")
         chosen = plain
     ties = [c.label for c in pool if c is not chosen and (z := tie_z(chosen, c)) is not None and abs(z) < NOISE_Z]
@@ -147,19 +154,20 @@ def choose(rows: list[Candidate], budget: Budget, ensemble: Candidate) -> Choice
     return Choice(chosen, reason, beaten, tuple(c.key for c in within))
 
 
-def _plain_tie(pool: list[Candidate], fused: Candidate, batches: list[str]) -> Candidate | None:
+def _plain_tie(pool: list[Candidate], fused: Candidate, batches: list[str], binds: str) -> Candidate | None:
     """The most accurate member, distilled member or (sub-)ensemble that ties with `fused` on validation and is not
     clearly slower at any batch size: fusion has to earn its place beyond noise, and on a tie the plainer model,
     whose accuracy needs no merge to hold, ships."""
     ties = [c for c in pool if c.kind in PLAIN and (z := tie_z(fused, c)) is not None and z < NOISE_Z
-            and all(FASTER * c.p50(b) <= fused.p50(b) for b in batches)]
-    return max(ties, key=lambda c: (c.accuracy, -_speed(c, batches))) if ties else None
+            and all(FASTER * c.latency(b, binds) <= fused.latency(b, binds) for b in batches)]
+    return max(ties, key=lambda c: (c.accuracy, -_speed(c, batches, binds))) if ties else None
 
 
 def target_budget(tgt: Target, latency_ms: float | tuple[float, ...] | None = None, memory_mb: float | None = None,
                   max_drop: float | None = None, min_auroc: float | None = None) -> Budget:
-    """The target's budgets, overridden where given. A latency budget is one p50 per batch size of the target (a
-    single number applies to every batch size), and applies only where latency is measured on the target's own
+    """The target's budgets, overridden where given. A latency budget is one figure per batch size of the target
+    (a single number applies to every batch size), the mean per call or the p99 as the target's `latency_binds`
+    says, and applies only where latency is measured on the target's own
     runtime (onnxruntime, or torch on this machine's CUDA GPU); a TensorRT device times the candidates itself
     (`deploy.py --choose`), so here its targets use the MACs share as their proxy."""
     if min_auroc is not None and not (isinstance(min_auroc, (int, float)) and 0 <= min_auroc <= 1):
@@ -171,11 +179,11 @@ def target_budget(tgt: Target, latency_ms: float | tuple[float, ...] | None = No
     lat = latency_ms if latency_ms is not None else tgt.latency_budget_ms
     per_batch = per_batch_latency(tgt, lat if tgt.runtime in MEASURED_HERE else None)
     return Budget(tgt.max_macs_ratio, per_batch, memory_mb if memory_mb is not None else tgt.memory_budget_mb,
-                  max_drop, min_auroc if min_auroc is not None else tgt.min_auroc)
+                  max_drop, min_auroc if min_auroc is not None else tgt.min_auroc, tgt.latency_binds)
 
 
 def per_batch_latency(tgt: Target, lat: float | tuple[float, ...] | None) -> dict[str, float]:
-    """A latency budget as one p50 per batch size of the target: a single number applies to every batch size."""
+    """A latency budget as one figure per batch size of the target: a single number applies to every batch size."""
     if lat is None:
         return {}
     values = tuple(lat) if isinstance(lat, (tuple, list)) else (lat,) * len(tgt.batch_sizes)
@@ -188,7 +196,9 @@ def per_batch_latency(tgt: Target, lat: float | tuple[float, ...] | None) -> dic
 def frontier(rows: list[Candidate], cap: int) -> list[Candidate]:
     """The candidates no other beats on validation accuracy at no higher MACs (an INT8 graph counts as cheaper
     than an FP32 one of the same MACs), cheapest first: what a device that times them itself chooses among. More
-    than `cap` are thinned evenly from the cheapest to the most accurate."""
+    than `cap` are thinned evenly from the cheapest to the most accurate. Cascades stay on the host: a bundle
+    carries one graph per candidate."""
+    rows = [c for c in rows if c.kind != "cascade"]
     def cost(c: Candidate) -> tuple[int, int]:
         return c.macs, 0 if c.precision == "int8" else 1
 

@@ -1,5 +1,5 @@
-"""Every candidate of one run, measured alike: the members, the exact ensembles, the sub-ensembles, the fused
-points, and then the distilled ones — the best member and the best fused depth and alpha within the budget, each
+"""Every candidate of one run, measured alike: the members, the exact ensembles, the sub-ensembles, the cascades,
+the fused points, and then the distilled ones — the best member and the best fused depth and alpha within the budget, each
 distilled with the same budget towards the ensemble (full or sub) most accurate on validation."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from rich.progress import Progress
 from torch import nn
 
 from .baselines import exact_ensembles, int8_ensembles, sub_ensembles
+from .cascade import cascades
 from .candidate import Candidate, Point
 from .points import Job, run_points
 from .choose import Budget, fits, target_budget
@@ -117,6 +118,14 @@ def measure_field(s: Setup, tgt: Target, points: list[Point], budget: Budget, co
     subs, sub_modules = sub_ensembles(s.aligned[method], s.splits, tgt, out_dir, s.ensemble_predictions)
     out.others += subs
     out.modules |= sub_modules
+    if tgt.runtime == "onnxruntime":  # a cascade runs its stage graphs from a host loop: timed here, on onnxruntime
+        subsets = [c.members for c in subs if c.precision == "fp32"]
+        rows = cascades(out.members, s.aligned[method], subsets, s.splits, tgt, out_dir, s.ensemble_predictions)
+        out.others += rows
+        out.modules |= {c.key: out.modules[f"member{c.cascade['first']}"] for c in rows
+                        if f"member{c.cascade['first']}" in out.modules}
+        console.print(f"[bold]cascades[/]: {len(rows)}, from member {rows[0].cascade['first']} "
+                      f"({rows[0].cascade['gate'].replace('_', ' ')} gate)" if rows else "[bold]cascades[/]: none")
     if tgt.int8:
         out.others += int8_ensembles(modules, s.splits, tgt, out_dir, s.ensemble_predictions)
     out.others += run(points + int8(members + points), "fuse, export, measure")

@@ -29,6 +29,7 @@ class Target:
     latency_budget_ms: float | tuple[float, ...] | None = None
     memory_budget_mb: float | None = None
     min_auroc: float | None = None
+    latency_binds: str = "mean"  # what latency and MACs budgets bind: "mean" per call, or "p99" (worst case)
     batch_heads: bool = True
     distill_steps: int = 0
     distill_batch_size: int = 128
@@ -124,7 +125,8 @@ INTS = {"opset": (9, 23), "threads": (1, 256), "workspace_mb": (1, 1 << 20), "di
 NUMBERS = {"max_macs_ratio": (0.0, 1.0), "memory_budget_mb": (1e-9, 1e9), "atol": (0.0, 1e9), "rtol": (0.0, 1e9),
            "min_auroc": (0.0, 1.0)}
 BOOLS = ("batch_heads", "gpu_fallback", "strongly_typed", "distill_augment", "int8_keep_ends", "distill_per_head")
-STRINGS = ("runtime", "device", "precision", "description", "tensorrt", "io_precision")
+STRINGS = ("runtime", "device", "precision", "description", "tensorrt", "io_precision", "latency_binds")
+BINDS = ("mean", "p99")
 MAX_BATCH = 65536
 
 
@@ -162,6 +164,8 @@ def _check_values(raw: dict, source: str) -> None:
     values = lat if isinstance(lat, list) else [lat]
     if lat is not None and (not values or not all(_positive(v) for v in values)):
         fail("latency_budget_ms", "a positive number of milliseconds, or a list of them, one per batch size")
+    if raw.get("latency_binds", "mean") not in BINDS:
+        fail("latency_binds", " or ".join(f'"{b}"' for b in BINDS))
     if "dla_core" in raw and not (_is_int(raw["dla_core"]) and 0 <= raw["dla_core"] <= 1):
         fail("dla_core", "0 or 1")
     if "profile" in raw and not isinstance(raw["profile"], list):

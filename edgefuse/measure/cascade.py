@@ -1,0 +1,94 @@
+"""A cascade run by onnxruntime: the first stage's graph on every input, the second stage's graph on the rows the
+gate escalates (gathered), the rule of base/cascade.py in between. Its cost depends on the inputs, so it is timed
+on a stream of real inputs in order (mean, p50, p99 per call), not on one repeated batch. `Cascade.load` opens an
+exported cascade folder: what `ef.Cascade` is."""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ..base.cascade import CascadeError, CascadeRule, read_description
+from .runners import OrtRunner, summarize
+
+DESCRIPTION = "cascade.json"
+
+
+class Cascade:
+    """Callable on a batch of inputs (numpy, the models' input shape): the cascade's logits. `last_escalated` is
+    the mask of the last call. The second stage's graph outputs each of its members' logits (batch, k, classes),
+    as its second output when it has two (a batched ensemble with head outputs), else as its only output (one
+    member)."""
+
+    def __init__(self, rule: CascadeRule, first: str | Path, rest: str | Path, threads: int = 1) -> None:
+        self.rule = rule
+        self.first, self.rest = OrtRunner(first, threads), OrtRunner(rest, threads)
+        self.name = f"{self.first.name} cascade"
+        self.last_escalated = np.zeros(0, dtype=bool)
+
+    def _rest(self, x: np.ndarray) -> np.ndarray:
+        out = self.rest.outputs(x)
+        return out[1] if len(out) > 1 else out[0][:, None]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y, self.last_escalated = self.rule.run(np.ascontiguousarray(x, dtype=np.float32), self.first, self._rest)
+        return y
+
+    @classmethod
+    def load(cls, folder: str | Path, threads: int = 1) -> Cascade:
+        """An exported cascade: `folder/cascade.json` names the rule and the two stage graphs, each with the members
+        it computes and its SHA-256 digest; a missing, swapped or edited graph is one CascadeError, before anything
+        runs."""
+        folder = Path(folder)
+        raw = read_description(folder / DESCRIPTION)
+        rule = CascadeRule.from_json(raw.get("rule") if isinstance(raw, dict) else None)
+        stages = raw.get("stages")
+        if not (isinstance(stages, list) and len(stages) == 2 and all(isinstance(s, dict) for s in stages)):
+            raise CascadeError(f"{folder / DESCRIPTION}: 'stages' must list the two stage graphs")
+        paths = []
+        for i, (stage, want) in enumerate(zip(stages, ([rule.first], list(rule.rest))), 1):
+            if stage.get("members") != want:
+                raise CascadeError(f"stage {i} of {folder / DESCRIPTION} computes members {stage.get('members')}, "
+                                   f"the rule needs {want} there (stages swapped?)")
+            path = folder / str(stage.get("file", ""))
+            if not path.is_file() or path.resolve().parent != folder.resolve():
+                raise CascadeError(f"stage {i}'s graph {path} is missing (or not in {folder})")
+            if sha256(path) != stage.get("sha256"):
+                raise CascadeError(f"stage {i}'s graph {path.name} does not match its digest in {DESCRIPTION} "
+                                   "(swapped or edited)")
+            paths.append(path)
+        return cls(rule, *paths, threads=threads)
+
+
+def sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def predict_cascade(cascade: Cascade, x, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """Outputs and escalation mask for a whole dataset, batch by batch."""
+    outs, masks = [], []
+    for i in range(0, len(x), batch_size):
+        outs.append(cascade(np.asarray(x[i:i + batch_size])))
+        masks.append(cascade.last_escalated)
+    return np.concatenate(outs), np.concatenate(masks)
+
+
+def stream_latency(cascade: Cascade, x: np.ndarray, batch_size: int, min_inputs: int = 2000,
+                   warmup: int = 10) -> dict:
+    """Milliseconds per call over consecutive batches of real inputs, in order (cycling when the data is
+    shorter): at least `min_inputs` inputs and 30 calls, so the share of calls that escalate is the data's. Adds
+    `mean` to the usual percentiles, and the share of calls that ran the second stage."""
+    n = len(x)
+    calls = max(30, -(-min_inputs // batch_size))
+    starts = [(k * batch_size) % n for k in range(calls + warmup)]
+    batches = [np.take(x, np.arange(s, s + batch_size) % n, axis=0) for s in starts]
+    times, escalated = [], 0
+    for k, b in enumerate(batches):
+        t = time.perf_counter()
+        cascade(b)
+        if k >= warmup:
+            times.append((time.perf_counter() - t) * 1e3)
+            escalated += bool(cascade.last_escalated.any())
+    return summarize(times) | {"calls_escalated": escalated / len(times)}

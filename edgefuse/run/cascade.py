@@ -1,0 +1,118 @@
+"""Cascade candidates: the member most accurate on validation runs first, and the other members of an ensemble
+that contains it (the whole ensemble, or a selected sub-ensemble) run only where its gate score is below a
+threshold. The gate (a registered score of base/cascade.py), the combine rule and the thresholds are chosen on
+validation; every row is then measured like any other candidate, by running it: scores on both splits from the
+stage graphs, latency on a stream of test inputs in order (mean, p50, p99 per call at each batch size), peak
+memory of both graphs loaded, MACs as the validation mean and the worst case."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..base.cascade import COMBINES, GATES, CascadeRule, combine
+from ..fuse import ensemble
+from ..graph.onnx import export_onnx, onnx_nodes
+from ..measure.cascade import Cascade, predict_cascade, stream_latency
+from ..measure.metrics import macs, misclassification_auroc, params, scores
+from ..measure.runners import OrtRunner, peak_memory_mb, predict
+from ..measure.uncertainty import flag_rule
+from ..models.data import Splits
+from ..targets import Target
+from .candidate import ALL_CORES, Candidate, with_agreement
+
+RATES = (0.05, 0.1, 0.2, 0.35)  # shares of validation inputs escalated, one cascade row each
+SHIFT = 2.0  # a test escalation rate this many times above or below validation's: the inputs have shifted
+
+
+def cascade_sets(n: int, subsets: list[tuple[int, ...]], first: int) -> list[tuple[int, ...]]:
+    """The ensembles a cascade from `first` escalates to: the selected sub-ensembles that contain it, and all n."""
+    return [s for s in dict.fromkeys([*subsets, tuple(range(n))]) if first in s]
+
+
+def choose_combine(logits: np.ndarray, y: np.ndarray) -> str:
+    """Mean of logits or of probabilities, whichever the members' (members, batch, classes) validation outputs
+    combine more accurately by (lower NLL breaks a tie; the mean of logits on a full tie)."""
+    def merit(rule: str) -> tuple[float, float]:
+        s = scores(combine(logits, rule), torch.as_tensor(y))
+        return s["accuracy"], -s["nll"]
+    return max(COMBINES, key=merit)
+
+
+def choose_gate(first_logits: np.ndarray, y: np.ndarray) -> str:
+    """The gate score that best tells the first stage's right answers from its wrong ones on validation (AUROC)."""
+    correct = first_logits.argmax(1) == y
+    return max(GATES, key=lambda g: misclassification_auroc(GATES[g](first_logits), correct) or 0.0)
+
+
+def cascades(members: list[Candidate], modules: list[nn.Module], subsets: list[tuple[int, ...]], splits: Splits,
+             target: Target, out_dir: Path, reference: np.ndarray) -> list[Candidate]:
+    """Cascade rows from the best member on validation to each ensemble containing it, at each rate of RATES."""
+    first = max(range(len(members)), key=lambda i: (members[i].accuracy, -members[i].validation["nll"]))
+    y_val = splits.y_val.numpy()
+    val = np.stack([predict(OrtRunner(m.file, ALL_CORES), splits.x_val) for m in members])
+    gate = choose_gate(val[first], y_val)
+    score = GATES[gate](val[first])
+    rows = []
+    for members_set in cascade_sets(len(members), subsets, first):
+        rest = tuple(i for i in members_set if i != first)
+        rule_combine = choose_combine(val[list(members_set)], y_val)
+        rest_file, rest_module = _rest_graph(rest, members, modules, splits, target, out_dir)
+        memory = peak_memory_mb([members[first].file, rest_file], max(target.batch_sizes), target.threads)
+        thresholds = dict.fromkeys(float(min(1.0, np.quantile(score, r))) for r in RATES)
+        for threshold in thresholds:
+            rule = CascadeRule(first, rest, gate, threshold, rule_combine)
+            row = _measure(rule, members, members[first].file, rest_file, rest_module, splits, target,
+                           memory=memory, out_dir=out_dir)
+            rows.append(with_agreement(row, reference))
+    return rows
+
+
+def _rest_graph(rest: tuple[int, ...], members: list[Candidate], modules: list[nn.Module], splits: Splits,
+                target: Target, out_dir: Path) -> tuple[str, nn.Module]:
+    """The second stage's graph: the one missing member's own file, or the missing members as one batched graph
+    whose second output is each member's logits."""
+    if len(rest) == 1:
+        return members[rest[0]].file, modules[rest[0]]
+    module = ensemble([modules[i] for i in rest], head_outputs=True).batch_heads()
+    path = out_dir / f"cascade-rest-{'-'.join(map(str, rest))}.onnx"
+    if not path.is_file():
+        export_onnx(module, splits.example, path, opset=target.opset)
+    return str(path), module
+
+
+def _measure(rule: CascadeRule, members: list[Candidate], first_file: str, rest_file: str, rest_module: nn.Module,
+             splits: Splits, target: Target, memory: float, out_dir: Path) -> Candidate:
+    predictor = Cascade(rule, first_file, rest_file, ALL_CORES)
+    val, val_mask = predict_cascade(predictor, splits.x_val.numpy())
+    test, test_mask = predict_cascade(predictor, splits.x_test.numpy())
+    timer = Cascade(rule, first_file, rest_file, target.threads)
+    lat = {str(b): stream_latency(timer, splits.x_test.numpy(), b) for b in target.batch_sizes}
+    first_macs, rest_macs = members[rule.first].macs, macs(rest_module, splits.x_test[:1])
+    rate_val, rate_test = float(val_mask.mean()), float(test_mask.mean())
+    y_val, y_test = splits.y_val.numpy(), splits.y_test.numpy()
+    names = ", ".join(map(str, rule.rest))
+    label = (f"cascade: member {rule.first}, then {'members' if len(rule.rest) > 1 else 'member'} {names} where "
+             f"{rule.gate.replace('_', ' ')} < {rule.threshold:.3f} ({rate_val:.0%} of validation)")
+    info = rule.to_json() | {
+        "stages": [first_file, rest_file], "escalated": {"validation": rate_val, "test": rate_test},
+        "macs_worst": first_macs + rest_macs, "macs_mean_test": round(first_macs + rate_test * rest_macs),
+        "shifted": _shifted(rate_val, rate_test)}
+    return Candidate(
+        key=f"cascade-{rule.first}-to-{'-'.join(map(str, rule.members))}-t{rule.threshold:.4f}", label=label,
+        kind="cascade", validation=scores(val, splits.y_val), test=scores(test, splits.y_test),
+        macs=round(first_macs + rate_val * rest_macs), params=members[rule.first].params + params(rest_module),
+        latency_by_batch=lat, runtime=predictor.name, peak_memory_mb=memory,
+        onnx_nodes=(members[rule.first].onnx_nodes or 0) + onnx_nodes(rest_file), file=first_file,
+        members=tuple(sorted(rule.members)), cascade=info,
+        uncertainty=flag_rule((val, None), y_val, (test, None), y_test),
+        val_correct=val.argmax(1) == y_val, test_predictions=test.argmax(1))
+
+
+def _shifted(rate_val: float, rate_test: float) -> bool:
+    """The test escalation rate differs from validation's by more than SHIFT×: the inputs are not what the
+    threshold was chosen on."""
+    lo, hi = sorted((rate_val, rate_test))
+    return hi > SHIFT * lo if lo > 0 else hi > 0.01
