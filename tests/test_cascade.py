@@ -12,8 +12,10 @@ import torch
 import edgefuse as ef
 from edgefuse.base.cascade import GATES, CascadeError, CascadeRule, combine
 from edgefuse.fuse import ensemble
-from edgefuse.graph.onnx import export_onnx
-from edgefuse.measure.cascade import DESCRIPTION, Cascade, predict_cascade, sha256, stream_latency
+from edgefuse.graph.onnx import export_onnx, parity, parity_inputs
+from edgefuse.graph.cascade import cascade_graph
+from edgefuse.measure.cascade import DESCRIPTION, Cascade, calls_escalated, predict_cascade, sha256, stream_latency
+from edgefuse.measure.runners import OrtRunner
 from edgefuse.models import data
 from edgefuse.run.cascade import cascades, choose_combine
 from edgefuse.run.choose import Budget, choose
@@ -66,13 +68,47 @@ def test_a_cap_escalates_only_the_least_confident(stages):
     assert set(np.flatnonzero(cascade.last_escalated)) == set(np.argsort(score)[:3])
 
 
-def test_stream_latency_counts_the_calls_that_escalate(stages):
+@pytest.mark.parametrize("gate, how, opset", [("max_softmax", "mean", 18), ("margin", "probs", 18),
+                                               ("margin", "mean", 17)])
+def test_the_one_graph_cascade_equals_its_reference(stages, tmp_path, gate, how, opset, cnns):
+    folder, first, rest, x, logits = stages
+    threshold = float(np.quantile(GATES[gate](logits[0]), 0.25))
+    rule = CascadeRule(0, (1, 2, 3), gate, threshold, how)
+    if opset != 18:
+        s = data.load_dataset("digits")
+        first = export_onnx(cnns[0], s.example, tmp_path / "s1.onnx", opset=opset)
+        rest = export_onnx(ensemble(cnns[1:], head_outputs=True).batch_heads(), s.example, tmp_path / "s2.onnx",
+                           opset=opset)
+    runner = OrtRunner(cascade_graph(rule, first, rest, tmp_path / "cascade.onnx"))
+    want = reference(rule, logits)
+    got = np.concatenate([runner(x[i:i + 32]) for i in range(0, len(x), 32)])
+    np.testing.assert_allclose(got, want, atol=2e-4, rtol=1e-4)
+    one = np.concatenate([runner(x[i:i + 1]) for i in range(40)])
+    np.testing.assert_allclose(one, want[:40], atol=2e-4, rtol=1e-4)
+
+
+def test_a_cascade_to_one_member_runs_its_own_graph(stages, tmp_path, cnns):
+    _, first, _, x, logits = stages
+    s = data.load_dataset("digits")
+    single = export_onnx(cnns[2], s.example, tmp_path / "m2.onnx")
+    rule = CascadeRule(0, (2,), "max_softmax", 0.95, "probs")
+    runner = OrtRunner(cascade_graph(rule, first, single, tmp_path / "cascade.onnx"))
+    np.testing.assert_allclose(runner(x[:64]), reference(rule, logits[:, :64]), atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(Cascade(rule, first, single)(x[:64]), reference(rule, logits[:, :64]), atol=2e-4,
+                               rtol=1e-4)
+
+
+def test_a_cascade_costs_what_it_escalates(stages, tmp_path):
     _, first, rest, x, logits = stages
-    never = Cascade(CascadeRule(0, (1, 2, 3), "max_softmax", 0.0, "mean"), first, rest)
-    always = Cascade(CascadeRule(0, (1, 2, 3), "max_softmax", 1.0, "mean"), first, rest)
-    lat_never, lat_always = (stream_latency(c, x, 1, min_inputs=200) for c in (never, always))
-    assert lat_never["calls_escalated"] == 0 and lat_always["calls_escalated"] == 1
-    assert lat_never["runs"] >= 200 and lat_never["mean"] < lat_always["mean"]
+    never = OrtRunner(cascade_graph(CascadeRule(0, (1, 2, 3), "max_softmax", 0.0, "mean"), first, rest,
+                                    tmp_path / "never.onnx"))
+    always = OrtRunner(cascade_graph(CascadeRule(0, (1, 2, 3), "max_softmax", 1.0, "mean"), first, rest,
+                                     tmp_path / "always.onnx"))
+    lat_never, lat_always = (stream_latency(r, x, 1, min_inputs=300) for r in (never, always))
+    assert lat_never["runs"] >= 300 and lat_never["mean"] < lat_always["mean"]
+    mask = np.zeros(64, bool)
+    mask[[3, 40]] = True
+    assert calls_escalated(mask, 1) == 2 / 64 and calls_escalated(mask, 32) == 1.0 and calls_escalated(mask, 16) == 0.5
 
 
 def test_cascade_rows_from_the_best_member(cnns, tmp_path):
@@ -83,7 +119,7 @@ def test_cascade_rows_from_the_best_member(cnns, tmp_path):
     members = [export_and_measure(m, s, tmp_path / f"member{i}.onnx", target, key=f"member{i}", label=f"m{i}",
                                   kind="member") for i, m in enumerate(cnns)]
     reference_predictions = members[0].test_predictions
-    rows = cascades(members, cnns, [(0, 1)], s, target, tmp_path, reference_predictions)
+    rows, refs = cascades(members, cnns, [(0, 1)], s, target, tmp_path, reference_predictions)
     first = max(range(4), key=lambda i: (members[i].accuracy, -members[i].validation["nll"]))
     assert rows and all(r.kind == "cascade" and r.cascade["first"] == first for r in rows)
     for r in rows:
@@ -93,6 +129,7 @@ def test_cascade_rows_from_the_best_member(cnns, tmp_path):
         assert abs(r.macs - members[first].macs - c["escalated"]["validation"] * (c["macs_worst"] -
                                                                                    members[first].macs)) <= 1
         assert set(r.latency_by_batch) == {"1", "32"} and all("mean" in v for v in r.latency_by_batch.values())
+        assert parity(r.file, refs[r.key], parity_inputs(s.example, (1, 3, 64))) < 1e-4
     rates = sorted(r.cascade["escalated"]["validation"] for r in rows if len(r.members) == 4)
     assert rates == sorted(set(rates)) and rates[-1] <= 0.4
 

@@ -1,9 +1,9 @@
 """Cascade candidates: the member most accurate on validation runs first, and the other members of an ensemble
 that contains it (the whole ensemble, or a selected sub-ensemble) run only where its gate score is below a
 threshold. The gate (a registered score of base/cascade.py), the combine rule and the thresholds are chosen on
-validation; every row is then measured like any other candidate, by running it: scores on both splits from the
-stage graphs, latency on a stream of test inputs in order (mean, p50, p99 per call at each batch size), peak
-memory of both graphs loaded, MACs as the validation mean and the worst case."""
+validation; every row is then measured like any other candidate, by running its one ONNX graph
+(graph/cascade.py): scores on both splits, latency on a stream of test inputs in order (mean, p50, p99 per call at
+each batch size), peak memory, MACs as the validation mean and the worst case."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,7 +15,8 @@ from torch import nn
 from ..base.cascade import COMBINES, GATES, CascadeRule, combine
 from ..fuse import ensemble
 from ..graph.onnx import export_onnx, onnx_nodes
-from ..measure.cascade import Cascade, predict_cascade, stream_latency
+from ..graph.cascade import cascade_graph
+from ..measure.cascade import calls_escalated, stream_latency
 from ..measure.metrics import macs, misclassification_auroc, params, scores
 from ..measure.runners import OrtRunner, peak_memory_mb, predict
 from ..measure.uncertainty import flag_rule
@@ -48,26 +49,27 @@ def choose_gate(first_logits: np.ndarray, y: np.ndarray) -> str:
 
 
 def cascades(members: list[Candidate], modules: list[nn.Module], subsets: list[tuple[int, ...]], splits: Splits,
-             target: Target, out_dir: Path, reference: np.ndarray) -> list[Candidate]:
-    """Cascade rows from the best member on validation to each ensemble containing it, at each rate of RATES."""
+             target: Target, out_dir: Path, reference: np.ndarray) -> tuple[list[Candidate], dict[str, nn.Module]]:
+    """Cascade rows from the best member on validation to each ensemble containing it, at each rate of RATES, and
+    each row's reference module (the rule over the PyTorch members) by key."""
     first = max(range(len(members)), key=lambda i: (members[i].accuracy, -members[i].validation["nll"]))
     y_val = splits.y_val.numpy()
     val = np.stack([predict(OrtRunner(m.file, ALL_CORES), splits.x_val) for m in members])
+    first_logits = {"validation": val[first], "test": predict(OrtRunner(members[first].file, ALL_CORES),
+                                                                 splits.x_test)}
     gate = choose_gate(val[first], y_val)
     score = GATES[gate](val[first])
-    rows = []
+    rows, refs = [], {}
     for members_set in cascade_sets(len(members), subsets, first):
         rest = tuple(i for i in members_set if i != first)
         rule_combine = choose_combine(val[list(members_set)], y_val)
         rest_file, rest_module = _rest_graph(rest, members, modules, splits, target, out_dir)
-        memory = peak_memory_mb([members[first].file, rest_file], max(target.batch_sizes), target.threads)
-        thresholds = dict.fromkeys(float(min(1.0, np.quantile(score, r))) for r in RATES)
-        for threshold in thresholds:
+        for threshold in dict.fromkeys(float(min(1.0, np.quantile(score, r))) for r in RATES):
             rule = CascadeRule(first, rest, gate, threshold, rule_combine)
-            row = _measure(rule, members, members[first].file, rest_file, rest_module, splits, target,
-                           memory=memory, out_dir=out_dir)
+            row = _measure(rule, members, first_logits, rest_file, rest_module, splits, target, out_dir)
             rows.append(with_agreement(row, reference))
-    return rows
+            refs[row.key] = Reference(rule, modules)
+    return rows, refs
 
 
 def _rest_graph(rest: tuple[int, ...], members: list[Candidate], modules: list[nn.Module], splits: Splits,
@@ -83,30 +85,55 @@ def _rest_graph(rest: tuple[int, ...], members: list[Candidate], modules: list[n
     return str(path), module
 
 
-def _measure(rule: CascadeRule, members: list[Candidate], first_file: str, rest_file: str, rest_module: nn.Module,
-             splits: Splits, target: Target, memory: float, out_dir: Path) -> Candidate:
-    predictor = Cascade(rule, first_file, rest_file, ALL_CORES)
-    val, val_mask = predict_cascade(predictor, splits.x_val.numpy())
-    test, test_mask = predict_cascade(predictor, splits.x_test.numpy())
-    timer = Cascade(rule, first_file, rest_file, target.threads)
-    lat = {str(b): stream_latency(timer, splits.x_test.numpy(), b) for b in target.batch_sizes}
-    first_macs, rest_macs = members[rule.first].macs, macs(rest_module, splits.x_test[:1])
-    rate_val, rate_test = float(val_mask.mean()), float(test_mask.mean())
+class Reference(nn.Module):
+    """The cascade computed by the rule of base/cascade.py over the members' PyTorch modules: what its ONNX graph is
+    checked against (parity), as every shipped graph is checked against its PyTorch model."""
+
+    def __init__(self, rule: CascadeRule, modules: list[nn.Module]) -> None:
+        super().__init__()
+        self.rule = rule
+        self.first = modules[rule.first].eval()
+        self.rest = nn.ModuleList([modules[i].eval() for i in rule.rest])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        def rest(rows: np.ndarray) -> np.ndarray:
+            t = torch.from_numpy(rows)
+            return torch.stack([m(t) for m in self.rest], 1).numpy()
+        with torch.no_grad():
+            out, _ = self.rule.run(x.numpy(), lambda a: self.first(torch.from_numpy(a)).numpy(), rest)
+        return torch.from_numpy(out)
+
+
+def _measure(rule: CascadeRule, members: list[Candidate], first_logits: dict[str, np.ndarray], rest_file: str,
+             rest_module: nn.Module, splits: Splits, target: Target, out_dir: Path) -> Candidate:
+    """One cascade row: its one-graph form (graph/cascade.py) scored on both splits and timed on a stream of test
+    inputs, the escalation share from the rule on the first stage's logits."""
+    first = members[rule.first]
+    key = f"cascade-{rule.first}-to-{'-'.join(map(str, rule.members))}-t{rule.threshold:.4f}"
+    graph = str(cascade_graph(rule, first.file, rest_file, out_dir / f"{key}.onnx"))
+    predictor = OrtRunner(graph, ALL_CORES)
+    val, test = predict(predictor, splits.x_val), predict(predictor, splits.x_test)
+    x_test = splits.x_test.numpy()
+    timer = OrtRunner(graph, target.threads)
+    lat = {str(b): stream_latency(timer, x_test, b) for b in target.batch_sizes}
+    masks = {split: rule.escalate(first_logits[split]) for split in ("validation", "test")}
+    rate_val, rate_test = float(masks["validation"].mean()), float(masks["test"].mean())
+    first_macs, rest_macs = first.macs, macs(rest_module, splits.x_test[:1])
     y_val, y_test = splits.y_val.numpy(), splits.y_test.numpy()
     names = ", ".join(map(str, rule.rest))
     label = (f"cascade: member {rule.first}, then {'members' if len(rule.rest) > 1 else 'member'} {names} where "
              f"{rule.gate.replace('_', ' ')} < {rule.threshold:.3f} ({rate_val:.0%} of validation)")
     info = rule.to_json() | {
-        "stages": [first_file, rest_file], "escalated": {"validation": rate_val, "test": rate_test},
+        "stages": [first.file, rest_file], "escalated": {"validation": rate_val, "test": rate_test},
+        "calls_escalated": {str(b): calls_escalated(masks["test"], b) for b in target.batch_sizes},
         "macs_worst": first_macs + rest_macs, "macs_mean_test": round(first_macs + rate_test * rest_macs),
         "shifted": _shifted(rate_val, rate_test)}
     return Candidate(
-        key=f"cascade-{rule.first}-to-{'-'.join(map(str, rule.members))}-t{rule.threshold:.4f}", label=label,
-        kind="cascade", validation=scores(val, splits.y_val), test=scores(test, splits.y_test),
-        macs=round(first_macs + rate_val * rest_macs), params=members[rule.first].params + params(rest_module),
-        latency_by_batch=lat, runtime=predictor.name, peak_memory_mb=memory,
-        onnx_nodes=(members[rule.first].onnx_nodes or 0) + onnx_nodes(rest_file), file=first_file,
-        members=tuple(sorted(rule.members)), cascade=info,
+        key=key, label=label, kind="cascade", validation=scores(val, splits.y_val), test=scores(test, splits.y_test),
+        macs=round(first_macs + rate_val * rest_macs), params=first.params + params(rest_module),
+        latency_by_batch=lat, runtime=timer.name,
+        peak_memory_mb=peak_memory_mb([graph], max(target.batch_sizes), target.threads),
+        onnx_nodes=onnx_nodes(graph), file=graph, members=tuple(sorted(rule.members)), cascade=info,
         uncertainty=flag_rule((val, None), y_val, (test, None), y_test),
         val_correct=val.argmax(1) == y_val, test_predictions=test.argmax(1))
 

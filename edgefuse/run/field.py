@@ -120,10 +120,10 @@ def measure_field(s: Setup, tgt: Target, points: list[Point], budget: Budget, co
     out.modules |= sub_modules
     if tgt.runtime == "onnxruntime":  # a cascade runs its stage graphs from a host loop: timed here, on onnxruntime
         subsets = [c.members for c in subs if c.precision == "fp32"]
-        rows = cascades(out.members, s.aligned[method], subsets, s.splits, tgt, out_dir, s.ensemble_predictions)
+        rows, refs = cascades(out.members, s.aligned[method], subsets, s.splits, tgt, out_dir,
+                              s.ensemble_predictions)
         out.others += rows
-        out.modules |= {c.key: out.modules[f"member{c.cascade['first']}"] for c in rows
-                        if f"member{c.cascade['first']}" in out.modules}
+        out.modules |= refs
         console.print(f"[bold]cascades[/]: {len(rows)}, from member {rows[0].cascade['first']} "
                       f"({rows[0].cascade['gate'].replace('_', ' ')} gate)" if rows else "[bold]cascades[/]: none")
     if tgt.int8:
