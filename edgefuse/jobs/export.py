@@ -21,6 +21,7 @@ from ..measure.cuda import require_cuda
 from ..measure.metrics import scores
 from ..run.setup import prepare
 from ..run.report import build_report, write_report
+from ..measure.cascade import write_cascade
 from ..measure.runners import TorchRunner, predict
 from ..targets import Target
 
@@ -93,6 +94,13 @@ def _run(tgt: Target, run: RunConfig, out_dir: Path, console: Console) -> dict:
         console.print(f"[bold]device candidates[/]: {', '.join(c.row.label for c in sent)} — the device times them "
                       "and decides (python3 deploy.py --choose in the bundle)")
         report |= prepare_device(tgt, module, fp32, s.splits, out_dir, summary, console, sent)
+    if chosen.kind == "cascade":
+        report["shipped"]["cascade"] = write_cascade(chosen, out_dir / "cascade")
+        if chosen.cascade["shifted"]:
+            esc = chosen.cascade["escalated"]
+            console.print(f"[yellow]warning[/]: the shipped cascade escalates {esc['test']:.1%} of the test inputs "
+                          f"against {esc['validation']:.1%} of validation's: the inputs have shifted, and its cost "
+                          "and accuracy with them")
     write_report(report, out_dir)
     for folder in (out_dir, out_dir / "bundle"):
         if chosen.uncertainty and folder.is_dir():  # the device flags inputs with the shipped model's rule

@@ -6,12 +6,15 @@ inputs in order (mean, p50, p99 per call), not on one repeated batch."""
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
 from ..base.cascade import CascadeError, CascadeRule, read_description
+from ..base.files import atomic_write_text
 from .runners import OrtRunner, Runner, summarize
 
 DESCRIPTION = "cascade.json"
@@ -61,6 +64,22 @@ class Cascade:
                                    "(swapped or edited)")
             paths.append(path)
         return cls(rule, *paths, threads=threads)
+
+
+def write_cascade(row, folder: Path) -> dict:
+    """A cascade row's stage graphs and description in `folder` (stage1.onnx, stage2.onnx, cascade.json): what
+    `Cascade.load` and a device's two engines run. Returns the description."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rule = CascadeRule.from_json(row.cascade)
+    stages = []
+    for i, (src, members) in enumerate(zip(row.cascade["stages"], ([rule.first], list(rule.rest))), 1):
+        dest = folder / f"stage{i}.onnx"
+        shutil.copyfile(src, dest)
+        stages.append({"file": dest.name, "members": members, "sha256": sha256(dest)})
+    desc = {"rule": rule.to_json(), "stages": stages, "key": row.key, "label": row.label,
+            "escalated": row.cascade["escalated"]}
+    atomic_write_text(folder / DESCRIPTION, json.dumps(desc, indent=2, allow_nan=False) + "\n")
+    return desc
 
 
 def sha256(path: str | Path) -> str:

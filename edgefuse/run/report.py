@@ -23,16 +23,18 @@ def markdown(report: dict) -> str:
     ratios to the ensemble, p50 as ratios to the fastest exact ensemble at that batch size, all from one run."""
     ens, base = report["ensemble"], report["baseline_by_batch"]
     batches = list(ens["latency_by_batch"])
+    binds = report["budget"].get("binds", "mean")
     head = ("| model | kind | val acc | test acc | NLL | ECE | AUROC softmax / heads | agreement | MACs / ens | params "
             "| peak MB | " +
-            " | ".join(f"p50 ms b{b} | / best ens" for b in batches) + " | dominated by |")
+            " | ".join(f"{binds} ms b{b} | / best ens" for b in batches) + " | dominated by |")
     shipped = report["shipped"]
     lines = [f"# edgefuse report: {report['target']}", "",
              f"{report['n_models']} × {report.get('arch', 'model')}, aligned by {report['align_method']} matching. "
              f"Chosen on {report['validation_data']}; test scores on {report['test_data']}, never used to choose. "
-             f"Latency: {ens['runtime']}, {report['threads']} thread(s), p50 of repeated runs; ratios against the "
+             f"Latency: {ens['runtime']}, {report['threads']} thread(s), the {binds} per call of repeated runs (the "
+             "figure the budget binds; a cascade's over a stream of test inputs in order); ratios against the "
              "fastest exact ensemble at each batch size: " +
-             ", ".join(f"b{b}: {e['name']} ({e['p50']:.3f} ms)" for b, e in base.items()) + ".", ""]
+             ", ".join(f"b{b}: {e['name']} ({_stat(e, binds):.3f} ms)" for b, e in base.items()) + ".", ""]
     if report.get("distillation"):
         d = report["distillation"]
         teacher = f", towards {d['teacher']} (the ensemble most accurate on validation)" if d.get("teacher") else ""
@@ -47,8 +49,8 @@ def markdown(report: dict) -> str:
                  _num(c.get("agreement"), ".3f"),
                  f"{c['macs'] / ens['macs']:.2f}", f"{c['params']:,}", _num(c.get("peak_memory_mb"), ".1f")]
         for b in batches:
-            p50 = c["latency_by_batch"][b]["p50"]
-            cells += [f"{p50:.3f}", f"{p50 / base[b]['p50']:.2f}"]
+            t = _stat(c["latency_by_batch"][b], binds)
+            cells += [f"{t:.3f}", f"{t / _stat(base[b], binds):.2f}"]
         cells.append(_label_of(report, c.get("dominated_by")) or "–")
         lines.append("| " + " | ".join(cells) + " |")
     single = report["single"]
@@ -58,12 +60,19 @@ def markdown(report: dict) -> str:
               f"**Shipped: {shipped['label']}** ({shipped['kind']}, test accuracy "
               f"{report['fused']['accuracy']:.4f}) — "
               f"{shipped['reason']}."]
+    if shipped.get("cascade"):
+        esc = shipped["cascade"]["escalated"]
+        lines += ["", f"model.onnx is the whole cascade as one graph (onnxruntime runs its second stage only when an "
+                  f"input of the call escalates, on those rows only); `cascade/` holds its two stage graphs and "
+                  f"`cascade.json`, for `ef.Cascade.load` or one engine per stage on a device. It escalated "
+                  f"{esc['validation']:.1%} of validation and {esc['test']:.1%} of test inputs."]
     if shipped.get("uncertainty"):
         u = shipped["uncertainty"]
         lines += ["", f"Inputs not to trust (uncertainty.json): flag when {u['signal'].replace('_', ' ')} is "
                   f"{u['flag_when']} {u['threshold']:.4g} (threshold chosen on validation); on test it flags "
                   f"{u['test']['flagged']:.1%} of the inputs and catches {_num(u['test']['errors_flagged'], '.1%')} "
                   f"of the errors, accuracy on the rest {_num(u['test']['kept_accuracy'], '.4f')}."]
+    lines += _cascade_lines(report, batches)
     if "naive_merge" in report:
         lines += ["", f"Unaligned weight average (full merge, BN reset): test accuracy "
                   f"{report['naive_merge']['accuracy']:.4f}."]
@@ -73,6 +82,36 @@ def markdown(report: dict) -> str:
     if "parity" in report:
         lines += ["", f"ONNX vs PyTorch parity of model.onnx: max |diff| = {report['parity']['max_abs_diff']:.2e}."]
     return "\n".join(lines + _device_lines(report)) + "\n"
+
+
+def _stat(lat: dict, binds: str) -> float:
+    """The figure a budget binds from a latency entry: its mean (its p50 where no mean was recorded) or its p99."""
+    return lat["p99"] if binds == "p99" else lat.get("mean", lat["p50"])
+
+
+def _cascade_lines(report: dict, batches: list[str]) -> list[str]:
+    """The cascade rows' own figures: escalation on both splits, mean and worst MACs, mean / p50 / p99 per call."""
+    rows = [c for c in report["candidates"] if c["kind"] == "cascade"]
+    if not rows:
+        return []
+    ens_macs = report["ensemble"]["macs"]
+    lines = ["", "## Cascades", "",
+             "The first stage runs on every input; the rest of the ensemble only where the gate score is below the "
+             "threshold (both chosen on validation). Latency per call over the test inputs in order.", "",
+             "| cascade | combine | escalated val / test | MACs mean / worst | " +
+             " | ".join(f"b{b} mean / p50 / p99 ms (calls escalated)" for b in batches) + " |",
+             "|---|---|---|---|" + "---|" * len(batches)]
+    for c in rows:
+        k = c["cascade"]
+        cells = [c["label"], k["combine"], f"{k['escalated']['validation']:.1%} / {k['escalated']['test']:.1%}"
+                 + (" (shifted)" if k["shifted"] else ""),
+                 f"{c['macs'] / ens_macs:.2f} / {k['macs_worst'] / ens_macs:.2f}"]
+        for b in batches:
+            lat = c["latency_by_batch"][b]
+            cells.append(f"{lat['mean']:.3f} / {lat['p50']:.3f} / {lat['p99']:.3f} "
+                         f"({k['calls_escalated'][b]:.0%})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def _label_of(report: dict, key: str | None) -> str | None:
@@ -118,7 +157,7 @@ def _device_lines(report: dict) -> list[str]:
 
 
 MARKERS = {"member": ("^", "tab:green"), "distilled member": ("P", "tab:purple"), "sub-ensemble": ("D", "tab:orange"),
-           "ensemble": ("s", "black")}
+           "ensemble": ("s", "black"), "cascade": ("X", "tab:brown")}
 
 
 def pareto_plot(report: dict, path: str | Path) -> Path:
@@ -133,9 +172,11 @@ def pareto_plot(report: dict, path: str | Path) -> Path:
     b = next(iter(ens["latency_by_batch"]))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, key, label in ((axes[0], "macs", "MACs / ensemble"),
-                           (axes[1], "p50", f"p50 latency / fastest exact ensemble (b{b})")):
+                           (axes[1], "latency", f"latency / fastest exact ensemble (b{b})")):
         def x(r: dict) -> float:
-            return r["macs"] / ens["macs"] if key == "macs" else r["latency_by_batch"][b]["p50"] / base[b]["p50"]
+            binds = report["budget"].get("binds", "mean")
+            return (r["macs"] / ens["macs"] if key == "macs"
+                    else _stat(r["latency_by_batch"][b], binds) / _stat(base[b], binds))
 
         def acc(r: dict) -> float:
             return r["validation"]["accuracy"]
