@@ -121,8 +121,8 @@ def test_max_drop_ships_the_fastest_close_enough():
 
 def test_impossible_budget_names_the_cheapest():
     rows = [row("member0", "member", 0.85, 25, 0.25, 8.0, seed=2), ENS, BATCHED]
-    with pytest.raises(ef.EdgefuseError, match=r"no candidate meets the budget \(p50 ≤ 0.1 ms at batch 1\); "
-                                               r"the cheapest is member0: p50 0.250 ms"):
+    with pytest.raises(ef.EdgefuseError, match=r"no candidate meets the budget \(mean latency ≤ 0.1 ms at batch 1\); "
+                                               r"the cheapest is member0: mean 0.250 ms"):
         choose(rows, Budget(latency_ms={"1": 0.1}), ENS)
 
 

@@ -134,3 +134,19 @@ def test_on_the_device_a_fused_pick_gives_way_to_a_tied_plainer_model(z, ships):
     chosen, reason = pick(measured, manifest, {"1": 2.0})
     assert chosen["key"] == ships
     assert ("fused model ships only where" in reason) == (ships == "student")
+
+
+def test_on_the_device_the_budget_binds_what_the_target_says():
+    from edgefuse.device.device_choice import pick
+
+    def measured(key, acc, p50, p99):
+        return {"key": key, "label": key, "kind": "member", "validation_accuracy": acc, "ok": True,
+                "memory_mb": 10.0, "latency_ms": {"1": {"p50": p50, "mean": (p50 + p99) / 2, "p99": p99}}}
+
+    rows = [measured("jittery", 0.95, 0.5, 3.0), measured("steady", 0.90, 0.9, 1.0)]
+    manifest = {"candidates": [{"key": "jittery", "tie_z": {"steady": 9.0}}, {"key": "steady", "tie_z": {}}],
+                "noise": {"z": 2.0, "faster": 0.9, "plain": []}}
+    assert pick(rows, manifest | {"latency_binds": "mean"}, {"1": 2.0})[0]["key"] == "jittery"
+    chosen, reason = pick(rows, manifest | {"latency_binds": "p99"}, {"1": 2.0})
+    assert chosen["key"] == "steady" and "p99 ≤ 2 ms" in reason
+    assert rows[0]["why_not"] == "p99 over budget at batch 1"

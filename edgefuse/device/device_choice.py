@@ -1,8 +1,9 @@
 """`deploy.py --choose`: the device decides. Every candidate the host sent (bundle/candidates.json and one folder
 each under candidates/) is built with the target's settings, checked against its golden outputs and timed at each
-of the target's batch sizes; the most accurate on validation within the latency budget (p50, at every batch size)
+of the target's batch sizes; the most accurate on validation within the latency budget (the figure the target's
+`latency_binds` names, mean or p99 per call, as on the host, at every batch size)
 and the memory budget ships, with the host chooser's rule for ties: a candidate within NOISE_Z standard errors of
-the most accurate on validation that is clearly faster (p50 at most FASTER of its at every batch size) wins, and
+the most accurate on validation that is clearly faster (that figure at most FASTER of its at every batch size) wins, and
 a fused pick gives way to a candidate of the manifest's plain kinds (members, distilled members, ensembles) that
 ties with it and is not clearly slower.
 
@@ -55,7 +56,7 @@ def read_manifest(bundle: Path) -> dict:
 
 
 def latency_budget(manifest: dict, latency_ms: float | None) -> dict[str, float]:
-    """p50 per batch size: `--latency-ms` for every batch size, else the target's budget, else none."""
+    """One budget per batch size (of the figure `binds` names): `--latency-ms` for every batch size, else the target's budget, else none."""
     batches = [str(b) for b in manifest["batch_sizes"]]
     if latency_ms is not None:
         if not (math.isfinite(latency_ms) and latency_ms > 0):
@@ -82,19 +83,28 @@ def measure(bundle: Path, row: dict, runtime: str, batches: list[int], seconds: 
             "engine": str(Path(row["folder"]) / "model.engine") if runtime != "onnxruntime" else None}
 
 
-def _speed(m: dict) -> float:
-    values = [max(v["p50"], 1e-9) for v in m["latency_ms"].values()]
-    return math.exp(sum(map(math.log, values)) / len(values))
+def binds(manifest: dict) -> str:
+    """The latency figure the budget binds, as the host's chooser reads it: the target's `latency_binds` (mean or
+    p99 per call); a bundle written before the manifest carried it binds the p50."""
+    return manifest.get("latency_binds", "p50")
 
 
 def pick(measured: list[dict], manifest: dict, budget: dict[str, float]) -> tuple[dict, str]:
     """The most accurate fitting candidate on validation, or a clearly faster one that ties with it."""
-    memory = manifest.get("memory_budget_mb")
+    memory, stat = manifest.get("memory_budget_mb"), binds(manifest)
+
+    def lat(m: dict, b: str) -> float:
+        return m["latency_ms"][b][stat]
+
+    def _speed(m: dict) -> float:
+        values = [max(lat(m, b), 1e-9) for b in m["latency_ms"]]
+        return math.exp(sum(map(math.log, values)) / len(values))
+
     for m in measured:
-        over = [b for b, v in budget.items() if m["latency_ms"][b]["p50"] > v]
+        over = [b for b, v in budget.items() if lat(m, b) > v]
         m["fits"] = m["ok"] and not over and (memory is None or m["memory_mb"] is None or m["memory_mb"] <= memory)
         m["why_not"] = "outputs differ from its references" if not m["ok"] else \
-            f"p50 over budget at batch {', '.join(over)}" if over else \
+            f"{stat} over budget at batch {', '.join(over)}" if over else \
             f"{m['memory_mb']:.1f} MB over the memory budget" if not m["fits"] else None
     pool = [m for m in measured if m["fits"]]
     if not pool:
@@ -103,26 +113,24 @@ def pick(measured: list[dict], manifest: dict, budget: dict[str, float]) -> tupl
             raise NoMatch("no candidate's outputs match its references on this device")
         fastest = min(ok, key=_speed)
         b = next(iter(fastest["latency_ms"]))
-        raise NoFit(f"no candidate fits the budget ({describe(budget, memory)}); the fastest is {fastest['label']}: "
-                    f"p50 {fastest['latency_ms'][b]['p50']:.3f} ms at batch {b}")
+        raise NoFit(f"no candidate fits the budget ({describe(budget, memory, stat)}); the fastest is "
+                    f"{fastest['label']}: {stat} {lat(fastest, b):.3f} ms at batch {b}")
     best = max(pool, key=lambda m: (m["validation_accuracy"], -_speed(m)))
     z = _tie_z(manifest, best)
     noise = manifest.get("noise", {"z": 2.0, "faster": 0.9})
     faster = [m for m in pool if m is not best and m["key"] in z and z[m["key"]] < noise["z"]
-              and all(m["latency_ms"][b]["p50"] <= noise["faster"] * best["latency_ms"][b]["p50"]
-                      for b in best["latency_ms"])]
+              and all(lat(m, b) <= noise["faster"] * lat(best, b) for b in best["latency_ms"])]
     chosen, reason = best, (f"the most accurate on validation ({best['validation_accuracy']:.4f}) of the {len(pool)} "
-                            f"candidates within the budget ({describe(budget, memory)}) on this device")
+                            f"candidates within the budget ({describe(budget, memory, stat)}) on this device")
     if faster:
         chosen = min(faster, key=_speed)
         reason = (f"ties on validation with the most accurate fitting candidate, {best['label']} "
                   f"({z[chosen['key']]:.1f} standard errors apart, under {noise['z']:g}), and is clearly faster "
-                  f"here (p50 {_speed(chosen) / _speed(best):.2f}× its, geometric mean over batch sizes)")
+                  f"here ({stat} {_speed(chosen) / _speed(best):.2f}× its, geometric mean over batch sizes)")
     if chosen.get("kind") == "fused":
         zc = _tie_z(manifest, chosen)
         plain = [m for m in pool if m.get("kind") in noise.get("plain", ()) and m["key"] in zc and zc[m["key"]] < noise["z"]
-                 and all(noise["faster"] * m["latency_ms"][b]["p50"] <= chosen["latency_ms"][b]["p50"]
-                         for b in chosen["latency_ms"])]
+                 and all(noise["faster"] * lat(m, b) <= lat(chosen, b) for b in chosen["latency_ms"])]
         if plain:
             fused, chosen = chosen, max(plain, key=lambda m: (m["validation_accuracy"], -_speed(m)))
             reason = (f"ties on validation with the fused {fused['label']} and is not clearly slower here: a fused "
@@ -135,8 +143,8 @@ def _tie_z(manifest: dict, m: dict) -> dict[str, float]:
     return next(r for r in manifest["candidates"] if r["key"] == m["key"]).get("tie_z", {})
 
 
-def describe(budget: dict[str, float], memory: float | None) -> str:
-    parts = [", ".join(f"p50 ≤ {v:g} ms at batch {b}" for b, v in budget.items()),
+def describe(budget: dict[str, float], memory: float | None, stat: str = "p50") -> str:
+    parts = [", ".join(f"{stat} ≤ {v:g} ms at batch {b}" for b, v in budget.items()),
              f"memory ≤ {memory:g} MB" if memory is not None else ""]
     return "; ".join(p for p in parts if p) or "no budget"
 
@@ -150,7 +158,8 @@ def choose(bundle: Path, runtime: str = "auto", latency_ms: float | None = None,
     measured = []
     for row in manifest["candidates"]:
         m = measure(bundle, row, runtime, [int(b) for b in manifest["batch_sizes"]], seconds)
-        lat = ", ".join(f"b{b} p50 {v['p50']:.3f} ms (p99 {v['p99']:.3f})" for b, v in m["latency_ms"].items())
+        lat = ", ".join(f"b{b} mean {v['mean']:.3f} ms, p50 {v['p50']:.3f}, p99 {v['p99']:.3f}"
+                        for b, v in m["latency_ms"].items())
         print(f"{m['label']}: validation {m['validation_accuracy']:.4f}, {lat}"
               + (f", {m['memory_mb']:.1f} MB" if m["memory_mb"] is not None else "")
               + ("" if m["ok"] else f", MISMATCH {m['problems'][0]}"))
@@ -159,7 +168,7 @@ def choose(bundle: Path, runtime: str = "auto", latency_ms: float | None = None,
     choice = {"runtime": runtime, "chosen": chosen["key"], "label": chosen["label"], "reason": reason,
               "host_choice": manifest.get("host_choice"), "budget": {"latency_ms": budget,
                                                                     "memory_mb": manifest.get("memory_budget_mb")},
-              "timing": {"seconds_per_batch_size": seconds, "statistic": "p50"}, "candidates": measured}
+              "timing": {"seconds_per_batch_size": seconds, "statistic": binds(manifest)}, "candidates": measured}
     if chosen["engine"]:
         staged = bundle / ".model.engine.tmp"
         shutil.copyfile(bundle / chosen["engine"], staged)

@@ -75,7 +75,7 @@ def manifest(candidates: list[DeviceCandidate], target: Target) -> dict:
                      "tie_z": {k: v for k, v in z.items() if v is not None}})
     return {"target": target.name, "batch_sizes": list(target.batch_sizes),
             "latency_budget_ms": per_batch_latency(target, target.latency_budget_ms),
-            "memory_budget_mb": target.memory_budget_mb,
+            "memory_budget_mb": target.memory_budget_mb, "latency_binds": target.latency_binds,
             "noise": {"z": NOISE_Z, "faster": FASTER, "plain": list(PLAIN)},
             "host_choice": host_choice(candidates), "candidates": rows}
 

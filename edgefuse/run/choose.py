@@ -142,8 +142,9 @@ def choose(rows: list[Candidate], budget: Budget, ensemble: Candidate) -> Choice
                   f"{best.accuracy:.4f}, {z:.1f} standard errors apart, under {NOISE_Z:g}), and is clearly faster "
                   f"({binds} latency {ratios})")
     if chosen.kind in TIE_YIELDS and (plain := _plain_tie(pool, chosen, batches, binds)):
-        reason = (f"ties on validation with the most accurate {chosen.kind}, {chosen.label} ({plain.accuracy:.4f} vs "
-                  f"{chosen.accuracy:.4f}), and is not clearly slower: a {chosen.kind} ships only where it beats "
+        what = "fused model" if chosen.kind == "fused" else chosen.kind
+        reason = (f"ties on validation with the most accurate {what}, {chosen.label} ({plain.accuracy:.4f} vs "
+                  f"{chosen.accuracy:.4f}), and is not clearly slower: a {what} ships only where it beats "
                   f"every member, distilled member and ensemble at no higher cost beyond noise")
         chosen = plain
     ties = [c.label for c in pool if c is not chosen and (z := tie_z(chosen, c)) is not None and abs(z) < NOISE_Z]
