@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..run.baselines import exact_ensembles, sub_ensembles
+from ..run.baselines import choose_combine, exact_ensembles, member_logits, sub_ensembles
 from ..run.candidate import torch_predictions, with_agreement
 from ..run.points import export_and_measure
 from ..run.choose import choose, target_budget
@@ -56,13 +56,15 @@ def verify(fused: nn.Module, models: list[nn.Module], data, target: str = "cpu-o
         cand = root / "candidates"
         members = [export_and_measure(m, splits, cand / f"member{i}.onnx", tgt, key=f"member{i}",
                                       label=f"member {i}", kind="member") for i, m in enumerate(models)]
-        exact, _ = exact_ensembles(models, [m.file for m in members], splits, tgt, cand)
+        val_logits = member_logits([m.file for m in members], splits.x_val)
+        exact, _ = exact_ensembles(models, [m.file for m in members], splits, tgt, cand,
+                                   choose_combine(val_logits, yv.numpy()))
         row = export_and_measure(fused, splits, cand / "fused.onnx", tgt, key="fused", label="fused (given)",
                                  kind="fused")
         reference = torch_predictions(ensemble(models), x)
         members = [with_agreement(m, reference) for m in members]
         row = with_agreement(row, reference)
-        subs, _ = sub_ensembles(models, splits, tgt, cand, reference)
+        subs, _ = sub_ensembles(models, splits, tgt, cand, reference, val_logits)
         budget = target_budget(tgt)
         choice = choose(members + list(exact.values()) + subs + [row], budget, exact["ensemble"])
         head = {"target": tgt.name, "arch": type(models[0]).__name__, "n_models": len(models), "dataset": "given",

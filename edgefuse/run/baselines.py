@@ -6,13 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
+
+from ..base.combine import COMBINES, combine_outputs
 
 from ..models.data import Splits
 from ..graph.onnx import onnx_nodes
 from ..fuse import ensemble
 from ..measure.metrics import scores
-from ..measure.runners import SessionsRunner, TorchRunner, peak_memory_mb, predict
+from ..measure.runners import OrtRunner, SessionsRunner, TorchRunner, peak_memory_mb, predict
 from .points import export_and_measure
 from .candidate import ALL_CORES, Candidate, measure, with_agreement
 from ..targets import Target
@@ -22,23 +25,47 @@ EXACT_LABELS = {"ensemble": "ensemble (members one after another, one graph)",
                 "ensemble_batched": "ensemble, batched (grouped kernels)"}
 
 
+def member_logits(files: list[str], x) -> np.ndarray:
+    """Every member's outputs on `x` (members, inputs, classes), from its exported graph."""
+    return np.stack([predict(OrtRunner(f, ALL_CORES), x) for f in files])
+
+
+def choose_combine(logits: np.ndarray, y: np.ndarray) -> str:
+    """Mean of logits or of probabilities, whichever combines the members' (members, inputs, classes) validation
+    outputs more accurately (lower NLL breaks a tie; the mean of logits on a full tie): on members trained on
+    label-skewed shards the two differ by points, because a member's confident logits on classes it never saw swamp a
+    mean of logits but not a mean of probabilities."""
+    def merit(rule: str) -> tuple[float, float]:
+        out = combine_outputs(torch.from_numpy(np.asarray(logits)), 0, rule).numpy()
+        sc = scores(out, torch.as_tensor(y))
+        return sc["accuracy"], -sc["nll"]
+    return max(COMBINES, key=merit)
+
+
+def _how(combine: str) -> str:
+    return ", mean of probabilities" if combine == "probs" else ""
+
+
 def exact_ensembles(members: list[nn.Module], member_files: list[str], splits: Splits, target: Target,
-                    out_dir: Path) -> tuple[dict[str, Candidate], dict[str, nn.Module]]:
-    """The exact ensembles as candidates, and the modules of the two that are one graph. Each also gives every
-    member's logits (head_logits), for the uncertainty of their disagreement. The N-sessions form is onnxruntime's
-    own, so a `cuda` target measures the two one-graph forms only."""
-    seq = ensemble(members, head_outputs=True)
+                    out_dir: Path, combine: str = "mean") -> tuple[dict[str, Candidate], dict[str, nn.Module]]:
+    """The exact ensembles as candidates, and the modules of the two that are one graph, combining by `combine`.
+    Each also gives every member's logits (head_logits), for the uncertainty of their disagreement. The N-sessions
+    form is onnxruntime's own, so a `cuda` target measures the two one-graph forms only."""
+    seq = ensemble(members, combine=combine, head_outputs=True)
     rows, modules = {}, {}
     for name, module in (("ensemble", seq), ("ensemble_batched", seq.batch_heads())):
         rows[name] = export_and_measure(module, splits, out_dir / f"{name}.onnx", target, key=name,
-                                        label=EXACT_LABELS[name], kind="ensemble")
+                                        label=EXACT_LABELS[name] + _how(combine), kind="ensemble",
+                                        combine=combine)
         modules[name] = module
     if target.runtime != "cuda":
         threads = target.threads
-        runner, predictor = SessionsRunner(member_files, threads), SessionsRunner(member_files, ALL_CORES)
+        runner = SessionsRunner(member_files, threads, combine)
+        predictor = SessionsRunner(member_files, ALL_CORES, combine)
         rows["ensemble_sessions"] = measure(
             seq, splits, batch_sizes=target.batch_sizes, threads=threads, runner=runner, predictor=predictor,
-            key="ensemble_sessions", label=f"ensemble, {len(members)} separate sessions", kind="ensemble",
+            key="ensemble_sessions", label=f"ensemble, {len(members)} separate sessions{_how(combine)}",
+            kind="ensemble", combine=combine,
             onnx_nodes=sum(onnx_nodes(f) for f in member_files),
             peak_memory_mb=peak_memory_mb(member_files, max(target.batch_sizes), threads))
     reference = rows["ensemble"].test_predictions
@@ -64,18 +91,20 @@ def select_members(members: list[nn.Module], splits: Splits) -> list[tuple[int, 
 
 
 def sub_ensembles(members: list[nn.Module], splits: Splits, target: Target, out_dir: Path,
-                  reference: np.ndarray) -> tuple[list[Candidate], dict[str, nn.Module]]:
-    """Each selected subset of members as one batched graph with heads: the middle ground between one member and
-    the whole ensemble, at k/N of its MACs; also as INT8 when the target weighs INT8."""
+                  reference: np.ndarray, val_logits: np.ndarray) -> tuple[list[Candidate], dict[str, nn.Module]]:
+    """Each selected subset of members as one batched graph with heads, combining as its members' validation
+    outputs (`val_logits`) say: the middle ground between one member and the whole ensemble, at k/N of its MACs;
+    also as INT8 when the target weighs INT8."""
     rows, modules = [], {}
     for subset in select_members(members, splits):
-        module = ensemble([members[i] for i in subset], head_outputs=True).batch_heads()
+        how = choose_combine(val_logits[list(subset)], splits.y_val.numpy())
+        module = ensemble([members[i] for i in subset], combine=how, head_outputs=True).batch_heads()
         key = "sub-ensemble-" + "-".join(map(str, subset))
-        label = f"sub-ensemble of members {', '.join(map(str, subset))} (batched)"
+        label = f"sub-ensemble of members {', '.join(map(str, subset))} (batched{_how(how)})"
         for precision in ("fp32", "int8") if target.int8 else ("fp32",):
             tag = "-int8" if precision == "int8" else ""
             row = export_and_measure(module, splits, out_dir / f"{key}{tag}.onnx", target, precision, key=key + tag,
-                                     kind="sub-ensemble", members=subset,
+                                     kind="sub-ensemble", members=subset, combine=how,
                                      label=label + (", INT8" if tag else ""))
             rows.append(with_agreement(row, reference))
         modules[key] = module

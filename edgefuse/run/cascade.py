@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..base.cascade import COMBINES, GATES, CascadeRule, combine
+from ..base.cascade import GATES, CascadeRule
 from ..fuse import ensemble
 from ..graph.onnx import export_onnx, onnx_nodes
 from ..graph.cascade import cascade_graph
@@ -22,6 +22,7 @@ from ..measure.runners import OrtRunner, peak_memory_mb, predict
 from ..measure.uncertainty import flag_rule
 from ..models.data import Splits
 from ..targets import Target
+from .baselines import choose_combine
 from .candidate import ALL_CORES, Candidate, with_agreement
 
 RATES = (0.05, 0.1, 0.2, 0.35)  # shares of validation inputs escalated, one cascade row each
@@ -33,15 +34,6 @@ def cascade_sets(n: int, subsets: list[tuple[int, ...]], first: int) -> list[tup
     return [s for s in dict.fromkeys([*subsets, tuple(range(n))]) if first in s]
 
 
-def choose_combine(logits: np.ndarray, y: np.ndarray) -> str:
-    """Mean of logits or of probabilities, whichever the members' (members, batch, classes) validation outputs
-    combine more accurately by (lower NLL breaks a tie; the mean of logits on a full tie)."""
-    def merit(rule: str) -> tuple[float, float]:
-        s = scores(combine(logits, rule), torch.as_tensor(y))
-        return s["accuracy"], -s["nll"]
-    return max(COMBINES, key=merit)
-
-
 def choose_gate(first_logits: np.ndarray, y: np.ndarray) -> str:
     """The gate score that best tells the first stage's right answers from its wrong ones on validation (AUROC)."""
     correct = first_logits.argmax(1) == y
@@ -49,12 +41,13 @@ def choose_gate(first_logits: np.ndarray, y: np.ndarray) -> str:
 
 
 def cascades(members: list[Candidate], modules: list[nn.Module], subsets: list[tuple[int, ...]], splits: Splits,
-             target: Target, out_dir: Path, reference: np.ndarray) -> tuple[list[Candidate], dict[str, nn.Module]]:
+             target: Target, out_dir: Path, reference: np.ndarray,
+             val: np.ndarray) -> tuple[list[Candidate], dict[str, nn.Module]]:
     """Cascade rows from the best member on validation to each ensemble containing it, at each rate of RATES, and
-    each row's reference module (the rule over the PyTorch members) by key."""
+    each row's reference module (the rule over the PyTorch members) by key. `val`: every member's validation
+    logits (members, inputs, classes)."""
     first = max(range(len(members)), key=lambda i: (members[i].accuracy, -members[i].validation["nll"]))
     y_val = splits.y_val.numpy()
-    val = np.stack([predict(OrtRunner(m.file, ALL_CORES), splits.x_val) for m in members])
     first_logits = {"validation": val[first], "test": predict(OrtRunner(members[first].file, ALL_CORES),
                                                                  splits.x_test)}
     gate = choose_gate(val[first], y_val)

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import Progress
 from torch import nn
 
-from .baselines import exact_ensembles, int8_ensembles, sub_ensembles
+from .baselines import choose_combine, exact_ensembles, int8_ensembles, member_logits, sub_ensembles
 from .cascade import cascades
 from .candidate import Candidate, Point
 from .points import Job, run_points
@@ -93,9 +93,11 @@ def measure_field(s: Setup, tgt: Target, points: list[Point], budget: Budget, co
 
     def jobs(pts: list[Point]) -> list[Job]:
         teacher = out.teacher.members if out.teacher is not None else None
+        how = (out.teacher.combine or "mean") if out.teacher is not None else "mean"
         return [Job(point=p, aligned=s.aligned[p.method], splits=s.splits, target=tgt, out_dir=str(out_dir),
                     ensemble_predictions=s.ensemble_predictions, distill=distill,
-                    cache=str(cache) if cache else None, keep_module=keep, teacher=teacher, spec=s.spec)
+                    cache=str(cache) if cache else None, keep_module=keep, teacher=teacher, teacher_combine=how,
+                    spec=s.spec)
                 for p in pts]
 
     def int8(pts: list[Point]) -> list[Point]:
@@ -113,15 +115,17 @@ def measure_field(s: Setup, tgt: Target, points: list[Point], budget: Budget, co
     out = Field([], {}, [])
     members = [Point("member", i, method, None) for i in range(len(s.models))]
     out.members = run(members, "members", 0)
-    exact, modules = exact_ensembles(s.aligned[method], [m.file for m in out.members], s.splits, tgt, out_dir)
+    val_logits = member_logits([m.file for m in out.members], s.splits.x_val)
+    exact, modules = exact_ensembles(s.aligned[method], [m.file for m in out.members], s.splits, tgt, out_dir,
+                                     choose_combine(val_logits, s.splits.y_val.numpy()))
     out.exact, out.modules = exact, out.modules | modules
-    subs, sub_modules = sub_ensembles(s.aligned[method], s.splits, tgt, out_dir, s.ensemble_predictions)
+    subs, sub_modules = sub_ensembles(s.aligned[method], s.splits, tgt, out_dir, s.ensemble_predictions, val_logits)
     out.others += subs
     out.modules |= sub_modules
     if tgt.runtime == "onnxruntime":  # a cascade runs its stage graphs from a host loop: timed here, on onnxruntime
         subsets = [c.members for c in subs if c.precision == "fp32"]
         rows, refs = cascades(out.members, s.aligned[method], subsets, s.splits, tgt, out_dir,
-                              s.ensemble_predictions)
+                              s.ensemble_predictions, val_logits)
         out.others += rows
         out.modules |= refs
         console.print(f"[bold]cascades[/]: {len(rows)}, from member {rows[0].cascade['first']} "

@@ -42,6 +42,7 @@ class Job:
     cache: str | None = None
     keep_module: bool = False
     teacher: tuple[int, ...] | None = None  # the members whose ensemble teaches distillation (None: all)
+    teacher_combine: str = "mean"  # how that ensemble combines them
     spec: PermSpec | None = None  # traced once per run; None: traced here
 
 
@@ -82,7 +83,7 @@ def _distilled(student: nn.Module, job: Job, splits) -> None:
     """Distil in place, or load the weights of an earlier run with the same models, point and budget."""
     cfg = job.distill
     key = fingerprint(job.aligned, job.point.key, repr(cfg), job.splits.digest, str(job.target.batch_heads),
-                      str(job.teacher))
+                      str(job.teacher), *(() if job.teacher_combine == "mean" else (job.teacher_combine,)))
     path = Path(job.cache) / "distilled" / f"{key}.pt" if job.cache else None
     if path is not None and path.is_file():
         try:
@@ -92,9 +93,10 @@ def _distilled(student: nn.Module, job: Job, splits) -> None:
         except Exception as e:  # a cut or edited cache file: distil again rather than trust it
             warn_once(f"cached distilled weights {path} do not load ({first_line(e)}): distilled again")
     members = job.aligned if job.teacher is None else [job.aligned[i] for i in job.teacher]
-    distill(student, ensemble(members, batched=True, head_outputs=cfg.per_head), splits.x_train, cfg,
-            label=job.point.label, quiet=multiprocessing.parent_process() is not None or None,
-            targets=_teacher_pass(fingerprint(members, repr(cfg), job.splits.digest)))
+    teacher = ensemble(members, combine=job.teacher_combine, batched=True, head_outputs=cfg.per_head)
+    distill(student, teacher, splits.x_train, cfg, label=job.point.label,
+            quiet=multiprocessing.parent_process() is not None or None,
+            targets=_teacher_pass(fingerprint(members, repr(cfg), job.splits.digest, job.teacher_combine)))
     if path is not None:
         import io
 
