@@ -150,3 +150,59 @@ def test_on_the_device_the_budget_binds_what_the_target_says():
     chosen, reason = pick(rows, manifest | {"latency_binds": "p99"}, {"1": 2.0})
     assert chosen["key"] == "steady" and "p99 ≤ 2 ms" in reason
     assert rows[0]["why_not"] == "p99 over budget at batch 1"
+
+
+@pytest.fixture(scope="module")
+def cascade_export(cnn_checkpoints, tmp_path_factory):
+    """A desktop TensorRT target (its budgets bind the mean, so cascades join the frontier at their mean MACs)."""
+    root = tmp_path_factory.mktemp("device-cascade")
+    trt = Path(load_target("desktop-trt10").source).read_text().replace("distill_steps = 500", "distill_steps = 0")
+    (root / "trt.toml").write_text(trt)
+    res = CliRunner().invoke(cli, ["-q", "export", "--model", "tests.nets:digits_cnn", *cnn_checkpoints,
+                                   "--dataset", "digits", "--target", str(root / "trt.toml"),
+                                   "--out-root", str(root)])
+    assert res.exit_code == 0, res.output
+    return root / "trt"
+
+
+def test_a_cascade_goes_to_the_device_as_two_stages_and_passes_its_golden_check(cascade_export, tmp_path):
+    bundle = bundle_copy(cascade_export, tmp_path)
+    manifest = json.loads((bundle / "candidates.json").read_text())
+    cascades = [r for r in manifest["candidates"] if r["kind"] == "cascade"]
+    assert cascades and "cascade" in manifest["noise"]["yields"] and manifest["latency_binds"] == "mean"
+    folder = bundle / cascades[0]["folder"]
+    assert {"model.onnx", "cascade.json", "stream_inputs.npy"} <= {p.name for p in folder.iterdir()}
+    assert (folder / "stage2" / "model.onnx").is_file() and (bundle / "cascade.py").is_file()
+    res = subprocess.run([sys.executable, str(bundle / "deploy.py"), "--bundle", str(folder), "--runtime",
+                          "onnxruntime", "--seconds", "0.05"], capture_output=True, text=True)
+    assert res.returncode == 0 and "PASS" in res.stdout, res.stdout + res.stderr
+    res = choose(bundle)
+    assert res.returncode in (0, 2), res.stderr
+    if res.returncode == 0:
+        choice = json.loads((bundle / "choice.json").read_text())
+        measured = {m["key"]: m for m in choice["candidates"]}
+        assert measured[cascades[0]["key"]]["ok"] and choice["timing"]["statistic"] == "mean"
+
+
+@pytest.mark.parametrize("damage", ["swap", "nan", "superset"])
+def test_a_broken_cascade_folder_is_one_line_on_the_device(cascade_export, tmp_path, damage):
+    bundle = bundle_copy(cascade_export, tmp_path)
+    manifest = json.loads((bundle / "candidates.json").read_text())
+    folder = bundle / next(r for r in manifest["candidates"] if r["kind"] == "cascade")["folder"]
+    desc = json.loads((folder / "cascade.json").read_text())
+    if damage == "swap":
+        first = (folder / "model.onnx").read_bytes()
+        (folder / "model.onnx").write_bytes((folder / "stage2" / "model.onnx").read_bytes())
+        (folder / "stage2" / "model.onnx").write_bytes(first)
+        text, says = json.dumps(desc), "digest"
+    elif damage == "nan":
+        desc["rule"]["threshold"] = float("nan")
+        text, says = json.dumps(desc, allow_nan=True), "NaN"
+    else:
+        desc["rule"]["rest"] = [desc["rule"]["first"]]
+        text, says = json.dumps(desc), "second stage"
+    (folder / "cascade.json").write_text(text)
+    res = subprocess.run([sys.executable, str(bundle / "deploy.py"), "--bundle", str(folder), "--runtime",
+                          "onnxruntime"], capture_output=True, text=True)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and says in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr

@@ -12,11 +12,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..base import cascade as cascade_rule
 from ..base import compare
+from ..base.cascade import CascadeRule
 from ..base.files import publish
 from ..measure.runners import OrtRunner
 from ..targets import Target
 from . import deploy
+from . import stages as stages_mod
+from ..measure.cascade import sha256
 from .device_choice import MANIFEST
 from .frontier import DeviceCandidate, manifest
 from ..graph.int8 import INT8_ATOL, INT8_RTOL, Int8Graph
@@ -27,7 +31,8 @@ README = """# edgefuse deploy bundle: {name}
 
 Files: `model.onnx` ({graph}), `target.json` / `{name}.toml` (the target), `golden_inputs.npy` ({batch} test
 images), `reference_outputs.npz` (the model's outputs in FP32 PyTorch), `deploy.py` (builder, checker and
-chooser, with its siblings golden.py, engines.py, runtimes.py and device_choice.py).
+chooser, with its siblings golden.py, engines.py, runtimes.py, device_choice.py, stages.py, cascade.py and
+compare.py).
 
 ## On the device
 ```
@@ -100,7 +105,24 @@ def _int8_spec(target: Target) -> dict:
     return target_dict(target) | {"graph": "int8", "io_precision": "fp32", "atol": INT8_ATOL, "rtol": INT8_RTOL}
 
 
-def _candidates(stage: Path, target: Target, golden: torch.Tensor,
+STREAM_INPUTS = 512  # test inputs in order a cascade is timed on: the share that escalates is the data's
+
+
+def _cascade_folder(folder: Path, row, stream: torch.Tensor) -> None:
+    """What makes a candidate folder a cascade: the second stage's graph in stage2/, the rule and both stages'
+    digests in cascade.json, the stream of test inputs it is timed on. model.onnx is its first stage and its
+    reference outputs are the whole cascade's."""
+    (folder / "stage2").mkdir()
+    shutil.copyfile(row.cascade["stages"][1], folder / "stage2" / "model.onnx")
+    rule = CascadeRule.from_json(row.cascade)
+    stages = [{"file": f, "members": m, "sha256": sha256(folder / f)}
+              for f, m in (("model.onnx", [rule.first]), ("stage2/model.onnx", list(rule.rest)))]
+    (folder / stages_mod.DESCRIPTION).write_text(json.dumps({"rule": rule.to_json(), "stages": stages}, indent=2)
+                                                 + "\n")
+    np.save(folder / stages_mod.STREAM, stream.numpy().astype(np.float32))
+
+
+def _candidates(stage: Path, target: Target, golden: torch.Tensor, stream: torch.Tensor,
                 candidates: list[DeviceCandidate]) -> dict[str, dict]:
     """candidates/<key>/ for each device candidate and the manifest; each folder self-checked here."""
     checks = {}
@@ -108,6 +130,8 @@ def _candidates(stage: Path, target: Target, golden: torch.Tensor,
         folder = stage / "candidates" / dc.row.key
         _graph_folder(folder, _int8_spec(target) if dc.graph == "int8" else target_dict(target), dc.file, golden,
                       dc.module)
+        if dc.graph == "cascade":
+            _cascade_folder(folder, dc.row, stream)
         checks[f"candidate {dc.row.key}"] = deploy.check_bundle(folder, "onnxruntime", SELF_CHECK_SECONDS)
     (stage / MANIFEST).write_text(json.dumps(manifest(candidates, target), indent=2) + "\n")
     return checks
@@ -129,6 +153,7 @@ def write_bundle(out_dir: str | Path, target: Target, onnx_file: Path, module: n
         for script in deploy.SCRIPTS:
             shutil.copyfile(Path(deploy.__file__).with_name(script), stage / script)
         shutil.copyfile(compare.__file__, stage / "compare.py")
+        shutil.copyfile(cascade_rule.__file__, stage / "cascade.py")
         graph = "FP16 graph, FP32 inputs and outputs" if target.strongly_typed else \
             "FP32 graph; FP16 chosen by the builder flag" if target.precision == "fp16" else "FP32 graph"
         extra = INT8_README.format(images=int8.calibration_images, atol=INT8_ATOL, rtol=INT8_RTOL) if int8 else ""
@@ -142,7 +167,7 @@ def write_bundle(out_dir: str | Path, target: Target, onnx_file: Path, module: n
             (stage / "int8" / "calibration.json").write_text(json.dumps(int8.summary(), indent=2) + "\n")
             checks["int8"] = deploy.check_bundle(stage / "int8", "onnxruntime", SELF_CHECK_SECONDS)
         if candidates:
-            checks |= _candidates(stage, target, golden, list(candidates))
+            checks |= _candidates(stage, target, golden, x[:STREAM_INPUTS], list(candidates))
         publish(stage, out_dir / "bundle")
     finally:
         shutil.rmtree(stage, ignore_errors=True)

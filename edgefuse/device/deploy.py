@@ -19,13 +19,15 @@ from pathlib import Path
 try:  # in the package, and as a script in a bundle (its siblings sit beside it)
     from . import device_choice
     from .golden import DeployError, compare, percentiles, read_bundle
-    from .runtimes import RUNTIMES, open_engine, resolve
+    from .runtimes import RUNTIMES, resolve
+    from .stages import open_runner
 except ImportError:
     import device_choice
     from golden import DeployError, compare, percentiles, read_bundle
-    from runtimes import RUNTIMES, open_engine, resolve
+    from runtimes import RUNTIMES, resolve
+    from stages import open_runner
 
-SCRIPTS = ("deploy.py", "golden.py", "engines.py", "runtimes.py", "device_choice.py")  # what a bundle carries
+SCRIPTS = ("deploy.py", "golden.py", "engines.py", "runtimes.py", "device_choice.py", "stages.py")  # a bundle's
 
 
 def check_bundle(bundle: Path, runtime: str = "auto", seconds: float = 1.0) -> dict:
@@ -33,7 +35,7 @@ def check_bundle(bundle: Path, runtime: str = "auto", seconds: float = 1.0) -> d
     bundle = Path(bundle)
     target, x, references = read_bundle(bundle)
     runtime = resolve(runtime)
-    runner = open_engine(bundle, target, runtime, bundle / "timing.cache")
+    runner = open_runner(bundle, target, runtime, bundle / "timing.cache")
     outputs = runner(x)
     if runtime == "tensorrt" and target.get("graph") == "int8":
         for kind, names in runner.layer_types().items():
@@ -58,8 +60,11 @@ def _choose(args: argparse.Namespace) -> int:
     except device_choice.NoMatch as e:
         print(f"deploy: FAIL: {e}", file=sys.stderr)
         return 1
+    chosen = next(c for c in choice["candidates"] if c["key"] == choice["chosen"])
     print(f"chose {choice['label']}: {choice['reason']}; wrote choice.json"
-          + (" and model.engine" if choice["runtime"] != "onnxruntime" else ""))
+          + (" and model.engine" if chosen["engine"] else "")
+          + (f" (a cascade: its engines are {' and '.join(chosen['engines'])}, run by stages.py)"
+             if chosen.get("engines") else ""))
     return 0
 
 

@@ -19,10 +19,12 @@ import numpy as np
 
 try:  # in the package, and as a script's sibling in a bundle
     from .golden import DeployError, atomic_write, compare, percentiles, read_bundle, read_json
-    from .runtimes import open_engine, resolve
+    from .runtimes import resolve
+    from .stages import open_runner
 except ImportError:
     from golden import DeployError, atomic_write, compare, percentiles, read_bundle, read_json
-    from runtimes import open_engine, resolve
+    from runtimes import resolve
+    from stages import open_runner
 
 MANIFEST = "candidates.json"
 
@@ -73,14 +75,17 @@ def measure(bundle: Path, row: dict, runtime: str, batches: list[int], seconds: 
     """Build, self-check and time one candidate on this device."""
     folder = bundle / row["folder"]
     target, x, references = read_bundle(folder)
-    runner = open_engine(folder, target, runtime, bundle / "timing.cache")
+    runner = open_runner(folder, target, runtime, bundle / "timing.cache")
+    cascade = row.get("kind") == "cascade"
     problems = compare(runner(x), references, target)
     latency = {str(b): percentiles(runner.latency(_batch(x, b), seconds)) for b in batches}
     return {"key": row["key"], "label": row.get("label", row["key"]), "kind": row.get("kind"),
             "precision": row.get("precision"), "validation_accuracy": row["validation"]["accuracy"],
             "test_accuracy": row.get("test", {}).get("accuracy"), "macs": row.get("macs"),
             "ok": not problems, "problems": problems, "latency_ms": latency, "memory_mb": runner.memory_mb(),
-            "engine": str(Path(row["folder"]) / "model.engine") if runtime != "onnxruntime" else None}
+            "engine": str(Path(row["folder"]) / "model.engine") if runtime != "onnxruntime" and not cascade else None,
+            "engines": [str(Path(row["folder"]) / p / "model.engine") for p in (".", "stage2")]
+            if runtime != "onnxruntime" and cascade else None}
 
 
 def binds(manifest: dict) -> str:
@@ -127,14 +132,15 @@ def pick(measured: list[dict], manifest: dict, budget: dict[str, float]) -> tupl
         reason = (f"ties on validation with the most accurate fitting candidate, {best['label']} "
                   f"({z[chosen['key']]:.1f} standard errors apart, under {noise['z']:g}), and is clearly faster "
                   f"here ({stat} {_speed(chosen) / _speed(best):.2f}× its, geometric mean over batch sizes)")
-    if chosen.get("kind") == "fused":
+    if chosen.get("kind") in noise.get("yields", ["fused"]):
         zc = _tie_z(manifest, chosen)
         plain = [m for m in pool if m.get("kind") in noise.get("plain", ()) and m["key"] in zc and zc[m["key"]] < noise["z"]
                  and all(noise["faster"] * lat(m, b) <= lat(chosen, b) for b in chosen["latency_ms"])]
         if plain:
             fused, chosen = chosen, max(plain, key=lambda m: (m["validation_accuracy"], -_speed(m)))
-            reason = (f"ties on validation with the fused {fused['label']} and is not clearly slower here: a fused "
-                      f"model ships only where it beats the members and ensembles beyond noise")
+            what = "fused model" if fused.get("kind") == "fused" else fused.get("kind")
+            reason = (f"ties on validation with the {what} {fused['label']} and is not clearly slower here: a {what} "
+                      f"ships only where it beats the members and ensembles beyond noise")
     return chosen, reason
 
 
@@ -157,6 +163,9 @@ def choose(bundle: Path, runtime: str = "auto", latency_ms: float | None = None,
     runtime = resolve(runtime)
     measured = []
     for row in manifest["candidates"]:
+        if row.get("kind") == "cascade" and runtime == "trtexec":
+            print(f"{row.get('label', row['key'])}: left out, a cascade needs the TensorRT Python bindings")
+            continue
         m = measure(bundle, row, runtime, [int(b) for b in manifest["batch_sizes"]], seconds)
         lat = ", ".join(f"b{b} mean {v['mean']:.3f} ms, p50 {v['p50']:.3f}, p99 {v['p99']:.3f}"
                         for b, v in m["latency_ms"].items())

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..graph.fp16 import export_fp16
 from ..run.candidate import Candidate
-from ..run.choose import FASTER, NOISE_Z, PLAIN, frontier, per_batch_latency, tie_z
+from ..run.choose import FASTER, NOISE_Z, PLAIN, TIE_YIELDS, frontier, per_batch_latency, tie_z
 from ..targets import Target
 from .check import check_onnx
 
@@ -28,7 +28,8 @@ class DeviceCandidate:
     row: Candidate
     module: nn.Module | None
     file: Path
-    graph: str  # "fp32" (FP16 by the builder flag on an FP16 target), "fp16" (strongly typed) or "int8"
+    graph: str  # "fp32" (FP16 by the builder flag on an FP16 target), "fp16" (strongly typed), "int8", or
+    # "cascade" (`file` its first stage, the second in the row's cascade["stages"]; FP32 graphs)
     shipped: bool = False  # the host's own choice, model.onnx at the bundle's root
 
 
@@ -36,15 +37,19 @@ def device_candidates(rows: list[Candidate], modules: dict[str, nn.Module], targ
                       chosen: Candidate, console: Console) -> list[DeviceCandidate]:
     """The frontier (with the host's choice always among it) as device graphs; one that would not build is left
     out with a line saying why."""
-    pool = [c for c in rows if c.file and (c.kind in ONE_GRAPH or c.key == "ensemble_batched")
+    pool = [c for c in rows if c.file and (c.kind in ONE_GRAPH or c.key == "ensemble_batched"
+                                           or c.kind == "cascade" and not target.strongly_typed)
             and (c.precision == "int8" or c.key in modules)]
-    picked = frontier(pool, FRONTIER_CAP)
+    binds = target.latency_binds
+    picked = frontier(pool, FRONTIER_CAP, binds)
     if chosen.key in {c.key for c in pool} - {c.key for c in picked}:
-        kept = {c.key: c for c in [*frontier(pool, FRONTIER_CAP - 1), chosen]}  # thinned anew: chosen may be in
-        picked = sorted(kept.values(), key=lambda c: c.macs)
+        kept = {c.key: c for c in [*frontier(pool, FRONTIER_CAP - 1, binds), chosen]}  # chosen may be in now
+        picked = sorted(kept.values(), key=lambda c: c.cost_macs(binds))
     out = []
     for c in picked:
-        if c.precision == "int8":
+        if c.kind == "cascade":
+            dc = DeviceCandidate(c, modules[c.key], Path(c.cascade["stages"][0]), "cascade")
+        elif c.precision == "int8":
             dc = DeviceCandidate(c, None, Path(c.file), "int8")
         elif target.strongly_typed:
             path = out_dir / "candidates" / f"{c.key}-fp16.onnx"
@@ -53,11 +58,12 @@ def device_candidates(rows: list[Candidate], modules: dict[str, nn.Module], targ
         else:
             dc = DeviceCandidate(c, modules[c.key], Path(c.file), "fp32")
         dc = replace(dc, shipped=c.key == chosen.key)
-        check = check_onnx(dc.file, target)
-        if check.ok:
+        files = c.cascade["stages"] if dc.graph == "cascade" else [dc.file]
+        errors = [e for f in files for e in check_onnx(Path(f), target).errors]
+        if not errors:
             out.append(dc)
         else:
-            console.print(f"[yellow]device candidates[/]: {c.label} left out, it will not build: {check.errors[0]}")
+            console.print(f"[yellow]device candidates[/]: {c.label} left out, it will not build: {errors[0]}")
     return out
 
 
@@ -72,11 +78,14 @@ def manifest(candidates: list[DeviceCandidate], target: Target) -> dict:
                      "validation": c.validation, "test": c.test, "macs": c.macs, "params": c.params,
                      "members": list(c.members) if c.members else None, "folder": f"candidates/{c.key}",
                      "golden": f"candidates/{c.key}/reference_outputs.npz",
-                     "tie_z": {k: v for k, v in z.items() if v is not None}})
+                     "tie_z": {k: v for k, v in z.items() if v is not None},
+                     **({"cascade": {k: c.cascade[k] for k in ("first", "rest", "gate", "threshold", "combine",
+                                                               "escalated", "macs_worst")}}
+                        if c.cascade else {})})
     return {"target": target.name, "batch_sizes": list(target.batch_sizes),
             "latency_budget_ms": per_batch_latency(target, target.latency_budget_ms),
             "memory_budget_mb": target.memory_budget_mb, "latency_binds": target.latency_binds,
-            "noise": {"z": NOISE_Z, "faster": FASTER, "plain": list(PLAIN)},
+            "noise": {"z": NOISE_Z, "faster": FASTER, "plain": list(PLAIN), "yields": list(TIE_YIELDS)},
             "host_choice": host_choice(candidates), "candidates": rows}
 
 

@@ -1,7 +1,8 @@
 """A cascade as one ONNX graph, so that `model.onnx` is the whole shipped model for any onnxruntime user: the first
 stage's graph, its gate score compared with the threshold per input, and an `If` that runs only when some input
-escalates. Its branch gathers the escalated rows (`Compress`), runs the second stage's graph on them, combines
-with the first stage's logits as base/cascade.py does and scatters the rows back (`ScatterND`). At batch 1 that is
+escalates. Its branch gathers the escalated rows (`NonZero`, `Gather`), runs the second stage's graph on them,
+combines with the first stage's logits as base/cascade.py does and scatters the rows back (`ScatterND`): operators
+TensorRT's ONNX parser also takes. At batch 1 that is
 the cascade exactly; at batch B the second stage runs on the escalated rows only. A cap (at most k rows per call)
 needs the host loop of measure/cascade.py."""
 from __future__ import annotations
@@ -64,8 +65,10 @@ def cascade_graph(rule: CascadeRule, first: str | Path, rest: str | Path, path: 
     for n in stage2:
         n.input[:] = ["c_xe" if i == x2 else i for i in n.input]
     members = heads or g2.output[0].name
-    branch = [helper.make_node("Compress", [INPUT, "c_mask"], ["c_xe"], axis=0), *stage2,
-              helper.make_node("Compress", [y1, "c_mask"], ["c_y1e"], axis=0),
+    branch = [helper.make_node("NonZero", ["c_maskf"], ["c_nz"]),
+              helper.make_node("Squeeze", ["c_nz", "c_axis0"], ["c_rows"]),
+              helper.make_node("Gather", [INPUT, "c_rows"], ["c_xe"], axis=0), *stage2,
+              helper.make_node("Gather", [y1, "c_rows"], ["c_y1e"], axis=0),
               helper.make_node("Unsqueeze", ["c_y1e", "c_axis1"], ["c_y1u"])]
     if heads is None:
         branch.append(helper.make_node("Unsqueeze", [members, "c_axis1"], ["c_rest"]))
@@ -78,8 +81,7 @@ def cascade_graph(rule: CascadeRule, first: str | Path, rest: str | Path, path: 
                    helper.make_node("Sub", ["c_lse", "c_logk"], ["c_comb"])]
     else:
         branch.append(reduce("ReduceMean", "c_all", "c_comb", "c_axis1"))
-    branch += [helper.make_node("NonZero", ["c_mask"], ["c_nz"]),
-               helper.make_node("Transpose", ["c_nz"], ["c_idx"], perm=[1, 0]),
+    branch += [helper.make_node("Transpose", ["c_nz"], ["c_idx"], perm=[1, 0]),
                helper.make_node("ScatterND", [y1, "c_idx", "c_comb"], ["c_out"])]
     out_info = helper.make_tensor_value_info("c_out", TensorProto.FLOAT, None)
     then_graph = helper.make_graph(branch, "escalate", [], [out_info])
@@ -89,9 +91,11 @@ def cascade_graph(rule: CascadeRule, first: str | Path, rest: str | Path, path: 
         n.input[:] = [INPUT if i == x1 else i for i in n.input]
     nodes = [*g1.node, *gate, helper.make_node("If", ["c_any"], [OUTPUT], then_branch=then_graph,
                                                  else_branch=else_graph)]
-    consts = [const("c_threshold", rule.threshold), const("c_axis0", [0], np.int64),
-              const("c_axis1", [1], np.int64), const("c_two", [2], np.int64), const("c_ones", [1, 1], np.int64),
-              const("c_logk", math.log(k))]
+    consts = [const("c_threshold", rule.threshold), const("c_axis0", [0], np.int64), const("c_axis1", [1], np.int64)]
+    if rule.gate == "margin":
+        consts += [const("c_two", [2], np.int64)] + ([const("c_ones", [1, 1], np.int64)] if opset < 18 else [])
+    if rule.combine == "probs":
+        consts.append(const("c_logk", math.log(k)))
     inp = helper.make_tensor_value_info(INPUT, g1.input[0].type.tensor_type.elem_type,
                                         [d.dim_param or d.dim_value for d in g1.input[0].type.tensor_type.shape.dim])
     classes = g1.output[0].type.tensor_type.shape.dim[1].dim_value

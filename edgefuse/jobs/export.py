@@ -71,7 +71,10 @@ def _run(tgt: Target, run: RunConfig, out_dir: Path, console: Console) -> dict:
                   if depth and (cfg or not d)]
     plan = FieldPlan(out_dir / "candidates", cfg, run.cache, workers=0, pick=depth is None)
     f = measure_field(s, tgt, points, budget, console, plan)
-    choice = _forced(f, depth) if depth is not None else choose(f.rows, budget, f.exact["ensemble"])
+    # On a TensorRT target the bundle's root graph is one module's (its FP16 and INT8 forms are derived from it): a
+    # cascade goes to the device as two stage engines, and deploy.py --choose weighs it there.
+    rows = [c for c in f.rows if c.kind != "cascade"] if tgt.runtime == "tensorrt" else f.rows
+    choice = _forced(f, depth) if depth is not None else choose(rows, budget, f.exact["ensemble"])
     console.print(f"[bold]ship[/]: {choice.chosen.label} — {choice.reason}")
     head = report_head(tgt, s, (method,), budget, cfg, f.teacher)
     report = build_report(head, f.members, f.exact, f.others, choice, out_dir)

@@ -194,14 +194,13 @@ def per_batch_latency(tgt: Target, lat: float | tuple[float, ...] | None) -> dic
     return {str(b): float(v) for b, v in zip(tgt.batch_sizes, values)}
 
 
-def frontier(rows: list[Candidate], cap: int) -> list[Candidate]:
-    """The candidates no other beats on validation accuracy at no higher MACs (an INT8 graph counts as cheaper
-    than an FP32 one of the same MACs), cheapest first: what a device that times them itself chooses among. More
-    than `cap` are thinned evenly from the cheapest to the most accurate. Cascades stay on the host: a bundle
-    carries one graph per candidate."""
-    rows = [c for c in rows if c.kind != "cascade"]
+def frontier(rows: list[Candidate], cap: int, binds: str = "mean") -> list[Candidate]:
+    """The candidates no other beats on validation accuracy at no higher MACs (a cascade's mean or worst case, as
+    the budget binds; an INT8 graph counts as cheaper than an FP32 one of the same MACs), cheapest first: what a
+    device that times them itself chooses among. More than `cap` are thinned evenly from the cheapest to the most
+    accurate."""
     def cost(c: Candidate) -> tuple[int, int]:
-        return c.macs, 0 if c.precision == "int8" else 1
+        return c.cost_macs(binds), 0 if c.precision == "int8" else 1
 
     def covers(i: int, j: int) -> bool:
         a, b = rows[i], rows[j]
