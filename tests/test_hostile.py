@@ -113,6 +113,17 @@ def test_publish_replaces_folders_whole_and_keeps_what_it_does_not_own(tmp_path)
     assert not [p for p in dest.iterdir() if p.name.startswith(".")]
 
 
+def test_publish_removes_an_earlier_runs_output_that_this_run_does_not_write(tmp_path):
+    dest, stage = tmp_path / "out", tmp_path / "stage"
+    (dest / "cascade").mkdir(parents=True)
+    (dest / "cascade" / "cascade.json").write_text("{}")  # an earlier export shipped a cascade
+    (dest / "notes.txt").write_text("the user's")
+    stage.mkdir()
+    (stage / "model.onnx").write_text("a member")
+    publish(stage, dest, outputs=("model.onnx", "cascade"))
+    assert snapshot(dest).keys() == {"model.onnx", "notes.txt"}
+
+
 def test_export_cleans_a_killed_runs_staging_and_reports_published_files(tmp_path, monkeypatch, cnns):
     monkeypatch.chdir(tmp_path)
     for i, m in enumerate(cnns[:2]):

@@ -52,11 +52,14 @@ def atomic_write_text(dest: str | Path, text: str) -> Path:
     return atomic_write_bytes(dest, text.encode())
 
 
-def publish(stage: Path, dest: Path) -> list[Path]:
+def publish(stage: Path, dest: Path, outputs: tuple[str, ...] = ()) -> list[Path]:
     """Move every top-level entry of a finished staging folder into `dest`, each by an atomic rename; a folder
-    replaces its namesake as a whole, so no file of an earlier export survives inside it. Entries of `dest` that the
-    stage does not have (a sweep/ beside an export) are left alone. Until this runs, `dest` is untouched."""
+    replaces its namesake as a whole, so no file of an earlier export survives inside it. Of the entries of `dest`
+    that the stage does not have, those named in `outputs` (what this kind of run writes: an earlier run's
+    cascade/ when this one shipped no cascade) are removed, the rest (a sweep/ beside an export) left alone. Until
+    this runs, `dest` is untouched."""
     dest.mkdir(parents=True, exist_ok=True)
+    stale = [dest / n for n in outputs if not (stage / n).exists() and ((dest / n).exists() or (dest / n).is_symlink())]
     moved = []
     for src in sorted(stage.iterdir()):
         target = dest / src.name
@@ -68,6 +71,8 @@ def publish(stage: Path, dest: Path) -> list[Path]:
         else:
             os.replace(src, target)
         moved.append(target)
+    for old in stale:
+        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
     return moved
 
 

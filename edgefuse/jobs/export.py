@@ -25,6 +25,10 @@ from ..measure.cascade import write_cascade
 from ..measure.runners import TorchRunner, predict
 from ..targets import Target
 
+OUTPUTS = ("model.onnx", "report.json", "report.md", "pareto.png", "uncertainty.json", "candidates", "cascade",
+           "bundle")  # what an export writes: an earlier export's that this one does not write goes
+
+
 def run_export(config: RunConfig | str | None = None, console: Console | None = None, **overrides) -> dict:
     """Write out_root/<target>/{model.onnx, report.json, report.md, pareto.png, candidates/} and return the report.
     `config` is a RunConfig (or a target name), `overrides` replace its fields. Everything is written to a staging
@@ -47,7 +51,7 @@ def run_export(config: RunConfig | str | None = None, console: Console | None = 
         stage = Path(tempfile.mkdtemp(dir=out_root, prefix=f".{tgt.name}-staging-"))
         try:
             report = _run(tgt, run, stage, console)
-            publish(stage, out_dir)
+            publish(stage, out_dir, OUTPUTS)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     return report
