@@ -75,10 +75,10 @@ def measure(bundle: Path, row: dict, runtime: str, batches: list[int], seconds: 
     """Build, self-check and time one candidate on this device."""
     folder = bundle / row["folder"]
     target, x, references = read_bundle(folder)
+    cascade = (folder / "cascade.json").is_file()
     runner = open_runner(folder, target, runtime, bundle / "timing.cache")
-    cascade = row.get("kind") == "cascade"
     problems = compare(runner(x), references, target)
-    latency = {str(b): percentiles(runner.latency(_batch(x, b), seconds)) for b in batches}
+    latency = {str(b): percentiles(runner.latency(_batch(x, b), seconds), cascade) for b in batches}
     return {"key": row["key"], "label": row.get("label", row["key"]), "kind": row.get("kind"),
             "precision": row.get("precision"), "validation_accuracy": row["validation"]["accuracy"],
             "test_accuracy": row.get("test", {}).get("accuracy"), "macs": row.get("macs"),
@@ -89,8 +89,8 @@ def measure(bundle: Path, row: dict, runtime: str, batches: list[int], seconds: 
 
 
 def binds(manifest: dict) -> str:
-    """The latency figure the budget binds, as the host's chooser reads it: the target's `latency_binds` (mean or
-    p99 per call); a bundle written before the manifest carried it binds the p50."""
+    """The latency figure the budget binds, as the host's chooser reads it: the target's `latency_binds` (the
+    expected cost per call, "mean", or the p99); a bundle written before the manifest carried it binds the p50."""
     return manifest.get("latency_binds", "p50")
 
 
@@ -99,7 +99,7 @@ def pick(measured: list[dict], manifest: dict, budget: dict[str, float]) -> tupl
     memory, stat = manifest.get("memory_budget_mb"), binds(manifest)
 
     def lat(m: dict, b: str) -> float:
-        return m["latency_ms"][b][stat]
+        return m["latency_ms"][b]["expected" if stat == "mean" else stat]
 
     def _speed(m: dict) -> float:
         values = [max(lat(m, b), 1e-9) for b in m["latency_ms"]]

@@ -84,7 +84,7 @@ def cascade_graph(rule: CascadeRule, first: str | Path, rest: str | Path, path: 
     branch += [helper.make_node("Transpose", ["c_nz"], ["c_idx"], perm=[1, 0]),
                helper.make_node("ScatterND", [y1, "c_idx", "c_comb"], ["c_out"])]
     out_info = helper.make_tensor_value_info("c_out", TensorProto.FLOAT, None)
-    then_graph = helper.make_graph(branch, "escalate", [], [out_info])
+    then_graph = helper.make_graph(branch, "escalate", [], [out_info], initializer=list(g2.initializer))
     else_graph = helper.make_graph([helper.make_node("Identity", [y1], ["c_keep"])], "keep", [],
                                    [helper.make_tensor_value_info("c_keep", TensorProto.FLOAT, None)])
     for n in g1.node:
@@ -101,7 +101,7 @@ def cascade_graph(rule: CascadeRule, first: str | Path, rest: str | Path, path: 
     classes = g1.output[0].type.tensor_type.shape.dim[1].dim_value
     out = helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", classes])
     graph = helper.make_graph(nodes, "edgefuse_cascade", [inp], [out],
-                              initializer=[*g1.initializer, *g2.initializer, *consts])
+                              initializer=[*g1.initializer, *consts])
     model = helper.make_model(graph, opset_imports=list(m1.opset_import), producer_name="edgefuse")
     model.ir_version = m1.ir_version
     onnx.checker.check_model(model)

@@ -97,8 +97,12 @@ def latency(runner: Runner, x: np.ndarray, warmup: int = 10, min_runs: int = 30,
 
 
 def summarize(times: list[float]) -> dict:
+    """Percentiles of per-call times, their mean, and `expected`: the cost of a call, robustly — for a graph whose
+    cost does not depend on its input (every call the same work) that is the median; the mean would count the
+    moments another process held the core. A cascade's stream timing (measure/cascade.py) sets its own."""
     a = np.asarray(times)
-    return {"min": float(a.min()), "mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+    return {"min": float(a.min()), "mean": float(a.mean()), "expected": float(np.percentile(a, 50)),
+            "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
             "p99": float(np.percentile(a, 99)), "runs": len(times)}
 
 

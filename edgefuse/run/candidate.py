@@ -114,10 +114,10 @@ class Candidate:
         return self.latency_by_batch[batch]["p50"]
 
     def latency(self, batch: str, binds: str = "mean") -> float:
-        """The latency figure a budget binds: the mean per call (rows measured before the mean was recorded give
-        their p50) or the p99."""
+        """The latency figure a budget binds: the expected cost per call (measure/runners.summarize; rows measured
+        before it was recorded give their p50) or the p99."""
         lat = self.latency_by_batch[batch]
-        return lat["p99"] if binds == "p99" else lat.get("mean", lat["p50"])
+        return lat["p99"] if binds == "p99" else lat.get("expected", lat["p50"])
 
     def cost_macs(self, binds: str = "mean") -> int:
         """MACs per input: a cascade's mean on validation, or its worst case where the budget binds the p99."""
