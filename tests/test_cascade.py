@@ -211,3 +211,28 @@ def test_a_bad_cascade_description_is_one_line(stages, tmp_path, damage, says):
     with pytest.raises(CascadeError) as e:
         ef.Cascade.load(out)
     assert says in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("damage", [None, "nan", "swap"])
+def test_verify_runs_a_cascade_folder_or_refuses_it_in_one_line(stages, tmp_path, damage):
+    from click.testing import CliRunner
+
+    from edgefuse.cli import cli
+
+    out, desc = exported(stages, tmp_path)
+    if damage == "nan":
+        desc["rule"]["threshold"] = math.nan
+        (out / DESCRIPTION).write_text(json.dumps(desc, allow_nan=True))
+    elif damage == "swap":
+        first = (out / "stage1.onnx").read_bytes()
+        (out / "stage1.onnx").write_bytes((out / "stage2.onnx").read_bytes())
+        (out / "stage2.onnx").write_bytes(first)
+    res = CliRunner().invoke(cli, ["-q", "verify", str(out), "--dataset", "digits", "--batch", "1", "--batch", "8"])
+    if damage is None:
+        assert res.exit_code == 0, res.output
+        result = json.loads(res.output)
+        assert 0 < result["escalated"] < 1 and result["accuracy"] > 0.8 and set(result["latency_ms"]) == {"1", "8"}
+    else:
+        assert res.exit_code != 0 and res.exception is None or isinstance(res.exception, SystemExit)
+        lines = res.output.strip().splitlines()
+        assert len(lines) == 1 and ("NaN" in lines[0] if damage == "nan" else "digest" in lines[0]), res.output
