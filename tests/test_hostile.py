@@ -2,6 +2,7 @@
 stale leftovers of killed runs, and target files with values of the wrong type or range."""
 import copy
 import os
+import shutil
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ import edgefuse as ef
 from edgefuse.cli import cli
 from edgefuse.base.files import exclusive, publish
 from edgefuse.measure.metrics import scores
-from edgefuse.targets import parse_target
+from edgefuse.targets import load_target, parse_target
 
 from .test_bad_input import CNN, snapshot
 
@@ -300,3 +301,39 @@ def test_a_targets_folder_in_the_environment_that_points_nowhere_is_an_error(tmp
     res = CliRunner().invoke(cli, ["-q", "export", "--target", "cpu-ort"])
     assert res.exit_code == 1 and "EDGEFUSE_TARGETS=" in res.stderr, res.output
     assert len(res.stderr.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_an_export_into_its_own_data_folder_is_refused_and_deletes_nothing(tmp_path, monkeypatch, cnns):
+    """The probe's layout: --out-root at an ImageFolder, a target named like its split, a class named candidates."""
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    for i, m in enumerate(cnns[:2]):
+        save_file(m.state_dict(), tmp_path / f"m{i}.safetensors")
+    images = tmp_path / "images"
+    for split in ("train", "test"):
+        for cls in ("candidates", "other"):
+            (images / split / cls).mkdir(parents=True)
+            for k in range(3):
+                Image.new("L", (8, 8), 40 * k).save(images / split / cls / f"{k}.png")
+    shutil.copy(load_target("cpu-ort").source, tmp_path / "train.toml")
+    before = snapshot(images)
+    res = CliRunner().invoke(cli, ["-q", "export", "--model", CNN, "m0.safetensors", "m1.safetensors", "--data",
+                                   str(images), "--target", "train.toml", "--out-root", str(images), "--force"])
+    assert res.exit_code == 1 and "overlaps the data it reads" in res.stderr, res.output
+    assert snapshot(images) == before
+
+
+def test_an_export_refuses_a_folder_it_did_not_write_unless_forced(tmp_path, monkeypatch, cnns):
+    monkeypatch.chdir(tmp_path)
+    for i, m in enumerate(cnns[:2]):
+        save_file(m.state_dict(), tmp_path / f"m{i}.safetensors")
+    (tmp_path / "b" / "cpu-ort" / "candidates").mkdir(parents=True)
+    (tmp_path / "b" / "cpu-ort" / "candidates" / "holiday.jpg").write_bytes(b"a photo")
+    (tmp_path / "b" / "cpu-ort" / "notes.txt").write_text("mine")
+    before = snapshot(tmp_path / "b")
+    args = ["-q", "export", "--model", CNN, "m0.safetensors", "m1.safetensors", "--dataset", "digits",
+            "--out-root", "b", "--depth", "1"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 1 and "not an edgefuse export (candidates, notes.txt)" in res.stderr, res.output
+    assert snapshot(tmp_path / "b") == before

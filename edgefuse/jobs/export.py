@@ -42,19 +42,52 @@ def run_export(config: RunConfig | str | None = None, console: Console | None = 
         raise EdgefuseError(f"an export aligns with one method, got {len(run.methods)}: {', '.join(run.methods)}")
     out_root = Path(run.out_root)
     out_dir = out_root / tgt.name
-    if (out_dir / "model.onnx").exists() and not run.force:
-        raise EdgefuseError(f"{out_dir} holds an earlier export (use --force to replace it)")
+    _claim(out_dir, run)
     writable(out_root)
+    # Staged beside where the files end up (a symlinked OUT_ROOT/TARGET may lie on another filesystem), so that
+    # every final rename is atomic.
+    stage_root = out_dir.resolve().parent if out_dir.is_dir() else out_root
     with exclusive(out_root / f".{tgt.name}.lock", str(out_dir)):
-        for stale in out_root.glob(f".{tgt.name}-staging-*"):  # left by a killed run: we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
-        stage = Path(tempfile.mkdtemp(dir=out_root, prefix=f".{tgt.name}-staging-"))
+        for stale in {*out_root.glob(f".{tgt.name}-staging-*"), *stage_root.glob(f".{tgt.name}-staging-*")}:
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed run: we hold the lock
+        stage = Path(tempfile.mkdtemp(dir=stage_root, prefix=f".{tgt.name}-staging-"))
         try:
             report = _run(tgt, run, stage, console)
             publish(stage, out_dir, OUTPUTS)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     return report
+
+
+def _claim(out_dir: Path, run: RunConfig) -> None:
+    """Whether this export may publish into `out_dir`, decided before any work: never inside the data it reads (nor
+    around it); an earlier edgefuse export (recognised by its report) only with --force; a folder holding anything
+    else only with --force, and even then only the names an export writes are replaced."""
+    data = Path(run.data) if isinstance(run.data, str) and Path(run.data).exists() else None
+    if data is not None:
+        src, dst = data.resolve(), out_dir.resolve()
+        if src == dst or src in dst.parents or dst in src.parents:
+            raise EdgefuseError(f"the export would write {out_dir}, which overlaps the data it reads ({run.data}): "
+                                "choose an --out-root outside it")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise EdgefuseError(f"cannot write the export to {out_dir}: it is a file")
+    entries = sorted(p.name for p in out_dir.iterdir() if not p.name.startswith(".")) if out_dir.is_dir() else []
+    if run.force or entries in ([], ["sweep"]):
+        return
+    if _earlier_export(out_dir):
+        raise EdgefuseError(f"{out_dir} holds an earlier export (use --force to replace it)")
+    raise EdgefuseError(f"{out_dir} holds files that are not an edgefuse export ({', '.join(entries[:3])}"
+                        f"{', ...' if len(entries) > 3 else ''}): choose another --out-root, or use --force to "
+                        f"replace there only what an export writes ({', '.join(OUTPUTS)})")
+
+
+def _earlier_export(folder: Path) -> bool:
+    """An edgefuse export: its report.json reads as one (a target, the shipped row, the candidates)."""
+    try:
+        report = json.loads((folder / "report.json").read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(report, dict) and {"target", "shipped", "candidates"} <= set(report)
 
 
 def _run(tgt: Target, run: RunConfig, out_dir: Path, console: Console) -> dict:
