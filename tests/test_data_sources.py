@@ -65,6 +65,36 @@ def test_an_image_folder_gives_sorted_classes_channels_first_and_a_seeded_holdou
     assert "hold-out" in s.origins[1] and str(root) in s.origins[2]
 
 
+def test_sixteen_bit_and_float_images_read_the_pixels_of_their_8_bit_twins(tmp_path):
+    eight = ef.load_data(str(write_folder(tmp_path / "u8")))
+    root = write_folder(tmp_path / "u16")
+    for f in root.rglob("*.png"):  # each file again as a 16-bit PNG of the same picture
+        a = np.asarray(Image.open(f), dtype=np.uint16) * 257
+        Image.fromarray(a).save(f)
+    assert Image.open(next(root.rglob("*.png"))).mode == "I;16"
+    wide = ef.load_data(str(root))
+    assert torch.allclose(wide.x_test, eight.x_test, atol=1 / 255) and wide.x_test.max() > 0.5
+    one = next(root.rglob("*.png"))
+    Image.fromarray(np.asarray(Image.open(one), dtype=np.float32) / 65535).save(one.with_suffix(".tif"))
+    one.unlink()
+    floats = ef.load_data(str(root))
+    assert torch.allclose(floats.x_test, eight.x_test, atol=1 / 255)
+
+
+@pytest.mark.parametrize("pixels, message", [
+    (np.full((8, 8), 70000, np.int32), "32-bit integer pixels"),
+    (np.full((8, 8), 3.0, np.float32), "float pixels outside"),
+])
+def test_images_whose_range_cannot_be_known_are_refused_by_name(tmp_path, pixels, message):
+    root = write_folder(tmp_path / "imgs")
+    bad = next((root / "test").rglob("*.png"))
+    Image.fromarray(pixels).save(bad.with_suffix(".tif"))
+    bad.unlink()
+    with pytest.raises(ef.EdgefuseError, match=message) as e:
+        ef.load_data(str(root)).x_test
+    assert bad.stem in str(e.value)
+
+
 def test_colour_images_give_three_channels_and_a_val_folder_is_used(tmp_path):
     root = write_folder(tmp_path / "rgb", (("train", 60), ("val", 20), ("test", 20)), mode="RGB", size=12)
     s = ef.load_data(str(root), None)

@@ -102,16 +102,34 @@ class ImageFiles:
 
         try:
             with Image.open(name) as im:
-                im = im.convert("L" if self.channels == 1 else "RGB")
-                arr = np.asarray(im, dtype=np.uint8)
+                arr = _unit_range(im, name, self.channels)
         except (OSError, ValueError, SyntaxError) as e:
             raise EdgefuseError(f"cannot decode image {name}: {first_line(e)}") from None
         if arr.shape[:2] != self.size:
             raise EdgefuseError(f"image {name} is {arr.shape[1]}x{arr.shape[0]}, the others "
                                 f"{self.size[1]}x{self.size[0]}")
-        t = torch.from_numpy(arr.astype(np.float32) / 255.0)
+        t = torch.from_numpy(arr)
         return t.unsqueeze(0) if self.channels == 1 else t.permute(2, 0, 1).contiguous()
 
     def load(self) -> torch.Tensor:
         """Every image as one tensor: for the validation and test splits, which every candidate runs through."""
         return self[:]
+
+
+WIDE = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0}  # 16-bit greyscale modes
+
+
+def _unit_range(im, name: str, channels: int) -> np.ndarray:
+    """An image's pixels as float32 in [0, 1] by its mode: 8-bit modes over 255, 16-bit greyscale over 65535, a
+    float image as it is when it lies in [0, 1]. Pillow's convert() would clip the others to 8 bits (a 16-bit PNG
+    turns black and white, a float TIFF near-black), so they are refused by name instead."""
+    if im.mode in WIDE or im.mode in ("I", "F"):
+        if im.mode == "I":  # 32-bit integers: no range to scale by, short of guessing
+            raise EdgefuseError(f"image {name} holds 32-bit integer pixels (mode I): save it as 8- or 16-bit")
+        grey = np.asarray(im, dtype=np.float32) / WIDE.get(im.mode, 1.0)
+        if im.mode == "F" and not (np.isfinite(grey).all() and grey.min() >= 0 and grey.max() <= 1):
+            raise EdgefuseError(f"image {name} holds float pixels outside [0, 1] (from {float(np.nanmin(grey)):g} to "
+                                f"{float(np.nanmax(grey)):g}): scale it to [0, 1] or save it as 8 or 16 bits")
+        return grey if channels == 1 else np.repeat(grey[..., None], 3, axis=2)
+    return np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
+
