@@ -209,10 +209,43 @@ def test_different_sizes_name_two_files(work):
     (dict(x_train=X[:50], y_train=Y[:40], x_test=X[50:80], y_test=Y[50:80]), "'y_train' has 40 labels"),
     (dict(x_train=X[:50], y_train=Y[:50], x_test=X[50:80], y_test=Y[50:80] + 5), "label 14 is outside"),
     (dict(x_train=X[:50], y_train=Y[:50], x_test=X[50:80], y_test=Y[50:80], z=Y[:3]), "unknown key 'z'"),
+    (dict(x_train=X[:50] * 255, y_train=Y[:50], x_test=(X[50:80] * 255).to(torch.uint8), y_test=Y[50:80]),
+     "'x_train' reaches 255 while 'x_test' stays within 1"),
+    (dict(x_train=X[:50], y_train=Y[:50] + 0.7, x_test=X[50:80], y_test=Y[50:80]), "not a whole number (0.7"),
+    (dict(x_train=X[:50], y_train=np.array(["cat"] * 50), x_test=X[50:80], y_test=Y[50:80]),
+     "got strings of shape (50,) (first: 'cat')"),
 ])
 def test_bad_npz_files_are_one_line(work, arrays, message):
-    np.savez(work / "d.npz", **{k: v.numpy() for k, v in arrays.items()})
+    np.savez(work / "d.npz", **{k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in arrays.items()})
     fails(work, fuse_on("d.npz"), message)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.uint64, np.int8])
+def test_labels_of_any_integer_dtype_read_as_class_indices(tmp_path, dtype):
+    np.savez(tmp_path / "d.npz", x_train=X[:60].numpy(), y_train=Y[:60].numpy().astype(dtype),
+             x_test=X[60:90].numpy(), y_test=Y[60:90].numpy().astype(dtype))
+    s = ef.load_data(str(tmp_path / "d.npz"))
+    assert s.y_test.dtype == torch.int64 and s.y_test.tolist() == Y[60:90].tolist()
+
+
+def test_a_dataset_of_uint8_images_reads_on_the_scale_of_uint8_arrays(tmp_path, monkeypatch):
+    (tmp_path / "u8hook.py").write_text(
+        "import numpy as np, torch\n"
+        "from edgefuse.models import data\n"
+        "X, Y = data.digits()\n"
+        "class Images(torch.utils.data.Dataset):\n"
+        "    def __init__(self, a, b): self.a, self.b = a, b\n"
+        "    def __len__(self): return self.b - self.a\n"
+        "    def __getitem__(self, i): return (X[self.a + i].numpy() * 255).round().astype(np.uint8), float(Y[self.a + i])\n"
+        "def load():\n"
+        "    return {'x_train': Images(0, 60), 'x_test': Images(60, 90)}\n"
+        "def arrays():\n"
+        "    u8 = (X[:90].numpy() * 255).round().astype(np.uint8)\n"
+        "    return {'x_train': u8[:60], 'y_train': Y[:60], 'x_test': u8[60:90], 'y_test': Y[60:90]}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    hooked, arrays = ef.load_data("u8hook:load"), ef.load_data("u8hook:arrays")
+    assert torch.equal(hooked.x_test, arrays.x_test) and hooked.x_test.max() <= 1
+    assert torch.equal(hooked.y_test, arrays.y_test)
 
 
 def test_a_damaged_npz_is_one_line(work):

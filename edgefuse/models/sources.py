@@ -114,17 +114,43 @@ def _inputs(value, key: str, source: str):
 
 
 def _labels(value, key: str, source: str, n: int) -> torch.Tensor:
-    arr = torch.as_tensor(np.asarray(value))
-    if arr.is_floating_point() and bool((arr == arr.round()).all()):
-        arr = arr.long()
-    if arr.ndim != 1 or arr.is_floating_point() or arr.dtype == torch.bool:
-        raise EdgefuseError(f"{source}: '{key}' must be one integer class per sample, got {arr.dtype} of shape "
-                            f"{tuple(arr.shape)}")
+    """One class index per sample, from labels of any integer dtype (or whole-number floats); fractional, string
+    or boolean labels are refused in one line naming the first offending one."""
+    raw = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    if raw.ndim != 1 or raw.dtype.kind not in "iuf":
+        what = "strings" if raw.dtype.kind in "USO" else str(raw.dtype)
+        first = f" (first: {str(raw.reshape(-1)[0])!r})" if raw.dtype.kind in "USO" and raw.size else ""
+        raise EdgefuseError(f"{source}: '{key}' must be one integer class per sample, got {what} of shape "
+                            f"{tuple(raw.shape)}{first}" + ("; map class names to indices 0..C-1" if first else ""))
+    if raw.dtype.kind == "f":
+        bad = np.flatnonzero(~np.isfinite(raw) | (raw != np.round(raw)))
+        if len(bad):
+            raise EdgefuseError(f"{source}: '{key}' holds a label that is not a whole number ({raw[bad[0]].item():g} "
+                                f"at index {int(bad[0])})")
+    if raw.dtype.kind == "u" and raw.size and int(raw.max()) > np.iinfo(np.int64).max:
+        raise EdgefuseError(f"{source}: '{key}' holds a label too large to be a class index ({int(raw.max())})")
+    arr = torch.from_numpy(raw.astype(np.int64))
     if len(arr) != n:
         raise EdgefuseError(f"{source}: '{key}' has {len(arr)} labels but x_{key[2:]} has {n} samples")
     if len(arr) and int(arr.min()) < 0:
         raise EdgefuseError(f"{source}: '{key}' holds a negative label ({int(arr.min())})")
     return arr.long()
+
+
+SCALE_RATIO = 20.0  # splits whose largest magnitudes differ this much are on different scales (0..255 vs 0..1)
+
+
+def _one_scale(xs: dict, source: str) -> None:
+    """Every split on one value range: a split in 0..255 beside one in 0..1 (a float array of raw pixels beside
+    uint8 ones, which are divided by 255) would reach the model on different scales without a word. The training
+    split is judged by its first 256 inputs."""
+    peak = {k: float(x[:256].abs().max())
+            for k, x in xs.items() if len(x)}
+    low, high = min(peak, key=peak.get), max(peak, key=peak.get)
+    if peak[high] > SCALE_RATIO * max(peak[low], 1e-6) and peak[high] > 2.0:
+        raise EdgefuseError(f"{source}: '{high}' reaches {peak[high]:g} while '{low}' stays within {peak[low]:g}: "
+                            "the splits are on different scales (uint8 inputs are divided by 255, other numbers "
+                            "are read as they are); give every split on one scale")
 
 
 def _assemble(source: str, parts: dict, val_size: int | None, classes: tuple[str, ...]) -> Splits:
@@ -152,6 +178,7 @@ def _assemble(source: str, parts: dict, val_size: int | None, classes: tuple[str
     for k in ("x_val", "x_test"):
         if k in xs and not isinstance(xs[k], torch.Tensor):
             xs[k] = xs[k].load()
+    _one_scale(xs, source)
     shapes = {k: tuple(x.shape[1:]) for k, x in xs.items()}
     if len(set(shapes.values())) > 1:
         raise EdgefuseError(f"{source}: inputs of different shapes: " +
@@ -197,9 +224,15 @@ class DatasetInputs:
         self.shape = (self._len, *first.shape)
 
     def _item(self, i: int) -> torch.Tensor:
+        """One input as float32, uint8 divided by 255 as an array's is, so every source gives one range."""
         item = self.dataset[i]
-        x = item[0] if isinstance(item, (tuple, list)) else item
-        return torch.as_tensor(np.asarray(x), dtype=torch.float32)
+        x = np.asarray(item[0] if isinstance(item, (tuple, list)) else item)
+        return torch.as_tensor(x, dtype=torch.float32) / (255.0 if x.dtype == np.uint8 else 1.0)
+
+    @property
+    def dtype(self) -> np.dtype:
+        item = self.dataset[0]
+        return np.asarray(item[0] if isinstance(item, (tuple, list)) else item).dtype
 
     def __len__(self) -> int:
         return self._len
@@ -227,6 +260,6 @@ class DatasetInputs:
             if not isinstance(item, (tuple, list)) or len(item) < 2:
                 raise EdgefuseError(f"{self.source}: '{self.key}' Dataset items carry no label; give "
                                     f"'y{self.key[1:]}' too")
-            out.append(int(item[1]))
-        return torch.tensor(out, dtype=torch.int64)
+            out.append(np.asarray(item[1]).reshape(-1)[0] if np.asarray(item[1]).size == 1 else item[1])
+        return _labels(np.asarray(out), "y" + self.key[1:], self.source, self._len)
 
