@@ -258,6 +258,8 @@ def test_a_damaged_npz_is_one_line(work):
     ("def load():\n    return [1, 2]\n", "returned list, expected a mapping"),
     ("import nonexistent_pkg\ndef load():\n    pass\n", "cannot import data loader"),
     ("def other():\n    pass\n", "cannot import data loader 'hook:load'"),
+    ("import sys\ndef load():\n    sys.exit(0)\n", "exited (SystemExit(0)) instead of returning"),
+    ("raise SystemExit(0)\ndef load():\n    pass\n", "exited (SystemExit(0))"),
 ])
 def test_bad_loader_hooks_are_one_line(work, body, message, monkeypatch):
     monkeypatch.setattr(sys, "dont_write_bytecode", True)
@@ -288,3 +290,18 @@ def test_calibration_images_sets_how_many_training_images_calibrate(cnn_checkpoi
                                    "--calibration-images", "150", "--out-root", str(tmp_path)])
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "cpu-ort" / "report.json").read_text())["calibration_images"] == 150
+
+
+def test_a_hook_that_prints_cannot_break_verifys_json(work, monkeypatch):
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    monkeypatch.delitem(sys.modules, "chatty", raising=False)
+    np.savez(work / "d.npz", x_train=X[:60].numpy(), y_train=Y[:60].numpy(), x_test=X[60:90].numpy(),
+             y_test=Y[60:90].numpy())
+    (work / "chatty.py").write_text("import numpy as np\nprint('loading...')\n"
+                                    "def load():\n    print('half way')\n    return dict(np.load('d.npz'))\n")
+    assert CliRunner().invoke(cli, ["-q", *fuse_on(work / "d.npz")]).exit_code == 0
+    res = CliRunner().invoke(cli, ["-q", "verify", "new.onnx", "--data", "chatty:load"])
+    assert res.exit_code == 0, res.output
+    import json
+    assert json.loads(res.stdout)["accuracy"] > 0.5 and "half way" in res.stderr
+

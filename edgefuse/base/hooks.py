@@ -2,6 +2,8 @@
 the current folder first on the path, as `python -m` would have it, and one line naming the hook when it fails."""
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import os
 import sys
@@ -26,7 +28,8 @@ def import_callable(spec: str, what: str) -> Callable:
     if added:
         sys.path.insert(0, cwd)
     try:
-        fn = getattr(importlib.import_module(mod_name), fn_name)
+        with user_code(spec, what):
+            fn = getattr(importlib.import_module(mod_name), fn_name)
     except (ImportError, AttributeError) as e:
         raise EdgefuseError(f"cannot import {what} '{spec}': {first_line(e)}") from None
     except Exception as e:  # the user's module raised while importing
@@ -36,7 +39,23 @@ def import_callable(spec: str, what: str) -> Callable:
             sys.path.remove(cwd)
     if not callable(fn):
         raise EdgefuseError(f"{what} '{spec}' is not callable")
-    return fn
+
+    @functools.wraps(fn)
+    def guarded(*args, **kwargs):
+        with user_code(spec, what):
+            return fn(*args, **kwargs)
+    return guarded
+
+
+@contextlib.contextmanager
+def user_code(spec: str, what: str):
+    """Run the user's code so that it cannot pass for edgefuse's own outcome: what it prints goes to stderr (stdout
+    carries the commands' JSON), and a `sys.exit()` in it is a one-line error, never a silent exit 0."""
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    except SystemExit as e:
+        raise EdgefuseError(f"{what} '{spec}' exited (SystemExit({e.code!r})) instead of returning") from None
 
 
 def optional(module: str, package: str, why: str):
