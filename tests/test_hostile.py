@@ -3,6 +3,7 @@ stale leftovers of killed runs, and target files with values of the wrong type o
 import copy
 import os
 import shutil
+from pathlib import Path
 import subprocess
 import sys
 
@@ -89,7 +90,7 @@ def test_scores_refuse_non_finite_outputs():
 def test_a_second_writer_gets_one_line_and_a_dead_ones_lock_is_taken_over(tmp_path):
     lock = tmp_path / ".cpu-ort.lock"
     with exclusive(lock, "build/cpu-ort"):
-        assert lock.read_text().strip() == str(os.getpid())
+        assert lock.read_text().split()[0] == str(os.getpid())
         with pytest.raises(ef.EdgefuseError, match=f"another edgefuse process \\(pid {os.getpid()}\\) is writing"):
             with exclusive(lock, "build/cpu-ort"):
                 pass
@@ -97,7 +98,23 @@ def test_a_second_writer_gets_one_line_and_a_dead_ones_lock_is_taken_over(tmp_pa
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     lock.write_text(dead.stdout)
     with exclusive(lock, "build/cpu-ort"):
-        assert lock.read_text().strip() == str(os.getpid())
+        assert lock.read_text().split()[0] == str(os.getpid())
+
+
+def test_a_lock_whose_pid_another_process_now_has_is_taken_over(tmp_path):
+    """After a restart the recorded pid may belong to an unrelated process: its start time tells them apart."""
+    lock = tmp_path / ".cpu-ort.lock"
+    pid, start, boot = (f"{os.getpid()} 1 " + Path("/proc/sys/kernel/random/boot_id").read_text().strip()).split()
+    lock.write_text(f"{os.getppid()} {start} {boot}\n")  # a live pid, but not the process that took the lock
+    with exclusive(lock, "build/cpu-ort"):
+        assert lock.read_text().split()[0] == str(os.getpid())
+
+
+def test_a_lock_path_that_is_a_folder_is_one_line(tmp_path):
+    (tmp_path / ".cpu-ort.lock").mkdir()
+    with pytest.raises(ef.EdgefuseError, match="is a folder where edgefuse keeps the lock"):
+        with exclusive(tmp_path / ".cpu-ort.lock", "build/cpu-ort"):
+            pass
 
 
 def test_publish_replaces_folders_whole_and_keeps_what_it_does_not_own(tmp_path):

@@ -90,11 +90,27 @@ def writable(folder: Path) -> None:
         raise EdgefuseError(f"cannot write to {folder}: {e.strerror or e}") from None
 
 
-def stale_pid(path: Path, grace_s: float = 10.0) -> bool:
-    """True when `path` names a process (its first line) that no longer runs. A lock without a readable pid is
-    stale only after `grace_s` seconds: its writer may be between creating it and writing its pid."""
+def _identity(pid: int) -> str:
+    """A process as it cannot be mistaken for another: its pid, its start time (clock ticks since boot, from
+    /proc) and the boot's id, so a pid reused after a restart or by a later process does not pass for the writer.
+    Where /proc is missing, the pid alone."""
     try:
-        os.kill(int(path.read_text().split()[0]), 0)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        start = stat.rsplit(")", 1)[1].split()[19]
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{pid} {start} {boot}"
+    except (OSError, IndexError):
+        return str(pid)
+
+
+def stale_pid(path: Path, grace_s: float = 10.0) -> bool:
+    """True when `path` names a process (its first line: pid, start time, boot id) that no longer runs, or whose
+    pid another process now has. A lock without a readable pid is stale only after `grace_s` seconds: its writer
+    may be between creating it and writing its pid."""
+    try:
+        recorded = path.read_text().split("\n")[0].split()
+        pid = int(recorded[0])
+        os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except (ValueError, IndexError):
@@ -103,7 +119,7 @@ def stale_pid(path: Path, grace_s: float = 10.0) -> bool:
         return True
     except PermissionError:  # the process exists, under another user
         return False
-    return False
+    return len(recorded) == 3 and _identity(pid).split() != recorded  # the pid is someone else's now
 
 
 @contextlib.contextmanager
@@ -111,6 +127,8 @@ def exclusive(lock: Path, what: str):
     """One writer at a time: a lock file holding the writer's pid, taken over when that process is gone, removed
     when the writer is done. A second writer gets a one-line error instead of mixing its files with the first's."""
     lock.parent.mkdir(parents=True, exist_ok=True)
+    if lock.is_dir():
+        raise EdgefuseError(f"{lock} is a folder where edgefuse keeps the lock for {what}: remove it")
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -124,7 +142,7 @@ def exclusive(lock: Path, what: str):
     else:
         raise EdgefuseError(f"cannot take the lock {lock} for {what}")
     try:
-        os.write(fd, f"{os.getpid()}\n".encode())
+        os.write(fd, f"{_identity(os.getpid())}\n".encode())
         os.close(fd)
         yield
     finally:
