@@ -39,7 +39,7 @@ def test_the_bundle_carries_the_frontier_with_a_manifest(export):
     report = json.loads((export / "report.json").read_text())
     manifest = json.loads((export / "bundle" / "candidates.json").read_text())
     rows = manifest["candidates"]
-    assert len(rows) >= 3 and manifest["batch_sizes"] == [1, 8]
+    assert len(rows) >= 2 and manifest["batch_sizes"] == [1, 8]
     assert manifest["latency_budget_ms"] == {"1": 1.0, "8": 1.0} and manifest["memory_budget_mb"] == 256
     assert "member" in manifest["noise"]["plain"] and "fused" not in manifest["noise"]["plain"]
     assert [r["key"] for r in rows] == [c["key"] for c in report["device_choice"]["candidates"]]
@@ -93,6 +93,9 @@ def test_a_candidate_whose_outputs_differ_is_never_chosen(export, tmp_path):
     top = max(manifest["candidates"], key=lambda r: r["validation"]["accuracy"])
     refs = bundle / top["golden"]
     np.savez(refs, out0=np.load(refs)["out0"] + 1.0)
+    import hashlib  # as if its engine computed something else: the references stay the manifest's
+    top["sha256"]["reference_outputs.npz"] = hashlib.sha256(refs.read_bytes()).hexdigest()
+    (bundle / "candidates.json").write_text(json.dumps(manifest))
     res = choose(bundle, "--latency-ms", "10000")
     assert res.returncode == 0, res.stderr
     choice = json.loads((bundle / "choice.json").read_text())
@@ -206,3 +209,54 @@ def test_a_broken_cascade_folder_is_one_line_on_the_device(cascade_export, tmp_p
                           "onnxruntime"], capture_output=True, text=True)
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and says in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("edit, says", [
+    ("swap", "does not match its digest"),
+    ("nan-budget", "NaN is not a number"),
+    ("negative-budget", "latency_budget_ms must map batch sizes to positive numbers"),
+    ("accuracy", "a validation accuracy from 0 to 1"),
+    ("nan-accuracy", "NaN is not a number"),
+])
+def test_the_device_trusts_no_manifest_it_cannot_check(export, tmp_path, edit, says):
+    bundle = bundle_copy(export, tmp_path)
+    path = bundle / "candidates.json"
+    manifest = json.loads(path.read_text())
+    rows = manifest["candidates"]
+    if edit == "swap":  # two candidate folders' graphs exchanged: each would still pass its own golden check
+        a, b = (bundle / rows[0]["folder"], bundle / rows[1]["folder"])
+        tmp = tmp_path / "swap"
+        shutil.move(str(a), str(tmp))
+        shutil.move(str(b), str(a))
+        shutil.move(str(tmp), str(b))
+        text = path.read_text()
+    elif edit == "nan-budget":
+        manifest["latency_budget_ms"] = {"1": float("nan"), "8": 1.0}
+        text = json.dumps(manifest, allow_nan=True)
+    elif edit == "negative-budget":
+        manifest["latency_budget_ms"] = {"1": -1.0, "8": 1.0}
+        text = json.dumps(manifest)
+    elif edit == "accuracy":
+        rows[0]["validation"]["accuracy"] = 7.5
+        text = json.dumps(manifest)
+    else:
+        rows[0]["validation"]["accuracy"] = float("nan")
+        text = json.dumps(manifest, allow_nan=True)
+    path.write_text(text)
+    res = choose(bundle)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1 and says in res.stderr, res.stderr
+    assert not (bundle / "choice.json").exists()
+
+
+def test_choice_json_has_the_hosts_file_modes(export, tmp_path):
+    bundle = bundle_copy(export, tmp_path)
+    res = choose(bundle)
+    if res.returncode == 0:
+        assert (bundle / "choice.json").stat().st_mode & 0o777 == 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

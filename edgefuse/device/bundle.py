@@ -133,7 +133,12 @@ def _candidates(stage: Path, target: Target, golden: torch.Tensor, stream: torch
         if dc.graph == "cascade":
             _cascade_folder(folder, dc.row, stream)
         checks[f"candidate {dc.row.key}"] = deploy.check_bundle(folder, "onnxruntime", SELF_CHECK_SECONDS)
-    (stage / MANIFEST).write_text(json.dumps(manifest(candidates, target), indent=2) + "\n")
+    written = manifest(candidates, target)
+    for row in written["candidates"]:  # what the device checks before it times anything
+        folder = stage / row["folder"]
+        row["sha256"] = {p.relative_to(folder).as_posix(): sha256(p) for p in sorted(folder.rglob("*"))
+                         if p.is_file() and p.suffix != ".engine" and p.name != "timing.cache"}
+    (stage / MANIFEST).write_text(json.dumps(written, indent=2, allow_nan=False) + "\n")
     return checks
 
 

@@ -10,8 +10,10 @@ ties with it and is not clearly slower.
 Copied as-is into every deploy bundle beside deploy.py."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -50,11 +52,42 @@ def read_manifest(bundle: Path) -> dict:
     for row in rows:
         folder = (bundle / str(row.get("folder", ""))).resolve() if isinstance(row, dict) else None
         acc = row.get("validation", {}).get("accuracy") if isinstance(row, dict) else None
-        if folder is None or root not in folder.parents or not isinstance(acc, (int, float)) or not \
+        if folder is None or root not in folder.parents or not _number(acc, 0.0, 1.0) or not \
                 isinstance(row.get("key"), str):
             raise DeployError(f"{bundle / MANIFEST}: every candidate needs a key, a folder inside the bundle and "
-                              "a validation accuracy")
+                              "a validation accuracy from 0 to 1")
+        _check_digests(bundle, row)
+    budget = manifest.get("latency_budget_ms") or {}
+    if not isinstance(budget, dict) or not all(_number(v, 0.0, math.inf, open_low=True) for v in budget.values()):
+        raise DeployError(f"{bundle / MANIFEST}: latency_budget_ms must map batch sizes to positive numbers of "
+                          f"milliseconds, got {budget!r}")
+    memory = manifest.get("memory_budget_mb")
+    if memory is not None and not _number(memory, 0.0, math.inf, open_low=True):
+        raise DeployError(f"{bundle / MANIFEST}: memory_budget_mb must be a positive number, got {memory!r}")
     return manifest
+
+
+def _number(v, low: float, high: float, open_low: bool = False) -> bool:
+    """A finite number within [low, high] (low excluded with `open_low`); never a bool, NaN or infinity."""
+    return (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= high
+            and not (open_low and v == low))
+
+
+def _check_digests(bundle: Path, row: dict) -> None:
+    """Every file the host wrote for a candidate (its graph(s), golden inputs, references) as the manifest records
+    it: candidate folders swapped or edited after the export would otherwise each pass their own golden check and
+    ship one graph under another's accuracy. A manifest without digests (an older bundle) is taken as it is."""
+    for name, want in (row.get("sha256") or {}).items():
+        path = bundle / row["folder"] / name
+        if not path.is_file() or _sha256(path) != want:
+            raise DeployError(f"{bundle / row['folder'] / name} is missing or does not match its digest in "
+                              f"{MANIFEST} (candidate folders swapped or edited?)")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def latency_budget(manifest: dict, latency_ms: float | None) -> dict[str, float]:
@@ -155,9 +188,43 @@ def describe(budget: dict[str, float], memory: float | None, stat: str = "p50") 
     return "; ".join(p for p in parts if p) or "no budget"
 
 
+@contextlib.contextmanager
+def _one_at_a_time(bundle: Path):
+    """One `--choose` per bundle: two at once would time each other's engines (and, on TensorRT, write the same
+    engines and timing cache). A lock file holding the pid; one left by a process that is gone is taken over."""
+    lock = bundle / ".choose.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().split()[0])
+                os.kill(pid, 0)
+            except (ValueError, IndexError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)
+                continue
+            except PermissionError:
+                pass
+            raise DeployError(f"another deploy.py --choose (pid {pid}) is timing this bundle; wait for it") from None
+    else:
+        raise DeployError(f"cannot take the lock {lock}")
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.close(fd)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
 def choose(bundle: Path, runtime: str = "auto", latency_ms: float | None = None, seconds: float = 3.0) -> dict:
     """Measure every candidate here, pick one, and write choice.json (and, on TensorRT, model.engine: the chosen
-    candidate's engine) into the bundle; NoFit when none fits, with nothing written."""
+    candidate's engine) into the bundle; NoFit when none fits, with nothing written. One at a time per bundle."""
+    with _one_at_a_time(bundle):
+        return _choose(bundle, runtime, latency_ms, seconds)
+
+
+def _choose(bundle: Path, runtime: str, latency_ms: float | None, seconds: float) -> dict:
     manifest = read_manifest(bundle)
     budget = latency_budget(manifest, latency_ms)
     runtime = resolve(runtime)

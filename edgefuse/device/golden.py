@@ -24,18 +24,26 @@ class DeployError(Exception):
 
 
 def atomic_write(path: Path, data: bytes) -> None:
+    """Written beside `path` and renamed over it, with the modes a plain write would give (mkstemp's are 0600)."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)  # Python 3.8+
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON may hold here")
+
+
 def read_json(path: Path, what: str) -> dict:
     try:
-        out = json.loads(path.read_text())
+        out = json.loads(path.read_text(), parse_constant=_no_constant)
     except (ValueError, OSError) as e:
         raise DeployError(f"{path} is not a valid {what}: {e}") from None
     if not isinstance(out, dict):
