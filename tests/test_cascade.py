@@ -14,8 +14,8 @@ from edgefuse.base.cascade import GATES, CascadeError, CascadeRule, combine
 from edgefuse.fuse import ensemble
 from edgefuse.graph.onnx import export_onnx, parity, parity_inputs
 from edgefuse.graph.cascade import cascade_graph
-from edgefuse.measure.cascade import DESCRIPTION, Cascade, calls_escalated, predict_cascade, sha256, stream_latency
-from edgefuse.measure.runners import OrtRunner
+from edgefuse.measure.cascade import DESCRIPTION, Cascade, calls_escalated, predict_cascade, sha256
+from edgefuse.measure.runners import OrtRunner, stream_latency
 from edgefuse.models import data
 from edgefuse.run.baselines import choose_combine, member_logits
 from edgefuse.run.cascade import cascades

@@ -192,15 +192,15 @@ def verify(onnx_file: str, data: str, threads: int, batch_sizes: tuple[int, ...]
     """Accuracy, NLL and latency of an ONNX model on the dataset's test split (onnxruntime CPU).
 
     Reads ONNX_FILE (or an exported cascade folder: its cascade.json and two stage graphs, run as two sessions and
-    a host loop) and the dataset; writes nothing (prints JSON). A cascade's latency is per call over the test
-    inputs in order, and `escalated` says which share ran its second stage."""
+    a host loop) and the dataset; writes nothing (prints JSON). Latency is per call over the test inputs in order
+    (3 passes, each call's median), and a cascade's `escalated` says which share ran its second stage."""
     import json
 
     from ..graph.onnx import read_onnx
     from ..models.data import BUILTIN, test_split
-    from ..measure.cascade import Cascade, predict_cascade, stream_latency
+    from ..measure.cascade import Cascade, predict_cascade
     from ..measure.metrics import scores
-    from ..measure.runners import OrtRunner, latency, latency_batch, predict
+    from ..measure.runners import OrtRunner, predict, stream_latency
 
     cascade = Path(onnx_file).is_dir()
     if cascade:
@@ -227,9 +227,7 @@ def verify(onnx_file: str, data: str, threads: int, batch_sizes: tuple[int, ...]
     result = scores(logits, y_test)
     if cascade:
         result["escalated"] = float(escalated.mean())
-        result["latency_ms"] = {str(b): stream_latency(runner, x_test.numpy(), b) for b in batch_sizes}
-    else:
-        result["latency_ms"] = {str(b): latency(runner, latency_batch(x_test, b)) for b in batch_sizes}
+    result["latency_ms"] = {str(b): stream_latency(runner, x_test.numpy(), b) for b in batch_sizes}
     _echo(json.dumps(result, indent=2))
 
 

@@ -1,21 +1,19 @@
 """A cascade run by onnxruntime as its two stage graphs and a host loop: the first stage's graph on every input,
 the second stage's on the rows the gate escalates (gathered), the rule of base/cascade.py in between. That is the
 form a device runs (one engine per stage) and the only form of a capped cascade; `Cascade.load` opens an exported
-cascade folder, and is `ef.Cascade`. A cascade's cost depends on its inputs, so it is timed on a stream of real
-inputs in order (mean, p50, p99 per call), not on one repeated batch."""
+cascade folder, and is `ef.Cascade`."""
 from __future__ import annotations
 
 import hashlib
 import json
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 
 from ..base.cascade import CascadeError, CascadeRule, read_description
 from ..base.files import atomic_write_text
-from .runners import OrtRunner, Runner, summarize
+from .runners import OrtRunner
 
 DESCRIPTION = "cascade.json"
 
@@ -93,30 +91,6 @@ def predict_cascade(cascade: Cascade, x, batch_size: int = 500) -> tuple[np.ndar
         outs.append(cascade(np.asarray(x[i:i + batch_size])))
         masks.append(cascade.last_escalated)
     return np.concatenate(outs), np.concatenate(masks)
-
-
-def stream_latency(runner: Runner, x: np.ndarray, batch_size: int, min_inputs: int = 2000, passes: int = 3,
-                   warmup: int = 10) -> dict:
-    """Milliseconds per call over consecutive batches of real inputs, in order (cycling when the data is
-    shorter): at least `min_inputs` inputs and 30 calls, so that a model whose cost depends on its input (a cascade)
-    meets the data's share of hard inputs. The stream runs `passes` times and each call's time is its median over
-    the passes, so a moment of contention on a shared machine does not pass for an escalated call. The usual
-    percentiles of those per-call times; `mean` is their mean and `expected` too: a cascade's expected cost per
-    call, the figure a budget that binds the mean reads."""
-    n = len(x)
-    calls = max(30, -(-min_inputs // batch_size))
-    batches = [np.take(x, np.arange(s, s + batch_size) % n, axis=0) for s in ((k * batch_size) % n
-                                                                              for k in range(calls))]
-    for b in batches[:warmup]:
-        runner(b)
-    times = np.zeros((passes, calls))
-    for p in range(passes):
-        for k, b in enumerate(batches):
-            t = time.perf_counter()
-            runner(b)
-            times[p, k] = (time.perf_counter() - t) * 1e3
-    out = summarize(list(np.median(times, 0)))
-    return out | {"expected": out["mean"], "runs": int(times.size)}
 
 
 def calls_escalated(mask: np.ndarray, batch_size: int) -> float:

@@ -12,12 +12,11 @@ from torch import nn
 
 from ..models.data import Splits
 from ..measure.metrics import macs, params, scores
-from ..measure.runners import OrtRunner, Runner, TorchRunner, latency, latency_batch, predict, predict_with_heads
+from ..measure.runners import OrtRunner, Runner, TorchRunner, predict, predict_with_heads, stream_latency
 from ..measure.uncertainty import flag_rule
 
 KINDS = ("member", "distilled member", "sub-ensemble", "ensemble", "fused", "cascade")
 ALL_CORES = os.cpu_count() or 1
-LATENCY_SECONDS = 0.5  # per batch size, at least 30 calls: enough for a stable p50 on these nets
 
 
 @dataclass(frozen=True)
@@ -157,7 +156,7 @@ class Candidate:
 
 
 def measure(module: nn.Module, splits: Splits, onnx_path: str | Path | None = None,
-            batch_sizes: tuple[int, ...] = (1,), threads: int = 1, budget_s: float = LATENCY_SECONDS,
+            batch_sizes: tuple[int, ...] = (1,), threads: int = 1,
             runner: Runner | None = None, predictor: Runner | None = None, **fields) -> Candidate:
     """Score `module` on the validation and test splits and time it, through `runner` when given, else the ONNX
     file when given, else PyTorch. Scores come from the same graph run on every core (`predictor`): only the timing
@@ -166,7 +165,8 @@ def measure(module: nn.Module, splits: Splits, onnx_path: str | Path | None = No
     predictor = predictor or (OrtRunner(onnx_path, ALL_CORES) if onnx_path else runner)
     val, val_heads = predict_with_heads(predictor, splits.x_val)
     test, test_heads = predict_with_heads(predictor, splits.x_test)
-    lat = {str(b): latency(runner, latency_batch(splits.x_test, b), budget_s=budget_s) for b in batch_sizes}
+    x_test = splits.x_test.numpy()
+    lat = {str(b): stream_latency(runner, x_test, b) for b in batch_sizes}
     fields.setdefault("file", str(onnx_path) if onnx_path else None)
     rule = flag_rule((val, val_heads), splits.y_val.numpy(), (test, test_heads), splits.y_test.numpy())
     return Candidate(validation=scores(val, splits.y_val, head_logits=val_heads),

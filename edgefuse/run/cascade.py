@@ -16,9 +16,9 @@ from ..base.cascade import GATES, CascadeRule
 from ..fuse import ensemble
 from ..graph.onnx import export_onnx, onnx_nodes
 from ..graph.cascade import cascade_graph
-from ..measure.cascade import calls_escalated, stream_latency
+from ..measure.cascade import calls_escalated
 from ..measure.metrics import macs, misclassification_auroc, params, scores
-from ..measure.runners import OrtRunner, peak_memory_mb, predict
+from ..measure.runners import OrtRunner, peak_memory_mb, predict, stream_latency
 from ..measure.uncertainty import flag_rule
 from ..models.data import Splits
 from ..targets import Target
