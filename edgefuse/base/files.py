@@ -8,7 +8,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from .errors import EdgefuseError
+try:  # in the package; a deploy bundle carries this file as files.py, for its lock
+    from .errors import EdgefuseError
+except ImportError:
+    class EdgefuseError(Exception):
+        """A problem the user can fix, printed as one line."""
 
 
 def native(path: str | Path) -> str | bytes:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..base import cascade as cascade_rule
-from ..base import compare
+from ..base import compare, files
 from ..base.cascade import CascadeRule
 from ..base.files import publish
 from ..measure.runners import OrtRunner
@@ -31,8 +31,8 @@ README = """# edgefuse deploy bundle: {name}
 
 Files: `model.onnx` ({graph}), `target.json` / `{name}.toml` (the target), `golden_inputs.npy` ({batch} test
 images), `reference_outputs.npz` (the model's outputs in FP32 PyTorch), `deploy.py` (builder, checker and
-chooser, with its siblings golden.py, engines.py, runtimes.py, device_choice.py, stages.py, cascade.py and
-compare.py).
+chooser, with its siblings golden.py, engines.py, runtimes.py, device_choice.py, stages.py, cascade.py,
+compare.py and files.py).
 
 ## On the device
 ```
@@ -159,6 +159,7 @@ def write_bundle(out_dir: str | Path, target: Target, onnx_file: Path, module: n
             shutil.copyfile(Path(deploy.__file__).with_name(script), stage / script)
         shutil.copyfile(compare.__file__, stage / "compare.py")
         shutil.copyfile(cascade_rule.__file__, stage / "cascade.py")
+        shutil.copyfile(files.__file__, stage / "files.py")
         graph = "FP16 graph, FP32 inputs and outputs" if target.strongly_typed else \
             "FP32 graph; FP16 chosen by the builder flag" if target.precision == "fp16" else "FP32 graph"
         extra = INT8_README.format(images=int8.calibration_images, atol=INT8_ATOL, rtol=INT8_RTOL) if int8 else ""

@@ -10,20 +10,20 @@ ties with it and is not clearly slower.
 Copied as-is into every deploy bundle beside deploy.py."""
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
 try:  # in the package, and as a script's sibling in a bundle
+    from ..base.files import EdgefuseError as LockError, exclusive
     from .golden import DeployError, atomic_write, compare, percentiles, read_bundle, read_json
     from .runtimes import resolve
     from .stages import open_runner
 except ImportError:
+    from files import EdgefuseError as LockError, exclusive
     from golden import DeployError, atomic_write, compare, percentiles, read_bundle, read_json
     from runtimes import resolve
     from stages import open_runner
@@ -188,40 +188,14 @@ def describe(budget: dict[str, float], memory: float | None, stat: str = "p50") 
     return "; ".join(p for p in parts if p) or "no budget"
 
 
-@contextlib.contextmanager
-def _one_at_a_time(bundle: Path):
-    """One `--choose` per bundle: two at once would time each other's engines (and, on TensorRT, write the same
-    engines and timing cache). A lock file holding the pid; one left by a process that is gone is taken over."""
-    lock = bundle / ".choose.lock"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().split()[0])
-                os.kill(pid, 0)
-            except (ValueError, IndexError, ProcessLookupError, FileNotFoundError):
-                lock.unlink(missing_ok=True)
-                continue
-            except PermissionError:
-                pass
-            raise DeployError(f"another deploy.py --choose (pid {pid}) is timing this bundle; wait for it") from None
-    else:
-        raise DeployError(f"cannot take the lock {lock}")
-    try:
-        os.write(fd, f"{os.getpid()}\n".encode())
-        os.close(fd)
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-
-
 def choose(bundle: Path, runtime: str = "auto", latency_ms: float | None = None, seconds: float = 3.0) -> dict:
     """Measure every candidate here, pick one, and write choice.json (and, on TensorRT, model.engine: the chosen
     candidate's engine) into the bundle; NoFit when none fits, with nothing written. One at a time per bundle."""
-    with _one_at_a_time(bundle):
-        return _choose(bundle, runtime, latency_ms, seconds)
+    try:  # two at once would time each other's engines (and, on TensorRT, write the same engines and cache)
+        with exclusive(bundle / ".choose.lock", f"the bundle {bundle}"):
+            return _choose(bundle, runtime, latency_ms, seconds)
+    except LockError as e:
+        raise DeployError(str(e)) from None
 
 
 def _choose(bundle: Path, runtime: str, latency_ms: float | None, seconds: float) -> dict:
