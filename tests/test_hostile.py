@@ -354,3 +354,11 @@ def test_an_export_refuses_a_folder_it_did_not_write_unless_forced(tmp_path, mon
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 1 and "not an edgefuse export (candidates, notes.txt)" in res.stderr, res.output
     assert snapshot(tmp_path / "b") == before
+
+
+def test_an_export_of_a_network_without_batchnorm_warns_about_nothing(mlp_checkpoints, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(cli, ["-q", "export", "--model", "tests.nets:digits_mlp", *mlp_checkpoints[:2],
+                                   "--dataset", "digits", "--out-root", "b", "--depth", "1"])
+    assert res.exit_code == 0, res.output
+    assert "warning" not in res.stderr, res.stderr

@@ -52,6 +52,8 @@ BASE = 'runtime = "tensorrt"\ndevice = "jetson-agx-orin"\ntensorrt = "10.3"\npre
     ('tensorrt = "11.0"\n', "strongly typed"),
     ('tensorrt = "11.1"\nstrongly_typed = true\ndla_core = 0\n', "has no DLA"),
     ('profile = [8, 1, 4]\n', "profile must be"),
+    ('profile = [1, 1, 1000000000]\n', "max <= 65536"),
+    ('latency_binds = "p50"\n', 'latency_binds must be "mean" or "p99"'),
     ('workspace = 3\n', "unknown key 'workspace'"),
     ('precisions = ["int4"]\n', "precisions must be a list of"),
     ('precisions = ["fp32", "int8"]\n', "must include the target's precision 'fp16'"),

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 
 from rich.console import Console
+from torch import nn
 
 from ..run.candidate import Point
 from ..run.choose import Choice, choose, dominance
@@ -118,7 +119,9 @@ def _run(tgt: Target, run: RunConfig, out_dir: Path, console: Console) -> dict:
     chosen, module = choice.chosen, f.modules[choice.chosen.key]
     report["parity"] = {"max_abs_diff": parity(chosen.file, module, parity_inputs(s.splits.example)),
                         "batch_sizes": [1, 3]}
-    naive = fuse(s.models, s.spec, depth=len(s.spec.cut_points), data=s.splits.calib_batches)
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in s.models[0].modules())
+    naive = fuse(s.models, s.spec, depth=len(s.spec.cut_points), data=s.splits.calib_batches,
+                 repair="bn" if has_bn else None)  # the plain average, BN statistics reset where there are any
     report["naive_merge"] = scores(predict(TorchRunner(naive), s.splits.x_test), s.splits.y_test)
     if chosen.depth and tgt.batch_heads:
         unbatched = fuse(s.aligned[method], s.spec, depth=chosen.depth, data=s.splits.calib_batches)

@@ -76,8 +76,8 @@ def markdown(report: dict) -> str:
                   f"of the errors, accuracy on the rest {_num(u['test']['kept_accuracy'], '.4f')}."]
     lines += _cascade_lines(report, batches)
     if "naive_merge" in report:
-        lines += ["", f"Unaligned weight average (full merge, BN reset): test accuracy "
-                  f"{report['naive_merge']['accuracy']:.4f}."]
+        lines += ["", "Unaligned weight average (full merge, BatchNorm statistics reset where there are any): test "
+                  f"accuracy {report['naive_merge']['accuracy']:.4f}."]
     if "onnx_nodes_unbatched" in report["fused"]:
         lines += ["", f"model.onnx has {report['fused']['onnx_nodes']} ONNX nodes with batched heads, "
                   f"{report['fused']['onnx_nodes_unbatched']} with the heads one after another."]

@@ -99,9 +99,9 @@ def _validate(raw: dict, source: str) -> None:
         fail("INT8 candidates are QDQ ONNX graphs: for runtime = \"onnxruntime\" or \"tensorrt\"")
     profile = raw.get("profile")
     if profile is not None:
-        if len(profile) != 3 or not all(isinstance(b, int) and b >= 1 for b in profile) or \
+        if len(profile) != 3 or not all(_is_int(b) and 1 <= b <= MAX_BATCH for b in profile) or \
                 not profile[0] <= profile[1] <= profile[2]:
-            fail("profile must be [min, opt, max] batch sizes with 1 <= min <= opt <= max")
+            fail(f"profile must be [min, opt, max] batch sizes with 1 <= min <= opt <= max <= {MAX_BATCH}")
         if not all(profile[0] <= b <= profile[2] for b in raw.get("batch_sizes", [1])):
             fail(f"batch_sizes {raw.get('batch_sizes')} fall outside the profile {profile}")
     if raw.get("dla_core") is not None:
