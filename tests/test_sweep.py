@@ -25,23 +25,26 @@ def test_sweep_runs_in_workers_resumes_and_plots(checkpoints, tmp_path):
     keys = [c["key"] for c in sweep["candidates"]]
     assert keys[:6] == ["member0", "member1", "member2", "ensemble", "ensemble_batched", "ensemble_sessions"]
     assert keys[6].startswith("sub-ensemble-") and sweep["candidates"][6]["kind"] == "sub-ensemble"
-    method = RunConfig.methods[0]
-    assert keys[7:10] == [f"{method}-depth1-lsq", f"{method}-depth2-lsq", f"{method}-alpha0.5-lsq"]
-    assert {c["kind"] for c in sweep["candidates"][10:]} == {"distilled member", "fused"}
+    cascades = sum(c["kind"] == "cascade" for c in sweep["candidates"])
+    assert cascades and {c["kind"] for c in sweep["candidates"][7:7 + cascades]} == {"cascade"}
+    method, rest = RunConfig.methods[0], 7 + cascades
+    assert keys[rest:rest + 3] == [f"{method}-depth1-lsq", f"{method}-depth2-lsq", f"{method}-alpha0.5-lsq"]
+    assert {c["kind"] for c in sweep["candidates"][rest + 3:]} == {"distilled member", "fused"}
     assert all(c["peak_memory_mb"] >= 0 for c in sweep["candidates"])  # tiny nets may not raise the peak
     assert sweep["shipped"]["key"] in keys and sweep["candidates"][keys.index(sweep["shipped"]["key"])][
         "dominated_by"] is None
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "points").iterdir()}
-    assert len(stamps) == len(keys) - 4  # every candidate but the exact ensembles and the sub-ensemble is stored
+    assert len(stamps) == len(keys) - 4 - cascades  # the exact ensembles, sub-ensembles, cascades run here
     res = CliRunner().invoke(cli, args)  # resumed: no point is recomputed
     assert res.exit_code == 0, res.output
     assert {p.name: p.stat().st_mtime_ns for p in (out / "points").iterdir()} == stamps
     again = json.loads((out / "sweep.json").read_text())
     def measured(rows: list[dict]) -> list[dict]:
-        """Stored rows without `dominated_by`: the exact ensembles are timed afresh, so that verdict may change."""
+        """Stored rows without `dominated_by`: the exact ensembles, sub-ensembles and cascades are timed afresh, so
+        that verdict may change."""
         return [{k: v for k, v in c.items() if k != "dominated_by"} for c in rows
-                if c["kind"] not in ("ensemble", "sub-ensemble")]
+                if c["kind"] not in ("ensemble", "sub-ensemble", "cascade")]
 
     assert measured(again["candidates"]) == measured(sweep["candidates"])  # exactly as measured
 
@@ -80,3 +83,28 @@ def test_verify_from_python(mlps, digits_split, tmp_path):
     assert halves["n_validation"] == len(x) // 2 and "first" in halves["validation_data"]
     with pytest.raises(ef.EdgefuseError, match="labelled test data"):
         ef.verify(fused, mlps, [x])
+
+
+def test_ctrl_c_during_a_sweep_with_workers_is_one_line(checkpoints, tmp_path):
+    """Ctrl-C reaches the whole process group: the workers leave it to the parent, which stops them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, "-c", "from edgefuse.cli.main import main; main()", "-q", "sweep", "--model", "tests.nets:digits_mlp",
+            *checkpoints, "--dataset", "digits", "--alpha", "0.25", "--alpha", "0.5", "--workers", "2",
+            "--distill-steps", "0", "--out-root", str(tmp_path)]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            cwd=os.path.dirname(os.path.dirname(__file__)))
+    points = tmp_path / "cpu-ort" / "sweep" / "points"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (points.is_dir() and any(points.iterdir())):
+        time.sleep(0.2)
+    if proc.poll() is not None:
+        pytest.skip("the sweep finished before it could be interrupted")
+    time.sleep(1.0)  # workers busy with their points
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in err and len(err.strip().splitlines()) <= 2, err

@@ -236,10 +236,25 @@ def run_points(jobs: list[Job], workers: int = 0, ray_address: str | None = None
             done(evaluate(job))
     else:
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, max_tasks_per_child=1) as pool:
-            for f in as_completed([pool.submit(evaluate, job) for job in todo]):
-                done(f.result())
+        with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, max_tasks_per_child=1,
+                                 initializer=_leave_ctrl_c_to_the_parent) as pool:
+            try:
+                for f in as_completed([pool.submit(evaluate, job) for job in todo]):
+                    done(f.result())
+            except KeyboardInterrupt:  # stop the running points now and drop the queued ones: one line, no traces
+                pool.shutdown(wait=False, cancel_futures=True)
+                for proc in list((getattr(pool, "_processes", None) or {}).values()):
+                    proc.terminate()
+                raise
     return [done_rows[job.point.key] for job in jobs]
+
+
+def _leave_ctrl_c_to_the_parent() -> None:
+    """A worker ignores SIGINT (Ctrl-C reaches the whole process group): the parent stops it, so an interrupted
+    sweep says one line instead of a traceback per worker."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run_ray(jobs: list[Job], address: str, done) -> None:
