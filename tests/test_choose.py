@@ -194,3 +194,16 @@ def test_distillation_picks_the_most_accurate_repair_of_a_family_when_none_fits_
     picks = distill_picks(Field([member], {"ensemble": ENS}, alphas + [depth]), Budget(max_macs_ratio=0.3))
     assert [(p.kind, p.repair, p.distill) for p in picks] == [("member", None, True), ("depth", "lsq", True),
                                                               ("alpha", "lsq", True)]
+
+
+def test_a_chain_of_ties_never_ships_a_model_beaten_beyond_noise():
+    """best ~ a faster cascade (1.4 standard errors) ~ a member (1.7), but the member is 2.2 below the best: the
+    cascade ships; with the member within noise of the best too, the member would."""
+    best = row("cascade-best", "cascade", 0.92, 30, 0.30, 9.0, seed=7)
+    cheap = row("cascade-cheap", "cascade", 0.0, 26, 0.20, 8.0, val=worse_by(best.val_correct, 2))
+    member = row("member0", "member", 0.0, 25, 0.19, 7.9, val=worse_by(best.val_correct, 5))
+    choice = choose([best, cheap, member, ENS, BATCHED], Budget(max_macs_ratio=0.5), ENS)
+    assert choice.chosen.key == "cascade-cheap", choice.reason
+    close = row("member0", "member", 0.0, 25, 0.19, 7.9, val=worse_by(best.val_correct, 3))
+    choice = choose([best, cheap, close, ENS, BATCHED], Budget(max_macs_ratio=0.5), ENS)
+    assert choice.chosen.key == "member0"  # the fastest of the candidates within noise of the best

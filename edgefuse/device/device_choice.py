@@ -166,8 +166,9 @@ def pick(measured: list[dict], manifest: dict, budget: dict[str, float]) -> tupl
                   f"({z[chosen['key']]:.1f} standard errors apart, under {noise['z']:g}), and is clearly faster "
                   f"here ({stat} {_speed(chosen) / _speed(best):.2f}× its, geometric mean over batch sizes)")
     if chosen.get("kind") in noise.get("yields", ["fused"]):
-        zc = _tie_z(manifest, chosen)
+        zc, zb = _tie_z(manifest, chosen), _tie_z(manifest, best)
         plain = [m for m in pool if m.get("kind") in noise.get("plain", ()) and m["key"] in zc and zc[m["key"]] < noise["z"]
+                 and (m is best or m["key"] in zb and zb[m["key"]] < noise["z"])
                  and all(noise["faster"] * lat(m, b) <= lat(chosen, b) for b in chosen["latency_ms"])]
         if plain:
             fused, chosen = chosen, max(plain, key=lambda m: (m["validation_accuracy"], -_speed(m)))

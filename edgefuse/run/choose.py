@@ -141,11 +141,12 @@ def choose(rows: list[Candidate], budget: Budget, ensemble: Candidate) -> Choice
         reason = (f"ties on validation with the most accurate candidate, {best.label} ({chosen.accuracy:.4f} vs "
                   f"{best.accuracy:.4f}, {z:.1f} standard errors apart, under {NOISE_Z:g}), and is clearly faster "
                   f"({binds} latency {ratios})")
-    if chosen.kind in TIE_YIELDS and (plain := _plain_tie(pool, chosen, batches, binds)):
+    if chosen.kind in TIE_YIELDS and (plain := _plain_tie(pool, chosen, best, batches, binds)):
         what = "fused model" if chosen.kind == "fused" else chosen.kind
-        reason = (f"ties on validation with the most accurate {what}, {chosen.label} ({plain.accuracy:.4f} vs "
-                  f"{chosen.accuracy:.4f}), and is not clearly slower: a {what} ships only where it beats "
-                  f"every member, distilled member and ensemble at no higher cost beyond noise")
+        reason = (f"ties on validation with the {what} that would ship, {chosen.label} ({plain.accuracy:.4f} vs "
+                  f"{chosen.accuracy:.4f}; and with the most accurate candidate, {best.accuracy:.4f}), and is not "
+                  f"clearly slower: a {what} ships only where it beats every member, distilled member and "
+                  f"ensemble at no higher cost beyond noise")
         chosen = plain
     ties = [c.label for c in pool if c is not chosen and (z := tie_z(chosen, c)) is not None and abs(z) < NOISE_Z]
     if ties:
@@ -155,11 +156,15 @@ def choose(rows: list[Candidate], budget: Budget, ensemble: Candidate) -> Choice
     return Choice(chosen, reason, beaten, tuple(c.key for c in within))
 
 
-def _plain_tie(pool: list[Candidate], fused: Candidate, batches: list[str], binds: str) -> Candidate | None:
-    """The most accurate member, distilled member or (sub-)ensemble that ties with `fused` on validation and is not
-    clearly slower at any batch size: fusion has to earn its place beyond noise, and on a tie the plainer model,
-    whose accuracy needs no merge to hold, ships."""
-    ties = [c for c in pool if c.kind in PLAIN and (z := tie_z(fused, c)) is not None and z < NOISE_Z
+def _plain_tie(pool: list[Candidate], fused: Candidate, best: Candidate, batches: list[str],
+               binds: str) -> Candidate | None:
+    """The most accurate member, distilled member or (sub-)ensemble that ties on validation with `fused` (a fused
+    model or a cascade) and with `best`, the most accurate candidate, and is not clearly slower at any batch size:
+    fusion and cascades have to earn their place beyond noise, and on a tie the plainer model ships. Tying with
+    `best` too keeps a chain of ties (best ~ a faster cascade ~ a member) from shipping a model that is beaten
+    beyond noise."""
+    ties = [c for c in pool if c.kind in PLAIN and all((z := tie_z(a, c)) is not None and z < NOISE_Z
+                                                       for a in (fused, best))
             and all(FASTER * c.latency(b, binds) <= fused.latency(b, binds) for b in batches)]
     return max(ties, key=lambda c: (c.accuracy, -_speed(c, batches, binds))) if ties else None
 
