@@ -126,7 +126,7 @@ def test_cascade_rows_from_the_best_member(cnns, tmp_path):
     assert rows and all(r.kind == "cascade" and r.cascade["first"] == first for r in rows)
     for r in rows:
         c = r.cascade
-        assert set(c["rest"]) | {first} == set(r.members)
+        assert set(c["rest"]) | {first} == set(r.members) and r.combine == c["combine"]
         assert members[first].macs <= r.macs <= c["macs_worst"]
         assert abs(r.macs - members[first].macs - c["escalated"]["validation"] * (c["macs_worst"] -
                                                                                    members[first].macs)) <= 1

@@ -127,6 +127,7 @@ def _measure(rule: CascadeRule, members: list[Candidate], first_logits: dict[str
         latency_by_batch=lat, runtime=timer.name,
         peak_memory_mb=peak_memory_mb([graph], max(target.batch_sizes), target.threads),
         onnx_nodes=onnx_nodes(graph), file=graph, members=tuple(sorted(rule.members)), cascade=info,
+        combine=rule.combine,
         uncertainty=flag_rule((val, None), y_val, (test, None), y_test),
         val_correct=val.argmax(1) == y_val, test_predictions=test.argmax(1))
 
