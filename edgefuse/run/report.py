@@ -32,8 +32,8 @@ def markdown(report: dict) -> str:
              f"{report['n_models']} × {report.get('arch', 'model')}, aligned by {report['align_method']} matching. "
              f"Chosen on {report['validation_data']}; test scores on {report['test_data']}, never used to choose. "
              f"Latency: {ens['runtime']}, {report['threads']} thread(s), per call, "
-             + ("the p99" if binds == "p99" else "the expected cost (the p50 of repeated runs; for a cascade the mean "
-                "over the test inputs in order of each call's median over 3 passes)")
+             + ("the p99" if binds == "p99" else "the expected cost")
+             + " over the test inputs in order, each call's median over 3 passes"
              + " (the figure the budget binds); ratios against the "
              "fastest exact ensemble at each batch size: " +
              ", ".join(f"b{b}: {e['name']} ({_stat(e, binds):.3f} ms)" for b, e in base.items()) + ".", ""]
