@@ -28,14 +28,13 @@ def cascade_graph(rule: CascadeRule, first: str | Path, rest: str | Path, path: 
         raise EdgefuseError("a capped cascade runs as its stage graphs and a host loop (ef.Cascade), not one graph")
     m1 = compose.add_prefix(onnx.load(native(first)), "s1_")
     m2 = compose.add_prefix(onnx.load(native(rest)), "s2_")
-    if m1.opset_import[0].version != m2.opset_import[0].version:
+    opset = m1.opset_import[0].version
+    if opset != m2.opset_import[0].version:
         raise EdgefuseError("the two stage graphs of a cascade need one opset")
     g1, g2 = m1.graph, m2.graph
     x1, x2, y1 = g1.input[0].name, g2.input[0].name, g1.output[0].name
     heads = g2.output[1].name if len(g2.output) > 1 else None
     k = len(rule.members)
-
-    opset = m1.opset_import[0].version
 
     def const(name: str, value, dtype=np.float32):
         return numpy_helper.from_array(np.asarray(value, dtype=dtype), name)
