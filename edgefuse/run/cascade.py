@@ -2,8 +2,8 @@
 that contains it (the whole ensemble, or a selected sub-ensemble) run only where its gate score is below a
 threshold. The gate (a registered score of base/cascade.py), the combine rule and the thresholds are chosen on
 validation; every row is then measured like any other candidate, by running its one ONNX graph
-(graph/cascade.py): scores on both splits, latency on a stream of test inputs in order (mean, p50, p99 per call at
-each batch size), peak memory, MACs as the validation mean and the worst case."""
+(graph/cascade.py): scores on both splits, latency per call over the test inputs in order at each batch size
+(as every candidate's), peak memory, MACs as the validation mean and the worst case."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -72,9 +72,8 @@ def _rest_graph(rest: tuple[int, ...], members: list[Candidate], modules: list[n
     if len(rest) == 1:
         return members[rest[0]].file, modules[rest[0]]
     module = ensemble([modules[i] for i in rest], head_outputs=True).batch_heads()
-    path = out_dir / f"cascade-rest-{'-'.join(map(str, rest))}.onnx"
-    if not path.is_file():
-        export_onnx(module, splits.example, path, opset=target.opset)
+    path = export_onnx(module, splits.example, out_dir / f"cascade-rest-{'-'.join(map(str, rest))}.onnx",
+                       opset=target.opset)  # written afresh: a sweep's folder may hold another run's
     return str(path), module
 
 
