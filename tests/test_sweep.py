@@ -93,9 +93,9 @@ def test_ctrl_c_during_a_sweep_with_workers_is_one_line(checkpoints, tmp_path):
     import sys
     import time
 
-    args = [sys.executable, "-c", "from edgefuse.cli.main import main; main()", "-q", "sweep", "--model", "tests.nets:digits_mlp",
-            *checkpoints, "--dataset", "digits", "--alpha", "0.25", "--alpha", "0.5", "--workers", "2",
-            "--distill-steps", "0", "--out-root", str(tmp_path)]
+    args = [sys.executable, "-c", "from edgefuse.cli.main import main; main()", "-q", "sweep", "--model",
+            "tests.nets:digits_mlp", *checkpoints, "--dataset", "digits", "--alpha", "0.25", "--alpha", "0.5",
+            "--workers", "2", "--distill-steps", "0", "--out-root", str(tmp_path)]
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             cwd=os.path.dirname(os.path.dirname(__file__)))
     points = tmp_path / "cpu-ort" / "sweep" / "points"

@@ -91,7 +91,8 @@ def _sha256(path: Path) -> str:
 
 
 def latency_budget(manifest: dict, latency_ms: float | None) -> dict[str, float]:
-    """One budget per batch size (of the figure `binds` names): `--latency-ms` for every batch size, else the target's budget, else none."""
+    """One budget per batch size (of the figure `binds` names): `--latency-ms` for every batch size, else the
+    target's budget, else none."""
     batches = [str(b) for b in manifest["batch_sizes"]]
     if latency_ms is not None:
         if not (math.isfinite(latency_ms) and latency_ms > 0):
@@ -167,7 +168,8 @@ def pick(measured: list[dict], manifest: dict, budget: dict[str, float]) -> tupl
                   f"here ({stat} {_speed(chosen) / _speed(best):.2f}× its, geometric mean over batch sizes)")
     if chosen.get("kind") in noise.get("yields", ["fused"]):
         zc, zb = _tie_z(manifest, chosen), _tie_z(manifest, best)
-        plain = [m for m in pool if m.get("kind") in noise.get("plain", ()) and m["key"] in zc and zc[m["key"]] < noise["z"]
+        plain = [m for m in pool if m.get("kind") in noise.get("plain", ())
+                 and m["key"] in zc and zc[m["key"]] < noise["z"]
                  and (m is best or m["key"] in zb and zb[m["key"]] < noise["z"])
                  and all(noise["faster"] * lat(m, b) <= lat(chosen, b) for b in chosen["latency_ms"])]
         if plain:

@@ -1,6 +1,6 @@
 """Every candidate of one run, measured alike: the members, the exact ensembles, the sub-ensembles, the cascades,
-the fused points, and then the distilled ones — the best member and the best fused depth and alpha within the budget, each
-distilled with the same budget towards the ensemble (full or sub) most accurate on validation."""
+the fused points, and then the distilled ones — the best member and the best fused depth and alpha within the
+budget, each distilled with the same budget towards the ensemble (full or sub) most accurate on validation."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
