@@ -215,6 +215,7 @@ def test_a_broken_cascade_folder_is_one_line_on_the_device(cascade_export, tmp_p
     ("swap", "does not match its digest"),
     ("nan-budget", "NaN is not a number"),
     ("negative-budget", "latency_budget_ms must map batch sizes to positive numbers"),
+    ("budget-batch", "latency_budget_ms names batch size 4, which is not among the batch sizes timed"),
     ("accuracy", "a validation accuracy from 0 to 1"),
     ("nan-accuracy", "NaN is not a number"),
 ])
@@ -235,6 +236,9 @@ def test_the_device_trusts_no_manifest_it_cannot_check(export, tmp_path, edit, s
         text = json.dumps(manifest, allow_nan=True)
     elif edit == "negative-budget":
         manifest["latency_budget_ms"] = {"1": -1.0, "8": 1.0}
+        text = json.dumps(manifest)
+    elif edit == "budget-batch":
+        manifest["latency_budget_ms"] = {"4": 1.0}
         text = json.dumps(manifest)
     elif edit == "accuracy":
         rows[0]["validation"]["accuracy"] = 7.5

@@ -61,6 +61,14 @@ def read_manifest(bundle: Path) -> dict:
     if not isinstance(budget, dict) or not all(_number(v, 0.0, math.inf, open_low=True) for v in budget.values()):
         raise DeployError(f"{bundle / MANIFEST}: latency_budget_ms must map batch sizes to positive numbers of "
                           f"milliseconds, got {budget!r}")
+    batches = manifest.get("batch_sizes")
+    if not (isinstance(batches, list) and batches and all(isinstance(b, int) and b >= 1 for b in batches)):
+        raise DeployError(f"{bundle / MANIFEST}: batch_sizes must be a non-empty list of positive integers, got "
+                          f"{batches!r}")
+    unknown = sorted(set(budget) - {str(b) for b in batches})
+    if unknown:
+        raise DeployError(f"{bundle / MANIFEST}: latency_budget_ms names batch size {unknown[0]}, which is not "
+                          f"among the batch sizes timed ({', '.join(map(str, batches))})")
     memory = manifest.get("memory_budget_mb")
     if memory is not None and not _number(memory, 0.0, math.inf, open_low=True):
         raise DeployError(f"{bundle / MANIFEST}: memory_budget_mb must be a positive number, got {memory!r}")
