@@ -102,9 +102,9 @@ def test_ctrl_c_during_a_sweep_with_workers_is_one_line(checkpoints, tmp_path):
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not (points.is_dir() and any(points.iterdir())):
         time.sleep(0.2)
+    time.sleep(1.0)  # workers busy with their points
     if proc.poll() is not None:
         pytest.skip("the sweep finished before it could be interrupted")
-    time.sleep(1.0)  # workers busy with their points
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "Traceback" not in err and len(err.strip().splitlines()) <= 2, err
