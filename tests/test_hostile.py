@@ -357,6 +357,9 @@ def test_an_export_refuses_a_folder_it_did_not_write_unless_forced(tmp_path, mon
 
 
 def test_an_export_of_a_network_without_batchnorm_warns_about_nothing(mlp_checkpoints, tmp_path, monkeypatch):
+    from edgefuse.base import errors
+
+    monkeypatch.setattr(errors, "_WARNED", set())  # a warning said earlier in this process would not show again
     monkeypatch.chdir(tmp_path)
     res = CliRunner().invoke(cli, ["-q", "export", "--model", "tests.nets:digits_mlp", *mlp_checkpoints[:2],
                                    "--dataset", "digits", "--out-root", "b", "--depth", "1"])

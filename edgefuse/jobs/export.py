@@ -8,7 +8,6 @@ import tempfile
 from pathlib import Path
 
 from rich.console import Console
-from torch import nn
 
 from ..run.candidate import Point
 from ..run.choose import Choice, choose, dominance
@@ -18,6 +17,7 @@ from ..base.errors import EdgefuseError
 from ..graph.onnx import export_onnx, onnx_nodes, parity, parity_inputs
 from ..base.files import atomic_write_text, exclusive, publish, writable
 from ..fuse import fuse
+from ..fuse.repair import batchnorms
 from ..measure.cuda import require_cuda
 from ..measure.metrics import scores
 from ..run.setup import prepare
@@ -119,12 +119,12 @@ def _run(tgt: Target, run: RunConfig, out_dir: Path, console: Console) -> dict:
     chosen, module = choice.chosen, f.modules[choice.chosen.key]
     report["parity"] = {"max_abs_diff": parity(chosen.file, module, parity_inputs(s.splits.example)),
                         "batch_sizes": [1, 3]}
-    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in s.models[0].modules())
     naive = fuse(s.models, s.spec, depth=len(s.spec.cut_points), data=s.splits.calib_batches,
-                 repair="bn" if has_bn else None)  # the plain average, BN statistics reset where there are any
+                 repair="bn" if batchnorms(s.models[0]) else None)  # the plain average, BN reset where there is any
     report["naive_merge"] = scores(predict(TorchRunner(naive), s.splits.x_test), s.splits.y_test)
     if chosen.depth and tgt.batch_heads:
-        unbatched = fuse(s.aligned[method], s.spec, depth=chosen.depth, data=s.splits.calib_batches)
+        unbatched = fuse(s.aligned[method], s.spec, depth=chosen.depth, data=s.splits.calib_batches,
+                         repair=None)  # read for its node count only, which no repair changes
         report["fused"]["onnx_nodes_unbatched"] = onnx_nodes(
             export_onnx(unbatched, s.splits.example, out_dir / "candidates" / "chosen_unbatched.onnx", tgt.opset))
     if tgt.runtime == "tensorrt":
