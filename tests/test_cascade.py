@@ -14,7 +14,9 @@ from edgefuse.base.cascade import GATES, CascadeError, CascadeRule, combine
 from edgefuse.fuse import ensemble
 from edgefuse.graph.onnx import export_onnx, parity, parity_inputs
 from edgefuse.graph.cascade import cascade_graph
-from edgefuse.measure.cascade import DESCRIPTION, Cascade, calls_escalated, predict_cascade, sha256
+from edgefuse.base.cascade import DESCRIPTION
+from edgefuse.base.files import file_digest
+from edgefuse.measure.cascade import Cascade, calls_escalated, predict_cascade
 from edgefuse.measure.runners import OrtRunner, stream_latency
 from edgefuse.models import data
 from edgefuse.run.baselines import choose_combine, member_logits
@@ -181,7 +183,7 @@ def exported(stages, tmp_path):
     shutil.copy(rest, out / "stage2.onnx")
     rule = CascadeRule(0, (1, 2, 3), "max_softmax", 0.9, "mean")
     desc = {"rule": rule.to_json(), "stages": [
-        {"file": f"stage{i}.onnx", "members": m, "sha256": sha256(out / f"stage{i}.onnx")}
+        {"file": f"stage{i}.onnx", "members": m, "sha256": file_digest(out / f"stage{i}.onnx")}
         for i, m in ((1, [0]), (2, [1, 2, 3]))]}
     (out / DESCRIPTION).write_text(json.dumps(desc))
     return out, desc

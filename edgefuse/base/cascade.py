@@ -10,14 +10,19 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-try:  # in the package; a bundle's copy stands alone
+try:  # in the package; a bundle's copy stands beside files.py
     from .errors import EdgefuseError as _Base
+    from .files import atomic_write_text, file_digest
 except ImportError:
+    from files import atomic_write_text, file_digest
     _Base = ValueError
+
+DESCRIPTION = "cascade.json"  # beside the two stage graphs it names
 
 
 class CascadeError(_Base):
@@ -94,6 +99,11 @@ class CascadeRule:
     def members(self) -> tuple[int, ...]:
         return (self.first, *self.rest)
 
+    @property
+    def stage_members(self) -> tuple[list[int], list[int]]:
+        """The members each stage graph computes: the first alone, then the rest."""
+        return [self.first], list(self.rest)
+
     def escalate(self, first_logits: np.ndarray) -> np.ndarray:
         """Which inputs run the second stage: score below the threshold, at most `cap` of them (least confident)."""
         score = GATES[self.gate](first_logits)
@@ -142,7 +152,7 @@ def _no_constant(name: str) -> float:
     raise CascadeError(f"{name} is not a number a cascade description may hold")
 
 
-def read_description(path) -> dict:
+def read_description(path: str | Path) -> dict:
     """cascade.json as a dict; an unreadable or non-JSON file (NaN included) is one CascadeError."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -153,3 +163,39 @@ def read_description(path) -> dict:
         raise CascadeError(f"cannot read the cascade description {path}: {e.strerror or e}") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise CascadeError(f"{path} is not a JSON cascade description ({e})") from None
+
+
+def write_description(folder: str | Path, rule: CascadeRule, files: tuple[str, str], **extra) -> dict:
+    """`folder/cascade.json`: the rule and, per stage, its graph (`files`, relative to `folder`, already there), the
+    members it computes and its SHA-256; `extra` keys beside them. Returns what was written."""
+    folder = Path(folder)
+    stages = [{"file": f, "members": m, "sha256": file_digest(folder / f)}
+              for f, m in zip(files, rule.stage_members)]
+    desc = {"rule": rule.to_json(), "stages": stages, **extra}
+    atomic_write_text(folder / DESCRIPTION, json.dumps(desc, indent=2, allow_nan=False) + "\n")
+    return desc
+
+
+def read_cascade(folder: str | Path) -> tuple[CascadeRule, list[Path]]:
+    """The rule of `folder/cascade.json` and its two stage graphs' paths, each checked before anything runs: the
+    members it computes (stages swapped?), that it lies inside `folder`, and its digest (swapped or edited?). Any
+    failure is one CascadeError."""
+    folder = Path(folder)
+    raw = read_description(folder / DESCRIPTION)
+    rule = CascadeRule.from_json(raw.get("rule") if isinstance(raw, dict) else None)
+    stages = raw.get("stages")
+    if not (isinstance(stages, list) and len(stages) == 2 and all(isinstance(s, dict) for s in stages)):
+        raise CascadeError(f"{folder / DESCRIPTION}: 'stages' must list the two stage graphs")
+    paths = []
+    for i, (stage, want) in enumerate(zip(stages, rule.stage_members), 1):
+        if stage.get("members") != want:
+            raise CascadeError(f"stage {i} of {folder / DESCRIPTION} computes members {stage.get('members')}, "
+                               f"the rule needs {want} there (stages swapped?)")
+        path = folder / str(stage.get("file", ""))
+        if not path.is_file() or folder.resolve() not in path.resolve().parents:
+            raise CascadeError(f"stage {i}'s graph {path} is missing (or not in {folder})")
+        if file_digest(path) != stage.get("sha256"):
+            raise CascadeError(f"stage {i}'s graph {path} does not match its digest in {DESCRIPTION} "
+                               "(swapped or edited)")
+        paths.append(path)
+    return rule, paths

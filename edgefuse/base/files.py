@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -23,6 +24,12 @@ def native(path: str | Path) -> str | bytes:
         return str(path)
     except UnicodeEncodeError:
         return Path(path).read_bytes()
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes: what stored points, cascade descriptions and bundle manifests record of the files
+    they name, so a swapped or edited file is caught before it is trusted."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def new_temp_path(dest: Path, suffix: str = "") -> Path:

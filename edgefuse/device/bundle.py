@@ -14,13 +14,12 @@ from torch import nn
 
 from ..base import cascade as cascade_rule
 from ..base import compare, files
-from ..base.cascade import CascadeRule
-from ..base.files import publish
+from ..base.cascade import CascadeRule, write_description
+from ..base.files import file_digest, publish
 from ..measure.runners import OrtRunner
 from ..targets import Target
 from . import deploy
 from . import stages as stages_mod
-from ..measure.cascade import sha256
 from .device_choice import MANIFEST
 from .frontier import DeviceCandidate, manifest
 from ..graph.int8 import INT8_ATOL, INT8_RTOL, Int8Graph
@@ -113,12 +112,8 @@ def _cascade_folder(folder: Path, row, stream: torch.Tensor) -> None:
     digests in cascade.json, the stream of test inputs it is timed on. model.onnx is its first stage and its
     reference outputs are the whole cascade's."""
     (folder / "stage2").mkdir()
-    shutil.copyfile(row.cascade["stages"][1], folder / "stage2" / "model.onnx")
-    rule = CascadeRule.from_json(row.cascade)
-    stages = [{"file": f, "members": m, "sha256": sha256(folder / f)}
-              for f, m in (("model.onnx", [rule.first]), ("stage2/model.onnx", list(rule.rest)))]
-    (folder / stages_mod.DESCRIPTION).write_text(json.dumps({"rule": rule.to_json(), "stages": stages}, indent=2)
-                                                 + "\n")
+    shutil.copyfile(row.cascade["stages"][1], folder / stages_mod.ENGINES[1])
+    write_description(folder, CascadeRule.from_json(row.cascade), stages_mod.ENGINES)
     np.save(folder / stages_mod.STREAM, stream.numpy().astype(np.float32))
 
 
@@ -136,7 +131,7 @@ def _candidates(stage: Path, target: Target, golden: torch.Tensor, stream: torch
     written = manifest(candidates, target)
     for row in written["candidates"]:  # what the device checks before it times anything
         folder = stage / row["folder"]
-        row["sha256"] = {p.relative_to(folder).as_posix(): sha256(p) for p in sorted(folder.rglob("*"))
+        row["sha256"] = {p.relative_to(folder).as_posix(): file_digest(p) for p in sorted(folder.rglob("*"))
                          if p.is_file() and p.suffix != ".engine" and p.name != "timing.cache"}
     (stage / MANIFEST).write_text(json.dumps(written, indent=2, allow_nan=False) + "\n")
     return checks

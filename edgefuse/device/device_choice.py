@@ -18,15 +18,15 @@ from pathlib import Path
 import numpy as np
 
 try:  # in the package, and as a script's sibling in a bundle
-    from ..base.files import EdgefuseError as LockError, exclusive
+    from ..base.files import EdgefuseError as LockError, exclusive, file_digest
     from .golden import DeployError, atomic_write, compare, percentiles, read_bundle, read_json
     from .runtimes import resolve
-    from .stages import open_runner
+    from .stages import CascadeRunner, open_runner
 except ImportError:
-    from files import EdgefuseError as LockError, exclusive
+    from files import EdgefuseError as LockError, exclusive, file_digest
     from golden import DeployError, atomic_write, compare, percentiles, read_bundle, read_json
     from runtimes import resolve
-    from stages import open_runner
+    from stages import CascadeRunner, open_runner
 
 MANIFEST = "candidates.json"
 
@@ -87,15 +87,9 @@ def _check_digests(bundle: Path, row: dict) -> None:
     ship one graph under another's accuracy. A manifest without digests (an older bundle) is taken as it is."""
     for name, want in (row.get("sha256") or {}).items():
         path = bundle / row["folder"] / name
-        if not path.is_file() or _sha256(path) != want:
+        if not path.is_file() or file_digest(path) != want:
             raise DeployError(f"{bundle / row['folder'] / name} is missing or does not match its digest in "
                               f"{MANIFEST} (candidate folders swapped or edited?)")
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def latency_budget(manifest: dict, latency_ms: float | None) -> dict[str, float]:
@@ -117,8 +111,8 @@ def measure(bundle: Path, row: dict, runtime: str, batches: list[int], seconds: 
     """Build, self-check and time one candidate on this device."""
     folder = bundle / row["folder"]
     target, x, references = read_bundle(folder)
-    cascade = (folder / "cascade.json").is_file()
     runner = open_runner(folder, target, runtime, bundle / "timing.cache")
+    cascade = isinstance(runner, CascadeRunner)
     problems = compare(runner(x), references, target)
     latency = {str(b): percentiles(runner.latency(_batch(x, b), seconds), cascade) for b in batches}
     return {"key": row["key"], "label": row.get("label", row["key"]), "kind": row.get("kind"),

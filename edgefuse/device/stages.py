@@ -5,51 +5,34 @@ the bundle), so the device runs exactly what was measured on the host. A folder 
 Copied as-is into every deploy bundle beside deploy.py: Python 3.8+ and numpy only."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
 try:  # in the package, and as a script's sibling in a bundle
-    from ..base.cascade import CascadeError, CascadeRule, read_description
+    from ..base.cascade import DESCRIPTION, CascadeError, CascadeRule, read_cascade
     from .golden import DeployError
     from .engines import timed
     from .runtimes import open_engine
 except ImportError:
-    from cascade import CascadeError, CascadeRule, read_description
+    from cascade import DESCRIPTION, CascadeError, CascadeRule, read_cascade
     from engines import timed
     from golden import DeployError
     from runtimes import open_engine
 
-DESCRIPTION = "cascade.json"
+ENGINES = ("model.onnx", "stage2/model.onnx")  # the stage graphs of a cascade folder, each built into an engine
 STREAM = "stream_inputs.npy"  # test inputs in order: a cascade's cost depends on which inputs it meets
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def read_rule(folder: Path) -> CascadeRule:
-    """The folder's cascade rule, its two stage graphs checked against their digests: a missing, swapped or edited
-    graph, or a rule that cannot run, is one DeployError."""
+    """The folder's cascade rule, its two stage graphs (model.onnx and stage2/model.onnx, whose engines run) checked
+    against their digests: a missing, swapped or edited graph, or a rule that cannot run, is one DeployError."""
     try:
-        raw = read_description(folder / DESCRIPTION)
-        rule = CascadeRule.from_json(raw.get("rule") if isinstance(raw, dict) else None)
+        rule, paths = read_cascade(folder)
     except CascadeError as e:
-        raise DeployError(f"{folder / DESCRIPTION}: {e}") from None
-    stages = raw.get("stages")
-    if not (isinstance(stages, list) and len(stages) == 2 and all(isinstance(s, dict) for s in stages)):
-        raise DeployError(f"{folder / DESCRIPTION}: 'stages' must list the two stage graphs")
-    for i, (stage, path, want) in enumerate(zip(stages, (folder / "model.onnx", folder / "stage2" / "model.onnx"),
-                                                ([rule.first], list(rule.rest))), 1):
-        if stage.get("members") != want:
-            raise DeployError(f"{folder / DESCRIPTION}: stage {i} computes members {stage.get('members')}, the rule "
-                              f"needs {want} there (stages swapped?)")
-        if not path.is_file():
-            raise DeployError(f"stage {i}'s graph {path} is missing")
-        if _sha256(path) != stage.get("sha256"):
-            raise DeployError(f"stage {i}'s graph {path} does not match its digest in {DESCRIPTION} (swapped or "
-                              "edited)")
+        raise DeployError(str(e)) from None
+    if [p.resolve() for p in paths] != [(folder / f).resolve() for f in ENGINES]:
+        raise DeployError(f"{folder / DESCRIPTION}: its stage graphs must be {' and '.join(ENGINES)}")
     return rule
 
 

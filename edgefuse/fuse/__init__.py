@@ -18,7 +18,7 @@ from .distill import DistillConfig, distill
 from .adapter import adapt_heads
 from .lsq import Fit, following_bn, lsq_repair
 from .lsq_isolated import isolated_fits
-from .repair import REPAIRS, reset_bn, rescale_units
+from .repair import REPAIRS, batchnorms, reset_bn, rescale_units
 from .select import check_select, tensor_layout
 from .split import fuse_depth
 
@@ -92,7 +92,7 @@ def _repair(fused: FusedModel, method: str | None, data, aligned: list[nn.Module
         return
     if method == "repair":
         rescale_units(fused, aligned, _merged_layers(fused, spec, layouts), data)
-    if method == "bn" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in fused.modules()):
+    if method == "bn" and not batchnorms(fused):
         warn_once("repair 'bn' re-estimates BatchNorm statistics and this model has no BatchNorm: the fused model "
                   "is left unrepaired (repair 'lsq' or 'repair' works without BatchNorm)")
     if method is not None:

@@ -13,9 +13,14 @@ from ..models.data import require_batches
 REPAIRS = ("bn", "repair", "lsq", "distill", None)
 
 
+def batchnorms(model: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm layer of `model`: what repair "bn" resets (none: it has nothing to repair)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def reset_bn(model: nn.Module, data: Iterable) -> nn.Module:
     """Recompute every BatchNorm's running statistics on calibration inputs (cumulative average, eval elsewhere)."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = batchnorms(model)
     if not bns:
         return model
     xs = require_batches(data, "BatchNorm repair", model)

@@ -4,18 +4,13 @@ form a device runs (one engine per stage) and the only form of a capped cascade;
 cascade folder, and is `ef.Cascade`."""
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from ..base.cascade import CascadeError, CascadeRule, read_description
-from ..base.files import atomic_write_text
+from ..base.cascade import CascadeRule, read_cascade, write_description
 from .runners import OrtRunner
-
-DESCRIPTION = "cascade.json"
 
 
 class Cascade:
@@ -40,27 +35,9 @@ class Cascade:
 
     @classmethod
     def load(cls, folder: str | Path, threads: int = 1) -> Cascade:
-        """An exported cascade: `folder/cascade.json` names the rule and the two stage graphs, each with the members
-        it computes and its SHA-256 digest; a missing, swapped or edited graph is one CascadeError, before anything
-        runs."""
-        folder = Path(folder)
-        raw = read_description(folder / DESCRIPTION)
-        rule = CascadeRule.from_json(raw.get("rule") if isinstance(raw, dict) else None)
-        stages = raw.get("stages")
-        if not (isinstance(stages, list) and len(stages) == 2 and all(isinstance(s, dict) for s in stages)):
-            raise CascadeError(f"{folder / DESCRIPTION}: 'stages' must list the two stage graphs")
-        paths = []
-        for i, (stage, want) in enumerate(zip(stages, ([rule.first], list(rule.rest))), 1):
-            if stage.get("members") != want:
-                raise CascadeError(f"stage {i} of {folder / DESCRIPTION} computes members {stage.get('members')}, "
-                                   f"the rule needs {want} there (stages swapped?)")
-            path = folder / str(stage.get("file", ""))
-            if not path.is_file() or path.resolve().parent != folder.resolve():
-                raise CascadeError(f"stage {i}'s graph {path} is missing (or not in {folder})")
-            if sha256(path) != stage.get("sha256"):
-                raise CascadeError(f"stage {i}'s graph {path.name} does not match its digest in {DESCRIPTION} "
-                                   "(swapped or edited)")
-            paths.append(path)
+        """An exported cascade (base/cascade.read_cascade): its rule and two stage graphs, each checked before
+        anything runs; a missing, swapped or edited graph is one CascadeError."""
+        rule, paths = read_cascade(folder)
         return cls(rule, *paths, threads=threads)
 
 
@@ -68,20 +45,11 @@ def write_cascade(row, folder: Path) -> dict:
     """A cascade row's stage graphs and description in `folder` (stage1.onnx, stage2.onnx, cascade.json): what
     `Cascade.load` and a device's two engines run. Returns the description."""
     folder.mkdir(parents=True, exist_ok=True)
-    rule = CascadeRule.from_json(row.cascade)
-    stages = []
-    for i, (src, members) in enumerate(zip(row.cascade["stages"], ([rule.first], list(rule.rest))), 1):
-        dest = folder / f"stage{i}.onnx"
-        shutil.copyfile(src, dest)
-        stages.append({"file": dest.name, "members": members, "sha256": sha256(dest)})
-    desc = {"rule": rule.to_json(), "stages": stages, "key": row.key, "label": row.label,
-            "escalated": row.cascade["escalated"]}
-    atomic_write_text(folder / DESCRIPTION, json.dumps(desc, indent=2, allow_nan=False) + "\n")
-    return desc
-
-
-def sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    files = ("stage1.onnx", "stage2.onnx")
+    for src, name in zip(row.cascade["stages"], files):
+        shutil.copyfile(src, folder / name)
+    return write_description(folder, CascadeRule.from_json(row.cascade), files, key=row.key, label=row.label,
+                             escalated=row.cascade["escalated"])
 
 
 def predict_cascade(cascade: Cascade, x, batch_size: int = 500) -> tuple[np.ndarray, np.ndarray]:

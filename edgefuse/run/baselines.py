@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from ..base.combine import COMBINES, combine_outputs
-
 from ..models.data import Splits
 from ..graph.onnx import onnx_nodes
 from ..fuse import ensemble

@@ -19,7 +19,7 @@ from ..models.data import Splits
 from ..graph.int8 import quantize_int8
 from ..base.errors import EdgefuseError, first_line, warn_once
 from ..graph.onnx import export_onnx, onnx_nodes
-from ..base.files import atomic_write_bytes, atomic_write_text
+from ..base.files import atomic_write_bytes, atomic_write_text, file_digest
 from ..fuse import DistillConfig, distill, ensemble, fuse
 from ..measure.cuda import CudaRunner
 from ..measure.runners import latency_batch, peak_memory_mb
@@ -154,10 +154,6 @@ def export_and_measure(module: nn.Module, splits, path: Path, target: Target, pr
                        peak_memory_mb=runner.peak_memory_mb(big), **fields)
     return measure(module, splits, path, target.batch_sizes, target.threads,
                    peak_memory_mb=peak_memory_mb([path], max(target.batch_sizes), target.threads), **fields)
-
-
-def file_digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _sealed(body: dict) -> str:
