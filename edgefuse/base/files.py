@@ -101,6 +101,24 @@ def writable(folder: Path) -> None:
         raise EdgefuseError(f"cannot write to {folder}: {e.strerror or e}") from None
 
 
+def replaceable(dest: Path, outputs: tuple[str, ...]) -> None:
+    """Check before any work that publish() can replace `dest`'s outputs: `dest` itself writable, and each output
+    folder in it too (moving a folder to another parent rewrites its '..' entry), so a permission problem fails in
+    a second instead of after every candidate was measured."""
+    for p in (dest, *(dest / n for n in outputs)):
+        if p.is_dir() and not p.is_symlink() and not os.access(p, os.W_OK | os.X_OK):
+            raise EdgefuseError(f"cannot replace {p}: it is not writable (fix its permissions or choose another "
+                                "--out-root)")
+
+
+def room(folder: Path, needed: int, what: str) -> None:
+    """Refuse work that needs about `needed` bytes in `folder` when its filesystem has less free, before it starts."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise EdgefuseError(f"{what} needs about {needed / 1e6:,.0f} MB in {folder}, whose disk has "
+                            f"{free / 1e6:,.0f} MB free")
+
+
 def _identity(pid: int) -> str:
     """A process as it cannot be mistaken for another: its pid, its start time (clock ticks since boot, from
     /proc) and the boot's id, so a pid reused after a restart or by a later process does not pass for the writer.

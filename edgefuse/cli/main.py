@@ -1,6 +1,7 @@
 """Thin click layer over the library: each command says what it reads and what it writes."""
 from __future__ import annotations
 
+import errno
 import sys
 from pathlib import Path
 
@@ -24,6 +25,9 @@ def _echo(text: str, err: bool = False) -> None:
     click.echo(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), err=err)
 
 
+SYSTEM_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE}
+
+
 class Cli(click.Group):
     """Errors a user can cause are one line on stderr with exit 1; --debug shows the traceback instead."""
 
@@ -40,6 +44,9 @@ class Cli(click.Group):
         except Exception as e:  # a bug: still one line, with the way to see more
             if DEBUG["on"]:
                 raise
+            if isinstance(e, OSError) and e.errno in SYSTEM_ERRNOS:  # the disk or permissions, not a bug
+                _echo(f"edgefuse: error: {e.strerror}" + (f": {e.filename}" if e.filename else ""), err=True)
+                sys.exit(1)
             _echo(f"edgefuse: internal error: {type(e).__name__}: {first_line(e)} (rerun with --debug for the "
                   "traceback)", err=True)
             sys.exit(3)
@@ -197,7 +204,8 @@ def verify(onnx_file: str, data: str, threads: int, batch_sizes: tuple[int, ...]
     import json
 
     from ..graph.onnx import read_onnx
-    from ..models.data import BUILTIN, test_split
+    from ..models.data import BUILTIN, Splits, test_split
+    from ..models.fit import check_outputs
     from ..measure.cascade import Cascade, predict_cascade
     from ..measure.metrics import scores
     from ..measure.runners import OrtRunner, predict, stream_latency
@@ -213,6 +221,7 @@ def verify(onnx_file: str, data: str, threads: int, batch_sizes: tuple[int, ...]
             raise EdgefuseError(f"cannot load {onnx_file}: {first_line(e)}") from None
     if data in BUILTIN:
         x_test, y_test = test_split(data)
+        splits = Splits(data, x_test[:0], None, x_test[:0], y_test[:0], x_test, y_test)
     else:
         splits = splits_of(data, None)
         x_test, y_test = splits.x_test, splits.y_test
@@ -221,9 +230,10 @@ def verify(onnx_file: str, data: str, threads: int, batch_sizes: tuple[int, ...]
     except Exception as e:
         raise EdgefuseError(f"{onnx_file} does not run on {data} inputs {tuple(x_test.shape[1:])}: "
                             f"{first_line(e)}") from None
-    if logits.ndim != 2 or int(y_test.max()) >= logits.shape[1]:
-        raise EdgefuseError(f"{data}: test label {int(y_test.max())} is outside the {onnx_file}'s "
-                            f"{logits.shape[-1]} outputs")
+    if logits.ndim != 2:
+        raise EdgefuseError(f"{onnx_file}'s output on {data} has shape {tuple(logits.shape)}: expected (batch, "
+                            "classes)")
+    check_outputs(int(logits.shape[1]), splits, onnx_file)
     result = scores(logits, y_test)
     if cascade:
         result["escalated"] = float(escalated.mean())

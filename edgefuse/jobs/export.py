@@ -15,7 +15,7 @@ from ..run.config import RunConfig, run_config
 from ..run.field import Field, FieldPlan, distill_config, effective_target, grid, measure_field, report_head, run_budget
 from ..base.errors import EdgefuseError
 from ..graph.onnx import export_onnx, onnx_nodes, parity, parity_inputs
-from ..base.files import atomic_write_text, exclusive, publish, writable
+from ..base.files import atomic_write_text, exclusive, publish, replaceable, room, writable
 from ..fuse import fuse
 from ..fuse.repair import batchnorms
 from ..measure.cuda import require_cuda
@@ -45,6 +45,7 @@ def run_export(config: RunConfig | str | None = None, console: Console | None = 
     out_dir = out_root / tgt.name
     _claim(out_dir, run)
     writable(out_root)
+    replaceable(out_dir, OUTPUTS)
     # Staged beside where the files end up (a symlinked OUT_ROOT/TARGET may lie on another filesystem), so that
     # every final rename is atomic.
     stage_root = out_dir.resolve().parent if out_dir.is_dir() else out_root
@@ -107,6 +108,7 @@ def _run(tgt: Target, run: RunConfig, out_dir: Path, console: Console) -> dict:
     else:  # that depth alone, and its distilled form when the target distils
         points = [Point("depth", float(depth), method, run.repairs[0], d) for d in (False, True)
                   if depth and (cfg or not d)]
+    room(out_dir, _bytes_needed(s.models, len(points)), f"this export of {len(points)} fused points")
     plan = FieldPlan(out_dir / "candidates", cfg, run.cache, workers=0, pick=depth is None)
     f = measure_field(s, tgt, points, budget, console, plan)
     # On a TensorRT target the bundle's root graph is one module's (its FP16 and INT8 forms are derived from it): a
@@ -150,6 +152,15 @@ def _run(tgt: Target, run: RunConfig, out_dir: Path, console: Console) -> dict:
             atomic_write_text(folder / "uncertainty.json", json.dumps(chosen.uncertainty, indent=2) + "\n")
     shutil.copyfile(chosen.file, out_dir / "model.onnx")  # out_dir is the staging folder: publish() is atomic
     return report
+
+
+def _bytes_needed(models: list, points: int) -> int:
+    """About what an export writes: each member's graph, and for every ensemble, sub-ensemble, cascade and fused
+    point one graph of at most the N members' weights (a TensorRT bundle copies a few of them again)."""
+    n = len(models)
+    member = sum(t.numel() * t.element_size() for t in models[0].state_dict().values())
+    graphs = 2 + (n - 1) + points + 4 * n + 4
+    return member * (n + n * graphs) + 16_000_000
 
 
 def _forced(f: Field, depth: int) -> Choice:

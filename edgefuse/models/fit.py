@@ -20,10 +20,20 @@ def output_width(model: nn.Module, x: torch.Tensor, source: str) -> int:
 
 
 def check_fit(model: nn.Module, splits: Splits) -> None:
-    width = output_width(model, splits.example, splits.name)
+    try:
+        width = output_width(model, splits.example, splits.name)
+    except EdgefuseError as e:  # an image folder made colour by one file says which
+        why = getattr(splits.x_train, "why_channels", lambda: "")()
+        raise EdgefuseError(f"{e}{why}") from None
+    check_outputs(width, splits)
+
+
+def check_outputs(width: int, splits: Splits, what: str = "the model") -> None:
+    """The output width equals the classes and every label is one of the outputs: for a module and for a graph
+    (`edgefuse verify`) alike."""
     if splits.classes and len(splits.classes) != width:
-        raise EdgefuseError(f"{splits.name} has {len(splits.classes)} classes but the model has {width} outputs")
+        raise EdgefuseError(f"{splits.name} has {len(splits.classes)} classes but {what} has {width} outputs")
     for split, y in (("train", splits.y_train), ("validation", splits.y_val), ("test", splits.y_test)):
         if y is not None and len(y) and int(y.max()) >= width:
-            raise EdgefuseError(f"{splits.name}: {split} label {int(y.max())} is outside the model's {width} outputs "
+            raise EdgefuseError(f"{splits.name}: {split} label {int(y.max())} is outside {what}'s {width} outputs "
                                 f"(labels must be 0..{width - 1})")

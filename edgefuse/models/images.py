@@ -39,11 +39,19 @@ def scan_classes(folder: Path) -> dict[str, list[Path]]:
     return out
 
 
+GREY = ("1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # modes read as one channel
+
+
 def _header(path: Path) -> tuple[tuple[int, int], str]:
+    """An image's size and mode from its header; an animated one (GIF, multi-page TIFF) is refused by name, since
+    only its first frame would be read."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
+            if getattr(im, "is_animated", False):
+                raise EdgefuseError(f"image {path} is animated ({getattr(im, 'n_frames', 'several')} frames): save "
+                                    "the frame to learn from as a still image")
             return (im.height, im.width), im.mode
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise EdgefuseError(f"cannot read image {path}: {first_line(e)}") from None
@@ -52,16 +60,18 @@ def _header(path: Path) -> tuple[tuple[int, int], str]:
 @dataclass(frozen=True)
 class ImageFiles:
     """Images on disk with one size; indexing like a tensor (`x[i]`, `x[a:b]`, `x[index_tensor]`) decodes just those
-    files into float32 in [0, 1], channels first (1 channel when every file is greyscale, else 3)."""
+    files into float32 in [0, 1], channels first (1 channel when every file is greyscale, else 3). `colour` names
+    the first colour file of a split that also holds greyscale ones: why that split reads as 3 channels."""
     files: tuple[str, ...]
     channels: int
     size: tuple[int, int]
+    colour: str = ""
 
     @staticmethod
     def scan(files: list[Path]) -> "ImageFiles":
         """Read every header: one line naming two files of different sizes, or one that is not an image."""
         first_size, first = None, None
-        grey = True
+        grey, colour = 0, ""
         for f in files:
             size, mode = _header(f)
             if first_size is None:
@@ -69,10 +79,13 @@ class ImageFiles:
             elif size != first_size:
                 raise EdgefuseError(f"images of different sizes: {first} is {first_size[1]}x{first_size[0]}, {f} is "
                                     f"{size[1]}x{size[0]} (resize them to one size first)")
-            grey = grey and mode in ("1", "L", "I", "I;16", "F")
+            if mode in GREY:
+                grey += 1
+            elif not colour:
+                colour = f"{f} is {mode}"
         if first_size is None:
             raise EdgefuseError("no images to read")
-        return ImageFiles(tuple(str(f) for f in files), 1 if grey else 3, first_size)
+        return ImageFiles(tuple(str(f) for f in files), 3 if colour else 1, first_size, colour if grey else "")
 
     def __len__(self) -> int:
         return len(self.files)
@@ -83,7 +96,7 @@ class ImageFiles:
 
     def subset(self, index) -> "ImageFiles":
         idx = torch.as_tensor(index).reshape(-1).tolist()
-        return ImageFiles(tuple(self.files[i] for i in idx), self.channels, self.size)
+        return ImageFiles(tuple(self.files[i] for i in idx), self.channels, self.size, self.colour)
 
     def __getitem__(self, index) -> torch.Tensor:
         if isinstance(index, int):
@@ -110,6 +123,10 @@ class ImageFiles:
                                 f"{self.size[1]}x{self.size[0]}")
         t = torch.from_numpy(arr)
         return t.unsqueeze(0) if self.channels == 1 else t.permute(2, 0, 1).contiguous()
+
+    def why_channels(self) -> str:
+        """Words for an error about the channel count: which file made a mostly greyscale split colour."""
+        return f" ({self.colour} among greyscale images, so the split reads as 3 channels)" if self.colour else ""
 
     def load(self) -> torch.Tensor:
         """Every image as one tensor: for the validation and test splits, which every candidate runs through."""

@@ -64,7 +64,8 @@ def _folder(root: Path, val_size: int | None) -> Splits:
     shapes = {k: v.shape[1:] for k, v in parts.items() if k.startswith("x_")}
     if len(set(shapes.values())) > 1:
         raise EdgefuseError(f"{root}: splits of different image shapes: " +
-                            ", ".join(f"{k[2:]} {'x'.join(map(str, s))}" for k, s in shapes.items()))
+                            ", ".join(f"{k[2:]} {'x'.join(map(str, s))}" for k, s in shapes.items()) +
+                            "".join(parts[k].why_channels() for k in shapes))
     return _assemble(str(root), parts, val_size, classes)
 
 
