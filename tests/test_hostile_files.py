@@ -126,3 +126,22 @@ def test_verify_checks_a_graphs_outputs_against_the_datas_classes(tmp_path, monk
     ef.export_onnx(cnns[0], torch.rand(2, 1, 8, 8), tmp_path / "digits.onnx")
     res = CliRunner().invoke(cli, ["-q", "verify", "digits.onnx", "--data", "data"])
     _one_line(res, "data has 2 classes but digits.onnx has 10 outputs")
+
+
+def test_an_output_folder_linked_to_another_filesystem_is_staged_there(checkpoints, tmp_path):
+    """OUT_ROOT/TARGET as a symlink to another disk: staged beside where the files end up, so publishing renames."""
+    import shutil
+    import tempfile
+
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second filesystem (/dev/shm) beside the test folder")
+    elsewhere = tempfile.mkdtemp(dir="/dev/shm", prefix="edgefuse-test-")
+    try:
+        (tmp_path / "b").mkdir()
+        (tmp_path / "b" / "cpu-ort").symlink_to(elsewhere)
+        res = CliRunner().invoke(cli, ["-q", "export", *checkpoints, "--depth", "1"])
+        assert res.exit_code == 0, res.output
+        assert {"model.onnx", "report.json", "candidates"} <= set(os.listdir(elsewhere))
+        assert sorted(os.listdir(tmp_path / "b")) == ["cpu-ort"] and (tmp_path / "b" / "cpu-ort").is_symlink()
+    finally:
+        shutil.rmtree(elsewhere)
