@@ -10,10 +10,10 @@ import types
 
 _PUBLIC = {
     "EdgefuseError": "base.errors", "UnsupportedModelError": "base.errors",
-    "load_models": "models.load", "load_data": "models.sources",
+    "load_models": "models.load", "load_base": "models.load", "load_data": "models.sources",
     "PermSpec": "spec.permspec", "permutation_spec": "spec.permspec", "permute": "spec.permspec",
     "align": "align", "align_perms": "align",
-    "FusedModel": "fuse", "batch_models": "fuse", "ensemble": "fuse", "fuse": "fuse",
+    "FusedModel": "fuse", "batch_models": "fuse", "ensemble": "fuse", "fuse": "fuse", "merged_model": "fuse.merges",
     "export_onnx": "graph.onnx",
     "barrier": "measure.barrier", "macs": "measure.metrics", "params": "measure.metrics",
     "verify": "jobs.verify",

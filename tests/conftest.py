@@ -51,3 +51,20 @@ def mlps():
 @pytest.fixture(scope="session")
 def cnns():
     return train_digits(nets.digits_cnn, 4, epochs=15)
+
+
+@pytest.fixture(scope="session")
+def finetunes():
+    """(base, 4 fine-tunes of it): the base trained on the first 500 digits, each copy on the next 500 with its own
+    seed and learning rate — the regime where members share a basin."""
+    import copy
+
+    torch.set_num_threads(2)
+    x, y = data.digits()
+    torch.manual_seed(100)
+    base = zoo.train_model(nets.digits_cnn(), x[:500], y[:500], 15, seed=100, batch_size=64, lr=3e-3)
+    members = []
+    for s, lr in enumerate((1e-3, 5e-4, 2e-3, 7e-4)):
+        members.append(zoo.train_model(copy.deepcopy(base), x[500:1000], y[500:1000], 3, seed=s, batch_size=64,
+                                       lr=lr))
+    return base, members

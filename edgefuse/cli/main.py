@@ -14,7 +14,7 @@ from ..fuse.distill import DistillConfig
 from ..fuse.repair import REPAIRS
 from ..models.zoo import ARCHITECTURES
 from ..run.config import DEFAULT_ALPHAS, RunConfig
-from .options import cli_models, partition_option, run_config_of, splits_of, with_models
+from .options import cli_models, partition_option, run_config_of, splits_of, with_finetunes, with_models
 
 DEBUG = {"on": False}
 
@@ -162,6 +162,7 @@ def _fuse_to(obj: dict, checkpoints: tuple[str, ...], opts: dict) -> None:
 
 @cli.command()
 @with_models
+@with_finetunes
 @click.option("--target", default=RunConfig.target, show_default=True, help="Name of a file in targets/, or a .toml path.")
 @click.option("--method", type=click.Choice(sorted(METHODS)), default=RunConfig.methods[0], show_default=True,
               help="Alignment method.")
@@ -243,6 +244,7 @@ def verify(onnx_file: str, data: str, threads: int, batch_sizes: tuple[int, ...]
 
 @cli.command()
 @with_models
+@with_finetunes
 @click.option("--target", default=RunConfig.target, show_default=True, help="Name of a file in targets/, or a .toml path.")
 @click.option("--latency-ms", type=click.FloatRange(0, None, min_open=True), multiple=True,
               help="Latency budget per call (the expected cost, or the p99 where the target's latency_binds says "

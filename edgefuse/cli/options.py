@@ -7,7 +7,7 @@ import click
 from ..base.errors import EdgefuseError
 from ..models.data import CALIBRATION_IMAGES
 from ..models.zoo import ARCHITECTURES
-from ..run.config import RunConfig
+from ..run.config import ZOOS, RunConfig
 
 
 def cli_models(arch: str | None, model: str | None, checkpoints: tuple[str, ...], n: int, cache: str, quiet: bool,
@@ -29,6 +29,22 @@ partition_option = click.option(
     "--partition", default=RunConfig.partition, show_default=True, metavar="all|iid|dirichlet:A|classes:K",
     help="The zoo's training data: all of it per member, or disjoint shards (IID, Dirichlet label skew of "
     "concentration A per class, K classes per member).")
+
+finetune_options = [
+    click.option("--base", metavar="CHECKPOINT", type=click.Path(),
+                 help="The pretrained checkpoint your models were fine-tuned from (with --model): merges against it "
+                 "(task arithmetic, TIES) become candidates and alignment is skipped. Without it, fine-tunes are "
+                 "recognised by alignment leaving their units in place."),
+    click.option("--zoo", type=click.Choice(ZOOS), default=RunConfig.zoo, show_default=True,
+                 help="Without --model: N networks trained from scratch, or one pretrained and fine-tuned N times."),
+]
+
+
+def with_finetunes(f):
+    for opt in reversed(finetune_options):
+        f = opt(f)
+    return f
+
 
 model_options = [
     click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default=RunConfig.arch, show_default=True,
@@ -52,10 +68,19 @@ model_options = [
 
 
 def run_config_of(obj: dict, checkpoints: tuple[str, ...], opts: dict, **fields) -> RunConfig:
-    """The RunConfig of a command: its options by name, the user's models loaded when --model is given."""
-    model = opts.pop("model")
+    """The RunConfig of a command: its options by name, the user's models (and their base) loaded when --model is
+    given."""
+    model, base = opts.pop("model"), opts.pop("base", None)
     models = cli_models(opts["arch"], model, checkpoints, opts["n"], opts["cache"], obj["quiet"], opts["partition"]) \
         if model or checkpoints else None
+    if base is not None and not model:
+        raise EdgefuseError("--base names the pretrained checkpoint your models were fine-tuned from: give it with "
+                            "--model and their checkpoints (the zoo's base comes with --zoo finetune)")
+    if model and opts.get("zoo", RunConfig.zoo) != RunConfig.zoo:
+        raise EdgefuseError("--zoo chooses the built-in zoo, and --model gives your own models: use one of them")
+    if base is not None:
+        from ..models.load import load_base
+        fields["base"] = load_base(model, base)
     return RunConfig(models=models, **opts, **fields)
 
 

@@ -18,7 +18,7 @@ from ..targets import Target
 from .check import check_onnx
 
 FRONTIER_CAP = 6  # engines built and timed on the device: a handful keeps --choose to a few minutes on a Jetson
-ONE_GRAPH = ("member", "distilled member", "sub-ensemble", "fused")  # and ensemble_batched; not N sessions
+ONE_GRAPH = ("member", "distilled member", "sub-ensemble", "fused", "merge")  # and ensemble_batched; not N sessions
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,8 @@ def run_sweep(config: RunConfig | str | None = None, console: Console | None = N
 def _sweep(run: RunConfig, tgt: Target, budget: Budget, out: Path, console: Console) -> dict:
     s = prepare(run, console)
     cfg = distill_config(tgt, run.augment)
-    key = fingerprint(s.models, Path(tgt.source).read_text(), s.splits.digest, repr(cfg))
+    key = fingerprint(s.models, Path(tgt.source).read_text(), s.splits.digest, repr(cfg),
+                      "unaligned: fine-tunes of a given base" if s.base is not None else "")
     points = grid(len(s.spec.cut_points), run.alphas, run.methods, run.repairs)
     plan = FieldPlan(out / "candidates", cfg, run.cache, run.workers, run.ray_address, out / "points", key)
     f = measure_field(s, tgt, points, budget, console, plan)

@@ -160,6 +160,24 @@ def load_models(factory: str | Callable[[], nn.Module], paths: list[str | Path])
     return models
 
 
+def load_base(factory: str | Callable[[], nn.Module], path: str | Path) -> dict[str, torch.Tensor]:
+    """The pretrained weights the members were fine-tuned from, as the tensors the architecture shares with them:
+    a head of another shape (the pretraining task's classes) is left out, and merges use the members' mean there.
+    A checkpoint sharing under half of the architecture's tensors is not its base."""
+    state = read_state_dict(path)
+    expected = _build(resolve_factory(factory), factory).state_dict()
+    state, _ = _strip_prefix(state, expected) if set(state) != set(expected) else (state, "")
+    shared = {k: v for k, v in state.items() if k in expected and tuple(v.shape) == tuple(expected[k].shape)
+              and v.is_floating_point() == expected[k].is_floating_point()}
+    if 2 * len(shared) < len(expected):
+        raise EdgefuseError(f"base {path} shares {len(shared)} of the architecture's {len(expected)} tensors (by name "
+                            "and shape): it is not the network the members were fine-tuned from")
+    bad = next((k for k, v in shared.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise EdgefuseError(f"base {path}: '{bad}' holds NaN or Inf values")
+    return shared
+
+
 def _build(make: Callable[[], nn.Module], factory) -> nn.Module:
     """One fresh model from the user's factory; a factory that fails or returns something else is the user's error."""
     try:

@@ -204,7 +204,7 @@ def zoo_models(arch: str = "cnn", n: int = 4, width: int | None = None, epochs: 
     folder = cache_dir(Path(cache), arch, width, epochs, partition, n)
     seeds = [partition.seed * n + i for i in range(n)]
     paths = [folder / f"seed{s}.safetensors" for s in seeds]
-    states = [_cached(p) for p in paths]
+    states = [cached_weights(p) for p in paths]
     missing = [s for s, state in enumerate(states) if state is None]
     if missing and not train:
         raise EdgefuseError(f"trained weights missing: {', '.join(str(paths[s]) for s in missing)} (run 'make export' "
@@ -236,7 +236,7 @@ def zoo_models(arch: str = "cnn", n: int = 4, width: int | None = None, epochs: 
     return models, paths
 
 
-def _cached(path: Path) -> dict[str, torch.Tensor] | None:
+def cached_weights(path: Path) -> dict[str, torch.Tensor] | None:
     """A cached model's weights, read once; None when there are none or they do not load (truncated by a full disk,
     edited), which is said once: those are trained again, never trusted."""
     if not path.is_file():

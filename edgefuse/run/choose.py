@@ -16,7 +16,7 @@ from ..targets import Target
 NOISE_Z = 2.0  # two standard errors of the paired difference: below this, two accuracies are a tie
 MEASURED_HERE = ("onnxruntime", "cuda")  # runtimes whose latency the host measures; TensorRT's is the device's
 PLAIN = ("member", "distilled member", "sub-ensemble", "ensemble")  # kinds that win a tie with a fused model
-TIE_YIELDS = ("fused", "cascade")  # kinds that give way, on a tie, to a plain kind that is not clearly slower
+TIE_YIELDS = ("fused", "cascade", "merge")  # kinds that give way, on a tie, to a plain kind that is not clearly slower
 FASTER = 0.9  # "clearly faster": p50 at most 90 % of the other's at every batch size (timing noise is a few %)
 
 

@@ -11,17 +11,22 @@ from ..base.errors import EdgefuseError
 from ..models.data import Splits
 
 DEFAULT_ALPHAS = (0.1, 0.25, 0.5, 0.75)
+ZOOS = ("scratch", "finetune")
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """`models`: the user's N models (None: the embedded zoo of `n` × `arch`, cached under `cache`, trained on
-    `partition`'s shards); `data`: a
+    `partition`'s shards; `zoo` "finetune": one base pretrained, then fine-tuned N times); `base`: the pretrained
+    network the given models were fine-tuned from (optional: fine-tunes are also recognised by alignment returning
+    the identity); `data`: a
     source as `ef.load_data` takes it, or its splits; `depth`: ship this depth instead of the chooser's pick (export
     only); `calibration_images`: how many training images calibrate; `latency_ms`, `memory_mb`, `max_drop`, `min_auroc`, `distill_steps`, `augment`: the target's values
     unless given; `workers` / `ray_address`: where the sweep's points run (the export runs them in this process)."""
     target: str = "cpu-ort"
     models: tuple[nn.Module, ...] | None = None
+    base: nn.Module | dict | None = None  # the pretrained network (or its state dict) the members were fine-tuned from
+    zoo: str = "scratch"  # without models: "scratch" (N seeds) or "finetune" (one base fine-tuned N times)
     arch: str = "cnn"
     n: int = 4
     partition: str = "all"  # the zoo's: all, iid, dirichlet:A or classes:K (models/partition.py)
@@ -53,6 +58,8 @@ class RunConfig:
             object.__setattr__(self, name, tuple(dict.fromkeys(getattr(self, name))))
         if not self.methods:
             raise EdgefuseError("a run needs at least one alignment method")
+        if self.zoo not in ZOOS:
+            raise EdgefuseError(f"unknown zoo '{self.zoo}' (choose from {', '.join(ZOOS)})")
 
     @property
     def model_list(self) -> list[nn.Module] | None:

@@ -1,5 +1,5 @@
 """Every candidate of one run, measured alike: the members, the exact ensembles, the sub-ensembles, the cascades,
-the fused points, and then the distilled ones — the best member and the best fused depth and alpha within the
+the merges (for fine-tunes of one network), the fused points, and then the distilled ones — the best member and the best fused depth and alpha within the
 budget, each distilled with the same budget towards the ensemble (full or sub) most accurate on validation."""
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch import nn
 
 from .baselines import choose_combine, exact_ensembles, int8_ensembles, member_logits, sub_ensembles
 from .cascade import cascades
+from .merges import merge_rows
 from .candidate import Candidate, Point
 from .points import Job, run_points
 from .choose import Budget, fits, target_budget
@@ -122,6 +123,11 @@ def measure_field(s: Setup, tgt: Target, points: list[Point], budget: Budget, co
     subs, sub_modules = sub_ensembles(s.aligned[method], s.splits, tgt, out_dir, s.ensemble_predictions, val_logits)
     out.others += subs
     out.modules |= sub_modules
+    if s.regime.name == "fine-tunes":  # merges of one network's fine-tunes cost one member; of others, nothing works
+        rows, merge_modules = merge_rows(s.aligned[method], s.base, s.splits, tgt, out_dir, s.ensemble_predictions)
+        out.others += rows
+        out.modules |= merge_modules
+        console.print(f"[bold]merges[/]: {', '.join(f'{r.label} (validation {r.accuracy:.4f})' for r in rows)}")
     if tgt.runtime != "cuda":  # timed here on onnxruntime (for TensorRT, as every row, a proxy: the device times it)
         subsets = [c.members for c in subs if c.precision == "fp32"]
         rows, refs = cascades(out.members, s.aligned[method], subsets, s.splits, tgt, out_dir,
@@ -177,7 +183,8 @@ def report_head(tgt: Target, s: Setup, methods: tuple[str, ...], budget: Budget,
     ensemble taught the distilled candidates."""
     return {"target": tgt.name, "arch": s.label, "n_models": len(s.models), **s.data_lines(),
             "threads": tgt.threads, "batch_sizes": list(tgt.batch_sizes), "batched_heads": tgt.batch_heads,
-            "max_depth": len(s.spec.cut_points), "align_method": ", ".join(methods),
+            "max_depth": len(s.spec.cut_points), "regime": s.regime.as_dict(),
+            "align_method": ", ".join(methods),
             "align_seconds": s.align_seconds[methods[0]] if len(methods) == 1 else s.align_seconds,
             "budget": budget.as_dict(),
             "distillation": {"config": cfg.describe(), "steps": cfg.steps, "batch_size": cfg.batch_size,

@@ -29,7 +29,7 @@ def markdown(report: dict) -> str:
             " | ".join(f"{'p99' if binds == 'p99' else 'ms'} b{b} | / best ens" for b in batches) + " | dominated by |")
     shipped = report["shipped"]
     lines = [f"# edgefuse report: {report['target']}", "",
-             f"{report['n_models']} × {report.get('arch', 'model')}, aligned by {report['align_method']} matching. "
+             f"{report['n_models']} × {report.get('arch', 'model')}, {_regime(report)}. "
              f"Chosen on {report['validation_data']}; test scores on {report['test_data']}, never used to choose. "
              f"Latency: {ens['runtime']}, {report['threads']} thread(s), per call, "
              + ("the p99" if binds == "p99" else "the expected cost")
@@ -158,8 +158,18 @@ def _device_lines(report: dict) -> list[str]:
     return lines
 
 
+def _regime(report: dict) -> str:
+    """How the members relate and how they were aligned, in words."""
+    regime = report.get("regime")
+    aligned = f"aligned by {report['align_method']} matching"
+    if not regime:
+        return aligned
+    skipped = "alignment skipped" in regime["why"]
+    return f"{regime['name']} ({regime['why']})" + ("" if skipped else f", {aligned}")
+
+
 MARKERS = {"member": ("^", "tab:green"), "distilled member": ("P", "tab:purple"), "sub-ensemble": ("D", "tab:orange"),
-           "ensemble": ("s", "black"), "cascade": ("X", "tab:brown")}
+           "ensemble": ("s", "black"), "cascade": ("X", "tab:brown"), "merge": ("h", "tab:cyan")}
 
 
 def pareto_plot(report: dict, path: str | Path) -> Path:

@@ -6,10 +6,11 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from rich.console import Console
 from torch import nn
 
-from ..align import align
+from ..align import align_perms
 from .candidate import torch_predictions
 from ..base.validate import check_models
 from ..base.errors import warn_once
@@ -19,7 +20,21 @@ from .config import RunConfig
 from ..models.fit import check_fit
 from ..models.sources import load_data
 from ..fuse import ensemble
-from ..spec.permspec import PermSpec, permutation_spec
+from ..spec.permspec import PermSpec, permutation_spec, permute
+
+SHARED_BASIN = 0.9  # alignment leaving this share of units in place: the members share a basin (fine-tunes)
+
+
+@dataclass(frozen=True)
+class Regime:
+    """How the members relate: "fine-tunes" of one pretrained network (given with --base, or recognised by
+    alignment leaving their units in place) or "from scratch"; `why` says how it was found."""
+    name: str
+    why: str
+    identity_share: float | None = None  # the share of units alignment left where they were
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "why": self.why, "identity_share": self.identity_share}
 
 
 @dataclass(frozen=True)
@@ -31,6 +46,8 @@ class Setup:
     aligned: dict[str, list[nn.Module]]
     align_seconds: dict[str, float]
     ensemble_predictions: np.ndarray
+    regime: Regime
+    base: dict | None = None  # the pretrained weights the members were fine-tuned from, where known
     zoo_partition: str | None = None  # the zoo members' training data, in words; None for the user's models
 
     def data_lines(self) -> dict[str, str]:
@@ -45,12 +62,19 @@ class Setup:
 
 
 def prepare(run: RunConfig, console: Console) -> Setup:
-    """Load or train the zoo when no models are given, check the models, read the data (a source as `load_data`
-    takes it, or its splits), check that data and models fit each other, align once per method."""
-    models = run.model_list
+    """Load or train the zoo when no models are given, check the models (and the base), read the data (a source as
+    `load_data` takes it, or its splits), check that data and models fit each other, align once per method — unless
+    the members are fine-tunes of a given base, where alignment could only return the identity — and say which
+    regime the members are in."""
+    models, base = run.model_list, run.base
     label = run.arch if models is None else type(models[0]).__name__
     partition = parse_partition(run.partition)
-    if models is None:
+    if models is None and run.zoo == "finetune":
+        from ..models.finetune import finetune_zoo
+        console.print(f"[bold]zoo[/]: one {run.arch} pretrained, fine-tuned {run.n} times on Fashion-MNIST, "
+                      f"{partition.describe()} (cached under {run.cache})")
+        models, base, _ = finetune_zoo(run.arch, run.n, cache=run.cache, quiet=console.quiet, partition=partition)
+    elif models is None:
         from ..models.zoo import zoo_models
         console.print(f"[bold]zoo[/]: {run.n} × {run.arch} on Fashion-MNIST, {partition.describe()} (cached under "
                       f"{run.cache})")
@@ -58,17 +82,46 @@ def prepare(run: RunConfig, console: Console) -> Setup:
     elif partition.kind != "all":
         warn_once("--partition shapes the zoo's training data; your models are used as they were trained")
     check_models(models, "export")
+    if isinstance(base, nn.Module):
+        base = base.state_dict()
     splits = run.data if isinstance(run.data, Splits) else load_data(run.data, run.val_size)
     splits = splits.with_calibration(run.calibration_images)
     check_fit(models[0], splits)
     spec = permutation_spec(models[0], splits.example)
-    aligned, seconds = {}, {}
+    aligned, seconds, shares = {}, {}, {}
     for method in run.methods:
+        if base is not None:
+            aligned[method], seconds[method] = list(models), 0.0
+            continue
         t0 = time.perf_counter()
-        aligned[method] = align(models, spec, method=method, data=splits.calib_batches)
-        seconds[method] = time.perf_counter() - t0
+        perms = align_perms(models, spec, method=method, data=splits.calib_batches)
+        aligned[method] = [permute(m, spec, p) for m, p in zip(models, perms)]
+        seconds[method], shares[method] = time.perf_counter() - t0, identity_share(perms)
         console.print(f"[bold]align[/]: {method} matching of {len(models)} models, {len(spec.groups)} groups, "
-                      f"{seconds[method]:.1f} s; {len(spec.cut_points)} cut points")
+                      f"{seconds[method]:.1f} s; {len(spec.cut_points)} cut points; "
+                      f"{shares[method]:.0%} of units left in place")
+    regime = regime_of(base, shares)
+    console.print(f"[bold]regime[/]: {regime.name} — {regime.why}")
     reference = torch_predictions(ensemble(models), splits.x_test)
-    return Setup(models, label, splits, spec, aligned, seconds, reference,
+    return Setup(models, label, splits, spec, aligned, seconds, reference, regime, base,
                  partition.describe() if run.models is None else None)
+
+
+def identity_share(perms: list[dict]) -> float:
+    """The share of the members' hidden units (all but the first member's, which is the reference) that
+    alignment left where they were: about 1/width for members trained from scratch, near 1 for fine-tunes of one
+    network."""
+    moved = [(p == torch.arange(len(p))).float() for perm in perms[1:] for p in perm.values()]
+    return float(torch.cat(moved).mean()) if moved else 1.0
+
+
+def regime_of(base: dict | None, shares: dict[str, float]) -> Regime:
+    if base is not None:
+        return Regime("fine-tunes", "the members were fine-tuned from the given base: alignment skipped, as it could "
+                      "only return the identity")
+    share = min(shares.values())
+    if share >= SHARED_BASIN:
+        return Regime("fine-tunes", f"alignment left {share:.0%} of the units in place (at least "
+                      f"{SHARED_BASIN:.0%}): the members share a basin, as fine-tunes of one network do", share)
+    return Regime("from scratch", f"alignment moved {1 - share:.0%} of the units: the members were trained "
+                  "apart", share)
