@@ -63,3 +63,35 @@ def test_the_worked_example_ships_a_model_for_the_users_own_images(tmp_path, mon
     res = CliRunner().invoke(cli, ["-q", "verify", str(out / "model.onnx"), "--data", "images.npz"])
     assert res.exit_code == 0, res.output
     assert abs(json.loads(res.stdout)["accuracy"] - accuracy) < 1e-9
+
+
+FINETUNE = Path(__file__).resolve().parents[1] / "examples" / "finetune"
+
+
+def test_the_fine_tune_example_merges_against_the_users_pretrained_checkpoint(tmp_path, monkeypatch):
+    """examples/finetune on a small size: a pretrained checkpoint, four fine-tunes with new heads, an export with
+    --base; the regime is said, merges are measured, and what ships runs as the report says."""
+    for f in FINETUNE.glob("*.py"):
+        shutil.copy(f, tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    monkeypatch.delitem(sys.modules, "mynet", raising=False)
+    subprocess.run([sys.executable, "make_images.py", "--per-class", "30"], check=True, capture_output=True)
+    subprocess.run([sys.executable, "pretrain.py", "--epochs", "4"], check=True, capture_output=True)
+    subprocess.run([sys.executable, "train.py", "--epochs", "3"], check=True, capture_output=True)
+    target = Path(load_target("cpu-ort").source).read_text().replace("distill_steps = 500", "distill_steps = 20")
+    (tmp_path / "quick.toml").write_text(target)
+    ckpts = sorted(str(p) for p in (tmp_path / "checkpoints").iterdir())
+    res = CliRunner().invoke(cli, ["-q", "export", "--model", "mynet:make_net", *ckpts, "--base",
+                                   "pretrained.safetensors", "--data", "images", "--target", "quick.toml",
+                                   "--out-root", "build"])
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "build" / "quick"
+    report = json.loads((out / "report.json").read_text())
+    assert report["regime"]["name"] == "fine-tunes" and report["classes"] == ["eight", "five", "nine", "seven", "six"]
+    assert {c["merge"]["method"] for c in report["candidates"] if c["kind"] == "merge"} >= {"task-arithmetic", "ties"}
+    shipped = next(c for c in report["candidates"] if c["key"] == report["shipped"]["key"])
+    x, y = read_folder(tmp_path / "images" / "test")
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {session.get_inputs()[0].name: x})[0]
+    assert abs(float((logits.argmax(1) == y).mean()) - shipped["test"]["accuracy"]) < 1e-9

@@ -6,7 +6,6 @@ import resource
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner

@@ -1,6 +1,5 @@
 """Merges of fine-tunes of one network: the registered merges' defining properties, the greedy soup, the regime a
-run recognises, and an export that measures merges against a given base like every other candidate."""
-import json
+run recognises (an export with --base end to end: tests/test_example.py, the fine-tune example)."""
 
 import pytest
 import torch
@@ -93,26 +92,6 @@ def test_a_base_with_another_head_is_read_without_it_and_a_foreign_one_is_refuse
     save_file({"x": torch.zeros(3)}, tmp_path / "foreign.safetensors")
     with pytest.raises(ef.EdgefuseError, match="shares 0 of the architecture's"):
         load_base(CNN, tmp_path / "foreign.safetensors")
-
-
-def test_an_export_with_a_base_measures_merges_and_says_the_regime(finetunes, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    save_file(finetunes[0].state_dict(), tmp_path / "base.safetensors")
-    for i, m in enumerate(finetunes[1][:3]):
-        save_file(m.state_dict(), tmp_path / f"m{i}.safetensors")
-    res = CliRunner().invoke(cli, ["-q", "export", "--model", CNN, "m0.safetensors", "m1.safetensors",
-                                   "m2.safetensors", "--base", "base.safetensors", "--dataset", "digits",
-                                   "--out-root", "b", "--depth", "1"])
-    assert res.exit_code == 0, res.output
-    report = json.loads((tmp_path / "b" / "cpu-ort" / "report.json").read_text())
-    assert report["regime"]["name"] == "fine-tunes" and "alignment skipped" in report["regime"]["why"]
-    merges = {c["merge"]["method"] for c in report["candidates"] if c["kind"] == "merge"}
-    assert {"soup", "task-arithmetic", "ties"} <= merges
-    member = next(c for c in report["candidates"] if c["kind"] == "member")
-    for c in report["candidates"]:
-        if c["kind"] == "merge":
-            assert c["macs"] == member["macs"] and (tmp_path / "b" / "cpu-ort" / c["file"]).is_file()
-    assert "fine-tunes" in (tmp_path / "b" / "cpu-ort" / "report.md").read_text()
 
 
 def test_base_without_model_and_zoo_with_model_are_one_line(tmp_path, monkeypatch):

@@ -15,8 +15,8 @@ from torch import nn
 from .partition import Partition
 from .zoo import DEFAULT_EPOCHS, DEFAULT_WIDTH, cached_weights, build, cache_dir, train_model
 
-FINETUNE_LR = (3e-4, 1.5e-4, 6e-4, 2.25e-4)  # member i's peak learning rate: FINETUNE_LR[i % 4]
-FINETUNE_EPOCHS = 1
+FINETUNE_LR = (1e-3, 5e-4, 2e-3, 7e-4)  # member i's peak learning rate: FINETUNE_LR[i % 4]
+FINETUNE_EPOCHS = 2
 SPLIT_SEED = 1234  # which half of the training part pretrains the base
 
 
@@ -29,7 +29,8 @@ def finetune_zoo(arch: str = "cnn", n: int = 4, cache: Path | str = "build/cache
     from .data import load_dataset
 
     width, epochs = DEFAULT_WIDTH[arch], DEFAULT_EPOCHS[arch]
-    folder = Path(f"{cache_dir(Path(cache), arch, width, epochs, partition, n)}-finetune")
+    recipe = f"e{FINETUNE_EPOCHS}-lr{'-'.join(f'{lr:g}' for lr in FINETUNE_LR)}-s{SPLIT_SEED}"
+    folder = Path(f"{cache_dir(Path(cache), arch, width, epochs, partition, n)}-finetune-{recipe}")
     seeds = [partition.seed * n + i for i in range(n)]
     base_path, paths = folder / "base.safetensors", [folder / f"seed{s}.safetensors" for s in seeds]
     base_state, states = cached_weights(base_path), [cached_weights(p) for p in paths]

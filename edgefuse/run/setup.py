@@ -71,8 +71,8 @@ def prepare(run: RunConfig, console: Console) -> Setup:
     partition = parse_partition(run.partition)
     if models is None and run.zoo == "finetune":
         from ..models.finetune import finetune_zoo
-        console.print(f"[bold]zoo[/]: one {run.arch} pretrained, fine-tuned {run.n} times on Fashion-MNIST, "
-                      f"{partition.describe()} (cached under {run.cache})")
+        console.print(f"[bold]zoo[/]: one {run.arch} pretrained on half of Fashion-MNIST's training images, then "
+                      f"fine-tuned {run.n} times on the other half ({partition.describe()}; cached under {run.cache})")
         models, base, _ = finetune_zoo(run.arch, run.n, cache=run.cache, quiet=console.quiet, partition=partition)
     elif models is None:
         from ..models.zoo import zoo_models
@@ -117,8 +117,8 @@ def identity_share(perms: list[dict]) -> float:
 
 def regime_of(base: dict | None, shares: dict[str, float]) -> Regime:
     if base is not None:
-        return Regime("fine-tunes", "the members were fine-tuned from the given base: alignment skipped, as it could "
-                      "only return the identity")
+        return Regime("fine-tunes", "the members were fine-tuned from a known base (--base, or the fine-tune zoo's): "
+                      "alignment skipped, as it could only return the identity")
     share = min(shares.values())
     if share >= SHARED_BASIN:
         return Regime("fine-tunes", f"alignment left {share:.0%} of the units in place (at least "
