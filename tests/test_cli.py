@@ -67,6 +67,11 @@ def test_export_end_to_end(checkpoints, tmp_path):
         assert set(c["latency_by_batch"]["1"]) >= {"mean", "p50", "p99"}
     assert report["ensemble_batched"]["accuracy"] == report["ensemble"]["accuracy"]
     assert report["ensemble_batched"]["onnx_nodes"] < report["ensemble"]["onnx_nodes"]
+    # Where the time went: every phase, and their total. These members were trained apart: no merges.
+    phases = report["seconds"]
+    assert {"models", "data", "align", "members", "ensembles", "cascades", "fused points", "distilled"} <= set(phases)
+    assert "merges" not in phases and report["regime"]["name"] == "from scratch"
+    assert abs(phases.pop("total") - sum(phases.values())) < 0.05 and min(phases.values()) >= 0
     # Rows with heads are scored on their disagreement too; the shipped model's flagging rule lands beside it.
     for c in report["candidates"]:
         has_heads = c["kind"] in ("ensemble", "sub-ensemble") or bool(c["depth"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -111,12 +112,13 @@ def _run(tgt: Target, run: RunConfig, out_dir: Path, console: Console) -> dict:
     room(out_dir, _bytes_needed(s.models, len(points)), f"this export of {len(points)} fused points")
     plan = FieldPlan(out_dir / "candidates", cfg, run.cache, workers=0, pick=depth is None)
     f = measure_field(s, tgt, points, budget, console, plan)
+    t = time.perf_counter()
     # On a TensorRT target the bundle's root graph is one module's (its FP16 and INT8 forms are derived from it): a
     # cascade goes to the device as two stage engines, and deploy.py --choose weighs it there.
     rows = [c for c in f.rows if c.kind != "cascade"] if tgt.runtime == "tensorrt" else f.rows
     choice = _forced(f, depth) if depth is not None else choose(rows, budget, f.exact["ensemble"])
     console.print(f"[bold]ship[/]: {choice.chosen.label} — {choice.reason}")
-    head = report_head(tgt, s, (method,), budget, cfg, f.teacher)
+    head = report_head(tgt, s, (method,), budget, cfg, f)
     report = build_report(head, f.members, f.exact, f.others, choice, out_dir)
     chosen, module = choice.chosen, f.modules[choice.chosen.key]
     report["parity"] = {"max_abs_diff": parity(chosen.file, module, parity_inputs(s.splits.example)),
@@ -146,12 +148,19 @@ def _run(tgt: Target, run: RunConfig, out_dir: Path, console: Console) -> dict:
             console.print(f"[yellow]warning[/]: the shipped cascade escalates {esc['test']:.1%} of the test inputs "
                           f"against {esc['validation']:.1%} of validation's: the inputs have shifted, and its cost "
                           "and accuracy with them")
+    report["seconds"] = _summed(report["seconds"] | {"report and parity": time.perf_counter() - t})
+    console.print("[bold]time[/]: " + ", ".join(f"{k} {v:.1f} s" for k, v in report["seconds"].items()))
     write_report(report, out_dir)
     for folder in (out_dir, out_dir / "bundle"):
         if chosen.uncertainty and folder.is_dir():  # the device flags inputs with the shipped model's rule
             atomic_write_text(folder / "uncertainty.json", json.dumps(chosen.uncertainty, indent=2) + "\n")
     shutil.copyfile(chosen.file, out_dir / "model.onnx")  # out_dir is the staging folder: publish() is atomic
     return report
+
+
+def _summed(seconds: dict[str, float]) -> dict[str, float]:
+    """Each phase's seconds, rounded, and their total."""
+    return {k: round(v, 2) for k, v in seconds.items()} | {"total": round(sum(seconds.values()), 2)}
 
 
 def _bytes_needed(models: list, points: int) -> int:

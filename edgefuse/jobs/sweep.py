@@ -43,7 +43,7 @@ def _sweep(run: RunConfig, tgt: Target, budget: Budget, out: Path, console: Cons
     plan = FieldPlan(out / "candidates", cfg, run.cache, run.workers, run.ray_address, out / "points", key)
     f = measure_field(s, tgt, points, budget, console, plan)
     choice = choose(f.rows, budget, f.exact["ensemble"])
-    head = report_head(tgt, s, run.methods, budget, cfg, f.teacher)
+    head = report_head(tgt, s, run.methods, budget, cfg, f)
     sweep = build_report(head, f.members, f.exact, f.others, choice, out)
     write_report(sweep, out, name="sweep")
     return sweep

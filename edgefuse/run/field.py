@@ -3,6 +3,7 @@ the merges (for fine-tunes of one network), the fused points, and then the disti
 budget, each distilled with the same budget towards the ensemble (full or sub) most accurate on validation."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -37,6 +38,13 @@ class Field:
     others: list[Candidate]
     modules: dict[str, nn.Module] = field(default_factory=dict)
     teacher: Candidate | None = None  # the ensemble (full or sub) that distillation trains towards
+    seconds: dict[str, float] = field(default_factory=dict)  # wall-clock seconds per phase of measuring them
+
+    def timed(self, phase: str, since: float) -> float:
+        """Add the seconds since `since` to `phase`; the time now, for the next phase."""
+        now = time.perf_counter()
+        self.seconds[phase] = self.seconds.get(phase, 0.0) + now - since
+        return now
 
     @property
     def rows(self) -> list[Candidate]:
@@ -114,20 +122,25 @@ def measure_field(s: Setup, tgt: Target, points: list[Point], budget: Budget, co
         return [c for c, _ in done]
 
     out = Field([], {}, [])
+    t = time.perf_counter()
     members = [Point("member", i, method, None) for i in range(len(s.models))]
     out.members = run(members, "members", 0)
+    t = out.timed("members", t)
     val_logits = member_logits([m.file for m in out.members], s.splits.x_val)
     exact, modules = exact_ensembles(s.aligned[method], [m.file for m in out.members], s.splits, tgt, out_dir,
                                      choose_combine(val_logits, s.splits.y_val.numpy()))
     out.exact, out.modules = exact, out.modules | modules
+    t = out.timed("ensembles", t)
     subs, sub_modules = sub_ensembles(s.aligned[method], s.splits, tgt, out_dir, s.ensemble_predictions, val_logits)
     out.others += subs
     out.modules |= sub_modules
+    t = out.timed("sub-ensembles", t)
     if s.regime.name == "fine-tunes":  # merges of one network's fine-tunes cost one member; of others, nothing works
         rows, merge_modules = merge_rows(s.aligned[method], s.base, s.splits, tgt, out_dir, s.ensemble_predictions)
         out.others += rows
         out.modules |= merge_modules
         console.print(f"[bold]merges[/]: {', '.join(f'{r.label} (validation {r.accuracy:.4f})' for r in rows)}")
+        t = out.timed("merges", t)
     if tgt.runtime != "cuda":  # timed here on onnxruntime (for TensorRT, as every row, a proxy: the device times it)
         subsets = [c.members for c in subs if c.precision == "fp32"]
         rows, refs = cascades(out.members, s.aligned[method], subsets, s.splits, tgt, out_dir,
@@ -136,15 +149,19 @@ def measure_field(s: Setup, tgt: Target, points: list[Point], budget: Budget, co
         out.modules |= refs
         console.print(f"[bold]cascades[/]: {len(rows)}, from member {rows[0].cascade['first']} "
                       f"({rows[0].cascade['gate'].replace('_', ' ')} gate)" if rows else "[bold]cascades[/]: none")
+        t = out.timed("cascades", t)
     if tgt.int8:
         out.others += int8_ensembles(modules, s.splits, tgt, out_dir, s.ensemble_predictions)
+        t = out.timed("ensembles", t)
     out.others += run(points + int8(members + points), "fuse, export, measure")
+    t = out.timed("fused points", t)
     if distill is not None and plan.pick:
         out.teacher = teacher_of(out, distill)
         console.print(f"[bold]teacher[/]: {out.teacher.label} (validation {out.teacher.accuracy:.4f})")
         picks = distill_picks(out, budget)
         console.print(f"[bold]distill[/]: {', '.join(p.label for p in picks)}; {distill.describe()} each")
         out.others += run(picks + int8(picks), "distill, export, measure")
+        out.timed("distilled", t)
     return out
 
 
@@ -178,10 +195,11 @@ DISTILL_WHY = "the same budget for every distilled candidate, sized to keep make
 
 
 def report_head(tgt: Target, s: Setup, methods: tuple[str, ...], budget: Budget, cfg: DistillConfig | None,
-                teacher: Candidate | None = None) -> dict:
-    """What a report says about its run before the rows: target, models, data splits, alignment, budget, and which
-    ensemble taught the distilled candidates."""
-    return {"target": tgt.name, "arch": s.label, "n_models": len(s.models), **s.data_lines(),
+                f: Field) -> dict:
+    """What a report says about its run before the rows: target, models, data splits, alignment, budget, which
+    ensemble taught the distilled candidates, and the seconds each phase took so far."""
+    teacher = f.teacher
+    return {"seconds": s.seconds | f.seconds, "target": tgt.name, "arch": s.label, "n_models": len(s.models), **s.data_lines(),
             "threads": tgt.threads, "batch_sizes": list(tgt.batch_sizes), "batched_heads": tgt.batch_heads,
             "max_depth": len(s.spec.cut_points), "regime": s.regime.as_dict(),
             "align_method": ", ".join(methods),

@@ -47,6 +47,7 @@ class Setup:
     align_seconds: dict[str, float]
     ensemble_predictions: np.ndarray
     regime: Regime
+    seconds: dict[str, float]  # wall-clock seconds of each phase so far: models, data, align
     base: dict | None = None  # the pretrained weights the members were fine-tuned from, where known
     zoo_partition: str | None = None  # the zoo members' training data, in words; None for the user's models
 
@@ -66,6 +67,7 @@ def prepare(run: RunConfig, console: Console) -> Setup:
     `load_data` takes it, or its splits), check that data and models fit each other, align once per method — unless
     the members are fine-tunes of a given base, where alignment could only return the identity — and say which
     regime the members are in."""
+    t0 = time.perf_counter()
     models, base = run.model_list, run.base
     label = run.arch if models is None else type(models[0]).__name__
     partition = parse_partition(run.partition)
@@ -84,26 +86,29 @@ def prepare(run: RunConfig, console: Console) -> Setup:
     check_models(models, "export")
     if isinstance(base, nn.Module):
         base = base.state_dict()
+    t1 = time.perf_counter()
     splits = run.data if isinstance(run.data, Splits) else load_data(run.data, run.val_size)
     splits = splits.with_calibration(run.calibration_images)
     check_fit(models[0], splits)
     spec = permutation_spec(models[0], splits.example)
+    t2 = time.perf_counter()
     aligned, seconds, shares = {}, {}, {}
     for method in run.methods:
         if base is not None:
             aligned[method], seconds[method] = list(models), 0.0
             continue
-        t0 = time.perf_counter()
+        start = time.perf_counter()
         perms = align_perms(models, spec, method=method, data=splits.calib_batches)
         aligned[method] = [permute(m, spec, p) for m, p in zip(models, perms)]
-        seconds[method], shares[method] = time.perf_counter() - t0, identity_share(perms)
+        seconds[method], shares[method] = time.perf_counter() - start, identity_share(perms)
         console.print(f"[bold]align[/]: {method} matching of {len(models)} models, {len(spec.groups)} groups, "
                       f"{seconds[method]:.1f} s; {len(spec.cut_points)} cut points; "
                       f"{shares[method]:.0%} of units left in place")
     regime = regime_of(base, shares)
     console.print(f"[bold]regime[/]: {regime.name} — {regime.why}")
     reference = torch_predictions(ensemble(models), splits.x_test)
-    return Setup(models, label, splits, spec, aligned, seconds, reference, regime, base,
+    phases = {"models": t1 - t0, "data": t2 - t1, "align": time.perf_counter() - t2}
+    return Setup(models, label, splits, spec, aligned, seconds, reference, regime, phases, base,
                  partition.describe() if run.models is None else None)
 
 
