@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +20,14 @@ def checkpoints(cnn_checkpoints):
 
 def run(*args):
     return CliRunner().invoke(cli, ["-q", *args])
+
+
+def documented_keys() -> tuple[set[str], set[str], set[str]]:
+    """The three key lists of docs/report-format.md: always in report.json, only where they apply, every row's."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "report-format.md").read_text()
+    lists = [line for line in text.splitlines() if line.startswith(("- report.json, ", "- every candidate row: "))]
+    assert len(lists) == 3, lists
+    return tuple({k.split("`")[0] for k in line.split(": ", 1)[1].split("`")[1::2]} for line in lists)
 
 
 def test_export_end_to_end(checkpoints, tmp_path):
@@ -67,6 +76,10 @@ def test_export_end_to_end(checkpoints, tmp_path):
         assert set(c["latency_by_batch"]["1"]) >= {"mean", "p50", "p99"}
     assert report["ensemble_batched"]["accuracy"] == report["ensemble"]["accuracy"]
     assert report["ensemble_batched"]["onnx_nodes"] < report["ensemble"]["onnx_nodes"]
+    # The contract: docs/report-format.md lists every key, and each always-present one is there.
+    always, sometimes, row_keys = documented_keys()
+    assert set(report) <= always | sometimes and always <= set(report), set(report) ^ always
+    assert all(set(c) == row_keys for c in report["candidates"]), set(report["candidates"][0]) ^ row_keys
     # Where the time went: every phase, and their total. These members were trained apart: no merges.
     phases = report["seconds"]
     assert {"models", "data", "align", "members", "ensembles", "cascades", "fused points", "distilled"} <= set(phases)
