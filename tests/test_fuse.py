@@ -74,3 +74,26 @@ def test_bad_fuse_arguments(cnns, digits_split, kwargs, msg):
     spec = ef.permutation_spec(cnns[0], x[:2])
     with pytest.raises(ef.EdgefuseError, match=msg):
         ef.fuse(cnns, spec, **kwargs)
+
+
+def test_a_registered_repair_is_what_fuse_runs_and_names_it(cnns, digits_split, monkeypatch):
+    """Adding a repair is registering one function: fuse() runs it on the merged model, and an unknown name lists
+    the registered ones."""
+    from edgefuse.fuse.repair import REPAIRS, Repair
+
+    calib, x, _ = digits_split
+    seen = []
+    def zero_logits(job):
+        seen.append(job)
+        for head in job.fused.heads:
+            last = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
+            last.weight.data.zero_()
+    monkeypatch.setitem(REPAIRS, "zero-logits", Repair("zero-logits", zero_logits, "test"))
+    spec = ef.permutation_spec(cnns[0], x[:2])
+    fused = ef.fuse(cnns[:2], spec, depth=1, data=[calib[:100]], repair="zero-logits")
+    assert len(seen) == 1 and seen[0].aligned[0] is cnns[0] and seen[0].layouts is None
+    with torch.no_grad():
+        out = fused(x[:8])
+    assert torch.allclose(out, out[:1].expand_as(out))  # zeroed head weights: every input gets the biases
+    with pytest.raises(ef.EdgefuseError, match="choose from .*zero-logits"):
+        ef.fuse(cnns[:2], spec, depth=1, data=[calib[:100]], repair="nothing-like-it")

@@ -19,7 +19,7 @@ from edgefuse.models import data
 from . import nets
 from .conftest import train_digits
 
-fuse_module = importlib.import_module("edgefuse.fuse")  # the package: ef.fuse is the function
+fuse_module = importlib.import_module("edgefuse.fuse.least_squares")  # where repair "lsq" builds its fits
 
 
 @pytest.fixture(scope="module")

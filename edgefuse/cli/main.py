@@ -262,7 +262,7 @@ def verify(onnx_file: str, data: str, threads: int, batch_sizes: tuple[int, ...]
               show_default=True, help="Alpha values to try (repeat the option).")
 @click.option("--method", "methods", type=click.Choice(sorted(METHODS)), multiple=True,
               default=RunConfig.methods, show_default=True, help="Alignment methods to try (repeat the option).")
-@click.option("--repair", "repairs", type=click.Choice([r or "none" for r in REPAIRS if r != "distill"]),
+@click.option("--repair", "repairs", type=click.Choice([r or "none" for r, m in REPAIRS.items() if m.in_grid]),
               multiple=True,
               default=tuple(r or "none" for r in RunConfig.repairs), show_default=True,
               help="Repairs to try (repeat the option).")

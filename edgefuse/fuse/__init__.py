@@ -4,22 +4,18 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
 from ..base.validate import check_models, nonfinite_tensor
-from ..base.errors import EdgefuseError, warn_once
+from ..base.errors import EdgefuseError
 from ..spec.permspec import PermSpec
 from .batched import batch_models
 from .model import FusedModel, ensemble
-from .neuron import MixedLayer, fuse_alpha
-from ..models.data import require_batches
+from .neuron import fuse_alpha
 from .distill import DistillConfig, distill
-from .adapter import adapt_heads
-from .lsq import Fit, following_bn, lsq_repair
-from .lsq_isolated import isolated_fits
-from .repair import REPAIRS, batchnorms, reset_bn, rescale_units
-from .select import check_select, tensor_layout
+from .repair import REPAIRS, RepairJob
+from . import least_squares  # noqa: F401  (registers repair "lsq")
+from .select import check_select
 from .split import fuse_depth
 
 
@@ -82,78 +78,7 @@ def _finite(fused: FusedModel, repair: str | None) -> FusedModel:
 
 def _repair(fused: FusedModel, method: str | None, data, aligned: list[nn.Module], spec: PermSpec,
             layouts: dict | None, steps: int) -> None:
-    if method == "lsq":
-        xs = require_batches(data, "lsq repair", aligned[0])
-        bns = following_bn(aligned[0], list(spec.weight_layers))
-        lsq_repair(fused, aligned, _merged_fits(fused, aligned, spec, layouts, bns), xs)
-        if layouts is None:
-            adapt_heads(fused, aligned, xs)
-            lsq_repair(fused, aligned, _head_fits(fused, spec, bns), xs)
-        return
-    if method == "repair":
-        rescale_units(fused, aligned, _merged_layers(fused, spec, layouts), data)
-    if method == "bn" and not batchnorms(fused):
-        warn_once("repair 'bn' re-estimates BatchNorm statistics and this model has no BatchNorm: the fused model "
-                  "is left unrepaired (repair 'lsq' or 'repair' works without BatchNorm)")
-    if method is not None:
-        reset_bn(fused, data)
-    if method == "distill":
-        inputs = torch.cat(require_batches(data, "distillation", aligned[0]))
-        distill(fused, ensemble(aligned), inputs, DistillConfig(steps=steps), label="the fused model")
-
-
-def _merged_fits(fused: FusedModel, aligned: list[nn.Module], spec: PermSpec, layouts: dict | None,
-                 bns: dict[str, str]) -> list[Fit]:
-    """The merged layers (towards the members' mean), each followed under alpha by every member's isolated units
-    of that layer (towards that member)."""
-    owner = fused.trunk if layouts is None else fused.heads[0]
-    everyone = tuple(range(len(aligned)))
-    merged = {name: (layer, units) for _, layer, name, units in _merged_layers(fused, spec, layouts)}
-    fits = []
-    for name in spec.weight_layers:
-        axes = spec.params.get(f"{name}.weight")
-        outer = owner.get_submodule(name) if layouts is not None and axes and axes[0] is not None else None
-        mixed = outer if isinstance(outer, MixedLayer) else None  # whose input its parts share
-        if name in merged:
-            fits.append(Fit(merged[name][0], everyone, name, merged[name][1], bns.get(name), owner, source=mixed))
-        if mixed is not None:
-            isolated = tensor_layout(axes[0], layouts, name).isolated
-            fits += isolated_fits(mixed, len(aligned), name, isolated, bns.get(name), owner)
-    return fits
-
-
-def _head_fits(fused: FusedModel, spec: PermSpec, bns: dict[str, str]) -> list[Fit]:
-    """At a depth split, each head's first layer (towards its own member), fed by its adapter where it has one."""
-    trunk = {n for n, _ in fused.trunk.named_modules()}
-    first = next(n for n in spec.weight_layers if n not in trunk)
-    fits = []
-    for i, head in enumerate(fused.heads):
-        layer = head.get_submodule(first)
-        fits.append(Fit(layer, (i,), first, torch.arange(layer.weight.shape[0]), bns.get(first), head))
-    return fits
-
-
-def _merged_layers(fused: FusedModel, spec: PermSpec, layouts: dict | None) -> list:
-    """(output module, layer to rescale, parents' layer name, parents' unit indices) of every merged hidden layer,
-    in order: the trunk's layers for a depth split, the fused part of every MixedLayer for alpha."""
-    from .neuron import MixedLayer
-
-    out = []
-    net = fused.trunk if layouts is None else fused.heads[0]
-    for name in spec.weight_layers:
-        axes = spec.params.get(f"{name}.weight")
-        if not axes or axes[0] is None:
-            continue  # the output layer: its units are the logits, never rescaled
-        try:
-            layer = net.get_submodule(name)
-        except AttributeError:
-            continue  # not in the trunk: a head's layer, not merged
-        if isinstance(layer, MixedLayer):
-            if layer.fused is not None:
-                out.append((layer, layer.fused, name, tensor_layout(axes[0], layouts, name).fused))
-        elif isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)) and getattr(layer, "groups", 1) == 1:
-            out.append((layer, layer, name, torch.arange(layer.weight.shape[0])))
-    return out
+    REPAIRS[method].apply(RepairJob(fused, aligned, spec, layouts, data, steps))
 
 
 __all__ = ["DistillConfig", "FuseOptions", "FusedModel", "batch_models", "distill", "ensemble", "fuse"]
