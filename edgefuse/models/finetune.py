@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..base.files import commit
 from .partition import Partition
 from .zoo import DEFAULT_EPOCHS, DEFAULT_WIDTH, cached_weights, build, cache_dir, train_model
 
@@ -45,7 +46,7 @@ def finetune_zoo(arch: str = "cnn", n: int = 4, cache: Path | str = "build/cache
             fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
             os.close(fd)
             save_file(model.state_dict(), tmp, metadata={"arch": arch, "width": str(width)})
-            os.replace(tmp, path)
+            commit(Path(tmp), path)  # the host's file modes (mkstemp's are private)
             return model.state_dict()
 
         with Progress(disable=quiet) as progress:

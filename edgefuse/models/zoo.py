@@ -12,6 +12,7 @@ from torch import nn
 from .data import VALIDATION_IMAGES
 from .partition import Partition
 from ..base.errors import EdgefuseError, first_line, warn_once
+from ..base.files import commit
 
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 
@@ -223,7 +224,7 @@ def zoo_models(arch: str = "cnn", n: int = 4, width: int | None = None, epochs: 
                 fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
                 os.close(fd)
                 save_file(model.state_dict(), tmp, metadata={"arch": arch, "width": str(width)})
-                os.replace(tmp, paths[s])
+                commit(Path(tmp), paths[s])  # the host's file modes (mkstemp's are private)
                 states[s] = model.state_dict()
         (folder / "zoo.json").write_text(json.dumps({"arch": arch, "width": width, "epochs": epochs,
                                                      "partition": partition.describe(), "members": n,
