@@ -76,7 +76,8 @@ def test_a_disk_that_fills_late_is_one_line_and_keeps_the_earlier_export(checkpo
         resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 
     env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
-    res = subprocess.run([sys.executable, "-c", "from edgefuse.cli import main; main()", "-q", "export", *checkpoints, "--depth", "1", "--force"],
+    cli_main = "from edgefuse.cli import main; main()"
+    res = subprocess.run([sys.executable, "-c", cli_main, "-q", "export", *checkpoints, "--depth", "1", "--force"],
                          capture_output=True, text=True, preexec_fn=limit, env=env, timeout=600)
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 1 and len(lines) == 1 and "File too large" in lines[0], res.stderr

@@ -1,6 +1,7 @@
-"""Every candidate of one run, measured alike: the members, the exact ensembles, the sub-ensembles, the cascades,
-the merges (for fine-tunes of one network), the fused points, and then the distilled ones — the best member and the best fused depth and alpha within the
-budget, each distilled with the same budget towards the ensemble (full or sub) most accurate on validation."""
+"""Every candidate of one run, measured alike: the members, the exact ensembles, the sub-ensembles, the merges (for
+fine-tunes of one network), the cascades, the fused points, and then the distilled ones — the best member and the
+best fused depth and alpha within the budget, each distilled with the same budget towards the ensemble (full or sub)
+most accurate on validation."""
 from __future__ import annotations
 
 import time
@@ -199,7 +200,8 @@ def report_head(tgt: Target, s: Setup, methods: tuple[str, ...], budget: Budget,
     """What a report says about its run before the rows: target, models, data splits, alignment, budget, which
     ensemble taught the distilled candidates, and the seconds each phase took so far."""
     teacher = f.teacher
-    return {"seconds": s.seconds | f.seconds, "target": tgt.name, "arch": s.label, "n_models": len(s.models), **s.data_lines(),
+    return {"seconds": s.seconds | f.seconds, "target": tgt.name, "arch": s.label, "n_models": len(s.models),
+            **s.data_lines(),
             "threads": tgt.threads, "batch_sizes": list(tgt.batch_sizes), "batched_heads": tgt.batch_heads,
             "max_depth": len(s.spec.cut_points), "regime": s.regime.as_dict(),
             "align_method": ", ".join(methods),
