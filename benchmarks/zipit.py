@@ -35,7 +35,7 @@ import edgefuse as ef
 from edgefuse.base.files import atomic_write_text
 from edgefuse.fuse.lsq import NormalEquations, held_out, identity_bn
 from edgefuse.fuse.model import FusedModel
-from edgefuse.fuse.repair import reset_bn
+from edgefuse.models.batchnorm import reset_bn
 from edgefuse.models import data, zoo
 from edgefuse.models.partition import Partition, parse_partition
 from repairs import accuracy

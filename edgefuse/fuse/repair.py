@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..base.errors import warn_once
+from ..models.batchnorm import batchnorms, reset_bn
 from ..models.data import require_batches
 from ..spec.permspec import PermSpec
 from .distill import DistillConfig, distill
@@ -49,32 +50,6 @@ def register(name: str | None, what: str, in_grid: bool = True) -> Callable:
         REPAIRS[name] = Repair(name, fn, what, in_grid)
         return fn
     return deco
-
-
-def batchnorms(model: nn.Module) -> list[nn.Module]:
-    """Every BatchNorm layer of `model`: what repair "bn" resets (none: it has nothing to repair)."""
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-def reset_bn(model: nn.Module, data: Iterable) -> nn.Module:
-    """Recompute every BatchNorm's running statistics on calibration inputs (cumulative average, eval elsewhere)."""
-    bns = batchnorms(model)
-    if not bns:
-        return model
-    xs = require_batches(data, "BatchNorm repair", model)
-    saved = [bn.momentum for bn in bns]
-    model.eval()
-    for bn in bns:
-        bn.reset_running_stats()
-        bn.momentum = None
-        bn.train()
-    with torch.no_grad():
-        for x in xs:
-            model(x)
-    for bn, m in zip(bns, saved):
-        bn.momentum = m
-        bn.eval()
-    return model
 
 
 def _channel_stats(model: nn.Module, layer: nn.Module, xs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

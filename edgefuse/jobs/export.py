@@ -18,7 +18,7 @@ from ..base.errors import EdgefuseError
 from ..graph.onnx import export_onnx, onnx_nodes, parity, parity_inputs
 from ..base.files import atomic_write_text, exclusive, publish, replaceable, room, writable
 from ..fuse import fuse
-from ..fuse.repair import batchnorms
+from ..models.batchnorm import batchnorms
 from ..measure.cuda import require_cuda
 from ..measure.metrics import scores
 from ..run.setup import prepare

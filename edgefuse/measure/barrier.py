@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..base.errors import EdgefuseError
-from ..fuse.repair import reset_bn
+from ..models.batchnorm import reset_bn
 
 
 def interpolate(a: nn.Module, b: nn.Module, t: float) -> nn.Module:

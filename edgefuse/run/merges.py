@@ -10,7 +10,7 @@ import numpy as np
 from torch import nn
 
 from ..fuse.merges import MERGES, merged_model
-from ..fuse.repair import reset_bn
+from ..models.batchnorm import reset_bn
 from ..measure.metrics import scores
 from ..measure.runners import TorchRunner, predict
 from ..models.data import Splits
