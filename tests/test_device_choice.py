@@ -18,7 +18,7 @@ from edgefuse.targets import load_target
 def export(cnn_checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("device")
     nano = Path(load_target("jetson-orin-nano-jp6").source).read_text()
-    (root / "nano.toml").write_text(nano.replace("distill_steps = 500", "distill_steps = 0"))  # time: no distilling
+    (root / "nano.toml").write_text(nano + "\ndistill_steps = 0\n")  # time: no distilling
     res = CliRunner().invoke(cli, ["-q", "export", "--model", "tests.nets:digits_cnn", *cnn_checkpoints,
                                    "--dataset", "digits", "--target", str(root / "nano.toml"),
                                    "--out-root", str(root)])
@@ -159,7 +159,7 @@ def test_on_the_device_the_budget_binds_what_the_target_says():
 def cascade_export(cnn_checkpoints, tmp_path_factory):
     """A desktop TensorRT target (its budgets bind the mean, so cascades join the frontier at their mean MACs)."""
     root = tmp_path_factory.mktemp("device-cascade")
-    trt = Path(load_target("desktop-trt10").source).read_text().replace("distill_steps = 500", "distill_steps = 0")
+    trt = Path(load_target("desktop-trt10").source).read_text() + "\ndistill_steps = 0\n"
     (root / "trt.toml").write_text(trt)
     res = CliRunner().invoke(cli, ["-q", "export", "--model", "tests.nets:digits_cnn", *cnn_checkpoints,
                                    "--dataset", "digits", "--target", str(root / "trt.toml"),

@@ -10,13 +10,14 @@ import torch
 from torch import nn
 
 from ..base.errors import EdgefuseError
+from ..targets import DISTILL_BATCH_SIZE, DISTILL_STEPS
 
 
 @dataclass(frozen=True)
 class DistillConfig:
     """One budget for every distilled candidate, so their accuracies compare."""
-    steps: int = 1000
-    batch_size: int = 128
+    steps: int = DISTILL_STEPS
+    batch_size: int = DISTILL_BATCH_SIZE
     lr: float = 1e-3
     temperature: float = 2.0
     augment: bool = True
