@@ -108,3 +108,15 @@ def public_functions_with_many_parameters(limit: int = 8) -> list[str]:
 def test_no_public_function_takes_more_than_eight_parameters():
     assert public_functions_with_many_parameters() == []
     assert public_functions_with_many_parameters(limit=1)  # the walker sees parameters at all
+
+
+def test_every_public_name_is_in_the_docs():
+    """The face's names are the Python contract: each appears in README.md or docs/."""
+    import re
+
+    import edgefuse
+
+    root = Path(__file__).resolve().parents[1]
+    text = "".join(p.read_text() for p in [root / "README.md", *sorted((root / "docs").glob("*.md"))])
+    missing = [n for n in edgefuse.__all__ if not re.search(rf"\b{n}\b", text)]
+    assert not missing, missing
