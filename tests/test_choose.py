@@ -77,6 +77,22 @@ def test_a_fused_row_that_leads_beyond_noise_ships():
     assert choose(rows, Budget(max_macs_ratio=0.5), ENS).chosen.key == "depth4"
 
 
+@pytest.mark.parametrize("right,wrong,ships", [(60, 0, "merge"), (10, 6, "member0")])
+def test_a_merge_ships_where_it_beats_every_member_beyond_noise_and_yields_on_a_tie(right, wrong, ships):
+    """A merge of fine-tunes costs one member: beyond noise ahead of the best member (60 more right), it ships;
+    within noise (right on 10 it misses, wrong on 6 it gets: 1 standard error), the member does — a merge, like a
+    fused model, must earn its place."""
+    member = row("member0", "member", 0.88, 25, 0.25, 8.0, seed=2)
+    val = worse_by(member.val_correct, wrong)
+    val[np.flatnonzero(~member.val_correct)[:right]] = True
+    rows = [member, row("member1", "member", 0.87, 25, 0.25, 8.0, seed=3), ENS, BATCHED,
+            row("merge", "merge", 0.0, 25, 0.25, 8.0, val=val)]
+    choice = choose(rows, Budget(max_macs_ratio=0.5), ENS)
+    assert choice.chosen.key == ships, choice.reason
+    if ships == "member0":
+        assert "a merge ships only where it beats every member" in choice.reason
+
+
 def test_budgets_hold_at_every_batch_size():
     rows = [row("member0", "member", 0.80, 25, 0.25, 8.0, seed=2), ENS, BATCHED,
             row("depth3", "fused", 0.88, 40, 0.5, 15.0, seed=6),

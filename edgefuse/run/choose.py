@@ -141,7 +141,7 @@ def choose(rows: list[Candidate], budget: Budget, ensemble: Candidate) -> Choice
         reason = (f"ties on validation with the most accurate candidate, {best.label} ({chosen.accuracy:.4f} vs "
                   f"{best.accuracy:.4f}, {z:.1f} standard errors apart, under {NOISE_Z:g}), and is clearly faster "
                   f"({binds} latency {ratios})")
-    if chosen.kind in TIE_YIELDS and (plain := _plain_tie(pool, chosen, best, batches, binds)):
+    if chosen.kind in TIE_YIELDS and (plain := _plain_tie(within, chosen, best, batches, binds)):
         what = "fused model" if chosen.kind == "fused" else chosen.kind
         reason = (f"ties on validation with the {what} that would ship, {chosen.label} ({plain.accuracy:.4f} vs "
                   f"{chosen.accuracy:.4f}; and with the most accurate candidate, {best.accuracy:.4f}), and is not "
@@ -162,7 +162,8 @@ def _plain_tie(pool: list[Candidate], fused: Candidate, best: Candidate, batches
     model or a cascade) and with `best`, the most accurate candidate, and is not clearly slower at any batch size:
     fusion and cascades have to earn their place beyond noise, and on a tie the plainer model ships. Tying with
     `best` too keeps a chain of ties (best ~ a faster cascade ~ a member) from shipping a model that is beaten
-    beyond noise."""
+    beyond noise. It looks among every candidate within the budget, dominated ones included, as the device's chooser
+    does: a merge is a member's network, so a member within noise of it is "dominated" by its accuracy alone."""
     ties = [c for c in pool if c.kind in PLAIN and all((z := tie_z(a, c)) is not None and z < NOISE_Z
                                                        for a in (fused, best))
             and all(FASTER * c.latency(b, binds) <= fused.latency(b, binds) for b in batches)]
