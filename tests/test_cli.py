@@ -110,7 +110,8 @@ def test_fuse_then_verify(checkpoints, tmp_path):
     s = load_dataset("digits")
     x, y = s.x_test, s.y_test
     spec = ef.permutation_spec(models[0], x[:2])
-    fused = ef.fuse(ef.align(models, spec), spec, depth=2, data=batches(s.calib, batch_size=200))
+    calib = batches(s.calib, batch_size=200)
+    fused = ef.fuse(ef.align(models, spec, data=calib), spec, depth=2, data=calib)  # the defaults: activation, lsq
     with torch.no_grad():
         expected = (fused(x).argmax(1) == y).double().mean().item()
     assert result["accuracy"] == pytest.approx(expected, abs=2e-3)
@@ -127,8 +128,8 @@ def test_fuse_alpha_with_partial_ot_exports(checkpoints, tmp_path):
     s = load_dataset("digits")
     x, y = s.x_test, s.y_test
     spec = ef.permutation_spec(models[0], x[:2])
-    fused = ef.fuse(ef.align(models, spec), spec, alpha=0.5, data=batches(s.calib, batch_size=200),
-                    select="partial-ot")
+    calib = batches(s.calib, batch_size=200)
+    fused = ef.fuse(ef.align(models, spec, data=calib), spec, alpha=0.5, data=calib, select="partial-ot")
     with torch.no_grad():
         expected = (fused(x).argmax(1) == y).double().mean().item()
     assert json.loads(res.stdout)["accuracy"] == pytest.approx(expected, abs=2e-3)

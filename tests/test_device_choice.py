@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from edgefuse.base import tie_rule
 from edgefuse.cli import cli
 from edgefuse.targets import load_target
 
@@ -41,7 +42,7 @@ def test_the_bundle_carries_the_frontier_with_a_manifest(export):
     rows = manifest["candidates"]
     assert len(rows) >= 2 and manifest["batch_sizes"] == [1, 8]
     assert manifest["latency_budget_ms"] == {"1": 1.0, "8": 1.0} and manifest["memory_budget_mb"] == 256
-    assert "member" in manifest["noise"]["plain"] and "fused" not in manifest["noise"]["plain"]
+    assert (export / "bundle" / "tie_rule.py").read_bytes() == Path(tie_rule.__file__).read_bytes()
     assert [r["key"] for r in rows] == [c["key"] for c in report["device_choice"]["candidates"]]
     for r in rows:  # each a folder deploy.py can check, golden outputs included
         folder = export / "bundle" / r["folder"]
@@ -132,8 +133,7 @@ def test_on_the_device_a_fused_pick_gives_way_to_a_tied_plainer_model(z, ships):
     measured = [_measured("depth4", "fused", 0.905, 1.0), _measured("student", "distilled member", 0.900, 1.05),
                 _measured("ensemble", "ensemble", 0.910, 4.0)]
     manifest = {"candidates": [{"key": "depth4", "tie_z": {"student": z}}, {"key": "student", "tie_z": {}},
-                               {"key": "ensemble", "tie_z": {}}],
-                "noise": {"z": 2.0, "faster": 0.9, "plain": ["member", "distilled member", "ensemble"]}}
+                               {"key": "ensemble", "tie_z": {}}]}
     chosen, reason = pick(measured, manifest, {"1": 2.0})
     assert chosen["key"] == ships
     assert ("fused model ships only where" in reason) == (ships == "student")
@@ -147,8 +147,7 @@ def test_on_the_device_the_budget_binds_what_the_target_says():
                 "memory_mb": 10.0, "latency_ms": {"1": {"p50": p50, "expected": p50, "p99": p99}}}
 
     rows = [measured("jittery", 0.95, 0.5, 3.0), measured("steady", 0.90, 0.9, 1.0)]
-    manifest = {"candidates": [{"key": "jittery", "tie_z": {"steady": 9.0}}, {"key": "steady", "tie_z": {}}],
-                "noise": {"z": 2.0, "faster": 0.9, "plain": []}}
+    manifest = {"candidates": [{"key": "jittery", "tie_z": {"steady": 9.0}}, {"key": "steady", "tie_z": {}}]}
     assert pick(rows, manifest | {"latency_binds": "mean"}, {"1": 2.0})[0]["key"] == "jittery"
     chosen, reason = pick(rows, manifest | {"latency_binds": "p99"}, {"1": 2.0})
     assert chosen["key"] == "steady" and "p99 ≤ 2 ms" in reason
@@ -172,7 +171,7 @@ def test_a_cascade_goes_to_the_device_as_two_stages_and_passes_its_golden_check(
     bundle = bundle_copy(cascade_export, tmp_path)
     manifest = json.loads((bundle / "candidates.json").read_text())
     cascades = [r for r in manifest["candidates"] if r["kind"] == "cascade"]
-    assert cascades and "cascade" in manifest["noise"]["yields"] and manifest["latency_binds"] == "mean"
+    assert cascades and manifest["latency_binds"] == "mean"
     folder = bundle / cascades[0]["folder"]
     assert {"model.onnx", "cascade.json", "stream_inputs.npy"} <= {p.name for p in folder.iterdir()}
     assert (folder / "stage2" / "model.onnx").is_file() and (bundle / "cascade.py").is_file()

@@ -13,7 +13,9 @@ from torch import nn
 
 import edgefuse as ef
 from edgefuse.models import zoo
-from edgefuse.device import build_engine, check_onnx, write_bundle
+from edgefuse.device.bundle import write_bundle
+from edgefuse.device.check import check_onnx
+from edgefuse.device.stage import build_engine
 from edgefuse.graph.fp16 import export_fp16
 from edgefuse.measure.runners import OrtRunner
 from edgefuse.targets import available_targets, load_target, parse_target

@@ -101,7 +101,7 @@ def test_per_head_distillation_changes_only_the_student_and_pulls_each_head_to_i
     before = _states(aligned)
     teacher = ef.ensemble(aligned, batched=True, head_outputs=True)
     teacher_before = _states([teacher])[0]
-    start = ef.fuse(aligned, spec, depth=2, data=[calib[:200]], head_outputs=True)
+    start = ef.fuse(aligned, spec, depth=2, data=[calib[:200]], head_outputs=True, repair="bn")  # heads far apart
     cfg = DistillConfig(steps=40, batch_size=64)
     plain = distill(copy.deepcopy(start), teacher, calib, cfg, quiet=True)
     per_head = distill(copy.deepcopy(start), teacher, calib, replace(cfg, per_head=True), quiet=True)

@@ -9,6 +9,7 @@ import torch
 from .errors import EdgefuseError
 
 COMBINES = ("mean", "probs")
+DEFAULT_COMBINE = "mean"  # where nothing chose the rule on validation
 
 
 def check_combine(combine: str) -> None:

@@ -63,6 +63,20 @@ def atomic_write_text(dest: str | Path, text: str) -> Path:
     return atomic_write_bytes(dest, text.encode())
 
 
+@contextlib.contextmanager
+def staged(dest: Path, outputs: tuple[str, ...] = (), root: Path | None = None, prefix: str | None = None):
+    """A staging folder in `root` (default: beside `dest`, on its filesystem, so every final rename is atomic) to
+    write a run's outputs into; when the block ends without an error they replace `dest`'s by `publish`, and the
+    folder goes either way. The one way exports and bundles reach their destination."""
+    root = root if root is not None else dest.parent
+    stage = Path(tempfile.mkdtemp(dir=root, prefix=prefix or f".{dest.name}-staging-"))
+    try:
+        yield stage
+        publish(stage, dest, outputs)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def publish(stage: Path, dest: Path, outputs: tuple[str, ...] = ()) -> list[Path]:
     """Move every top-level entry of a finished staging folder into `dest`, each by an atomic rename; a folder
     replaces its namesake as a whole, so no file of an earlier export survives inside it. Of the entries of `dest`

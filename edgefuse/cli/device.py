@@ -41,7 +41,7 @@ def build(onnx_file: str, target: str, out: str, timing_cache: str | None, force
 
     Reads ONNX_FILE and the target; writes OUT (and the timing cache). On a Jetson, the bundle's deploy.py does
     the same without edgefuse installed."""
-    from ..device import build_engine
+    from ..device.stage import build_engine
     from ..device.check import check_onnx
     from ..targets import load_target
 

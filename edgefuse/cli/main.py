@@ -9,12 +9,17 @@ import click
 
 from ..base.errors import EdgefuseError, first_line
 from ..base.files import claimed
-from ..align import METHODS
-from ..fuse.distill import DistillConfig
-from ..fuse.repair import REPAIRS
-from ..models.zoo import ARCHITECTURES
-from ..run.config import DEFAULT_ALPHAS, RunConfig
-from .options import cli_models, partition_option, run_config_of, splits_of, with_finetunes, with_models
+from .lazy import Default, RegistryChoice
+from .options import ARCHS, CONFIG, cli_models, partition_option, run_config_of, splits_of, with_finetunes, with_models
+
+METHODS = RegistryChoice("edgefuse.align:METHODS")
+REPAIRS = RegistryChoice("edgefuse.fuse.repair:REPAIRS")
+GRID_REPAIRS = RegistryChoice("edgefuse.fuse.repair:REPAIRS", lambda r: [k for k, m in r.items() if m.in_grid])
+
+
+def _cli_names(values):
+    """Registered names as the CLI spells them (no repair: "none")."""
+    return tuple("none" if v is None else v for v in values)
 
 DEBUG = {"on": False}
 
@@ -81,11 +86,11 @@ def cli(ctx: click.Context, debug: bool, quiet: bool) -> None:
 
 
 @cli.command()
-@click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default=RunConfig.arch, show_default=True)
-@click.option("-n", "--n-models", "n", type=click.IntRange(2, 64), default=RunConfig.n, show_default=True)
+@click.option("--arch", type=ARCHS, default=Default(CONFIG + "arch"), show_default=True)
+@click.option("-n", "--n-models", "n", type=click.IntRange(2, 64), default=Default(CONFIG + "n"), show_default=True)
 @click.option("--epochs", type=click.IntRange(1, 100), default=None, help="Default: 4 (mlp), 2 (others).")
 @click.option("--width", type=click.IntRange(1, 4096), default=None, help="Default: 256 (mlp), 16 (others).")
-@click.option("--cache", default=RunConfig.cache, show_default=True)
+@click.option("--cache", default=Default(CONFIG + "cache"), show_default=True)
 @partition_option
 @click.pass_obj
 def train(obj: dict, arch: str, n: int, epochs: int | None, width: int | None, cache: str, partition: str) -> None:
@@ -107,15 +112,17 @@ def train(obj: dict, arch: str, n: int, epochs: int | None, width: int | None, c
               help="Shared layers: 0 = ensemble, the number of cut points = full merge.")
 @click.option("--alpha", type=click.FloatRange(0, 1), default=None,
               help="Neuron-level fusion instead of --depth: share of units kept per model (1 = ensemble, 0 = merge).")
-@click.option("--method", type=click.Choice(sorted(METHODS)), default="weight", show_default=True,
+@click.option("--method", type=METHODS, default=Default("edgefuse.align:DEFAULT_METHOD"), show_default=True,
               help="Alignment method.")
-@click.option("--select", type=click.Choice(["cost", "partial-ot"]), default="cost", show_default=True,
+@click.option("--select", type=RegistryChoice("edgefuse.fuse.select:SELECTIONS"),
+              default=Default("edgefuse.fuse.select:DEFAULT_SELECT"), show_default=True,
               help="With --alpha: which units stay isolated (the costliest after alignment, or the paper's partial "
               "OT with a sink, which re-matches the rest).")
-@click.option("--repair", type=click.Choice([r or "none" for r in REPAIRS]), default="bn", show_default=True,
+@click.option("--repair", type=REPAIRS, default=Default("edgefuse.fuse.repair:DEFAULT_REPAIR"), show_default=True,
               help="bn: reset BatchNorm; repair: REPAIR rescaling (nets without BN); lsq: re-solve merged layers by "
               "least squares towards the members' mean; distill: train towards the ensemble on calibration images.")
-@click.option("--steps", type=click.IntRange(1, 100000), default=DistillConfig.steps, show_default=True,
+@click.option("--steps", type=click.IntRange(1, 100000), default=Default("edgefuse.targets:DISTILL_STEPS"),
+              show_default=True,
               help="Distillation steps (--repair distill).")
 @click.option("--opset", type=click.IntRange(9, 23), default=None, help="Default 18 (dynamo exporter); <=17 uses "
               "the TorchScript exporter.")
@@ -163,14 +170,15 @@ def _fuse_to(obj: dict, checkpoints: tuple[str, ...], opts: dict) -> None:
 @cli.command()
 @with_models
 @with_finetunes
-@click.option("--target", default=RunConfig.target, show_default=True, help="Name of a file in targets/, or a .toml path.")
-@click.option("--method", type=click.Choice(sorted(METHODS)), default=RunConfig.methods[0], show_default=True,
+@click.option("--target", default=Default(CONFIG + "target"), show_default=True,
+              help="Name of a file in targets/, or a .toml path.")
+@click.option("--method", type=METHODS, default=Default("edgefuse.align:DEFAULT_METHOD"), show_default=True,
               help="Alignment method.")
 @click.option("--depth", type=click.IntRange(0, None), default=None,
               help="Ship this fusion depth instead of the chooser's pick (0 = the batched exact ensemble).")
 @click.option("--augment/--no-augment", default=None,
               help="Shift/flip the distillation images (default: the target's distill_augment).")
-@click.option("--out-root", default=RunConfig.out_root, show_default=True)
+@click.option("--out-root", default=Default(CONFIG + "out_root"), show_default=True)
 @click.option("--force", is_flag=True, help="Replace an earlier export of this target.")
 @click.pass_obj
 def export(obj: dict, checkpoints: tuple[str, ...], **opts) -> None:
@@ -191,7 +199,7 @@ def export(obj: dict, checkpoints: tuple[str, ...], **opts) -> None:
 
 @cli.command()
 @click.argument("onnx_file", type=click.Path())
-@click.option("--data", "--dataset", "data", default="fashion-mnist", show_default=True, metavar="SOURCE",
+@click.option("--data", "--dataset", "data", default=Default(CONFIG + "data"), show_default=True, metavar="SOURCE",
               help="As for export: a built-in name, a folder, an .npz file or MODULE:FUNCTION.")
 @click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True)
 @click.option("--batch", "batch_sizes", type=click.IntRange(1, 4096), multiple=True, default=(1,),
@@ -204,7 +212,7 @@ def verify(onnx_file: str, data: str, threads: int, batch_sizes: tuple[int, ...]
     (3 passes, each call's median), and a cascade's `escalated` says which share ran its second stage."""
     import json
 
-    from ..graph.onnx import read_onnx
+    from ..graph.read import read_onnx
     from ..models.data import BUILTIN, Splits, test_split
     from ..models.fit import check_outputs
     from ..measure.cascade import Cascade, predict_cascade
@@ -245,7 +253,8 @@ def verify(onnx_file: str, data: str, threads: int, batch_sizes: tuple[int, ...]
 @cli.command()
 @with_models
 @with_finetunes
-@click.option("--target", default=RunConfig.target, show_default=True, help="Name of a file in targets/, or a .toml path.")
+@click.option("--target", default=Default(CONFIG + "target"), show_default=True,
+              help="Name of a file in targets/, or a .toml path.")
 @click.option("--latency-ms", type=click.FloatRange(0, None, min_open=True), multiple=True,
               help="Latency budget per call (the expected cost, or the p99 where the target's latency_binds says "
               "so): once for every batch size of the target, or once per batch size in the target's order "
@@ -258,23 +267,21 @@ def verify(onnx_file: str, data: str, threads: int, batch_sizes: tuple[int, ...]
 @click.option("--min-auroc", type=click.FloatRange(0, 1), default=None,
               help="Ship only a candidate whose misclassification-detection AUROC on validation (max softmax or its "
               "heads' disagreement) reaches this (default: the target's min_auroc).")
-@click.option("--alpha", "alphas", type=click.FloatRange(0, 1), multiple=True, default=DEFAULT_ALPHAS,
+@click.option("--alpha", "alphas", type=click.FloatRange(0, 1), multiple=True, default=Default(CONFIG + "alphas"),
               show_default=True, help="Alpha values to try (repeat the option).")
-@click.option("--method", "methods", type=click.Choice(sorted(METHODS)), multiple=True,
-              default=RunConfig.methods, show_default=True, help="Alignment methods to try (repeat the option).")
-@click.option("--repair", "repairs", type=click.Choice([r or "none" for r, m in REPAIRS.items() if m.in_grid]),
-              multiple=True,
-              default=tuple(r or "none" for r in RunConfig.repairs), show_default=True,
-              help="Repairs to try (repeat the option).")
+@click.option("--method", "methods", type=METHODS, multiple=True, default=Default(CONFIG + "methods"),
+              show_default=True, help="Alignment methods to try (repeat the option).")
+@click.option("--repair", "repairs", type=GRID_REPAIRS, multiple=True, default=Default(CONFIG + "repairs", _cli_names),
+              show_default=True, help="Repairs to try (repeat the option).")
 @click.option("--distill-steps", type=click.IntRange(0, 1_000_000), default=None,
               help="Distillation steps for the distilled member and the best depth and alpha (default: the "
               "target's distill_steps; 0: none).")
 @click.option("--augment/--no-augment", default=None, help="Shift/flip the distillation images (default: the "
               "target's).")
-@click.option("--workers", type=click.IntRange(0, 64), default=RunConfig.workers, show_default=True,
+@click.option("--workers", type=click.IntRange(0, 64), default=Default(CONFIG + "workers"), show_default=True,
               help="Local worker processes (0: in this process).")
 @click.option("--ray", "ray_address", default=None, help="Run candidates on a Ray cluster (needs edgefuse[ray]).")
-@click.option("--out-root", default=RunConfig.out_root, show_default=True)
+@click.option("--out-root", default=Default(CONFIG + "out_root"), show_default=True)
 @click.pass_obj
 def sweep(obj: dict, checkpoints: tuple[str, ...], **opts) -> None:
     """Measure members, sub-ensembles, exact ensembles, depths and alphas; choose on validation within the budget.

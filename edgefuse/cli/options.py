@@ -5,13 +5,14 @@ from __future__ import annotations
 import click
 
 from ..base.errors import EdgefuseError
-from ..models.data import CALIBRATION_IMAGES
-from ..models.zoo import ARCHITECTURES
-from ..run.config import ZOOS, RunConfig
+from .lazy import Default, RegistryChoice
+
+CONFIG = "edgefuse.run.config:RunConfig."  # the run's defaults, read from RunConfig when a command needs them
+ARCHS = RegistryChoice("edgefuse.models.zoo:ARCHITECTURES")
 
 
-def cli_models(arch: str | None, model: str | None, checkpoints: tuple[str, ...], n: int, cache: str, quiet: bool,
-               partition: str = RunConfig.partition):
+def cli_models(arch: str, model: str | None, checkpoints: tuple[str, ...], n: int, cache: str, quiet: bool,
+               partition: str):
     """User checkpoints when --model is given, else the cached zoo (trained on `partition`'s shards)."""
     if model:
         from ..models.load import load_models
@@ -22,11 +23,11 @@ def cli_models(arch: str | None, model: str | None, checkpoints: tuple[str, ...]
         raise EdgefuseError("checkpoints were given without --model (say which architecture they are for)")
     from ..models.partition import parse_partition
     from ..models.zoo import zoo_models
-    return zoo_models(arch or RunConfig.arch, n, cache=cache, quiet=quiet, partition=parse_partition(partition))[0]
+    return zoo_models(arch, n, cache=cache, quiet=quiet, partition=parse_partition(partition))[0]
 
 
 partition_option = click.option(
-    "--partition", default=RunConfig.partition, show_default=True, metavar="all|iid|dirichlet:A|classes:K",
+    "--partition", default=Default(CONFIG + "partition"), show_default=True, metavar="all|iid|dirichlet:A|classes:K",
     help="The zoo's training data: all of it per member, or disjoint shards (IID, Dirichlet label skew of "
     "concentration A per class, K classes per member).")
 
@@ -35,7 +36,8 @@ finetune_options = [
                  help="The pretrained checkpoint your models were fine-tuned from (with --model): merges against it "
                  "(task arithmetic, TIES) become candidates and alignment is skipped. Without it, fine-tunes are "
                  "recognised by alignment leaving their units in place."),
-    click.option("--zoo", type=click.Choice(ZOOS), default=RunConfig.zoo, show_default=True,
+    click.option("--zoo", type=RegistryChoice("edgefuse.run.config:ZOOS"), default=Default(CONFIG + "zoo"),
+                 show_default=True,
                  help="Without --model: N networks trained from scratch, or one pretrained and fine-tuned N times."),
 ]
 
@@ -47,29 +49,32 @@ def with_finetunes(f):
 
 
 model_options = [
-    click.option("--arch", type=click.Choice(list(ARCHITECTURES)), default=RunConfig.arch, show_default=True,
+    click.option("--arch", type=ARCHS, default=Default(CONFIG + "arch"), show_default=True,
                  help="Zoo architecture, used when --model is not given."),
     click.option("--model", "model", metavar="MODULE:FUNCTION",
                  help="Factory of your architecture (e.g. mypkg.nets:make_net, or zoo:cnn)."),
-    click.option("-n", "--n-models", "n", type=click.IntRange(2, 64), default=RunConfig.n, show_default=True,
+    click.option("-n", "--n-models", "n", type=click.IntRange(2, 64), default=Default(CONFIG + "n"), show_default=True,
                  help="Number of zoo models (seeds 0..N-1)."),
-    click.option("--cache", default=RunConfig.cache, show_default=True, help="Folder of cached zoo checkpoints."),
+    click.option("--cache", default=Default(CONFIG + "cache"), show_default=True,
+                 help="Folder of cached zoo checkpoints."),
     partition_option,
-    click.option("--data", "--dataset", "data", default=RunConfig.data, show_default=True, metavar="SOURCE",
+    click.option("--data", "--dataset", "data", default=Default(CONFIG + "data"), show_default=True, metavar="SOURCE",
                  help="fashion-mnist, digits, a folder (train/ test/ [val/] of <class>/<image>), an .npz file or "
                  "MODULE:FUNCTION returning the splits."),
     click.option("--val-size", type=click.IntRange(1, None), default=None,
                  help="Validation samples held out of the training split when SOURCE has no val split (default: "
                  "a tenth, at most 5,000)."),
-    click.option("--calibration-images", type=click.IntRange(0, None), default=None,
-                 help=f"Training images that calibrate alignment and repairs (default {CALIBRATION_IMAGES:,}; 0: all "
-                 "of them)."),
+    click.option("--calibration-images", type=click.IntRange(0, None),
+                 default=Default("edgefuse.models.data:CALIBRATION_IMAGES"), show_default=True,
+                 help="Training images that calibrate alignment and repairs (0: all of them)."),
 ]
 
 
-def run_config_of(obj: dict, checkpoints: tuple[str, ...], opts: dict, **fields) -> RunConfig:
+def run_config_of(obj: dict, checkpoints: tuple[str, ...], opts: dict, **fields):
     """The RunConfig of a command: its options by name, the user's models (and their base) loaded when --model is
     given."""
+    from ..run.config import RunConfig
+
     model, base = opts.pop("model"), opts.pop("base", None)
     models = cli_models(opts["arch"], model, checkpoints, opts["n"], opts["cache"], obj["quiet"], opts["partition"]) \
         if model or checkpoints else None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +12,9 @@ import torch
 from torch import nn
 
 from ..base import cascade as cascade_rule
-from ..base import compare, files
+from ..base import compare, files, tie_rule
 from ..base.cascade import CascadeRule, write_description
-from ..base.files import file_digest, publish
+from ..base.files import file_digest, staged
 from ..measure.runners import OrtRunner
 from ..targets import Target
 from . import deploy
@@ -31,7 +30,7 @@ README = """# edgefuse deploy bundle: {name}
 Files: `model.onnx` ({graph}), `target.json` / `{name}.toml` (the target), `golden_inputs.npy` ({batch} test
 images), `reference_outputs.npz` (the model's outputs in FP32 PyTorch), `deploy.py` (builder, checker and
 chooser, with its siblings golden.py, engines.py, runtimes.py, device_choice.py, stages.py, cascade.py,
-compare.py and files.py).
+compare.py, files.py and tie_rule.py, the host chooser's own rule).
 
 ## On the device
 ```
@@ -146,8 +145,7 @@ def write_bundle(out_dir: str | Path, target: Target, onnx_file: Path, module: n
     out_dir = Path(out_dir)
     high = target.batch_profile[2]
     golden = x[torch.arange(high) % len(x)]  # the largest batch the engine takes, real images throughout
-    stage = Path(tempfile.mkdtemp(dir=out_dir, prefix=".bundle-"))
-    try:
+    with staged(out_dir / "bundle", root=out_dir, prefix=".bundle-") as stage:
         _graph_folder(stage, target_dict(target), onnx_file, golden, module)
         shutil.copyfile(target.source, stage / f"{target.name}.toml")
         for script in deploy.SCRIPTS:
@@ -155,6 +153,7 @@ def write_bundle(out_dir: str | Path, target: Target, onnx_file: Path, module: n
         shutil.copyfile(compare.__file__, stage / "compare.py")
         shutil.copyfile(cascade_rule.__file__, stage / "cascade.py")
         shutil.copyfile(files.__file__, stage / "files.py")
+        shutil.copyfile(tie_rule.__file__, stage / "tie_rule.py")
         graph = "FP16 graph, FP32 inputs and outputs" if target.strongly_typed else \
             "FP32 graph; FP16 chosen by the builder flag" if target.precision == "fp16" else "FP32 graph"
         extra = INT8_README.format(images=int8.calibration_images, atol=INT8_ATOL, rtol=INT8_RTOL) if int8 else ""
@@ -169,7 +168,4 @@ def write_bundle(out_dir: str | Path, target: Target, onnx_file: Path, module: n
             checks["int8"] = deploy.check_bundle(stage / "int8", "onnxruntime", SELF_CHECK_SECONDS)
         if candidates:
             checks |= _candidates(stage, target, golden, x[:STREAM_INPUTS], list(candidates))
-        publish(stage, out_dir / "bundle")
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
     return checks

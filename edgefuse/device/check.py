@@ -8,7 +8,7 @@ from functools import cache
 from pathlib import Path
 
 from ..base.errors import EdgefuseError
-from ..graph.onnx import read_onnx
+from ..graph.read import read_onnx
 from ..targets import Target, opset_range
 
 TABLE = Path(__file__).with_name("trt_operators.csv")

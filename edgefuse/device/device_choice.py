@@ -22,11 +22,13 @@ try:  # in the package, and as a script's sibling in a bundle
     from .golden import DeployError, atomic_write, compare, percentiles, read_bundle, read_json
     from .runtimes import resolve
     from .stages import CascadeRunner, open_runner
+    from ..base.tie_rule import NOISE_Z, Entry, pick as tie_pick, speed
 except ImportError:
     from files import EdgefuseError as LockError, exclusive, file_digest
     from golden import DeployError, atomic_write, compare, percentiles, read_bundle, read_json
     from runtimes import resolve
     from stages import CascadeRunner, open_runner
+    from tie_rule import NOISE_Z, Entry, pick as tie_pick, speed
 
 MANIFEST = "candidates.json"
 
@@ -137,9 +139,11 @@ def pick(measured: list[dict], manifest: dict, budget: dict[str, float]) -> tupl
     def lat(m: dict, b: str) -> float:
         return m["latency_ms"][b]["expected" if stat == "mean" else stat]
 
-    def _speed(m: dict) -> float:
-        values = [max(lat(m, b), 1e-9) for b in m["latency_ms"]]
-        return math.exp(sum(map(math.log, values)) / len(values))
+    rows = {r["key"]: r for r in manifest["candidates"]}
+
+    def entry(m: dict) -> Entry:
+        return Entry(m["key"], m.get("kind", ""), m["validation_accuracy"], {b: lat(m, b) for b in m["latency_ms"]},
+                     _network(rows.get(m["key"], {})))
 
     for m in measured:
         over = [b for b, v in budget.items() if lat(m, b) > v]
@@ -152,39 +156,32 @@ def pick(measured: list[dict], manifest: dict, budget: dict[str, float]) -> tupl
         ok = [m for m in measured if m["ok"]]
         if not ok:
             raise NoMatch("no candidate's outputs match its references on this device")
-        fastest = min(ok, key=_speed)
+        fastest = min(ok, key=lambda m: speed(entry(m)))
         b = next(iter(fastest["latency_ms"]))
         raise NoFit(f"no candidate fits the budget ({describe(budget, memory, stat)}); the fastest is "
                     f"{fastest['label']}: {stat} {lat(fastest, b):.3f} ms at batch {b}")
-    best = max(pool, key=lambda m: (m["validation_accuracy"], -_speed(m)))
-    z = _tie_z(manifest, best)
-    noise = manifest.get("noise", {"z": 2.0, "faster": 0.9})
-    faster = [m for m in pool if m is not best and m["key"] in z and z[m["key"]] < noise["z"]
-              and all(lat(m, b) <= noise["faster"] * lat(best, b) for b in best["latency_ms"])]
-    chosen, reason = best, (f"the most accurate on validation ({best['validation_accuracy']:.4f}) of the {len(pool)} "
-                            f"candidates within the budget ({describe(budget, memory, stat)}) on this device")
-    if faster:
-        chosen = min(faster, key=_speed)
+    by_key, entries = {m["key"]: m for m in measured}, [entry(m) for m in pool]
+    rule = tie_pick(entries, entries, lambda a, b: rows.get(a, {}).get("tie_z", {}).get(b))
+    best, chosen = by_key[rule.best.key], by_key[rule.chosen.key]
+    reason = (f"the most accurate on validation ({best['validation_accuracy']:.4f}) of the {len(pool)} candidates "
+              f"within the budget ({describe(budget, memory, stat)}) on this device")
+    if rule.faster and rule.yielded is None:
         reason = (f"ties on validation with the most accurate fitting candidate, {best['label']} "
-                  f"({z[chosen['key']]:.1f} standard errors apart, under {noise['z']:g}), and is clearly faster "
-                  f"here ({stat} {_speed(chosen) / _speed(best):.2f}× its, geometric mean over batch sizes)")
-    if chosen.get("kind") in noise.get("yields", ["fused"]):
-        zc, zb = _tie_z(manifest, chosen), _tie_z(manifest, best)
-        plain = [m for m in pool if m.get("kind") in noise.get("plain", ())
-                 and m["key"] in zc and zc[m["key"]] < noise["z"]
-                 and (m is best or m["key"] in zb and zb[m["key"]] < noise["z"])
-                 and all(noise["faster"] * lat(m, b) <= lat(chosen, b) for b in chosen["latency_ms"])]
-        if plain:
-            fused, chosen = chosen, max(plain, key=lambda m: (m["validation_accuracy"], -_speed(m)))
-            what = "fused model" if fused.get("kind") == "fused" else fused.get("kind")
-            reason = (f"ties on validation with the {what} {fused['label']} and is not clearly slower here: a {what} "
-                      f"ships only where it beats the members and ensembles beyond noise")
+                  f"({rows[best['key']]['tie_z'][chosen['key']]:.1f} standard errors apart, under {NOISE_Z:g}), and "
+                  f"is clearly faster here ({stat} {speed(rule.chosen) / speed(rule.best):.2f}× its, geometric mean "
+                  "over batch sizes)")
+    elif rule.yielded is not None:
+        fused = by_key[rule.yielded.key]
+        what = "fused model" if fused.get("kind") == "fused" else fused.get("kind")
+        reason = (f"ties on validation with the {what} {fused['label']} and is not clearly slower here: a {what} "
+                  f"ships only where it beats the members and ensembles beyond noise")
     return chosen, reason
 
 
-def _tie_z(manifest: dict, m: dict) -> dict[str, float]:
-    """The host's paired z of candidate `m` over each other candidate on validation."""
-    return next(r for r in manifest["candidates"] if r["key"] == m["key"]).get("tie_z", {})
+def _network(row: dict) -> tuple | None:
+    """The candidate's graph as the host described it (MACs, parameters, nodes, precision), where it did."""
+    key = tuple(row.get(k) for k in ("macs", "params", "onnx_nodes", "precision"))
+    return key if None not in key else None
 
 
 def describe(budget: dict[str, float], memory: float | None, stat: str = "p50") -> str:

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..graph.fp16 import export_fp16
 from ..run.candidate import Candidate
-from ..run.choose import FASTER, NOISE_Z, PLAIN, TIE_YIELDS, frontier, per_batch_latency, tie_z
+from ..run.choose import frontier, per_batch_latency, tie_z
 from ..targets import Target
 from .check import check_onnx
 
@@ -68,15 +68,16 @@ def device_candidates(rows: list[Candidate], modules: dict[str, nn.Module], targ
 
 
 def manifest(candidates: list[DeviceCandidate], target: Target) -> dict:
-    """candidates.json: what the device needs to choose (budgets, the noise rule, each candidate's validation
-    accuracy and its paired z against every other) and what it reports (test accuracy, MACs, parameters)."""
+    """candidates.json: what the device needs to choose (budgets, each candidate's validation accuracy, its graph
+    and its paired z against every other; the rule itself travels as tie_rule.py) and what it reports (test
+    accuracy, MACs, parameters)."""
     rows = []
     for dc in candidates:
         c = dc.row
         z = {o.row.key: tie_z(c, o.row) for o in candidates if o is not dc}
         rows.append({"key": c.key, "label": c.label, "kind": c.kind, "precision": c.precision, "graph": dc.graph,
                      "validation": c.validation, "test": c.test, "macs": c.macs, "params": c.params,
-                     "members": list(c.members) if c.members else None, "folder": f"candidates/{c.key}",
+                     "onnx_nodes": c.onnx_nodes, "members": list(c.members) if c.members else None, "folder": f"candidates/{c.key}",
                      "golden": f"candidates/{c.key}/reference_outputs.npz",
                      "tie_z": {k: v for k, v in z.items() if v is not None},
                      **({"cascade": {k: c.cascade[k] for k in ("first", "rest", "gate", "threshold", "combine",
@@ -85,7 +86,6 @@ def manifest(candidates: list[DeviceCandidate], target: Target) -> dict:
     return {"target": target.name, "batch_sizes": list(target.batch_sizes),
             "latency_budget_ms": per_batch_latency(target, target.latency_budget_ms),
             "memory_budget_mb": target.memory_budget_mb, "latency_binds": target.latency_binds,
-            "noise": {"z": NOISE_Z, "faster": FASTER, "plain": list(PLAIN), "yields": list(TIE_YIELDS)},
             "host_choice": host_choice(candidates), "candidates": rows}
 
 

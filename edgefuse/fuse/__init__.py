@@ -13,27 +13,29 @@ from .batched import batch_models
 from .model import FusedModel, ensemble
 from .neuron import fuse_alpha
 from .distill import DistillConfig, distill
-from .repair import REPAIRS, RepairJob
+from .repair import DEFAULT_REPAIR, REPAIRS, RepairJob
 from . import least_squares  # noqa: F401  (registers repair "lsq")
-from .select import check_select
+from .select import DEFAULT_SELECT, check_select
 from .split import fuse_depth
+from ..base.combine import DEFAULT_COMBINE
 
 
 @dataclass(frozen=True)
 class FuseOptions:
     """What else `fuse` takes by keyword; see its docstring."""
-    combine: str = "mean"
+    combine: str = DEFAULT_COMBINE
     batch_heads: bool = False
     head_outputs: bool = False
     steps: int = DistillConfig.steps
-    select: str = "cost"
+    select: str = DEFAULT_SELECT
 
 
 def fuse(aligned: list[nn.Module], spec: PermSpec, depth: int | None = None, alpha=None,
-         data: Iterable | None = None, repair: str | None = "bn", **options) -> FusedModel:
+         data: Iterable | None = None, repair: str | None = DEFAULT_REPAIR, **options) -> FusedModel:
     """Partially fuse aligned models. The inputs are never modified: the result owns copies of every tensor.
-    `options` are FuseOptions: `combine` ("mean" of logits or of "probs"); `batch_heads=True` runs the N heads as one network of grouped kernels (same outputs, fewer kernels);
-    `head_outputs=True` adds every head's output as a second output. `repair`: "bn" (reset BatchNorm statistics),
+    `options` are FuseOptions: `combine` ("mean" of logits or of "probs"); `batch_heads=True` runs the N heads as
+    one network of grouped kernels (same outputs, fewer kernels); `head_outputs=True` adds every head's output as a
+    second output. `repair` (default DEFAULT_REPAIR, "lsq"): "bn" (reset BatchNorm statistics),
     "repair" (REPAIR: rescale merged units to their parents' statistics, then reset BN), "lsq" (re-solve each merged
     layer by least squares towards the members' mean output, and each head's first layer towards its member, after
     an adapter where a shortcut also reads the trunk; see fuse/lsq.py and fuse/adapter.py), "distill" (BN reset, then

@@ -19,7 +19,7 @@ from torch import nn
 from ..base.errors import EdgefuseError, UnsupportedModelError, first_line
 from ..spec.trace import _ELEMENTWISE, _ELEMENTWISE_METHOD, _SAME, _SAME_FN, _SAME_METHOD, drop_path_off, is_drop_path
 from .layers import GroupedLinear, WideLinear, as_param, batched_conv, batched_norm, cat_copy
-from ..base.combine import check_combine, combine_outputs
+from ..base.combine import DEFAULT_COMBINE, check_combine, combine_outputs
 from .views import ChannelViews
 
 _REDUCE = {torch.mean, torch.sum, torch.amax, torch.amin}
@@ -226,7 +226,7 @@ class BatchRewriter(ChannelViews):
         return self.emit("call_method", "flatten", (joined, 1, 2), {}, batched=True)
 
 
-def batch_models(models: list[nn.Module], combine: str = "mean", head_outputs: bool = False) -> fx.GraphModule:
+def batch_models(models: list[nn.Module], combine: str = DEFAULT_COMBINE, head_outputs: bool = False) -> fx.GraphModule:
     """One module computing the `combine` of the N members' outputs with grouped kernels (and, with
     `head_outputs`, every member's output too). It owns copies of every tensor; an operation without a batched form
     raises UnsupportedModelError naming the node."""

@@ -9,7 +9,7 @@ from torch import nn
 from ..base.validate import check_models
 from ..base.errors import EdgefuseError
 from .batched import batch_models
-from ..base.combine import check_combine, combine_outputs
+from ..base.combine import DEFAULT_COMBINE, check_combine, combine_outputs
 
 
 class FusedModel(nn.Module):
@@ -18,7 +18,7 @@ class FusedModel(nn.Module):
     module that runs all N heads as grouped kernels and already combines their outputs (see `batch_heads`).
     `head_outputs=True` also returns every head's output, shape (batch, N, ...), for on-device diagnostics."""
 
-    def __init__(self, trunk: nn.Module, heads: list[nn.Module], combine: str = "mean", batched: bool = False,
+    def __init__(self, trunk: nn.Module, heads: list[nn.Module], combine: str = DEFAULT_COMBINE, batched: bool = False,
                  n_heads: int | None = None, head_outputs: bool = False) -> None:
         super().__init__()
         check_combine(combine)
@@ -48,7 +48,7 @@ class FusedModel(nn.Module):
                           head_outputs=self.head_outputs).eval()
 
 
-def ensemble(models: list[nn.Module], combine: str = "mean", batched: bool = False,
+def ensemble(models: list[nn.Module], combine: str = DEFAULT_COMBINE, batched: bool = False,
              head_outputs: bool = False) -> FusedModel:
     """The exact ensemble as one module: an identity trunk and every model as a head (copies, never shared);
     `batched=True` runs the members as one network of grouped kernels, with the same outputs; `head_outputs=True`

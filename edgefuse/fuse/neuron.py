@@ -23,7 +23,8 @@ from ..spec.permspec import PermSpec, expand
 from .batched import BatchRewriter
 from .layers import GroupedLinear, cat_copy, as_param
 from .alpha_views import AlphaViews
-from .select import Layout, choose_layouts, tensor_layout
+from .select import DEFAULT_SELECT, Layout, choose_layouts, tensor_layout
+from ..base.combine import DEFAULT_COMBINE
 
 
 class MixedLayer(nn.Module):
@@ -231,7 +232,8 @@ class AlphaRewriter(AlphaViews, BatchRewriter):
 
 
 def fuse_alpha(aligned: list[nn.Module], spec: PermSpec, alpha: float | Mapping[str, float],
-               combine: str = "mean", select: str = "cost") -> tuple[fx.GraphModule, dict, list[nn.Module]]:
+               combine: str = DEFAULT_COMBINE,
+               select: str = DEFAULT_SELECT) -> tuple[fx.GraphModule, dict, list[nn.Module]]:
     """The partially fused network, the layouts it used and the models it fused (re-matched by "partial-ot"). The
     models must be aligned (ef.align)."""
     models, layouts = choose_layouts(list(aligned), spec, alpha, select)

@@ -43,6 +43,7 @@ class Repair:
 
 
 REPAIRS: dict[str | None, Repair] = {}
+DEFAULT_REPAIR = "lsq"  # the default repair everywhere (why: docs/results.md, "The least-squares repair")
 
 
 def register(name: str | None, what: str, in_grid: bool = True) -> Callable:

@@ -24,6 +24,7 @@ from ..base.hooks import optional
 from ..spec.permspec import Family, PermSpec, dense_state, permute
 
 SELECTIONS = ("cost", "partial-ot")
+DEFAULT_SELECT = "cost"
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,7 @@ def _block_layouts(models: list[nn.Module], spec: PermSpec, family: Family,
 
 
 def choose_layouts(models: list[nn.Module], spec: PermSpec, alpha: float | Mapping[str, float],
-                   select: str = "cost") -> tuple[list[nn.Module], dict[str, Layout]]:
+                   select: str = DEFAULT_SELECT) -> tuple[list[nn.Module], dict[str, Layout]]:
     """(the models, re-permuted where `select` re-matches them; {group: Layout}) with floor(α·n + 0.5) isolated
     units per group."""
     check_select(select)

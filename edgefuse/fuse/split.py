@@ -10,6 +10,7 @@ from torch import nn
 from ..base.errors import EdgefuseError
 from ..spec.permspec import PermSpec
 from .model import FusedModel
+from ..base.combine import DEFAULT_COMBINE
 
 
 def average_state(models: list[nn.Module]) -> dict[str, torch.Tensor]:
@@ -49,7 +50,7 @@ def split_graph(gm: fx.GraphModule, cut: str) -> tuple[fx.GraphModule, fx.GraphM
     return pre_gm, post_gm
 
 
-def fuse_depth(models: list[nn.Module], spec: PermSpec, depth: int, combine: str = "mean") -> FusedModel:
+def fuse_depth(models: list[nn.Module], spec: PermSpec, depth: int, combine: str = DEFAULT_COMBINE) -> FusedModel:
     """depth 0 is the ensemble; depth k shares the first k weight layers; depth len(cut_points) leaves only the
     N final layers as heads, whose mean of logits equals one averaged final layer: the full merge."""
     cuts = spec.cut_points

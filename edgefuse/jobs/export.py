@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -13,10 +12,10 @@ from rich.console import Console
 from ..run.candidate import Point
 from ..run.choose import Choice, choose, dominance
 from ..run.config import RunConfig, run_config
-from ..run.field import Field, FieldPlan, distill_config, effective_target, grid, measure_field, report_head, run_budget
+from ..run.field import Field, FieldPlan, RunPlan, grid, measure_field, plan_run, report_head
 from ..base.errors import EdgefuseError
 from ..graph.onnx import export_onnx, onnx_nodes, parity, parity_inputs
-from ..base.files import atomic_write_text, exclusive, publish, replaceable, room, writable
+from ..base.files import atomic_write_text, exclusive, replaceable, room, staged, writable
 from ..fuse import fuse
 from ..models.batchnorm import batchnorms
 from ..measure.cuda import require_cuda
@@ -25,7 +24,6 @@ from ..run.setup import prepare
 from ..run.report import build_report, write_report
 from ..measure.cascade import write_cascade
 from ..measure.runners import TorchRunner, predict
-from ..targets import Target
 
 OUTPUTS = ("model.onnx", "report.json", "report.md", "pareto.png", "uncertainty.json", "candidates", "cascade",
            "bundle")  # what an export writes: an earlier export's that this one does not write goes
@@ -37,7 +35,8 @@ def run_export(config: RunConfig | str | None = None, console: Console | None = 
     folder first, so a failure midway leaves an earlier export as it was."""
     run = run_config(config, overrides)
     console = console or Console(stderr=True)
-    tgt = effective_target(run)
+    plan = plan_run(run)
+    tgt = plan.target
     if tgt.runtime == "cuda":  # every candidate is timed on this machine's GPU: fail before any work without one
         console.print(f"[bold]{tgt.name}[/]: candidates timed on {require_cuda()} (torch, CUDA graphs, {tgt.precision})")
     if len(run.methods) != 1:
@@ -53,12 +52,8 @@ def run_export(config: RunConfig | str | None = None, console: Console | None = 
     with exclusive(out_root / f".{tgt.name}.lock", str(out_dir)):
         for stale in {*out_root.glob(f".{tgt.name}-staging-*"), *stage_root.glob(f".{tgt.name}-staging-*")}:
             shutil.rmtree(stale, ignore_errors=True)  # left by a killed run: we hold the lock
-        stage = Path(tempfile.mkdtemp(dir=stage_root, prefix=f".{tgt.name}-staging-"))
-        try:
-            report = _run(tgt, run, stage, console)
-            publish(stage, out_dir, OUTPUTS)
-        finally:
-            shutil.rmtree(stage, ignore_errors=True)
+        with staged(out_dir, OUTPUTS, stage_root, f".{tgt.name}-staging-") as stage:
+            report = _run(plan, run, stage, console)
     return report
 
 
@@ -93,13 +88,12 @@ def _earlier_export(folder: Path) -> bool:
     return isinstance(report, dict) and {"target", "shipped", "candidates"} <= set(report)
 
 
-def _run(tgt: Target, run: RunConfig, out_dir: Path, console: Console) -> dict:
+def _run(plan: RunPlan, run: RunConfig, out_dir: Path, console: Console) -> dict:
     method, depth = run.methods[0], run.depth
+    tgt, budget, cfg = plan.target, plan.budget, plan.distill
     s = prepare(run, console)
     if depth is not None and not 0 <= depth <= len(s.spec.cut_points):
         raise EdgefuseError(f"depth must be between 0 and {len(s.spec.cut_points)} for this model, got {depth}")
-    budget = run_budget(tgt, run)
-    cfg = distill_config(tgt, run.augment)
     if cfg is not None:
         console.print(f"[bold]distillation budget[/]: {cfg.describe()} per distilled candidate (distill_steps in "
                       f"{tgt.source}); about {cfg.steps * cfg.batch_size / len(s.splits.x_train):.1f} passes over the "
@@ -110,8 +104,8 @@ def _run(tgt: Target, run: RunConfig, out_dir: Path, console: Console) -> dict:
         points = [Point("depth", float(depth), method, run.repairs[0], d) for d in (False, True)
                   if depth and (cfg or not d)]
     room(out_dir, _bytes_needed(s.models, len(points)), f"this export of {len(points)} fused points")
-    plan = FieldPlan(out_dir / "candidates", cfg, run.cache, workers=0, pick=depth is None)
-    f = measure_field(s, tgt, points, budget, console, plan)
+    f = measure_field(s, tgt, points, budget, console,
+                      FieldPlan(out_dir / "candidates", cfg, run.cache, workers=0, pick=depth is None))
     t = time.perf_counter()
     # On a TensorRT target the bundle's root graph is one module's (its FP16 and INT8 forms are derived from it): a
     # cascade goes to the device as two stage engines, and deploy.py --choose weighs it there.
@@ -132,7 +126,8 @@ def _run(tgt: Target, run: RunConfig, out_dir: Path, console: Console) -> dict:
         report["fused"]["onnx_nodes_unbatched"] = onnx_nodes(
             export_onnx(unbatched, s.splits.example, out_dir / "candidates" / "chosen_unbatched.onnx", tgt.opset))
     if tgt.runtime == "tensorrt":
-        from ..device import device_candidates, prepare_device
+        from ..device.frontier import device_candidates
+        from ..device.stage import prepare_device
 
         summary = f"{len(s.models)} × {s.label}, {chosen.label}, test accuracy {chosen.test['accuracy']:.4f}"
         fp32 = Path(chosen.file) if chosen.precision == "fp32" else export_onnx(  # an INT8 choice: its FP32 graph

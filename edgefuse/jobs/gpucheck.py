@@ -16,12 +16,13 @@ from .export import run_export
 
 
 @click.command()
-@click.option("--arch", default="cnn", show_default=True, help="zoo architecture, its weights read from --cache")
-@click.option("--n", "n", default=4, show_default=True, help="zoo members")
-@click.option("--align", "method", default="weight", show_default=True, help="alignment method")
+@click.option("--arch", default=RunConfig.arch, show_default=True, help="zoo architecture, its weights read from --cache")
+@click.option("--n", "n", default=RunConfig.n, show_default=True, help="zoo members")
+@click.option("--align", "method", default=RunConfig.methods[0], show_default=True, help="alignment method")
 @click.option("--target", default="desktop-cuda", show_default=True)
-@click.option("--cache", default="build/cache", show_default=True)
-@click.option("--out", "out_root", default="build", show_default=True, help="the export goes to OUT/TARGET/")
+@click.option("--cache", default=RunConfig.cache, show_default=True)
+@click.option("--out", "out_root", default=RunConfig.out_root, show_default=True,
+              help="the export goes to OUT/TARGET/")
 def main(arch: str, n: int, method: str, target: str, cache: str, out_root: str) -> None:
     """Entry point of `make gpu-check`: errors a user can fix are one line and exit 1."""
     try:

@@ -7,14 +7,13 @@ from pathlib import Path
 from rich.console import Console
 
 from ..run.points import fingerprint
-from ..run.choose import Budget, choose
+from ..run.choose import choose
 from ..run.config import RunConfig, run_config
-from ..run.field import FieldPlan, distill_config, effective_target, grid, measure_field, report_head, run_budget
+from ..run.field import FieldPlan, RunPlan, grid, measure_field, plan_run, report_head
 from ..base.errors import EdgefuseError
 from ..base.files import exclusive, writable
 from ..run.setup import prepare
 from ..run.report import build_report, write_report
-from ..targets import Target
 
 
 def run_sweep(config: RunConfig | str | None = None, console: Console | None = None, **overrides) -> dict:
@@ -23,25 +22,25 @@ def run_sweep(config: RunConfig | str | None = None, console: Console | None = N
     pareto.png, points/, candidates/}. Re-running resumes."""
     run = run_config(config, overrides)
     console = console or Console(stderr=True)
-    tgt = effective_target(run)
+    plan = plan_run(run)
+    tgt = plan.target
     if tgt.runtime == "cuda":
         raise EdgefuseError(f"target '{tgt.name}' is measured on the GPU by an export (make export "
                             f"TARGET={tgt.name}), not by a sweep")
-    budget = run_budget(tgt, run)
     out = Path(run.out_root) / tgt.name / "sweep"
     writable(out / "points")
     with exclusive(Path(run.out_root) / f".{tgt.name}.lock", str(out.parent)):  # the export's lock: one writer
-        return _sweep(run, tgt, budget, out, console)
+        return _sweep(run, plan, out, console)
 
 
-def _sweep(run: RunConfig, tgt: Target, budget: Budget, out: Path, console: Console) -> dict:
+def _sweep(run: RunConfig, plan: RunPlan, out: Path, console: Console) -> dict:
     s = prepare(run, console)
-    cfg = distill_config(tgt, run.augment)
+    tgt, budget, cfg = plan.target, plan.budget, plan.distill
     key = fingerprint(s.models, Path(tgt.source).read_text(), s.splits.digest, repr(cfg),
                       "unaligned: fine-tunes of a given base" if s.base is not None else "")
     points = grid(len(s.spec.cut_points), run.alphas, run.methods, run.repairs)
-    plan = FieldPlan(out / "candidates", cfg, run.cache, run.workers, run.ray_address, out / "points", key)
-    f = measure_field(s, tgt, points, budget, console, plan)
+    f = measure_field(s, tgt, points, budget, console, FieldPlan(out / "candidates", cfg, run.cache, run.workers,
+                                                                  run.ray_address, out / "points", key))
     choice = choose(f.rows, budget, f.exact["ensemble"])
     head = report_head(tgt, s, run.methods, budget, cfg, f)
     sweep = build_report(head, f.members, f.exact, f.others, choice, out)

@@ -1,17 +1,21 @@
-"""`ef.verify`: a fused model the user built, next to each member and the exact ensembles, measured alike on the
-target, chosen among on validation data and reported on test data the choice never saw."""
+"""`ef.verify`: a fused model the user built, next to the field every export measures (each member, the exact
+ensembles, sub-ensembles and cascades, by the same `measure_field`), measured alike on the target, chosen among on
+validation data and reported on test data the choice never saw."""
 from __future__ import annotations
 
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+from rich.console import Console
 from torch import nn
 
-from ..run.baselines import choose_combine, exact_ensembles, member_logits, sub_ensembles
 from ..run.candidate import torch_predictions, with_agreement
 from ..run.points import export_and_measure
 from ..run.choose import choose, target_budget
+from ..run.field import FieldPlan, head, measure_field
+from ..run.setup import GIVEN, Setup
 from ..models.data import Splits
 from ..base.errors import EdgefuseError
 from ..fuse import ensemble
@@ -50,28 +54,22 @@ def verify(fused: nn.Module, models: list[nn.Module], data, target: str = "cpu-o
         used = {"validation_data": f"the given validation data ({len(xv)} samples)",
                 "test_data": f"the given test data ({len(x)} samples)"}
     splits = Splits("given", x[:0], y[:0], xv, yv, x, y)
-    tgt = load_target(target)
+    tgt = replace(load_target(target), precisions=())  # INT8 graphs calibrate on training images: verify has none
+    budget = target_budget(tgt)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(out_dir) if out_dir is not None else Path(tmp)
-        cand = root / "candidates"
-        members = [export_and_measure(m, splits, cand / f"member{i}.onnx", tgt, key=f"member{i}",
-                                      label=f"member {i}", kind="member") for i, m in enumerate(models)]
-        val_logits = member_logits([m.file for m in members], splits.x_val)
-        exact, _ = exact_ensembles(models, [m.file for m in members], splits, tgt, cand,
-                                   choose_combine(val_logits, yv.numpy()))
-        row = export_and_measure(fused, splits, cand / "fused.onnx", tgt, key="fused", label="fused (given)",
-                                 kind="fused")
-        reference = torch_predictions(ensemble(models), x)
-        members = [with_agreement(m, reference) for m in members]
-        row = with_agreement(row, reference)
-        subs, _ = sub_ensembles(models, splits, tgt, cand, reference, val_logits)
-        budget = target_budget(tgt)
-        choice = choose(members + list(exact.values()) + subs + [row], budget, exact["ensemble"])
-        head = {"target": tgt.name, "arch": type(models[0]).__name__, "n_models": len(models), "dataset": "given",
-                **used, "n_validation": len(xv), "n_test": len(x), "threads": tgt.threads,
-                "batch_sizes": list(tgt.batch_sizes), "batched_heads": None, "max_depth": None,
-                "align_method": "given", "budget": budget.as_dict(), "distillation": None}
-        report = build_report(head, members, exact, subs + [row], choice, root)
+        s = Setup(list(models), type(models[0]).__name__, splits, None, {"given": list(models)}, {},
+                  torch_predictions(ensemble(models), x), GIVEN, {})
+        f = measure_field(s, tgt, [], budget, Console(stderr=True, quiet=True),
+                          FieldPlan(root / "candidates", pick=False))
+        row = export_and_measure(fused, splits, root / "candidates" / "fused.onnx", tgt, key="fused",
+                                 label="fused (given)", kind="fused")
+        row = with_agreement(row, s.ensemble_predictions)
+        choice = choose(f.rows + [row], budget, f.exact["ensemble"])
+        data = {"dataset": "given", **used, "n_validation": len(xv), "n_test": len(x)}
+        top = head(tgt, s.label, len(models), data, budget) | {
+            "batched_heads": None, "max_depth": None, "align_method": "given", "distillation": None}
+        report = build_report(top, f.members, f.exact, f.others + [row], choice, root)
         report["given"] = report["candidates"][-1]
         if out_dir is not None:
             write_report(report, root)

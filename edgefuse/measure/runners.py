@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ..base.files import native
-from ..base.combine import combine_outputs
+from ..base.combine import DEFAULT_COMBINE, combine_outputs
 
 
 class Runner(Protocol):
@@ -65,7 +65,7 @@ class SessionsRunner:
     """The ensemble as N separate onnxruntime sessions run one after another and averaged: what a user deploys
     without edgefuse, so it is one of the exact baselines."""
 
-    def __init__(self, onnx_paths: list[str | Path], threads: int = 1, combine: str = "mean") -> None:
+    def __init__(self, onnx_paths: list[str | Path], threads: int = 1, combine: str = DEFAULT_COMBINE) -> None:
         self.sessions = [OrtRunner(p, threads) for p in onnx_paths]
         self.combine, self.name = combine, f"{self.sessions[0].name} ×{len(onnx_paths)} sessions"
 

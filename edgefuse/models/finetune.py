@@ -14,14 +14,14 @@ from torch import nn
 
 from ..base.files import commit
 from .partition import Partition
-from .zoo import DEFAULT_EPOCHS, DEFAULT_WIDTH, cached_weights, build, cache_dir, train_model
+from .zoo import DEFAULT_ARCH, DEFAULT_EPOCHS, DEFAULT_WIDTH, cached_weights, build, cache_dir, train_model
 
 FINETUNE_LR = (1e-3, 5e-4, 2e-3, 7e-4)  # member i's peak learning rate: FINETUNE_LR[i % 4]
 FINETUNE_EPOCHS = 2
 SPLIT_SEED = 1234  # which half of the training part pretrains the base
 
 
-def finetune_zoo(arch: str = "cnn", n: int = 4, cache: Path | str = "build/cache", quiet: bool = False,
+def finetune_zoo(arch: str = DEFAULT_ARCH, n: int = 4, cache: Path | str = "build/cache", quiet: bool = False,
                  partition: Partition = Partition()) -> tuple[list[nn.Module], nn.Module, list[Path]]:
     """(members, base, the members' files): trained once, then read from the cache."""
     from rich.progress import Progress

@@ -144,6 +144,7 @@ def mobilenetv2(width: int = 16, classes: int = 10, expand: int = 4) -> nn.Seque
 
 
 ARCHITECTURES = {"mlp": mlp, "cnn": cnn, "resnet20": resnet20, "mobilenetv2": mobilenetv2, "resnet18": resnet18}
+DEFAULT_ARCH = "cnn"  # the embedded zoo of `make export`
 DEFAULT_EPOCHS = {"mlp": 4, "cnn": 2, "resnet20": 2, "mobilenetv2": 2, "resnet18": 2}
 DEFAULT_WIDTH = {"mlp": 256, "cnn": 16, "resnet20": 16, "mobilenetv2": 16, "resnet18": 64}
 
@@ -186,7 +187,7 @@ def cache_dir(root: Path, arch: str, width: int, epochs: int, partition: Partiti
     return Path(root) / f"{arch}-w{width}-e{epochs}-val{VALIDATION_IMAGES}{shards}{zoo_seed}"
 
 
-def zoo_models(arch: str = "cnn", n: int = 4, width: int | None = None, epochs: int | None = None,
+def zoo_models(arch: str = DEFAULT_ARCH, n: int = 4, width: int | None = None, epochs: int | None = None,
                cache: Path | str = "build/cache", quiet: bool = False, train: bool = True,
                partition: Partition = Partition()) -> tuple[list[nn.Module], list[Path]]:
     """Train (or load from the cache) N models of one zoo architecture on Fashion-MNIST's training part (the

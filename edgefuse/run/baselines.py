@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..base.combine import COMBINES, combine_outputs
+from ..base.combine import COMBINES, DEFAULT_COMBINE, combine_outputs
 from ..models.data import Splits
 from ..graph.onnx import onnx_nodes
 from ..fuse import ensemble
@@ -46,7 +46,7 @@ def _how(combine: str) -> str:
 
 
 def exact_ensembles(members: list[nn.Module], member_files: list[str], splits: Splits, target: Target,
-                    out_dir: Path, combine: str = "mean") -> tuple[dict[str, Candidate], dict[str, nn.Module]]:
+                    out_dir: Path, combine: str = DEFAULT_COMBINE) -> tuple[dict[str, Candidate], dict[str, nn.Module]]:
     """The exact ensembles as candidates, and the modules of the two that are one graph, combining by `combine`.
     Each also gives every member's logits (head_logits), for the uncertainty of their disagreement. The N-sessions
     form is onnxruntime's own, so a `cuda` target measures the two one-graph forms only."""

@@ -10,10 +10,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..align import DEFAULT_METHOD
+from ..fuse.repair import DEFAULT_REPAIR
 from ..models.data import Splits
 from ..measure.metrics import macs, params, scores
 from ..measure.runners import OrtRunner, Runner, TorchRunner, predict, predict_with_heads, stream_latency
 from ..measure.uncertainty import flag_rule
+from ..targets import DEFAULT_BINDS
 
 KINDS = ("member", "distilled member", "sub-ensemble", "ensemble", "fused", "cascade")
 ALL_CORES = os.cpu_count() or 1
@@ -25,8 +28,8 @@ class Point:
     alignment method, the repair, and whether it is then distilled towards the ensemble."""
     kind: str
     value: float
-    method: str = "weight"
-    repair: str | None = "bn"
+    method: str = DEFAULT_METHOD
+    repair: str | None = DEFAULT_REPAIR
     distill: bool = False
     precision: str = "fp32"
 
@@ -113,13 +116,13 @@ class Candidate:
     def p50(self, batch: str) -> float:
         return self.latency_by_batch[batch]["p50"]
 
-    def latency(self, batch: str, binds: str = "mean") -> float:
+    def latency(self, batch: str, binds: str = DEFAULT_BINDS) -> float:
         """The latency figure a budget binds: the expected cost per call (measure/runners.summarize; rows measured
         before it was recorded give their p50) or the p99."""
         lat = self.latency_by_batch[batch]
         return lat["p99"] if binds == "p99" else lat.get("expected", lat["p50"])
 
-    def cost_macs(self, binds: str = "mean") -> int:
+    def cost_macs(self, binds: str = DEFAULT_BINDS) -> int:
         """MACs per input: a cascade's mean on validation, or its worst case where the budget binds the p99."""
         return self.cascade["macs_worst"] if binds == "p99" and self.cascade else self.macs
 

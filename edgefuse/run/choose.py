@@ -10,14 +10,11 @@ from dataclasses import dataclass, field
 
 from .candidate import Candidate
 from ..base.errors import EdgefuseError
+from ..base.tie_rule import NOISE_Z, Entry, pick, speed
 from ..measure.metrics import paired_z
-from ..targets import Target
+from ..targets import DEFAULT_BINDS, Target
 
-NOISE_Z = 2.0  # two standard errors of the paired difference: below this, two accuracies are a tie
 MEASURED_HERE = ("onnxruntime", "cuda")  # runtimes whose latency the host measures; TensorRT's is the device's
-PLAIN = ("member", "distilled member", "sub-ensemble", "ensemble")  # kinds that win a tie with a fused model
-TIE_YIELDS = ("fused", "cascade", "merge")  # kinds that give way, on a tie, to a plain kind that is not clearly slower
-FASTER = 0.9  # "clearly faster": p50 at most 90 % of the other's at every batch size (timing noise is a few %)
 
 
 @dataclass(frozen=True)
@@ -29,7 +26,7 @@ class Budget:
     memory_mb: float | None = None
     max_drop: float | None = None
     min_auroc: float | None = None
-    binds: str = "mean"  # what the latency and MACs budgets bind: the mean per call, or the p99 (worst-case MACs)
+    binds: str = DEFAULT_BINDS  # what the latency and MACs budgets bind: the mean per call, or the p99 (worst-case MACs)
 
     def describe(self) -> str:
         worst = "worst-case " if self.binds == "p99" else ""
@@ -56,7 +53,7 @@ class Choice:
 
 
 def dominates(a: Candidate, b: Candidate, batches: list[str], memory: bool = False, uncertainty: bool = False,
-              binds: str = "mean") -> bool:
+              binds: str = DEFAULT_BINDS) -> bool:
     """`a` matches or beats `b` on validation accuracy while being no slower at every batch size (by the figure the
     budget binds: mean or p99 per call; and, when memory is budgeted, no larger; when uncertainty is asked for,
     flagging errors at least as well)."""
@@ -65,13 +62,12 @@ def dominates(a: Candidate, b: Candidate, batches: list[str], memory: bool = Fal
             and (not uncertainty or (a.uncertainty_auroc or 0.0) >= (b.uncertainty_auroc or 0.0)))
 
 
-def _speed(c: Candidate, batches: list[str], binds: str = "mean") -> float:
-    """Geometric mean of the bound latency over the batch sizes: one number to order candidates by speed."""
-    return math.exp(sum(math.log(max(c.latency(b, binds), 1e-9)) for b in batches) / len(batches))
+def _speed(c: Candidate, batches: list[str], binds: str = DEFAULT_BINDS) -> float:
+    return speed(_entry(c, batches, binds))
 
 
 def dominance(rows: list[Candidate], batches: list[str], memory: bool = False,
-              uncertainty: bool = False, binds: str = "mean") -> dict[str, str]:
+              uncertainty: bool = False, binds: str = DEFAULT_BINDS) -> dict[str, str]:
     """For each dominated row, the key of its most accurate dominator. Of two rows equal on every criterion the
     first listed stands and the second is dominated, so a set of identical rows keeps exactly one."""
     out = {}
@@ -100,11 +96,12 @@ def tie_z(a: Candidate, b: Candidate) -> float | None:
     return paired_z(a.val_correct, b.val_correct)
 
 
-def same_network(a: Candidate, b: Candidate) -> bool:
-    """Same MACs, parameters, ONNX node count and precision: in practice the same graph (two members, a member and
-    its distilled copy), so a latency difference between them is timing noise, however large it was measured, and
-    cannot break a tie. An INT8 twin or the batched ensemble differs in graph, so its speed still counts."""
-    return (a.macs, a.params, a.onnx_nodes, a.precision) == (b.macs, b.params, b.onnx_nodes, b.precision)
+def _entry(c: Candidate, batches: list[str], binds: str) -> Entry:
+    """The candidate as the tie rule sees it. Its network is its MACs, parameters, ONNX node count and precision:
+    two members, or a member and its distilled copy, are one graph, whose latency difference is timing noise;
+    an INT8 twin or the batched ensemble differs in graph, so its speed counts."""
+    return Entry(c.key, c.kind, c.accuracy, {b: c.latency(b, binds) for b in batches},
+                 (c.macs, c.params, c.onnx_nodes, c.precision))
 
 
 def choose(rows: list[Candidate], budget: Budget, ensemble: Candidate) -> Choice:
@@ -127,47 +124,30 @@ def choose(rows: list[Candidate], budget: Budget, ensemble: Candidate) -> Choice
         reason = (f"the fastest candidate within {budget.max_drop:g} of the ensemble's validation accuracy "
                   f"({chosen.accuracy:.4f} vs {ensemble.accuracy:.4f})")
         return Choice(chosen, reason, beaten, tuple(c.key for c in within))
-    best = max(pool, key=lambda c: (c.accuracy, -_speed(c, batches, binds)))
+    by_key, entry = {c.key: c for c in rows}, {c.key: _entry(c, batches, binds) for c in within}
+    rule = pick([entry[c.key] for c in pool], list(entry.values()), lambda a, b: tie_z(by_key[a], by_key[b]))
+    best, chosen = by_key[rule.best.key], by_key[rule.chosen.key]
     reason = (f"the most accurate on validation ({best.accuracy:.4f}) of the {len(within)} candidates within the "
               f"budget ({budget.describe()}), and no candidate is as accurate and at least as fast")
-    faster = [c for c in pool if c is not best and not same_network(c, best)
-              and all(c.latency(b, binds) <= FASTER * best.latency(b, binds) for b in batches)
-              and (z := tie_z(best, c)) is not None and z < NOISE_Z]
-    chosen = best
-    if faster:
-        chosen = min(faster, key=lambda c: _speed(c, batches, binds))
+    if rule.faster and rule.yielded is None:
         z = tie_z(best, chosen)
         ratios = ", ".join(f"{chosen.latency(b, binds) / best.latency(b, binds):.2f}× at b{b}" for b in batches)
         reason = (f"ties on validation with the most accurate candidate, {best.label} ({chosen.accuracy:.4f} vs "
                   f"{best.accuracy:.4f}, {z:.1f} standard errors apart, under {NOISE_Z:g}), and is clearly faster "
                   f"({binds} latency {ratios})")
-    if chosen.kind in TIE_YIELDS and (plain := _plain_tie(within, chosen, best, batches, binds)):
-        what = "fused model" if chosen.kind == "fused" else chosen.kind
-        reason = (f"ties on validation with the {what} that would ship, {chosen.label} ({plain.accuracy:.4f} vs "
-                  f"{chosen.accuracy:.4f}; and with the most accurate candidate, {best.accuracy:.4f}), and is not "
+    elif rule.yielded is not None:
+        fused = by_key[rule.yielded.key]
+        what = "fused model" if fused.kind == "fused" else fused.kind
+        reason = (f"ties on validation with the {what} that would ship, {fused.label} ({chosen.accuracy:.4f} vs "
+                  f"{fused.accuracy:.4f}; and with the most accurate candidate, {best.accuracy:.4f}), and is not "
                   f"clearly slower: a {what} ships only where it beats every member, distilled member and "
                   f"ensemble at no higher cost beyond noise")
-        chosen = plain
     ties = [c.label for c in pool if c is not chosen and (z := tie_z(chosen, c)) is not None and abs(z) < NOISE_Z]
     if ties:
         reason += f"; within noise of it on validation (a tie): {', '.join(ties)}"
     if chosen.kind in ("member", "distilled member"):
         reason += f"; a single {chosen.kind} ships: no fused model or ensemble within the budget does better"
     return Choice(chosen, reason, beaten, tuple(c.key for c in within))
-
-
-def _plain_tie(pool: list[Candidate], fused: Candidate, best: Candidate, batches: list[str],
-               binds: str) -> Candidate | None:
-    """The most accurate member, distilled member or (sub-)ensemble that ties on validation with `fused` (a fused
-    model or a cascade) and with `best`, the most accurate candidate, and is not clearly slower at any batch size:
-    fusion and cascades have to earn their place beyond noise, and on a tie the plainer model ships. Tying with
-    `best` too keeps a chain of ties (best ~ a faster cascade ~ a member) from shipping a model that is beaten
-    beyond noise. It looks among every candidate within the budget, dominated ones included, as the device's chooser
-    does: a merge is a member's network, so a member within noise of it is "dominated" by its accuracy alone."""
-    ties = [c for c in pool if c.kind in PLAIN and all((z := tie_z(a, c)) is not None and z < NOISE_Z
-                                                       for a in (fused, best))
-            and all(FASTER * c.latency(b, binds) <= fused.latency(b, binds) for b in batches)]
-    return max(ties, key=lambda c: (c.accuracy, -_speed(c, batches, binds))) if ties else None
 
 
 def target_budget(tgt: Target, latency_ms: float | tuple[float, ...] | None = None, memory_mb: float | None = None,
@@ -200,7 +180,7 @@ def per_batch_latency(tgt: Target, lat: float | tuple[float, ...] | None) -> dic
     return {str(b): float(v) for b, v in zip(tgt.batch_sizes, values)}
 
 
-def frontier(rows: list[Candidate], cap: int, binds: str = "mean") -> list[Candidate]:
+def frontier(rows: list[Candidate], cap: int, binds: str = DEFAULT_BINDS) -> list[Candidate]:
     """The candidates no other beats on validation accuracy at no higher MACs (a cascade's mean or worst case, as
     the budget binds; an INT8 graph counts as cheaper than an FP32 one of the same MACs), cheapest first: what a
     device that times them itself chooses among. More than `cap` are thinned evenly from the cheapest to the most

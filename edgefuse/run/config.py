@@ -1,14 +1,18 @@
 """One run of the pipeline, described once: the CLI and Python build the same frozen configuration, the export and
-the sweep read it, and every knob has its one default here (the target's budgets and distillation settings are the
-target file's, overridden only where a field below is set)."""
+the sweep read it, and every knob has its one default here or, for a registered choice (alignment, repair,
+architecture), in its registry (the target's budgets and distillation settings are the target file's, overridden
+only where a field below is set)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 
 from torch import nn
 
+from ..align import DEFAULT_METHOD
 from ..base.errors import EdgefuseError
+from ..fuse.repair import DEFAULT_REPAIR
 from ..models.data import Splits
+from ..models.zoo import DEFAULT_ARCH
 
 DEFAULT_ALPHAS = (0.1, 0.25, 0.5, 0.75)
 ZOOS = ("scratch", "finetune")
@@ -27,7 +31,7 @@ class RunConfig:
     models: tuple[nn.Module, ...] | None = None
     base: nn.Module | dict | None = None  # the pretrained network (or its state dict) the members were fine-tuned from
     zoo: str = "scratch"  # without models: "scratch" (N seeds) or "finetune" (one base fine-tuned N times)
-    arch: str = "cnn"
+    arch: str = DEFAULT_ARCH
     n: int = 4
     partition: str = "all"  # the zoo's: all, iid, dirichlet:A or classes:K (models/partition.py)
     data: str | Splits = "fashion-mnist"
@@ -35,9 +39,9 @@ class RunConfig:
     calibration_images: int | None = None  # None: the data's default (models/data.CALIBRATION_IMAGES); 0: all
     out_root: str = "build"
     cache: str = "build/cache"
-    methods: tuple[str, ...] = ("activation",)  # see docs/results.md, "The least-squares repair"
+    methods: tuple[str, ...] = (DEFAULT_METHOD,)
     alphas: tuple[float, ...] = DEFAULT_ALPHAS
-    repairs: tuple[str | None, ...] = ("lsq",)  # see docs/results.md, "The least-squares repair"
+    repairs: tuple[str | None, ...] = (DEFAULT_REPAIR,)
     depth: int | None = None
     latency_ms: float | tuple[float, ...] | None = None
     memory_mb: float | None = None

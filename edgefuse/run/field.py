@@ -23,6 +23,7 @@ from ..fuse import DistillConfig
 from .setup import Setup
 from ..base.errors import warn_once
 from ..targets import Target, load_target
+from ..base.combine import DEFAULT_COMBINE
 
 
 def grid(n_cuts: int, alphas: tuple[float, ...], methods: tuple[str, ...], repairs: tuple) -> list[Point]:
@@ -80,8 +81,19 @@ def effective_target(run: RunConfig) -> Target:
     return replace(tgt, **changes)
 
 
-def run_budget(tgt: Target, run: RunConfig) -> Budget:
-    return target_budget(tgt, run.latency_ms, run.memory_mb, run.max_drop, run.min_auroc)
+@dataclass(frozen=True)
+class RunPlan:
+    """A run's target resolved once: the target file with the run's overrides, the budget the chooser applies and
+    the distillation every distilled candidate gets."""
+    target: Target
+    budget: Budget
+    distill: DistillConfig | None
+
+
+def plan_run(run: RunConfig) -> RunPlan:
+    tgt = effective_target(run)
+    return RunPlan(tgt, target_budget(tgt, run.latency_ms, run.memory_mb, run.max_drop, run.min_auroc),
+                   distill_config(tgt, run.augment))
 
 
 def distill_config(tgt: Target, augment: bool | None = None) -> DistillConfig | None:
@@ -103,7 +115,7 @@ def measure_field(s: Setup, tgt: Target, points: list[Point], budget: Budget, co
 
     def jobs(pts: list[Point]) -> list[Job]:
         teacher = out.teacher.members if out.teacher is not None else None
-        how = (out.teacher.combine or "mean") if out.teacher is not None else "mean"
+        how = (out.teacher.combine or DEFAULT_COMBINE) if out.teacher is not None else DEFAULT_COMBINE
         return [Job(point=p, aligned=s.aligned[p.method], splits=s.splits, target=tgt, out_dir=str(out_dir),
                     ensemble_predictions=s.ensemble_predictions, distill=distill,
                     cache=str(cache) if cache else None, keep_module=keep, teacher=teacher, teacher_combine=how,
@@ -200,13 +212,17 @@ def report_head(tgt: Target, s: Setup, methods: tuple[str, ...], budget: Budget,
     """What a report says about its run before the rows: target, models, data splits, alignment, budget, which
     ensemble taught the distilled candidates, and the seconds each phase took so far."""
     teacher = f.teacher
-    return {"seconds": s.seconds | f.seconds, "target": tgt.name, "arch": s.label, "n_models": len(s.models),
-            **s.data_lines(),
-            "threads": tgt.threads, "batch_sizes": list(tgt.batch_sizes), "batched_heads": tgt.batch_heads,
-            "max_depth": len(s.spec.cut_points), "regime": s.regime.as_dict(),
+    return {"seconds": s.seconds | f.seconds, **head(tgt, s.label, len(s.models), s.data_lines(), budget),
+            "batched_heads": tgt.batch_heads, "max_depth": len(s.spec.cut_points), "regime": s.regime.as_dict(),
             "align_method": ", ".join(methods),
             "align_seconds": s.align_seconds[methods[0]] if len(methods) == 1 else s.align_seconds,
-            "budget": budget.as_dict(),
             "distillation": {"config": cfg.describe(), "steps": cfg.steps, "batch_size": cfg.batch_size,
                              "augment": cfg.augment, "why": DISTILL_WHY,
                              "teacher": teacher.label if teacher else None} if cfg else None}
+
+
+def head(tgt: Target, arch: str, n_models: int, data: dict, budget: Budget) -> dict:
+    """What every report (an export's, a sweep's, `ef.verify`'s) says first: the target and how it times, the
+    models, what data was used for what, and the budget."""
+    return {"target": tgt.name, "arch": arch, "n_models": n_models, **data, "threads": tgt.threads,
+            "batch_sizes": list(tgt.batch_sizes), "budget": budget.as_dict()}

@@ -26,6 +26,7 @@ from ..measure.runners import latency_batch, peak_memory_mb
 from ..spec.permspec import PermSpec, permutation_spec
 from ..targets import Target
 from .candidate import Candidate, Point, measure, with_agreement
+from ..base.combine import DEFAULT_COMBINE
 
 
 @dataclass
@@ -42,7 +43,7 @@ class Job:
     cache: str | None = None
     keep_module: bool = False
     teacher: tuple[int, ...] | None = None  # the members whose ensemble teaches distillation (None: all)
-    teacher_combine: str = "mean"  # how that ensemble combines them
+    teacher_combine: str = DEFAULT_COMBINE  # how that ensemble combines them
     spec: PermSpec | None = None  # traced once per run; None: traced here
 
 
@@ -83,7 +84,7 @@ def _distilled(student: nn.Module, job: Job, splits) -> None:
     """Distil in place, or load the weights of an earlier run with the same models, point and budget."""
     cfg = job.distill
     key = fingerprint(job.aligned, job.point.key, repr(cfg), job.splits.digest, str(job.target.batch_heads),
-                      str(job.teacher), *(() if job.teacher_combine == "mean" else (job.teacher_combine,)))
+                      str(job.teacher), *(() if job.teacher_combine == DEFAULT_COMBINE else (job.teacher_combine,)))
     path = Path(job.cache) / "distilled" / f"{key}.pt" if job.cache else None
     if path is not None and path.is_file():
         try:

@@ -9,6 +9,7 @@ from .baselines import best_exact, mean_of_members
 from .candidate import Candidate
 from .choose import Choice
 from ..base.files import atomic_write_text, save_figure
+from ..targets import DEFAULT_BINDS
 
 DEVICE_NOTE = ("Latencies above were measured on this machine with onnxruntime (CPU), a proxy for ranking candidates; "
                "the device's own latency comes from `bundle/deploy.py`.")
@@ -23,7 +24,7 @@ def markdown(report: dict) -> str:
     ratios to the ensemble, p50 as ratios to the fastest exact ensemble at that batch size, all from one run."""
     ens, base = report["ensemble"], report["baseline_by_batch"]
     batches = list(ens["latency_by_batch"])
-    binds = report["budget"].get("binds", "mean")
+    binds = report["budget"].get("binds", DEFAULT_BINDS)
     head = ("| model | kind | val acc | test acc | NLL | ECE | AUROC softmax / heads | agreement | MACs / ens | params "
             "| peak MB | " +
             " | ".join(f"{'p99' if binds == 'p99' else 'ms'} b{b} | / best ens" for b in batches) + " | dominated by |")
@@ -186,7 +187,7 @@ def pareto_plot(report: dict, path: str | Path) -> Path:
     for ax, key, label in ((axes[0], "macs", "MACs / ensemble"),
                            (axes[1], "latency", f"latency / fastest exact ensemble (b{b})")):
         def x(r: dict) -> float:
-            binds = report["budget"].get("binds", "mean")
+            binds = report["budget"].get("binds", DEFAULT_BINDS)
             return (r["macs"] / ens["macs"] if key == "macs"
                     else _stat(r["latency_by_batch"][b], binds) / _stat(base[b], binds))
 

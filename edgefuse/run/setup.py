@@ -37,12 +37,15 @@ class Regime:
         return {"name": self.name, "why": self.why, "identity_share": self.identity_share}
 
 
+GIVEN = Regime("given", "the models and the fused model are measured as given (ef.verify): nothing is aligned")
+
+
 @dataclass(frozen=True)
 class Setup:
     models: list[nn.Module]
     label: str
     splits: Splits
-    spec: PermSpec
+    spec: PermSpec | None  # None where nothing is fused here (ef.verify)
     aligned: dict[str, list[nn.Module]]
     align_seconds: dict[str, float]
     ensemble_predictions: np.ndarray

@@ -12,7 +12,8 @@ from ..base.errors import EdgefuseError
 RUNTIMES = ("onnxruntime", "tensorrt", "cuda")
 PRECISIONS = ("fp32", "fp16")
 EXTRA_PRECISIONS = ("int8",)  # weighed as candidates next to `precision`: an INT8 QDQ graph of each
-
+BINDS = ("mean", "p99")  # what a latency budget binds: the expected cost per call, or its p99
+DEFAULT_BINDS = "mean"
 
 # The distillation budget, the one default for every target and for `DistillConfig`: each distilled candidate (the
 # member most accurate on validation, and the best depth and alpha within the budget) trains this many steps of this
@@ -38,7 +39,7 @@ class Target:
     latency_budget_ms: float | tuple[float, ...] | None = None
     memory_budget_mb: float | None = None
     min_auroc: float | None = None
-    latency_binds: str = "mean"  # what latency and MACs budgets bind: "mean" per call, or "p99" (worst case)
+    latency_binds: str = DEFAULT_BINDS  # what latency and MACs budgets bind: "mean" per call, or "p99" (worst case)
     batch_heads: bool = True
     distill_steps: int = DISTILL_STEPS
     distill_batch_size: int = DISTILL_BATCH_SIZE
@@ -135,7 +136,6 @@ NUMBERS = {"max_macs_ratio": (0.0, 1.0), "memory_budget_mb": (1e-9, 1e9), "atol"
            "min_auroc": (0.0, 1.0)}
 BOOLS = ("batch_heads", "gpu_fallback", "strongly_typed", "distill_augment", "int8_keep_ends", "distill_per_head")
 STRINGS = ("runtime", "device", "precision", "description", "tensorrt", "io_precision", "latency_binds")
-BINDS = ("mean", "p99")
 MAX_BATCH = 65536
 
 
@@ -173,7 +173,7 @@ def _check_values(raw: dict, source: str) -> None:
     values = lat if isinstance(lat, list) else [lat]
     if lat is not None and (not values or not all(_positive(v) for v in values)):
         fail("latency_budget_ms", "a positive number of milliseconds, or a list of them, one per batch size")
-    if raw.get("latency_binds", "mean") not in BINDS:
+    if raw.get("latency_binds", DEFAULT_BINDS) not in BINDS:
         fail("latency_binds", " or ".join(f'"{b}"' for b in BINDS))
     if "dla_core" in raw and not (_is_int(raw["dla_core"]) and 0 <= raw["dla_core"] <= 1):
         fail("dla_core", "0 or 1")
