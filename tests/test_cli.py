@@ -95,6 +95,11 @@ def test_export_end_to_end(checkpoints, tmp_path):
     for b, base in report["baseline_by_batch"].items():
         assert base["p50"] == min(report[e]["latency_by_batch"][b]["p50"]
                                   for e in ("ensemble", "ensemble_batched", "ensemble_sessions"))
+    # Latency against arithmetic, per row, with the fastest member (as cheap as every member) as the yardstick.
+    members = [c for c in report["candidates"] if c["kind"] == "member"]
+    for b in map(str, report["batch_sizes"]):
+        assert min(m["latency_per_mac"][b] for m in members) == 1.0
+        assert all(c["latency_per_mac"][b] > 0 for c in report["candidates"])
 
 
 def test_fuse_then_verify(checkpoints, tmp_path):

@@ -27,7 +27,8 @@ def markdown(report: dict) -> str:
     binds = report["budget"].get("binds", DEFAULT_BINDS)
     head = ("| model | kind | val acc | test acc | NLL | ECE | AUROC softmax / heads | agreement | MACs / ens | params "
             "| peak MB | " +
-            " | ".join(f"{'p99' if binds == 'p99' else 'ms'} b{b} | / best ens" for b in batches) + " | dominated by |")
+            " | ".join(f"{'p99' if binds == 'p99' else 'ms'} b{b} | / best ens" for b in batches) +
+            " | p50 / MACs vs a member | dominated by |")
     shipped = report["shipped"]
     lines = [f"# edgefuse report: {report['target']}", "",
              f"{report['n_models']} × {report.get('arch', 'model')}, {_regime(report)}. "
@@ -43,7 +44,7 @@ def markdown(report: dict) -> str:
         teacher = f", towards {d['teacher']} (the ensemble most accurate on validation)" if d.get("teacher") else ""
         lines += [f"Distilled candidates: {d['config']} on the training split's unlabeled images{teacher} "
                   f"({d['why']}).", ""]
-    lines += [head, "|" + "---|" * (12 + 2 * len(batches))]
+    lines += [head, "|" + "---|" * (13 + 2 * len(batches))]
     for c in report["candidates"]:
         name = c["label"] + (" **← model.onnx**" if c["key"] == shipped["key"] else "")
         cells = [name, c["kind"], f"{c['validation']['accuracy']:.4f}", f"{c['test']['accuracy']:.4f}",
@@ -54,6 +55,7 @@ def markdown(report: dict) -> str:
         for b in batches:
             t = _stat(c["latency_by_batch"][b], binds)
             cells += [f"{t:.3f}", f"{t / _stat(base[b], binds):.2f}"]
+        cells.append(" / ".join(f"{v:.2f}" for v in c["latency_per_mac"].values()) if "latency_per_mac" in c else "-")
         cells.append(_label_of(report, c.get("dominated_by")) or "–")
         lines.append("| " + " | ".join(cells) + " |")
     single = report["single"]
@@ -228,6 +230,17 @@ def write_report(report: dict, out_dir: str | Path, name: str = "report") -> dic
             "png": pareto_plot(report, out / "pareto.png")}
 
 
+def latency_per_mac(c: Candidate, members: list[Candidate]) -> dict[str, float]:
+    """Per batch size, the row's p50 over the fastest member's, divided by its MACs over a member's (a cascade's
+    mean): 1 where a graph runs as fast as its arithmetic says, above 1 where its graph costs more than its MACs
+    (many small kernels, dense blocks of a sparse layout, a call's fixed overhead)."""
+    out = {}
+    for b in c.latency_by_batch:
+        ref = min(members, key=lambda m: m.p50(b))
+        out[b] = round((c.p50(b) / ref.p50(b)) / (c.cost_macs() / ref.macs), 3)
+    return out
+
+
 def build_report(head: dict, members: list[Candidate], exact: dict[str, Candidate], others: list[Candidate],
                  choice: Choice, root: Path) -> dict:
     """The JSON report: `head` (target, data, alignment), every candidate with both splits' scores and who dominates
@@ -235,7 +248,8 @@ def build_report(head: dict, members: list[Candidate], exact: dict[str, Candidat
     Files are named relative to `root`, the folder the report is written to."""
     def row(c: Candidate) -> dict:
         return c.to_json(root) | {"dominated_by": choice.dominated_by.get(c.key),
-                                  "within_budget": c.key in choice.within_budget}
+                                  "within_budget": c.key in choice.within_budget,
+                                  "latency_per_mac": latency_per_mac(c, members)}
 
     rows = members + list(exact.values()) + others
     chosen = choice.chosen
