@@ -94,8 +94,8 @@ def test_ctrl_c_during_a_sweep_with_workers_is_one_line(checkpoints, tmp_path):
     import time
 
     args = [sys.executable, "-c", "from edgefuse.cli.main import main; main()", "-q", "sweep", "--model",
-            "tests.nets:digits_mlp", *checkpoints, "--dataset", "digits", "--alpha", "0.25", "--alpha", "0.5",
-            "--workers", "2", "--distill-steps", "0", "--out-root", str(tmp_path)]
+            "tests.nets:digits_mlp", *checkpoints, "--dataset", "digits", "--alpha", "0.1", "--alpha", "0.25",
+            "--alpha", "0.5", "--alpha", "0.75", "--workers", "2", "--distill-steps", "0", "--out-root", str(tmp_path)]
     proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             cwd=os.path.dirname(os.path.dirname(__file__)))
     points = tmp_path / "cpu-ort" / "sweep" / "points"
@@ -107,4 +107,6 @@ def test_ctrl_c_during_a_sweep_with_workers_is_one_line(checkpoints, tmp_path):
         pytest.skip("the sweep finished before it could be interrupted")
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0 and (tmp_path / "cpu-ort" / "sweep" / "sweep.json").is_file():
+        pytest.skip("the sweep finished before the signal reached it")
     assert proc.returncode != 0 and "Traceback" not in err and len(err.strip().splitlines()) <= 2, err
