@@ -16,6 +16,7 @@ from .distill import DistillConfig, distill
 from .repair import DEFAULT_REPAIR, REPAIRS, RepairJob
 from . import least_squares  # noqa: F401  (registers repair "lsq")
 from .select import DEFAULT_SELECT, check_select
+from .dense import densify
 from .split import fuse_depth
 from ..base.combine import DEFAULT_COMBINE
 
@@ -28,6 +29,7 @@ class FuseOptions:
     head_outputs: bool = False
     steps: int = DistillConfig.steps
     select: str = DEFAULT_SELECT
+    dense: bool = True  # α: mixed layers as single dense layers where that is cheap (fuse/dense.py)
 
 
 def fuse(aligned: list[nn.Module], spec: PermSpec, depth: int | None = None, alpha=None,
@@ -41,7 +43,9 @@ def fuse(aligned: list[nn.Module], spec: PermSpec, depth: int | None = None, alp
     an adapter where a shortcut also reads the trunk; see fuse/lsq.py and fuse/adapter.py), "distill" (BN reset, then
     `steps` steps of distillation towards the ensemble on the calibration inputs, shifted and flipped when they are
     images; `fuse/distill.py` trains on any other unlabeled set) or None. `select` ("cost" or
-    "partial-ot", with alpha) decides which units stay isolated (see fuse/select.py)."""
+    "partial-ot", with alpha) decides which units stay isolated (see fuse/select.py); `dense` (default True) makes an
+    α model's mixed layers single dense layers where that costs few extra MACs (fuse/dense.py: fewer operators,
+    BatchNorm folded; the same function)."""
     o = FuseOptions(**options)
     combine, batch_heads, head_outputs, steps, select = o.combine, o.batch_heads, o.head_outputs, o.steps, o.select
     check_models(aligned, "fusion")
@@ -58,6 +62,8 @@ def fuse(aligned: list[nn.Module], spec: PermSpec, depth: int | None = None, alp
         fused.widths = {g: len(lay.fused) + len(aligned) * len(lay.isolated) for g, lay in layouts.items()}
         if any(len(lay.fused) for lay in layouts.values()):  # alpha=1 is the ensemble itself: nothing to repair
             _repair(fused.eval(), repair, data, parents, spec, layouts, steps)
+        if o.dense:
+            densify(fused)
         return _finite(fused.eval(), repair)
     if depth is None:
         raise EdgefuseError("fuse needs depth=k (0 = ensemble, len(spec.cut_points) = full merge) or alpha=a "
