@@ -85,6 +85,10 @@ def test_export_end_to_end(checkpoints, tmp_path):
     assert {"models", "data", "align", "members", "ensembles", "cascades", "fused points", "distilled"} <= set(phases)
     assert "merges" not in phases and report["regime"]["name"] == "from scratch"
     assert abs(phases.pop("total") - sum(phases.values())) < 0.05 and min(phases.values()) >= 0
+    for c in report["candidates"]:  # and per row: what built it, its export and its measurement
+        steps = set(c["seconds"] or ())
+        assert steps >= {"export", "measure"} or c["key"] == "ensemble_sessions", c["key"]
+        assert ("fuse and repair" in steps) == (c["kind"] == "fused") and ("distill" in steps) == bool(c["distill"])
     # Rows with heads are scored on their disagreement too; the shipped model's flagging rule lands beside it.
     for c in report["candidates"]:
         has_heads = c["kind"] in ("ensemble", "sub-ensemble") or bool(c["depth"])

@@ -89,6 +89,7 @@ class Candidate:
     cascade: dict | None = None  # a cascade's rule, stage graphs, escalation rates and worst-case MACs
     combine: str | None = None  # how a row that combines members does it: "mean" of logits or "probs"
     merge: dict | None = None  # a merge's method, its parameters (chosen on validation) and the members merged
+    seconds: dict[str, float] | None = None  # where its time went: fuse and repair, distill, export, measure
     val_correct: np.ndarray | None = field(default=None, repr=False, compare=False)
     test_predictions: np.ndarray | None = field(default=None, repr=False, compare=False)
 

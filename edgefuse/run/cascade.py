@@ -6,6 +6,7 @@ validation; every row is then measured like any other candidate, by running its 
 (as every candidate's), peak memory, MACs as the validation mean and the worst case."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +103,9 @@ def _measure(rule: CascadeRule, members: list[Candidate], first_logits: dict[str
     inputs, the escalation share from the rule on the first stage's logits."""
     first = members[rule.first]
     key = f"cascade-{rule.first}-to-{'-'.join(map(str, rule.members))}-t{rule.threshold:.4f}"
+    t = time.perf_counter()
     graph = str(cascade_graph(rule, first.file, rest_file, out_dir / f"{key}.onnx"))
+    seconds, t = {"export": time.perf_counter() - t}, time.perf_counter()
     predictor = OrtRunner(graph, ALL_CORES)
     val, test = predict(predictor, splits.x_val), predict(predictor, splits.x_test)
     x_test = splits.x_test.numpy()
@@ -120,11 +123,13 @@ def _measure(rule: CascadeRule, members: list[Candidate], first_logits: dict[str
         "calls_escalated": {str(b): calls_escalated(masks["test"], b) for b in target.batch_sizes},
         "macs_worst": first_macs + rest_macs, "macs_mean_test": round(first_macs + rate_test * rest_macs),
         "shifted": _shifted(rate_val, rate_test)}
+    memory = peak_memory_mb([graph], max(target.batch_sizes), target.threads)
+    seconds["measure"] = time.perf_counter() - t
     return Candidate(
         key=key, label=label, kind="cascade", validation=scores(val, splits.y_val), test=scores(test, splits.y_test),
         macs=round(first_macs + rate_val * rest_macs), params=first.params + params(rest_module),
         latency_by_batch=lat, runtime=timer.name,
-        peak_memory_mb=peak_memory_mb([graph], max(target.batch_sizes), target.threads),
+        peak_memory_mb=memory, seconds={k: round(v, 2) for k, v in seconds.items()},
         onnx_nodes=onnx_nodes(graph), file=graph, members=tuple(sorted(rule.members)), cascade=info,
         combine=rule.combine,
         uncertainty=flag_rule((val, None), y_val, (test, None), y_test),

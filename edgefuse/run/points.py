@@ -7,8 +7,9 @@ import copy
 import hashlib
 import json
 import multiprocessing
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,11 +59,11 @@ def fingerprint(models: list[nn.Module], *parts: str) -> str:
     return h.hexdigest()[:16]
 
 
-def build(job: Job, splits) -> nn.Module:
+def build(job: Job, splits, seconds: dict[str, float] | None = None) -> nn.Module:
     """The point's module: a member as it is, or the aligned models fused at the point (BN reset or REPAIR), then
     distilled towards their exact ensemble when the point says so. A depth split also outputs its heads' logits
-    (head_logits), whose disagreement flags inputs not to trust."""
-    p = job.point
+    (head_logits), whose disagreement flags inputs not to trust. `seconds`, when given, gets each step's time."""
+    p, t, seconds = job.point, time.perf_counter(), {} if seconds is None else seconds
     if p.kind == "member":
         if not 0 <= int(p.value) < len(job.aligned):
             raise EdgefuseError(f"there is no member {int(p.value)} among {len(job.aligned)} models")
@@ -73,18 +74,23 @@ def build(job: Job, splits) -> nn.Module:
         kw = dict(depth=int(p.value)) if p.kind == "depth" else dict(alpha=p.value)
         module = fuse(job.aligned, spec, data=splits.calib_batches, repair=p.repair,
                       batch_heads=p.kind == "depth" and job.target.batch_heads, head_outputs=p.kind == "depth", **kw)
+        seconds["fuse and repair"] = time.perf_counter() - t
     if p.distill:
         if job.distill is None:
             raise EdgefuseError(f"{p.label}: no distillation budget was given")
+        t = time.perf_counter()
         _distilled(module, job, splits)
+        seconds["distill"] = time.perf_counter() - t
     return module.eval()
 
 
 def _distilled(student: nn.Module, job: Job, splits) -> None:
     """Distil in place, or load the weights of an earlier run with the same models, point and budget."""
     cfg = job.distill
+    layout = [(k, tuple(v.shape)) for k, v in student.state_dict().items()]  # the student's form (α: dense or not)
     key = fingerprint(job.aligned, job.point.key, repr(cfg), job.splits.digest, str(job.target.batch_heads),
-                      str(job.teacher), *(() if job.teacher_combine == DEFAULT_COMBINE else (job.teacher_combine,)))
+                      str(job.teacher), *(() if job.teacher_combine == DEFAULT_COMBINE else (job.teacher_combine,)),
+                      repr(layout))
     path = Path(job.cache) / "distilled" / f"{key}.pt" if job.cache else None
     if path is not None and path.is_file():
         try:
@@ -124,13 +130,13 @@ def evaluate(job: Job) -> tuple[Candidate, nn.Module | None]:
     peak memory on the target's runtime."""
     if multiprocessing.parent_process() is not None:  # a worker: several share the cores
         torch.set_num_threads(max(1, job.target.threads))
-    splits = job.splits
-    module = build(job, splits)
+    splits, seconds = job.splits, {}
+    module = build(job, splits, seconds)
     p = job.point
     row = export_and_measure(module, splits, Path(job.out_dir) / f"{p.key}.onnx", job.target, p.precision,
                              key=p.key, label=p.label, kind=p.row_kind, point=p,
                              batched_heads=p.kind == "depth" and job.target.batch_heads,
-                             distill=job.distill.describe() if p.distill else None)
+                             distill=job.distill.describe() if p.distill else None, seconds=seconds)
     return with_agreement(row, job.ensemble_predictions), module if job.keep_module else None
 
 
@@ -139,7 +145,9 @@ def export_and_measure(module: nn.Module, splits, path: Path, target: Target, pr
     """One candidate as every candidate is measured: exported (parity-checked), run on both splits and timed at
     each batch size on the target's runtime — onnxruntime, its peak memory taken in a fresh process, or torch on the
     CUDA GPU for a `cuda` target. An INT8 candidate is the QDQ graph of that export, calibrated on training images
-    only (first and last weighted layers kept in FP32 where the target says so), and measured the same way."""
+    only (first and last weighted layers kept in FP32 where the target says so), and measured the same way. The
+    row's `seconds` adds the time its export and its measurement took to those given (building it)."""
+    t = time.perf_counter()
     if precision == "int8":
         fp32 = export_onnx(module, splits.example, path.with_name(f"{path.stem}-fp32.onnx"), opset=target.opset)
         q = quantize_int8(fp32, splits.x_train, path, target.int8_keep_ends)
@@ -148,13 +156,18 @@ def export_and_measure(module: nn.Module, splits, path: Path, target: Target, pr
     else:
         path = export_onnx(module, splits.example, path, opset=target.opset)
     fields |= {"onnx_nodes": onnx_nodes(path)}
+    seconds = fields.pop("seconds", None) or {}
+    seconds["export"], t = time.perf_counter() - t, time.perf_counter()
     if target.runtime == "cuda":
         runner = CudaRunner(module, target.precision, graphs=True)
         big = latency_batch(splits.x_test, max(target.batch_sizes))
-        return measure(module, splits, path, target.batch_sizes, runner=runner, predictor=runner,
-                       peak_memory_mb=runner.peak_memory_mb(big), **fields)
-    return measure(module, splits, path, target.batch_sizes, target.threads,
-                   peak_memory_mb=peak_memory_mb([path], max(target.batch_sizes), target.threads), **fields)
+        row = measure(module, splits, path, target.batch_sizes, runner=runner, predictor=runner,
+                      peak_memory_mb=runner.peak_memory_mb(big), **fields)
+    else:
+        row = measure(module, splits, path, target.batch_sizes, target.threads,
+                      peak_memory_mb=peak_memory_mb([path], max(target.batch_sizes), target.threads), **fields)
+    seconds["measure"] = time.perf_counter() - t
+    return replace(row, seconds={k: round(v, 2) for k, v in seconds.items()})
 
 
 def _sealed(body: dict) -> str:
