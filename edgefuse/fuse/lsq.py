@@ -122,7 +122,8 @@ class _Stop(Exception):
 def _solve(a: torch.Tensor, b: torch.Tensor, ridge: float) -> torch.Tensor:
     reg = torch.eye(len(a), dtype=a.dtype) * ridge * a.diagonal().mean().clamp_min(1e-12)
     reg[-1, -1] = 0  # the bias is not shrunk
-    return torch.linalg.solve(a + reg, b)
+    factor, info = torch.linalg.cholesky_ex(a + reg)  # symmetric positive definite: half the work of an LU solve
+    return torch.cholesky_solve(b, factor) if int(info) == 0 else torch.linalg.solve(a + reg, b)
 
 
 def fit_layer(fused: nn.Module, members: list[nn.Module], fit: Fit, xs: list[torch.Tensor]) -> float:
@@ -155,9 +156,9 @@ class NormalEquations:
         size = (len(target), *target.shape[2:]) if isinstance(self.layer, nn.Conv2d) else ()
         cols = _columns(self.layer, x, keep, size)
         for g, (c, t) in enumerate(zip(cols, targets)):
-            c = torch.cat([c.double(), torch.ones(len(c), 1, dtype=torch.float64)], 1)  # the bias's column
-            acc = self.stats["held" if held else "fit"][g]
-            acc[0], acc[1] = acc[0] + c.T @ c, acc[1] + c.T @ t.double()
+            c = torch.cat([c.float(), torch.ones(len(c), 1)], 1)  # the bias's column
+            acc = self.stats["held" if held else "fit"][g]  # one batch's products in float32, their sum in float64
+            acc[0], acc[1] = acc[0] + (c.T @ c).double(), acc[1] + (c.T @ t.float()).double()
 
     def write(self) -> float:
         """Choose the ridge on the held-out batches, solve on all of them, write the layer; returns the ridge."""
