@@ -19,9 +19,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from rich.console import Console
 
+from common import resumed, threads
 from edgefuse.base.files import atomic_write_text
 from edgefuse.models.partition import parse_partition
 from edgefuse.models.zoo import zoo_models
@@ -105,15 +105,12 @@ def main() -> None:
     ap.add_argument("--zoo-seed", action="append", type=int)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    threads(args.threads)
     console = Console(stderr=True)
     zoos = []
     for zoo in args.zoo or ["cnn", "dirichlet", "resnet20"]:
         for seed in args.zoo_seed or [0, 1, 2]:
-            path = OUT / f"{zoo}-{seed}.json"
-            if not path.is_file():
-                atomic_write_text(path, json.dumps(measure_zoo(zoo, seed, console), indent=1, allow_nan=False))
-            zoos.append(json.loads(path.read_text()))
+            zoos.append(resumed(OUT / f"{zoo}-{seed}.json", lambda: measure_zoo(zoo, seed, console)))
             console.print(f"[bold]{zoo} seed {seed}[/]: ships {zoos[-1]['chosen']['mean']['key']} (mean), "
                           f"{zoos[-1]['chosen']['p99']['key']} (p99)")
     lines = ["# Cascades (python benchmarks/cascades.py)", "", *summary(zoos)]

@@ -20,10 +20,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from rich.console import Console
 
 from edgefuse.align import align_perms
+from common import resumed, threads as set_threads
 from edgefuse.base.files import atomic_write_text
 from edgefuse.models.data import load_dataset
 from edgefuse.models.finetune import finetune_zoo
@@ -95,15 +95,12 @@ def _best(rows: list[dict], kinds: tuple[str, ...], ens: dict | None = None, sha
 
 def run(archs: tuple[str, ...] = ("cnn", "resnet20"), seeds: tuple[int, ...] = (0, 1, 2), threads: int = 1) -> dict:
     """Every zoo measured (or read back), the tables written to build/bench/finetunes.md; {arch-seed: zoo}."""
-    torch.set_num_threads(threads)
+    set_threads(threads)
     console = Console(stderr=True)
     zoos = []
     for arch in archs:
         for seed in seeds:
-            path = OUT / f"{arch}-{seed}.json"
-            if not path.is_file():
-                atomic_write_text(path, json.dumps(measure_zoo(arch, seed, console), indent=1, allow_nan=False))
-            zoos.append(json.loads(path.read_text()))
+            zoos.append(resumed(OUT / f"{arch}-{seed}.json", lambda: measure_zoo(arch, seed, console)))
             console.print(f"[bold]{arch} seed {seed}[/]: ships {zoos[-1]['chosen']['key']}")
     lines = [f"# Fine-tunes (python benchmarks/finetunes.py, {threads} thread(s))", "", *summary(zoos)]
     atomic_write_text(OUT.parent / "finetunes.md", "\n".join(lines) + "\n")

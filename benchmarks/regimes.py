@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 import edgefuse as ef
+from common import resumed, threads as set_threads
 from edgefuse.base.files import atomic_write_text
 from edgefuse.fuse import distill, ensemble
 from edgefuse.measure.metrics import scores
@@ -189,7 +190,7 @@ def tables(results: dict[str, list[dict]]) -> str:
 def run(seeds: int = 3, threads: int = 1, regimes: list[str] | None = None,
         zoo_seeds: list[int] | None = None) -> dict:
     """Every zoo (stored ones are read back), then the tables; returns the results by regime."""
-    torch.set_num_threads(threads)
+    set_threads(threads)
     store = OUT / "regimes"
     results = {}
     for regime in regimes or list(REGIMES):
@@ -198,14 +199,12 @@ def run(seeds: int = 3, threads: int = 1, regimes: list[str] | None = None,
         for seed in range(seeds):
             if zoo_seeds and seed not in zoo_seeds:
                 continue
-            path = store / f"{partition.kind}{partition.value:g}-s{seed}.json"
-            if path.is_file():
-                result = json.loads(path.read_text())
-            else:
+            def measured() -> dict:
                 t0 = time.perf_counter()
-                result = measure_zoo(partition, seed) | {"torch_threads": threads}
-                result["seconds"] = round(time.perf_counter() - t0, 1)
-                atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+                return measure_zoo(partition, seed) | {"torch_threads": threads,
+                                                        "seconds": round(time.perf_counter() - t0, 1)}
+
+            result = resumed(store / f"{partition.kind}{partition.value:g}-s{seed}.json", measured)
             print(f"{regime}, zoo seed {seed}: " + "; ".join(f"≤ {b}: {c['label']} ({c['test_accuracy']:.4f})"
                                                              for b, c in result["choices"].items()), flush=True)
             results[regime].append(result)

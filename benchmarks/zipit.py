@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 import edgefuse as ef
+from common import resumed, threads
 from edgefuse.base.files import atomic_write_text
 from edgefuse.fuse.lsq import NormalEquations, held_out, identity_bn
 from edgefuse.fuse.model import FusedModel
@@ -258,14 +259,12 @@ def table(zoos: list[dict]) -> str:
 
 def run(partition: str = "all", zoo_seeds: tuple[int, ...] = (0,), n: int = 4) -> dict:
     """Every zoo, the table (printed), and build/bench/zipit.json."""
-    torch.set_num_threads(1)
+    threads(1)
     zoos = []
     for seed in zoo_seeds:
         p = replace(parse_partition(partition), seed=seed)
         path = Path("build/bench/zipit") / f"{p.kind}{p.value:g}-n{n}-s{seed}.json"
-        if not path.is_file():  # each finished zoo is kept: zoos can run side by side, and a stopped run resumes
-            atomic_write_text(path, json.dumps(measure_zoo(p, n), indent=1) + "\n")
-        zoos.append(json.loads(path.read_text()))
+        zoos.append(resumed(path, lambda: measure_zoo(p, n)))  # zoos can run side by side; a stopped run resumes
     result = {"n": n, "split": "validation (5,000 images)", "torch_threads": 1, "zoos": zoos, "table": table(zoos)}
     atomic_write_text(Path("build/bench/zipit.json"), json.dumps(result, indent=1) + "\n")
     print(result["table"])
