@@ -77,7 +77,8 @@ def manifest(candidates: list[DeviceCandidate], target: Target) -> dict:
         z = {o.row.key: tie_z(c, o.row) for o in candidates if o is not dc}
         rows.append({"key": c.key, "label": c.label, "kind": c.kind, "precision": c.precision, "graph": dc.graph,
                      "validation": c.validation, "test": c.test, "macs": c.macs, "params": c.params,
-                     "onnx_nodes": c.onnx_nodes, "members": list(c.members) if c.members else None, "folder": f"candidates/{c.key}",
+                     "onnx_nodes": c.onnx_nodes, "members": list(c.members) if c.members else None,
+                     "folder": f"candidates/{c.key}",
                      "golden": f"candidates/{c.key}/reference_outputs.npz",
                      "tie_z": {k: v for k, v in z.items() if v is not None},
                      **({"cascade": {k: c.cascade[k] for k in ("first", "rest", "gate", "threshold", "combine",

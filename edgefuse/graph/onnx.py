@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import logging
 import os
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -98,17 +100,25 @@ def parity_inputs(example: torch.Tensor, sizes: tuple[int, ...] = (1, 3), seed: 
 
 
 def export_onnx(module: nn.Module, example_input: torch.Tensor, path: str | Path, opset: int | None = None,
-                simplify: bool = True, atol: float = 1e-4) -> Path:
+                simplify: bool = True, atol: float = 1e-4, cache: Path | None = None) -> Path:
     """Export, check and simplify into a temporary file beside `path`, verify parity at batch 1 and 3 (max abs
-    difference <= atol, scaled by the output magnitude), and only then replace `path`."""
+    difference <= atol, scaled by the output magnitude), and only then replace `path`. With `cache` (a folder), a
+    graph exported earlier from the same module (its tensors, structure and code), input shape and settings is
+    reused instead of exported again (the exporter takes seconds per graph), still parity-checked first."""
     import onnx
 
     path = Path(path)
     opset = opset or DEFAULT_OPSET
     module = module.eval()
     example = example_input if example_input.shape[0] >= 2 else example_input.repeat(2, *[1] * (example_input.ndim - 1))
+    cached = Path(cache) / f"{_cache_key(module, example, opset, simplify)}.onnx" if cache is not None else None
     tmp = new_temp_path(path, ".onnx")
     try:
+        if cached is not None and cached.is_file():
+            shutil.copyfile(cached, tmp)
+            if _matches(tmp, module, example, atol):
+                commit(tmp, path)
+                return path
         try:
             _export(module, example, tmp, opset)
         except Exception as e:  # exporter failures are many types; report the first line
@@ -121,10 +131,37 @@ def export_onnx(module: nn.Module, example_input: torch.Tensor, path: str | Path
         diff = parity(tmp, module, inputs)
         if not diff <= atol * scale:
             raise EdgefuseError(f"ONNX output differs from PyTorch by {diff:.3g} (tolerance {atol * scale:.3g})")
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(tmp, new := new_temp_path(cached, ".onnx"))
+            commit(new, cached)
         commit(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _cache_key(module: nn.Module, example: torch.Tensor, opset: int, simplify: bool) -> str:
+    """What an exported graph depends on: the module's classes, fx code and tensors, the input's shape and type,
+    the opset, simplification and the torch version."""
+    h = hashlib.sha256(repr((torch.__version__, opset, simplify, tuple(example.shape[1:]), str(example.dtype),
+                             str(module))).encode())
+    for name, m in module.named_modules():
+        h.update(f"{name}:{type(m).__qualname__}:{getattr(m, 'code', '')}".encode())
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def _matches(file: Path, module: nn.Module, example: torch.Tensor, atol: float) -> bool:
+    """A cached graph computes what the module computes: its outputs and their shapes, at batch 1 and 3."""
+    inputs = parity_inputs(example)
+    try:
+        scale = max(1.0, max(float(o.abs().max()) for o in _outputs(module, inputs[-1])))
+        return parity(file, module, inputs) <= atol * scale
+    except Exception:  # a stale or unreadable cache entry: export afresh
+        return False
 
 
 def onnx_nodes(path: str | Path) -> int:

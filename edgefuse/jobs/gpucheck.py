@@ -16,7 +16,8 @@ from .export import run_export
 
 
 @click.command()
-@click.option("--arch", default=RunConfig.arch, show_default=True, help="zoo architecture, its weights read from --cache")
+@click.option("--arch", default=RunConfig.arch, show_default=True,
+              help="zoo architecture, its weights read from --cache")
 @click.option("--n", "n", default=RunConfig.n, show_default=True, help="zoo members")
 @click.option("--align", "method", default=RunConfig.methods[0], show_default=True, help="alignment method")
 @click.option("--target", default="desktop-cuda", show_default=True)

@@ -46,14 +46,16 @@ def _how(combine: str) -> str:
 
 
 def exact_ensembles(members: list[nn.Module], member_files: list[str], splits: Splits, target: Target,
-                    out_dir: Path, combine: str = DEFAULT_COMBINE) -> tuple[dict[str, Candidate], dict[str, nn.Module]]:
+                    out_dir: Path, combine: str = DEFAULT_COMBINE,
+                    cache: Path | None = None) -> tuple[dict[str, Candidate], dict[str, nn.Module]]:
     """The exact ensembles as candidates, and the modules of the two that are one graph, combining by `combine`.
     Each also gives every member's logits (head_logits), for the uncertainty of their disagreement. The N-sessions
-    form is onnxruntime's own, so a `cuda` target measures the two one-graph forms only."""
+    form is onnxruntime's own, so a `cuda` target measures the two one-graph forms only. `cache`: graphs exported
+    before (graph/onnx.py)."""
     seq = ensemble(members, combine=combine, head_outputs=True)
     rows, modules = {}, {}
     for name, module in (("ensemble", seq), ("ensemble_batched", seq.batch_heads())):
-        rows[name] = export_and_measure(module, splits, out_dir / f"{name}.onnx", target, key=name,
+        rows[name] = export_and_measure(module, splits, out_dir / f"{name}.onnx", target, cache=cache, key=name,
                                         label=EXACT_LABELS[name] + _how(combine), kind="ensemble",
                                         combine=combine)
         modules[name] = module
@@ -90,7 +92,8 @@ def select_members(members: list[nn.Module], splits: Splits) -> list[tuple[int, 
 
 
 def sub_ensembles(members: list[nn.Module], splits: Splits, target: Target, out_dir: Path,
-                  reference: np.ndarray, val_logits: np.ndarray) -> tuple[list[Candidate], dict[str, nn.Module]]:
+                  reference: np.ndarray, val_logits: np.ndarray,
+                  cache: Path | None = None) -> tuple[list[Candidate], dict[str, nn.Module]]:
     """Each selected subset of members as one batched graph with heads, combining as its members' validation
     outputs (`val_logits`) say: the middle ground between one member and the whole ensemble, at k/N of its MACs;
     also as INT8 when the target weighs INT8."""
@@ -102,8 +105,8 @@ def sub_ensembles(members: list[nn.Module], splits: Splits, target: Target, out_
         label = f"sub-ensemble of members {', '.join(map(str, subset))} (batched{_how(how)})"
         for precision in ("fp32", "int8") if target.int8 else ("fp32",):
             tag = "-int8" if precision == "int8" else ""
-            row = export_and_measure(module, splits, out_dir / f"{key}{tag}.onnx", target, precision, key=key + tag,
-                                     kind="sub-ensemble", members=subset, combine=how,
+            row = export_and_measure(module, splits, out_dir / f"{key}{tag}.onnx", target, precision, cache,
+                                     key=key + tag, kind="sub-ensemble", members=subset, combine=how,
                                      label=label + (", INT8" if tag else ""))
             rows.append(with_agreement(row, reference))
         modules[key] = module

@@ -26,7 +26,7 @@ class Budget:
     memory_mb: float | None = None
     max_drop: float | None = None
     min_auroc: float | None = None
-    binds: str = DEFAULT_BINDS  # what the latency and MACs budgets bind: the mean per call, or the p99 (worst-case MACs)
+    binds: str = DEFAULT_BINDS  # what latency and MACs budgets bind: the mean per call, or the p99 (worst-case MACs)
 
     def describe(self) -> str:
         worst = "worst-case " if self.binds == "p99" else ""

@@ -140,11 +140,13 @@ def measure_field(s: Setup, tgt: Target, points: list[Point], budget: Budget, co
     out.members = run(members, "members", 0)
     t = out.timed("members", t)
     val_logits = member_logits([m.file for m in out.members], s.splits.x_val)
+    graphs = Path(cache) / "onnx" if cache else None  # graphs exported by an earlier run, reused
     exact, modules = exact_ensembles(s.aligned[method], [m.file for m in out.members], s.splits, tgt, out_dir,
-                                     choose_combine(val_logits, s.splits.y_val.numpy()))
+                                     choose_combine(val_logits, s.splits.y_val.numpy()), graphs)
     out.exact, out.modules = exact, out.modules | modules
     t = out.timed("ensembles", t)
-    subs, sub_modules = sub_ensembles(s.aligned[method], s.splits, tgt, out_dir, s.ensemble_predictions, val_logits)
+    subs, sub_modules = sub_ensembles(s.aligned[method], s.splits, tgt, out_dir, s.ensemble_predictions, val_logits,
+                                      graphs)
     out.others += subs
     out.modules |= sub_modules
     t = out.timed("sub-ensembles", t)

@@ -1,0 +1,37 @@
+"""graph/onnx.py's export cache: a module exported before is not exported again, a changed module is, and a cache
+entry that no longer computes what the module computes is replaced, never shipped."""
+import pytest
+import torch
+from torch import nn
+
+from edgefuse.graph import onnx as graph_onnx
+
+pytest.importorskip("onnx")
+X = torch.rand(2, 1, 8, 8)
+
+
+def _net(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(144, 3)).eval()
+
+
+def test_a_module_exported_before_is_reused_and_a_changed_one_is_exported(tmp_path, monkeypatch):
+    cache, calls = tmp_path / "cache", []
+    export = graph_onnx._export
+    monkeypatch.setattr(graph_onnx, "_export", lambda *a: (calls.append(1), export(*a))[1])
+    first = graph_onnx.export_onnx(_net(0), X, tmp_path / "a.onnx", cache=cache)
+    again = graph_onnx.export_onnx(_net(0), X, tmp_path / "b.onnx", cache=cache)
+    assert len(calls) == 1 and first.read_bytes() == again.read_bytes()
+    graph_onnx.export_onnx(_net(1), X, tmp_path / "c.onnx", cache=cache)  # other weights: another graph
+    assert len(calls) == 2 and len(list(cache.iterdir())) == 2
+
+
+def test_a_cache_entry_that_computes_something_else_is_replaced(tmp_path):
+    cache = tmp_path / "cache"
+    graph_onnx.export_onnx(_net(0), X, tmp_path / "a.onnx", cache=cache)
+    other = graph_onnx.export_onnx(_net(1), X, tmp_path / "other.onnx")
+    (entry,) = cache.iterdir()
+    entry.write_bytes(other.read_bytes())  # the right name, another network's graph
+    out = graph_onnx.export_onnx(_net(0), X, tmp_path / "b.onnx", cache=cache)
+    assert graph_onnx.parity(out, _net(0), graph_onnx.parity_inputs(X)) < 1e-4
+    assert entry.read_bytes() == out.read_bytes()  # the entry now holds the right graph
