@@ -119,7 +119,7 @@ def measure_field(s: Setup, tgt: Target, points: list[Point], budget: Budget, co
         return [Job(point=p, aligned=s.aligned[p.method], splits=s.splits, target=tgt, out_dir=str(out_dir),
                     ensemble_predictions=s.ensemble_predictions, distill=distill,
                     cache=str(cache) if cache else None, keep_module=keep, teacher=teacher, teacher_combine=how,
-                    spec=s.spec)
+                    spec=s.spec, built=out.modules.get(replace(p, distill=False).key) if p.distill else None)
                 for p in pts]
 
     def int8(pts: list[Point]) -> list[Point]:

@@ -46,6 +46,7 @@ class Job:
     teacher: tuple[int, ...] | None = None  # the members whose ensemble teaches distillation (None: all)
     teacher_combine: str = DEFAULT_COMBINE  # how that ensemble combines them
     spec: PermSpec | None = None  # traced once per run; None: traced here
+    built: nn.Module | None = None  # the same point fused and repaired earlier in this run: distilled from a copy
 
 
 def fingerprint(models: list[nn.Module], *parts: str) -> str:
@@ -69,6 +70,8 @@ def build(job: Job, splits, seconds: dict[str, float] | None = None) -> nn.Modul
             raise EdgefuseError(f"there is no member {int(p.value)} among {len(job.aligned)} models")
         module = job.aligned[int(p.value)]
         module = copy.deepcopy(module) if p.distill else module
+    elif job.built is not None:  # fusion and repair are deterministic: the module built before is this one
+        module = copy.deepcopy(job.built)
     else:
         spec = job.spec or permutation_spec(job.aligned[0], splits.example)
         kw = dict(depth=int(p.value)) if p.kind == "depth" else dict(alpha=p.value)
