@@ -90,10 +90,9 @@ def build(job: Job, splits, seconds: dict[str, float] | None = None) -> nn.Modul
 def _distilled(student: nn.Module, job: Job, splits) -> None:
     """Distil in place, or load the weights of an earlier run with the same models, point and budget."""
     cfg = job.distill
-    layout = [(k, tuple(v.shape)) for k, v in student.state_dict().items()]  # the student's form (α: dense or not)
-    key = fingerprint(job.aligned, job.point.key, repr(cfg), job.splits.digest, str(job.target.batch_heads),
-                      str(job.teacher), *(() if job.teacher_combine == DEFAULT_COMBINE else (job.teacher_combine,)),
-                      repr(layout))
+    key = fingerprint([*job.aligned, student], job.point.key, repr(cfg), job.splits.digest,  # the student as it
+                      str(job.target.batch_heads), str(job.teacher),  # starts: its form and repaired weights
+                      *(() if job.teacher_combine == DEFAULT_COMBINE else (job.teacher_combine,)))
     path = Path(job.cache) / "distilled" / f"{key}.pt" if job.cache else None
     if path is not None and path.is_file():
         try:
