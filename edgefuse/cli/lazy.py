@@ -33,6 +33,11 @@ class Default:
         return ", ".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
 
+def cli_names(values) -> tuple[str, ...]:
+    """Registered names as the CLI spells them: no repair (None) is "none"."""
+    return tuple("none" if v is None else v for v in values)
+
+
 class RegistryChoice(click.Choice):
     """A click.Choice over a registry's names, read when first needed. `names` maps the registry to the names the
     CLI offers (None, "no repair", shows as "none")."""
@@ -42,4 +47,4 @@ class RegistryChoice(click.Choice):
 
     @property
     def choices(self) -> tuple[str, ...]:  # type: ignore[override]
-        return tuple(sorted("none" if n is None else n for n in self.names(resolve(self.ref))))
+        return tuple(sorted(cli_names(self.names(resolve(self.ref)))))

@@ -9,25 +9,16 @@ import click
 
 from ..base.errors import EdgefuseError, first_line
 from ..base.files import claimed
-from .lazy import Default, RegistryChoice
-from .options import ARCHS, CONFIG, cli_models, partition_option, run_config_of, splits_of, with_finetunes, with_models
+from .lazy import Default, RegistryChoice, cli_names
+from .options import (ARCHS, CONFIG, cli_models, echo, partition_option, run_config_of, splits_of,
+                      with_finetunes, with_models)
 
 METHODS = RegistryChoice("edgefuse.align:METHODS")
 REPAIRS = RegistryChoice("edgefuse.fuse.repair:REPAIRS")
 GRID_REPAIRS = RegistryChoice("edgefuse.fuse.repair:REPAIRS", lambda r: [k for k, m in r.items() if m.in_grid])
 
 
-def _cli_names(values):
-    """Registered names as the CLI spells them (no repair: "none")."""
-    return tuple("none" if v is None else v for v in values)
-
 DEBUG = {"on": False}
-
-
-def _echo(text: str, err: bool = False) -> None:
-    """click.echo for text that may hold a file name which is not valid UTF-8 (Python keeps its bytes as
-    surrogates, which a UTF-8 stream refuses): such bytes are shown as U+FFFD."""
-    click.echo(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), err=err)
 
 
 SYSTEM_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE}
@@ -44,15 +35,15 @@ class Cli(click.Group):
         except EdgefuseError as e:
             if DEBUG["on"]:
                 raise
-            _echo(f"edgefuse: error: {e}", err=True)
+            echo(f"edgefuse: error: {e}", err=True)
             sys.exit(1)
         except Exception as e:  # a bug: still one line, with the way to see more
             if DEBUG["on"]:
                 raise
             if isinstance(e, OSError) and e.errno in SYSTEM_ERRNOS:  # the disk or permissions, not a bug
-                _echo(f"edgefuse: error: {e.strerror}" + (f": {e.filename}" if e.filename else ""), err=True)
+                echo(f"edgefuse: error: {e.strerror}" + (f": {e.filename}" if e.filename else ""), err=True)
                 sys.exit(1)
-            _echo(f"edgefuse: internal error: {type(e).__name__}: {first_line(e)} (rerun with --debug for the "
+            echo(f"edgefuse: internal error: {type(e).__name__}: {first_line(e)} (rerun with --debug for the "
                   "traceback)", err=True)
             sys.exit(3)
 
@@ -66,7 +57,7 @@ def _show(md: str) -> None:
         from rich.markdown import Markdown
         Console().print(Markdown(md))
     else:
-        _echo(md)
+        echo(md)
 
 
 def _console(quiet: bool):
@@ -103,7 +94,7 @@ def train(obj: dict, arch: str, n: int, epochs: int | None, width: int | None, c
     _, paths = zoo_models(arch, n, width=width, epochs=epochs, cache=cache, quiet=obj["quiet"],
                           partition=parse_partition(partition))
     for p in paths:
-        _echo(str(p))
+        echo(str(p))
 
 
 @cli.command("fuse")
@@ -164,7 +155,7 @@ def _fuse_to(obj: dict, checkpoints: tuple[str, ...], opts: dict) -> None:
     fused = fuse(aligned, spec, depth=depth, alpha=alpha, data=calib_batches, steps=opts["steps"], repair=repair,
                  batch_heads=opts["batch_heads"] and alpha is None, head_outputs=opts["head_outputs"],
                  select=opts["select"])
-    _echo(str(export_onnx(fused, splits.example, out, opset=opts["opset"])))
+    echo(str(export_onnx(fused, splits.example, out, opset=opts["opset"])))
 
 
 @cli.command()
@@ -193,61 +184,8 @@ def export(obj: dict, checkpoints: tuple[str, ...], **opts) -> None:
     run = run_config_of(obj, checkpoints, opts, methods=(opts.pop("method"),))
     report = run_export(run, console=_console(obj["quiet"]))
     _show(markdown(report))
-    _echo(f"wrote {Path(run.out_root) / report['target']}/ (model.onnx: {report['shipped']['label']}, "
+    echo(f"wrote {Path(run.out_root) / report['target']}/ (model.onnx: {report['shipped']['label']}, "
           f"{report['shipped']['kind']})")
-
-
-@cli.command()
-@click.argument("onnx_file", type=click.Path())
-@click.option("--data", "--dataset", "data", default=Default(CONFIG + "data"), show_default=True, metavar="SOURCE",
-              help="As for export: a built-in name, a folder, an .npz file or MODULE:FUNCTION.")
-@click.option("--threads", type=click.IntRange(1, 256), default=1, show_default=True)
-@click.option("--batch", "batch_sizes", type=click.IntRange(1, 4096), multiple=True, default=(1,),
-              show_default=True, help="Batch size(s) for latency; repeat the option for several.")
-def verify(onnx_file: str, data: str, threads: int, batch_sizes: tuple[int, ...]) -> None:
-    """Accuracy, NLL and latency of an ONNX model on the dataset's test split (onnxruntime CPU).
-
-    Reads ONNX_FILE (or an exported cascade folder: its cascade.json and two stage graphs, run as two sessions and
-    a host loop) and the dataset; writes nothing (prints JSON). Latency is per call over the test inputs in order
-    (3 passes, each call's median), and a cascade's `escalated` says which share ran its second stage."""
-    import json
-
-    from ..graph.read import read_onnx
-    from ..models.data import BUILTIN, Splits, test_split
-    from ..models.fit import check_outputs
-    from ..measure.cascade import Cascade, predict_cascade
-    from ..measure.metrics import scores
-    from ..measure.runners import OrtRunner, predict, stream_latency
-
-    cascade = Path(onnx_file).is_dir()
-    if cascade:
-        runner = Cascade.load(onnx_file, threads)
-    else:
-        read_onnx(onnx_file)
-        try:
-            runner = OrtRunner(onnx_file, threads)
-        except Exception as e:  # onnxruntime raises its own exception types for bad files
-            raise EdgefuseError(f"cannot load {onnx_file}: {first_line(e)}") from None
-    if data in BUILTIN:
-        x_test, y_test = test_split(data)
-        splits = Splits(data, x_test[:0], None, x_test[:0], y_test[:0], x_test, y_test)
-    else:
-        splits = splits_of(data, None)
-        x_test, y_test = splits.x_test, splits.y_test
-    try:
-        logits, escalated = predict_cascade(runner, x_test.numpy()) if cascade else (predict(runner, x_test), None)
-    except Exception as e:
-        raise EdgefuseError(f"{onnx_file} does not run on {data} inputs {tuple(x_test.shape[1:])}: "
-                            f"{first_line(e)}") from None
-    if logits.ndim != 2:
-        raise EdgefuseError(f"{onnx_file}'s output on {data} has shape {tuple(logits.shape)}: expected (batch, "
-                            "classes)")
-    check_outputs(int(logits.shape[1]), splits, onnx_file)
-    result = scores(logits, y_test)
-    if cascade:
-        result["escalated"] = float(escalated.mean())
-    result["latency_ms"] = {str(b): stream_latency(runner, x_test.numpy(), b) for b in batch_sizes}
-    _echo(json.dumps(result, indent=2))
 
 
 @cli.command()
@@ -271,7 +209,7 @@ def verify(onnx_file: str, data: str, threads: int, batch_sizes: tuple[int, ...]
               show_default=True, help="Alpha values to try (repeat the option).")
 @click.option("--method", "methods", type=METHODS, multiple=True, default=Default(CONFIG + "methods"),
               show_default=True, help="Alignment methods to try (repeat the option).")
-@click.option("--repair", "repairs", type=GRID_REPAIRS, multiple=True, default=Default(CONFIG + "repairs", _cli_names),
+@click.option("--repair", "repairs", type=GRID_REPAIRS, multiple=True, default=Default(CONFIG + "repairs", cli_names),
               show_default=True, help="Repairs to try (repeat the option).")
 @click.option("--distill-steps", type=click.IntRange(0, 1_000_000), default=None,
               help="Distillation steps for the distilled member and the best depth and alpha (default: the "
@@ -296,14 +234,16 @@ def sweep(obj: dict, checkpoints: tuple[str, ...], **opts) -> None:
                       repairs=tuple(None if r == "none" else r for r in opts.pop("repairs")))
     result = run_sweep(run, console=_console(obj["quiet"]))
     _show(markdown(result))
-    _echo(f"chose {result['shipped']['label']} ({result['shipped']['kind']}); wrote "
+    echo(f"chose {result['shipped']['label']} ({result['shipped']['kind']}); wrote "
           f"{Path(run.out_root) / result['target'] / 'sweep'}/")
 
 
 from .device import build, check  # noqa: E402  (commands of the device stage)
+from .verify import verify  # noqa: E402
 
 cli.add_command(check)
 cli.add_command(build)
+cli.add_command(verify)
 
 
 def main() -> None:

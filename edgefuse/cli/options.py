@@ -1,5 +1,5 @@
-"""What the commands that read models and data share: their options, and the models and run configuration those
-options describe."""
+"""What the commands that read models and data share: their options, the models and run configuration those
+options describe, and how they print."""
 from __future__ import annotations
 
 import click
@@ -9,6 +9,12 @@ from .lazy import Default, RegistryChoice
 
 CONFIG = "edgefuse.run.config:RunConfig."  # the run's defaults, read from RunConfig when a command needs them
 ARCHS = RegistryChoice("edgefuse.models.zoo:ARCHITECTURES")
+
+
+def echo(text: str, err: bool = False) -> None:
+    """click.echo for text that may hold a file name which is not valid UTF-8 (Python keeps its bytes as
+    surrogates, which a UTF-8 stream refuses): such bytes are shown as U+FFFD."""
+    click.echo(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"), err=err)
 
 
 def cli_models(arch: str, model: str | None, checkpoints: tuple[str, ...], n: int, cache: str, quiet: bool,

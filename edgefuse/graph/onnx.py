@@ -126,11 +126,9 @@ def export_onnx(module: nn.Module, example_input: torch.Tensor, path: str | Path
         onnx.checker.check_model(onnx.load(str(tmp)), full_check=True)
         if simplify:
             _simplify(tmp)
-        inputs = parity_inputs(example)
-        scale = max(1.0, max(float(o.abs().max()) for o in _outputs(module, inputs[-1])))
-        diff = parity(tmp, module, inputs)
-        if not diff <= atol * scale:
-            raise EdgefuseError(f"ONNX output differs from PyTorch by {diff:.3g} (tolerance {atol * scale:.3g})")
+        diff, tolerance = _parity(tmp, module, example, atol)
+        if not diff <= tolerance:
+            raise EdgefuseError(f"ONNX output differs from PyTorch by {diff:.3g} (tolerance {tolerance:.3g})")
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(tmp, new := new_temp_path(cached, ".onnx"))
@@ -154,12 +152,18 @@ def _cache_key(module: nn.Module, example: torch.Tensor, opset: int, simplify: b
     return h.hexdigest()[:24]
 
 
+def _parity(file: Path, module: nn.Module, example: torch.Tensor, atol: float) -> tuple[float, float]:
+    """The largest |ONNX - PyTorch| at batch 1 and 3, and the tolerance: `atol` scaled by the output magnitude."""
+    inputs = parity_inputs(example)
+    scale = max(1.0, max(float(o.abs().max()) for o in _outputs(module, inputs[-1])))
+    return parity(file, module, inputs), atol * scale
+
+
 def _matches(file: Path, module: nn.Module, example: torch.Tensor, atol: float) -> bool:
     """A cached graph computes what the module computes: its outputs and their shapes, at batch 1 and 3."""
-    inputs = parity_inputs(example)
     try:
-        scale = max(1.0, max(float(o.abs().max()) for o in _outputs(module, inputs[-1])))
-        return parity(file, module, inputs) <= atol * scale
+        diff, tolerance = _parity(file, module, example, atol)
+        return diff <= tolerance
     except Exception:  # a stale or unreadable cache entry: export afresh
         return False
 
