@@ -5,6 +5,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 TARGET ?= cpu-ort
 TORCH := torch==2.13.0
+# For tests only (torchvision's VisionTransformer): without its dependencies, which would replace the CPU torch with a
+# CUDA build; its C operators do not load beside this torch, and the tests import its pure-Python models without them.
+TORCHVISION := torchvision==0.28.0
 FASHION := /usr/share/datasets/fashion-mnist/t10k-labels-idx1-ubyte.gz
 
 .PHONY: export test bench gpu-check setup data clean
@@ -38,6 +41,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --no-deps $(TORCHVISION)
 	touch $@
 
 # Fashion-MNIST comes from the Debian package; install it when we may, else say exactly what to run.

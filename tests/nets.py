@@ -63,7 +63,7 @@ class InputCat(nn.Module):
 
 
 class TinyViTBlock(nn.Module):
-    """Patch tokens through a Linear: attention-style token layouts are refused, not guessed."""
+    """Patch tokens made by a reshape of the input, then Linears over the tokens' last axis, pooled over tokens."""
 
     def __init__(self) -> None:
         super().__init__()

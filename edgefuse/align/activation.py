@@ -23,13 +23,13 @@ class _Probe(fx.Interpreter):
 
     def __init__(self, gm: fx.GraphModule, probes: dict[str, list[tuple[str, torch.Tensor]]]) -> None:
         super().__init__(gm)
-        self.probes = probes  # node name → [(group, its channels there)]
+        self.probes = probes  # node name → [(group, channel axis, its channels there)]
         self.seen: dict[str, torch.Tensor] = {}
 
     def run_node(self, n: fx.Node):
         out = super().run_node(n)
-        for g, channels in self.probes.get(n.name, ()):
-            self.seen[g] = out.movedim(1, -1).reshape(-1, out.shape[1])[:, channels].double()
+        for g, axis, channels in self.probes.get(n.name, ()):
+            self.seen[g] = out.movedim(axis, -1).reshape(-1, out.shape[axis])[:, channels].double()
         return out
 
 
@@ -39,8 +39,8 @@ def correlations(models: list[nn.Module], spec: PermSpec, xs: list[torch.Tensor]
     if missing:
         raise EdgefuseError(f"activation matching cannot observe group(s) {', '.join(sorted(missing))}")
     by_node: dict[str, list] = {}
-    for g, (node, start, stride) in spec.probes.items():
-        by_node.setdefault(node, []).append((g, start + torch.arange(spec.groups[g]) * stride))
+    for g, (node, start, stride, axis) in spec.probes.items():
+        by_node.setdefault(node, []).append((g, axis, start + torch.arange(spec.groups[g]) * stride))
     gms = [fx.symbolic_trace(m) for m in models]
     n = len(models)
     sums = {g: [torch.zeros(k, dtype=torch.float64) for _ in models] for g, k in spec.groups.items()}

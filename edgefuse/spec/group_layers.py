@@ -6,21 +6,27 @@ import torch.fx as fx
 from torch import nn
 
 from ..base.errors import UnsupportedModelError
+from .layouts import LAYOUTS
 from .trace import _SAME, tensor_shape
+
+_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+          nn.AdaptiveMaxPool2d)
 
 
 class LayerVisits:
     """Mixed into GroupTracer, which provides bind, new_group, value, ties, grouped and weight_layers."""
 
     def visit_module(self, node: fx.Node, mod: nn.Module, src):
+        tokens_out = isinstance(mod, nn.Linear) and len(tensor_shape(node) or ()) >= 3
+        if isinstance(src, LAYOUTS) or tokens_out or isinstance(mod, nn.MultiheadAttention) and src is not None:
+            if isinstance(mod, _SAME) and not isinstance(mod, _POOLS):
+                return src
+            return self.visit_token_module(node, mod, src)
         if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.groups == mod.in_channels == mod.out_channels > 1:
             return self.visit_depthwise(node, mod, src)
         if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.groups != 1:
             return self.visit_grouped(node, mod, src)
         if isinstance(mod, (nn.Linear, nn.Conv1d, nn.Conv2d)):
-            if isinstance(mod, nn.Linear) and src is not None and len(tensor_shape(node.args[0]) or ()) != 2:
-                raise UnsupportedModelError(node.name, "Linear", "Linear over a non-2D tensor (tokens, as in "
-                                            "attention blocks) is not supported yet")
             return self.visit_layer(node, mod, src)
         if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
             return self.visit_norm(node, mod, src)

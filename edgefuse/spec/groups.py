@@ -11,16 +11,11 @@ import torch.fx as fx
 from .channels import Cut, LayoutError, Segments, contiguous, correspond, flatten, shift, shuffle, take
 from ..base.errors import UnsupportedModelError
 from .group_layers import LayerVisits
+from .layouts import Parts, Scores
+from .tokens import TokenVisits, is_layout_op, layout_segments
 from .trace import (_ELEMENTWISE, _ELEMENTWISE_METHOD, _NON_TENSOR_METHOD, _SAME_FN, _SAME_METHOD, FIXED,
                     drop_path_off, is_drop_path, is_split, numel, op_name, tensor_shape)
 
-
-
-class _Parts:
-    """The value of a chunk/split node: the segments of each part, picked by getitem."""
-
-    def __init__(self, parts: list[Segments]) -> None:
-        self.parts = parts
 
 
 class _Shuffling:
@@ -30,7 +25,7 @@ class _Shuffling:
         self.segs, self.groups, self.swapped = segs, groups, swapped
 
 
-class GroupTracer(LayerVisits):
+class GroupTracer(LayerVisits, TokenVisits):
     """Walks the fx graph once, giving each tensor the groups of its channel axis (dim 1) and unioning the groups
     that an operation ties together. A tensor's channels are a tuple of `Seg`s (channels.py): one normally, several
     after a `cat`, interleaved after a channel shuffle, repeated after a flatten. A group that reaches the output,
@@ -51,6 +46,7 @@ class GroupTracer(LayerVisits):
         self.weight_layers: list[fx.Node] = []
         self.ties: list[tuple[str | None, str | None, int, fx.Node]] = []  # (group in, group out, blocks, node)
         self.grouped: dict[str, tuple[int, int]] = {}  # grouped-conv weight → (groups, input channels)
+        self.params_of: dict[fx.Node, tuple[str, int]] = {}  # parameters read in forward → (name, ndim)
 
     def find(self, g: str) -> str:
         while self.parent[g] != g:
@@ -133,15 +129,21 @@ class GroupTracer(LayerVisits):
 
     def visit(self, node: fx.Node):
         if node.op in ("placeholder", "get_attr"):
+            self.follow_param(node)
             return None
         if node.op == "output":
             for n in node.all_input_nodes:
-                if self.value.get(n) is not None:
-                    self.fix(self.value[n], node)
+                value = self.value.get(n)
+                if isinstance(value, Scores):
+                    self.union(value.group, FIXED, node)
+                for segs in layout_segments(value) if value is not None else ():
+                    self.fix(segs, node)
+            return None
+        if node.target is getattr:  # x.shape
             return None
         ins = [self.value.get(n) for n in node.all_input_nodes]
         grouped = [v for v in ins if v is not None]
-        if any(isinstance(v, (_Parts, _Shuffling)) for v in grouped):
+        if any(isinstance(v, (Parts, _Shuffling)) for v in grouped):
             if node.op == "call_method" and node.target in _NON_TENSOR_METHOD:
                 return None
             return self.visit_channel_view(node, grouped[0])
@@ -150,8 +152,11 @@ class GroupTracer(LayerVisits):
         if node.op == "call_method" and node.target in _NON_TENSOR_METHOD:
             return None
         if not grouped:
+            self.follow_param(node)
             return None
         src = ins[0] if ins and ins[0] is not None else grouped[0]
+        if is_layout_op(node, grouped):
+            return self.visit_layout(node, src, grouped)
         method = node.op == "call_method"
         if node.target in _SAME_FN or (method and node.target in _SAME_METHOD):
             return src
@@ -215,13 +220,13 @@ class GroupTracer(LayerVisits):
         for m in metas:
             parts.append(self.checked(take, node, src, lo, lo + m.shape[1]))
             lo += m.shape[1]
-        return _Parts(parts)
+        return Parts(parts)
 
     def visit_channel_view(self, node: fx.Node, src):
         """The parts of a split, and the channel shuffle: view (batch, C, …) → (batch, g, C/g, …), transpose
         dims 1 and 2, view back to (batch, C, …)."""
         method, target = node.op == "call_method", node.target
-        if isinstance(src, _Parts) and target is operator.getitem:
+        if isinstance(src, Parts) and target is operator.getitem:
             return src.parts[node.args[1]]
         if isinstance(src, _Shuffling):
             if target in _SAME_FN or (method and target in _SAME_METHOD):
@@ -244,8 +249,8 @@ class GroupTracer(LayerVisits):
             raise UnsupportedModelError(node.name, op_name(node, self.modules), "shape unknown")
         if len(shape_out) == 2 and shape_out[0] == shape_in[0] and numel(shape_in[1:]) == shape_out[1]:
             return flatten(src, numel(shape_in[2:]))
-        if tuple(shape_out) == tuple(shape_in):
-            return src
+        if tuple(shape_out) == tuple(shape_in) or (len(shape_out) >= 3 and shape_out[:2] == shape_in[:2]):
+            return src  # the same shape, or spatial axes merged ((batch, C, H, W) → (batch, C, H·W))
         if len(shape_in) >= 2 and shape_out == shape_in[:1] + (shape_out[1], shape_in[1] // shape_out[1]) + \
                 shape_in[2:] and shape_in[1] % shape_out[1] == 0:
             return _Shuffling(src, shape_out[1])

@@ -11,6 +11,8 @@ from torch import nn
 
 from ..base.errors import EdgefuseError, UnsupportedModelError
 from .groups import GroupTracer
+from .layouts import Tokens
+from .tokens import layout_segments
 from .trace import FIXED, trace
 
 
@@ -45,7 +47,7 @@ class PermSpec:
     """Permutation groups of a model. `params` maps state-dict keys to, per tensor axis, a tuple of `Axis`
     segments or None; `cut_points` are fx node names, in order, where a single tensor carries everything
     downstream needs; `probes` give, per group, the last node that carries it unflattened, as (node, first
-    channel, stride): activation matching observes it there; `families` tie groups into blocks (grouped convolutions), and `grouped` maps
+    channel, stride, channel axis): activation matching observes it there; `families` tie groups into blocks (grouped convolutions), and `grouped` maps
     each grouped convolution's weight to (groups, input channels): `params` describes it as the dense block-diagonal
     matrix it stands for (see `dense_state`)."""
     groups: MappingProxyType
@@ -171,15 +173,20 @@ def permute(model: nn.Module, spec: PermSpec, perms: dict[str, torch.Tensor]) ->
 
 
 def _cut_points(gm: fx.GraphModule, weight_layers: list[fx.Node], value: dict) -> list[str]:
-    """Places just before each weight layer (but the first) where one grouped tensor is all that flows on."""
+    """Places just before each weight layer (but the first), and before each LayerNorm after it (a pre-norm
+    transformer block's boundary), where one grouped tensor is all that flows on."""
     nodes = list(gm.graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     last_use = {n: max((index[u] for u in n.users), default=index[n]) for n in nodes}
+    modules = dict(gm.named_modules())
+    starts = {index[layer] for layer in weight_layers[1:]} | {
+        index[n] for n in nodes if n.op == "call_module" and isinstance(modules[n.target], nn.LayerNorm)
+        and weight_layers and index[n] > index[weight_layers[0]]}
     cuts = []
-    for layer in weight_layers[1:]:
-        i = index[layer] - 1
+    for start in sorted(starts):
+        i = start - 1
         live = [n for n in nodes[:i + 1] if n.op != "get_attr" and last_use[n] > i]
-        if len(live) == 1 and isinstance(value.get(live[0]), tuple) and live[0].name not in cuts:
+        if len(live) == 1 and isinstance(value.get(live[0]), (tuple, Tokens)) and live[0].name not in cuts:
             cuts.append(live[0].name)
     return cuts
 
@@ -207,9 +214,10 @@ def permutation_spec(model: nn.Module, example_input: torch.Tensor) -> PermSpec:
             params[p] = tuple(resolved)
     probes = {}
     for node, value in t.value.items():
-        for s in value if isinstance(value, tuple) else ():
+        axis = 1 if isinstance(value, tuple) else -1 if isinstance(value, Tokens) else None
+        for s in (s for segs in layout_segments(value) for s in segs) if axis is not None else ():
             if s.repeat == 1 and t.find(s.group) in groups:
-                probes[t.find(s.group)] = (node.name, s.start, s.stride)
+                probes[t.find(s.group)] = (node.name, s.start, s.stride, axis)
     return PermSpec(groups=MappingProxyType(groups), params=MappingProxyType(params),
                     cut_points=tuple(_cut_points(gm, t.weight_layers, t.value)),
                     weight_layers=tuple(n.target for n in t.weight_layers), probes=MappingProxyType(probes),
