@@ -113,3 +113,9 @@ class ConvNeXtBlock(nn.Module):
         x = self.stem(x)
         y = self.down(F.gelu(self.up(self.norm(self.dw(x).permute(0, 2, 3, 1)))))
         return self.head((x + y.permute(0, 3, 1, 2)).mean((2, 3)))
+
+
+def digits_vit() -> nn.Module:
+    """The zoo's ViT at digits size: 8×8 images in 2×2 patches, width 16, 2 blocks of 2 heads."""
+    from edgefuse.models.vit import ViT
+    return ViT(width=16, depth=2, heads=2, patch=2, image=8)

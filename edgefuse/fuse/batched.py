@@ -226,6 +226,15 @@ class BatchRewriter(ChannelViews):
         return self.emit("call_method", "flatten", (joined, 1, 2), {}, batched=True)
 
 
+def batch_refusal(models: list[nn.Module]) -> str | None:
+    """Why the models have no batched form (the refusal, naming the node), or None where they have one."""
+    try:
+        batch_models(models[:2])
+    except UnsupportedModelError as e:
+        return str(e)
+    return None
+
+
 def batch_models(models: list[nn.Module], combine: str = DEFAULT_COMBINE, head_outputs: bool = False) -> fx.GraphModule:
     """One module computing the `combine` of the N members' outputs with grouped kernels (and, with
     `head_outputs`, every member's output too). It owns copies of every tensor; an operation without a batched form

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..base.validate import check_models
-from ..base.errors import EdgefuseError
+from ..base.errors import EdgefuseError, UnsupportedModelError
 from .batched import batch_models
 from ..base.combine import DEFAULT_COMBINE, check_combine, combine_outputs
 
@@ -46,6 +46,14 @@ class FusedModel(nn.Module):
         heads = batch_models(list(self.heads), self.combine, head_outputs=self.head_outputs)
         return FusedModel(copy.deepcopy(self.trunk), [heads], self.combine, batched=True, n_heads=len(self.heads),
                           head_outputs=self.head_outputs).eval()
+
+    def fastest(self) -> FusedModel:
+        """`batch_heads()` where the heads have a batched form, else this model (heads one after another): a
+        transformer's attention has no grouped-kernel form yet."""
+        try:
+            return self.batch_heads()
+        except UnsupportedModelError:
+            return self
 
 
 def ensemble(models: list[nn.Module], combine: str = DEFAULT_COMBINE, batched: bool = False,

@@ -12,7 +12,7 @@ from rich.console import Console
 from ..run.candidate import Point
 from ..run.choose import Choice, choose, dominance
 from ..run.config import RunConfig, run_config
-from ..run.field import Field, FieldPlan, RunPlan, grid, measure_field, plan_run, report_head
+from ..run.field import Field, FieldPlan, RunPlan, fusable, grid, measure_field, plan_run, report_head
 from ..base.errors import EdgefuseError
 from ..graph.onnx import export_onnx, onnx_nodes, parity, parity_inputs
 from ..base.files import atomic_write_text, exclusive, replaceable, room, staged, writable
@@ -90,8 +90,9 @@ def _earlier_export(folder: Path) -> bool:
 
 def _run(plan: RunPlan, run: RunConfig, out_dir: Path, console: Console) -> dict:
     method, depth = run.methods[0], run.depth
-    tgt, budget, cfg = plan.target, plan.budget, plan.distill
+    budget, cfg = plan.budget, plan.distill
     s = prepare(run, console)
+    tgt, alphas = fusable(s, plan.target, run.alphas, console)
     if depth is not None and not 0 <= depth <= len(s.spec.cut_points):
         raise EdgefuseError(f"depth must be between 0 and {len(s.spec.cut_points)} for this model, got {depth}")
     if cfg is not None:
@@ -99,7 +100,7 @@ def _run(plan: RunPlan, run: RunConfig, out_dir: Path, console: Console) -> dict
                       f"{tgt.source}); about {cfg.steps * cfg.batch_size / len(s.splits.x_train):.1f} passes over the "
                       "unlabeled training images")
     if depth is None:
-        points = grid(len(s.spec.cut_points), run.alphas, (method,), run.repairs)
+        points = grid(len(s.spec.cut_points), alphas, (method,), run.repairs)
     else:  # that depth alone, and its distilled form when the target distils
         points = [Point("depth", float(depth), method, run.repairs[0], d) for d in (False, True)
                   if depth and (cfg or not d)]
@@ -170,7 +171,7 @@ def _bytes_needed(models: list, points: int) -> int:
 def _forced(f: Field, depth: int) -> Choice:
     """--depth overrides the chooser: the batched ensemble for 0, else that depth (distilled when it was). The
     report still says what dominates it."""
-    chosen = f.exact["ensemble_batched"] if depth == 0 else [c for c in f.others if c.depth == depth][-1]
+    chosen = f.exact.get("ensemble_batched", f.exact["ensemble"]) if depth == 0 else [c for c in f.others if c.depth == depth][-1]
     beaten = dominance(f.rows, list(chosen.latency_by_batch))
     reason = f"asked for with --depth {depth}"
     if chosen.key in beaten:

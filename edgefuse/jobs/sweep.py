@@ -9,7 +9,7 @@ from rich.console import Console
 from ..run.points import fingerprint
 from ..run.choose import choose
 from ..run.config import RunConfig, run_config
-from ..run.field import FieldPlan, RunPlan, grid, measure_field, plan_run, report_head
+from ..run.field import FieldPlan, RunPlan, fusable, grid, measure_field, plan_run, report_head
 from ..base.errors import EdgefuseError
 from ..base.files import exclusive, writable
 from ..run.setup import prepare
@@ -35,10 +35,11 @@ def run_sweep(config: RunConfig | str | None = None, console: Console | None = N
 
 def _sweep(run: RunConfig, plan: RunPlan, out: Path, console: Console) -> dict:
     s = prepare(run, console)
-    tgt, budget, cfg = plan.target, plan.budget, plan.distill
+    budget, cfg = plan.budget, plan.distill
+    tgt, alphas = fusable(s, plan.target, run.alphas, console)
     key = fingerprint(s.models, Path(tgt.source).read_text(), s.splits.digest, repr(cfg),
                       "unaligned: fine-tunes of a given base" if s.base is not None else "")
-    points = grid(len(s.spec.cut_points), run.alphas, run.methods, run.repairs)
+    points = grid(len(s.spec.cut_points), alphas, run.methods, run.repairs)
     f = measure_field(s, tgt, points, budget, console, FieldPlan(out / "candidates", cfg, run.cache, run.workers,
                                                                   run.ray_address, out / "points", key))
     choice = choose(f.rows, budget, f.exact["ensemble"])

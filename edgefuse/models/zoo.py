@@ -10,22 +10,12 @@ import torch
 from torch import nn
 
 from .data import VALIDATION_IMAGES
+from .normalize import Normalize
+from .vit import vit
 from .partition import Partition
 from ..base.errors import EdgefuseError, first_line, warn_once
 from ..base.files import commit
 
-FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
-
-
-class Normalize(nn.Module):
-    """Normalisation inside the model, so the exported graph takes raw [0, 1] images on the device."""
-
-    def __init__(self, mean: float = FASHION_MEAN, std: float = FASHION_STD) -> None:
-        super().__init__()
-        self.mean, self.std = mean, std
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean) / self.std
 
 
 def mlp(width: int = 256, depth: int = 3, in_features: int = 784, classes: int = 10) -> nn.Sequential:
@@ -143,10 +133,11 @@ def mobilenetv2(width: int = 16, classes: int = 10, expand: int = 4) -> nn.Seque
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8 * w, classes))
 
 
-ARCHITECTURES = {"mlp": mlp, "cnn": cnn, "resnet20": resnet20, "mobilenetv2": mobilenetv2, "resnet18": resnet18}
+ARCHITECTURES = {"mlp": mlp, "cnn": cnn, "resnet20": resnet20, "mobilenetv2": mobilenetv2, "resnet18": resnet18,
+                 "vit": vit}
 DEFAULT_ARCH = "cnn"  # the embedded zoo of `make export`
-DEFAULT_EPOCHS = {"mlp": 4, "cnn": 2, "resnet20": 2, "mobilenetv2": 2, "resnet18": 2}
-DEFAULT_WIDTH = {"mlp": 256, "cnn": 16, "resnet20": 16, "mobilenetv2": 16, "resnet18": 64}
+DEFAULT_EPOCHS = {"mlp": 4, "cnn": 2, "resnet20": 2, "mobilenetv2": 2, "resnet18": 2, "vit": 3}
+DEFAULT_WIDTH = {"mlp": 256, "cnn": 16, "resnet20": 16, "mobilenetv2": 16, "resnet18": 64, "vit": 64}
 
 
 def build(arch: str, **kwargs) -> nn.Module:

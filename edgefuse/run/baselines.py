@@ -53,8 +53,9 @@ def exact_ensembles(members: list[nn.Module], member_files: list[str], splits: S
     form is onnxruntime's own, so a `cuda` target measures the two one-graph forms only. `cache`: graphs exported
     before (graph/onnx.py)."""
     seq = ensemble(members, combine=combine, head_outputs=True)
+    batched = seq.fastest()
     rows, modules = {}, {}
-    for name, module in (("ensemble", seq), ("ensemble_batched", seq.batch_heads())):
+    for name, module in (("ensemble", seq), ("ensemble_batched", batched)) if batched.batched else (("ensemble", seq),):
         rows[name] = export_and_measure(module, splits, out_dir / f"{name}.onnx", target, cache=cache, key=name,
                                         label=EXACT_LABELS[name] + _how(combine), kind="ensemble",
                                         combine=combine)
@@ -100,9 +101,10 @@ def sub_ensembles(members: list[nn.Module], splits: Splits, target: Target, out_
     rows, modules = [], {}
     for subset in select_members(members, splits):
         how = choose_combine(val_logits[list(subset)], splits.y_val.numpy())
-        module = ensemble([members[i] for i in subset], combine=how, head_outputs=True).batch_heads()
+        module = ensemble([members[i] for i in subset], combine=how, head_outputs=True).fastest()
         key = "sub-ensemble-" + "-".join(map(str, subset))
-        label = f"sub-ensemble of members {', '.join(map(str, subset))} (batched{_how(how)})"
+        label = f"sub-ensemble of members {', '.join(map(str, subset))} " \
+                f"({'batched' if module.batched else 'one graph'}{_how(how)})"
         for precision in ("fp32", "int8") if target.int8 else ("fp32",):
             tag = "-int8" if precision == "int8" else ""
             row = export_and_measure(module, splits, out_dir / f"{key}{tag}.onnx", target, precision, cache,
@@ -118,7 +120,7 @@ def int8_ensembles(modules: dict[str, nn.Module], splits: Splits, target: Target
     """The one-graph ensembles as INT8 QDQ graphs: candidates like any other, no longer exact, so never the
     baseline latencies are compared with."""
     rows = []
-    for name in ("ensemble", "ensemble_batched"):
+    for name in (n for n in ("ensemble", "ensemble_batched") if n in modules):
         row = export_and_measure(modules[name], splits, out_dir / f"{name}-int8.onnx", target, "int8",
                                  key=f"{name}-int8", label=f"{EXACT_LABELS[name]}, INT8", kind="ensemble")
         rows.append(with_agreement(row, reference))

@@ -72,7 +72,7 @@ def _rest_graph(rest: tuple[int, ...], members: list[Candidate], modules: list[n
     whose second output is each member's logits."""
     if len(rest) == 1:
         return members[rest[0]].file, modules[rest[0]]
-    module = ensemble([modules[i] for i in rest], head_outputs=True).batch_heads()
+    module = ensemble([modules[i] for i in rest], head_outputs=True).fastest()
     path = export_onnx(module, splits.example, out_dir / f"cascade-rest-{'-'.join(map(str, rest))}.onnx",
                        opset=target.opset)  # written afresh: a sweep's folder may hold another run's
     return str(path), module

@@ -32,6 +32,15 @@ def grid(n_cuts: int, alphas: tuple[float, ...], methods: tuple[str, ...], repai
             for kind, values in (("depth", range(1, n_cuts + 1)), ("alpha", alphas)) for v in values]
 
 
+def fusable(s: Setup, tgt: Target, alphas: tuple[float, ...], console: Console) -> tuple[Target, tuple[float, ...]]:
+    """The target and the alphas these members allow: without a batched form (attention has none yet) a fused
+    model's heads run one after another and no alpha model can be built (its units live in one batched network)."""
+    if s.batch_refusal is None:
+        return tgt, alphas
+    console.print(f"[bold]no batched form[/]: {s.batch_refusal} — heads run one after another; no alpha points")
+    return replace(tgt, batch_heads=False), ()
+
+
 @dataclass
 class Field:
     """The measured candidates and, when kept, their modules by key (the shipped one is parity-checked)."""

@@ -102,7 +102,7 @@ def _distilled(student: nn.Module, job: Job, splits) -> None:
         except Exception as e:  # a cut or edited cache file: distil again rather than trust it
             warn_once(f"cached distilled weights {path} do not load ({first_line(e)}): distilled again")
     members = job.aligned if job.teacher is None else [job.aligned[i] for i in job.teacher]
-    teacher = ensemble(members, combine=job.teacher_combine, batched=True, head_outputs=cfg.per_head)
+    teacher = ensemble(members, combine=job.teacher_combine, head_outputs=cfg.per_head).fastest()
     distill(student, teacher, splits.x_train, cfg, label=job.point.label,
             quiet=multiprocessing.parent_process() is not None or None,
             targets=_teacher_pass(fingerprint(members, repr(cfg), job.splits.digest, job.teacher_combine)))

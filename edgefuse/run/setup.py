@@ -20,6 +20,7 @@ from .config import RunConfig
 from ..models.fit import check_fit
 from ..models.sources import load_data
 from ..fuse import ensemble
+from ..fuse.batched import batch_refusal
 from ..spec.permspec import PermSpec, permutation_spec, permute
 
 SHARED_BASIN = 0.9  # alignment leaving this share of units in place: the members share a basin (fine-tunes)
@@ -53,6 +54,7 @@ class Setup:
     seconds: dict[str, float]  # wall-clock seconds of each phase so far: models, data, align
     base: dict | None = None  # the pretrained weights the members were fine-tuned from, where known
     zoo_partition: str | None = None  # the zoo members' training data, in words; None for the user's models
+    batch_refusal: str | None = None  # why the members have no batched form (attention), None where they have one
 
     def data_lines(self) -> dict[str, str]:
         """What was used for what, in words for the report: the source as given, where each split came from,
@@ -112,7 +114,7 @@ def prepare(run: RunConfig, console: Console) -> Setup:
     reference = torch_predictions(ensemble(models), splits.x_test)
     phases = {"models": t1 - t0, "data": t2 - t1, "align": time.perf_counter() - t2}
     return Setup(models, label, splits, spec, aligned, seconds, reference, regime, phases, base,
-                 partition.describe() if run.models is None else None)
+                 partition.describe() if run.models is None else None, batch_refusal(models))
 
 
 def identity_share(perms: list[dict]) -> float:

@@ -1,0 +1,83 @@
+"""Vision Transformers through the pipeline: aligned, fused at block boundaries, repaired, exported and chosen."""
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+import edgefuse as ef
+from edgefuse.cli.main import cli
+from edgefuse.fuse import fuse
+from edgefuse.graph.onnx import export_onnx
+from edgefuse.models import data, zoo
+
+from . import attention_nets as an
+from .conftest import save_checkpoints, train_digits
+
+
+@pytest.fixture(scope="module")
+def vits():
+    return train_digits(an.digits_vit, 3, epochs=15)
+
+
+def test_the_zoo_vit_has_a_spec_that_keeps_its_function_and_a_cut_at_every_half_block():
+    model = an.randomize_norms(zoo.build("vit", width=32).eval(), 0)
+    x = torch.rand(2, 1, 28, 28)
+    spec = ef.permutation_spec(model, x)
+    assert len(spec.cut_points) == 2 * 4 + 2 and {f.blocks for f in spec.families} == {4}
+    permuted = ef.permute(model, spec, spec.random_perms(1))
+    with torch.no_grad():
+        torch.testing.assert_close(permuted(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["weight", "activation"])
+def test_alignment_keeps_each_vit_and_lsq_brings_the_fused_vit_closer_to_the_ensemble(vits, method):
+    x, y = data.digits()
+    calib, held = [x[i:i + 100] for i in range(0, 1000, 100)], x[1000:]
+    spec = ef.permutation_spec(vits[0], x[:2])
+    aligned = ef.align(vits, spec, method=method, data=calib)
+    with torch.no_grad():
+        for a, m in zip(aligned, vits):
+            torch.testing.assert_close(a(held), m(held), atol=1e-4, rtol=1e-4)
+        reference = ef.ensemble(vits)(held)
+        torch.testing.assert_close(fuse(aligned, spec, depth=0)(held), reference)
+        for depth in (2, len(spec.cut_points)):
+            plain = fuse(aligned, spec, depth=depth, repair=None)(held)
+            repaired = fuse(aligned, spec, depth=depth, data=calib, repair="lsq")(held)
+            assert (repaired - reference).pow(2).mean() < (plain - reference).pow(2).mean()
+
+
+def test_a_fused_vit_exports_with_parity(vits, tmp_path):
+    x, _ = data.digits()
+    spec = ef.permutation_spec(vits[0], x[:2])
+    aligned = ef.align(vits, spec, method="weight")
+    model = fuse(aligned, spec, depth=3, data=[x[:200]], repair="lsq")
+    path = export_onnx(model, x[:2], tmp_path / "vit.onnx", 17)
+    session = ort.InferenceSession(str(path))
+    out = session.run(None, {session.get_inputs()[0].name: x[1000:1064].numpy()})[0]
+    with torch.no_grad():
+        ref = model(x[1000:1064]).numpy()
+    assert np.abs(out - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+
+
+def test_a_vit_has_no_batched_form_yet_and_its_ensemble_runs_one_member_after_another(vits):
+    ens = ef.ensemble(vits)
+    assert not ens.fastest().batched  # attention: no grouped-kernel rewrite; the sequential form is the fastest
+    with pytest.raises(ef.UnsupportedModelError):
+        ens.batch_heads()
+
+
+def test_export_of_vits_ships_a_non_dominated_model_with_fused_rows(vits, tmp_path):
+    paths = save_checkpoints(vits, tmp_path)
+    res = CliRunner().invoke(cli, ["-q", "export", "--model", "tests.attention_nets:digits_vit", *paths, "--dataset",
+                                   "digits", "--out-root", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "cpu-ort" / "report.json").read_text())
+    fused = [c for c in report["candidates"] if c["kind"] == "fused"]
+    assert fused and all(c["depth"] for c in fused) and all(c["latency_by_batch"] for c in fused)
+    assert "ensemble_batched" not in report and not report["batched_heads"]  # attention has no batched form yet
+    assert report["parity"]["max_abs_diff"] < 1e-4
+    shipped = report["shipped"]["key"]
+    assert next(c for c in report["candidates"] if c["key"] == shipped)["dominated_by"] is None
