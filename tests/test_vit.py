@@ -9,9 +9,11 @@ from click.testing import CliRunner
 
 import edgefuse as ef
 from edgefuse.cli.main import cli
+from edgefuse.device.check import check_onnx
 from edgefuse.fuse import fuse
 from edgefuse.graph.onnx import export_onnx
 from edgefuse.models import data, zoo
+from edgefuse.targets import load_target
 
 from . import attention_nets as an
 from .conftest import save_checkpoints, train_digits
@@ -60,6 +62,9 @@ def test_a_fused_vit_exports_with_parity(vits, tmp_path):
     with torch.no_grad():
         ref = model(x[1000:1064]).numpy()
     assert np.abs(out - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
+    report = check_onnx(path, load_target("jetson-orin-nano-jp6"))  # TensorRT parses every op a ViT graph uses
+    assert report.ok, report.errors
+    assert {"LayerNormalization", "Softmax", "MatMul"} <= set(report.operators)
 
 
 def test_a_vit_has_no_batched_form_yet_and_its_ensemble_runs_one_member_after_another(vits):
