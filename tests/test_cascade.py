@@ -108,7 +108,7 @@ def test_a_cascade_costs_what_it_escalates(stages, tmp_path):
     always = OrtRunner(cascade_graph(CascadeRule(0, (1, 2, 3), "max_softmax", 1.0, "mean"), first, rest,
                                      tmp_path / "always.onnx"))
     lat_never, lat_always = (stream_latency(r, x, 1, min_inputs=300) for r in (never, always))
-    assert lat_never["runs"] >= 3 * 300 and lat_never["expected"] < lat_always["expected"]
+    assert lat_never["runs"] >= 2 * 300 and lat_never["expected"] < lat_always["expected"]
     mask = np.zeros(64, bool)
     mask[[3, 40]] = True
     assert calls_escalated(mask, 1) == 2 / 64 and calls_escalated(mask, 32) == 1.0 and calls_escalated(mask, 16) == 0.5

@@ -22,7 +22,7 @@ def verify(onnx_file: str, data: str, threads: int, batch_sizes: tuple[int, ...]
 
     Reads ONNX_FILE (or an exported cascade folder: its cascade.json and two stage graphs, run as two sessions and
     a host loop) and the dataset; writes nothing (prints JSON). Latency is per call over the test inputs in order
-    (3 passes, each call's median), and a cascade's `escalated` says which share ran its second stage."""
+    (2 or 3 passes, each call's median), and a cascade's `escalated` says which share ran its second stage."""
     import json
 
     from ..graph.read import read_onnx

@@ -96,14 +96,29 @@ def latency(runner: Runner, x: np.ndarray, warmup: int = 10, min_runs: int = 30,
     return summarize(times)
 
 
-def stream_latency(runner: Runner, x: np.ndarray, batch_size: int, min_inputs: int = 1000, passes: int = 3,
+PASSES = 3  # passes over the stream at most; each call's time is its median over them
+PRECISION = 0.03  # stop after 2 passes when the third could move p50 and the mean by at most this share
+
+
+def settled(times: list[np.ndarray], precision: float = PRECISION) -> bool:
+    """Whether one more pass can no longer matter: with two passes a, b behind it, the median of three lies between
+    them call by call, so the full run's p50 and mean lie between those of the per-call minima and maxima; settled
+    when both spans are within `precision` of their values."""
+    low, high = np.min(times, 0), np.max(times, 0)
+    return all(hi - lo <= precision * lo for lo, hi in ((np.percentile(low, 50), np.percentile(high, 50)),
+                                                        (low.mean(), high.mean())))
+
+
+def stream_latency(runner: Runner, x: np.ndarray, batch_size: int, min_inputs: int = 1000, passes: int = PASSES,
                    warmup: int = 10) -> dict:
     """Milliseconds per call over consecutive batches of real inputs in order (cycling when the data is shorter):
     at least `min_inputs` inputs and 30 calls, so that a model whose cost depends on its input (a cascade) meets
-    the data's share of hard inputs, and every other model is timed the same way. The stream runs `passes` times and
-    each call's time is its median over the passes, so a moment of contention on a shared machine passes neither
-    for a slow input nor for a worst case. `expected` (the mean of those per-call times) is the cost of a call a
-    budget binding the mean reads; p99 the worst case. A runner with its own clock (CUDA events) times itself."""
+    the data's share of hard inputs, and every other model is timed the same way. The stream runs up to `passes`
+    times and each call's time is its median over the passes, so a moment of contention on a shared machine passes
+    neither for a slow input nor for a worst case; a third pass is skipped when it could move p50 and the mean by
+    no more than PRECISION (`settled`; `passes` in the result says how many ran). `expected` (the mean of those
+    per-call times) is the cost of a call a budget binding the mean reads; p99 the worst case. A runner with its
+    own clock (CUDA events) times itself."""
     if hasattr(runner, "latency"):
         return runner.latency(latency_batch(torch.from_numpy(x), batch_size))
     n = len(x)
@@ -112,13 +127,15 @@ def stream_latency(runner: Runner, x: np.ndarray, batch_size: int, min_inputs: i
                                                                               for k in range(calls))]
     for b in batches[:warmup]:
         runner(b)
-    times = np.zeros((passes, calls))
-    for p in range(passes):
+    times: list[np.ndarray] = []
+    while len(times) < passes and not (len(times) == 2 == passes - 1 and settled(times)):
+        row = np.zeros(calls)
         for k, b in enumerate(batches):
             t = time.perf_counter()
             runner(b)
-            times[p, k] = (time.perf_counter() - t) * 1e3
-    return summarize(list(np.median(times, 0))) | {"runs": int(times.size)}
+            row[k] = (time.perf_counter() - t) * 1e3
+        times.append(row)
+    return summarize(list(np.median(times, 0))) | {"runs": calls * len(times), "passes": len(times)}
 
 
 def summarize(times: list[float]) -> dict:

@@ -9,6 +9,7 @@ from .baselines import best_exact, mean_of_members
 from .candidate import Candidate
 from .choose import Choice
 from ..base.files import atomic_write_text, save_figure
+from ..measure.runners import PASSES, PRECISION
 from ..targets import DEFAULT_BINDS
 
 DEVICE_NOTE = ("Latencies above were measured on this machine with onnxruntime (CPU), a proxy for ranking candidates; "
@@ -35,7 +36,8 @@ def markdown(report: dict) -> str:
              f"Chosen on {report['validation_data']}; test scores on {report['test_data']}, never used to choose. "
              f"Latency: {ens['runtime']}, {report['threads']} thread(s), per call, "
              + ("the p99" if binds == "p99" else "the expected cost")
-             + " over the test inputs in order, each call's median over 3 passes"
+             + f" over the test inputs in order, each call's median over {PASSES} passes ({PASSES - 1} where one more "
+             f"could not move p50 or the mean by {PRECISION:.0%})"
              + " (the figure the budget binds); ratios against the "
              "fastest exact ensemble at each batch size: " +
              ", ".join(f"b{b}: {e['name']} ({_stat(e, binds):.3f} ms)" for b, e in base.items()) + ".", ""]
