@@ -11,12 +11,15 @@ import edgefuse as ef
 from edgefuse.cli.main import cli
 from edgefuse.device.check import check_onnx
 from edgefuse.fuse import fuse
+from edgefuse.fuse.batched import grouped_refusal
+from edgefuse.fuse.stacked import stack_models
 from edgefuse.graph.onnx import export_onnx
 from edgefuse.models import data, zoo
 from edgefuse.targets import load_target
 
 from . import attention_nets as an
 from .conftest import save_checkpoints, train_digits
+from .nets import randomize_bn
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +70,36 @@ def test_a_fused_vit_exports_with_parity(vits, tmp_path):
     assert {"LayerNormalization", "Softmax", "MatMul"} <= set(report.operators)
 
 
-def test_a_vit_has_no_batched_form_yet_and_its_ensemble_runs_one_member_after_another(vits):
-    ens = ef.ensemble(vits)
-    assert not ens.fastest().batched  # attention: no grouped-kernel rewrite; the sequential form is the fastest
-    with pytest.raises(ef.UnsupportedModelError):
-        ens.batch_heads()
+@pytest.mark.parametrize("combine", ["mean", "probs"])
+def test_a_vit_ensemble_batched_along_a_member_axis_is_the_ensemble(vits, combine, tmp_path):
+    x, _ = data.digits()
+    assert grouped_refusal(vits) is not None  # attention: no grouped-kernel form
+    ens = ef.ensemble(vits, combine=combine, head_outputs=True)
+    batched = ens.batch_heads()
+    assert batched.batched and batched.heads[0].form == "member axis"
+    with torch.no_grad():
+        (a, heads_a), (b, heads_b) = ens(x[1000:1100]), batched(x[1000:1100])
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(heads_b, heads_a, atol=1e-5, rtol=1e-5)
+    path = export_onnx(batched, x[:2], tmp_path / "batched.onnx", 17)
+    session = ort.InferenceSession(str(path))
+    out = session.run(None, {session.get_inputs()[0].name: x[1000:1032].numpy()})[0]
+    np.testing.assert_allclose(out, a[:32].numpy(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("make", [lambda: an.TinyViT(an.TimmAttention), lambda: an.TinyViT(an.HandAttention),
+                                  an.ConvNeXtBlock, lambda: zoo.resnet20(width=4), lambda: zoo.mobilenetv2(width=4)],
+                         ids=["timm-style", "by hand", "channels-last", "resnet20", "mobilenetv2"])
+def test_the_member_axis_form_computes_every_member(make):
+    """The stacked rewrite alone (batch_models picks grouped kernels where they exist), on nets of every kind."""
+    torch.manual_seed(0)
+    models = [an.randomize_norms(randomize_bn(make(), i).eval(), i) for i in range(3)]
+    x = torch.rand(4, 1, 28, 28) if make in (an.ConvNeXtBlock,) or "resnet" in str(make) or "mobile" in str(make) \
+        else torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        (a, heads_a), (b, heads_b) = ef.ensemble(models, head_outputs=True)(x), stack_models(models, "mean", True)(x)
+    torch.testing.assert_close(heads_b, heads_a, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
 
 
 def test_export_of_vits_ships_a_non_dominated_model_with_fused_rows(vits, tmp_path):
@@ -82,7 +110,8 @@ def test_export_of_vits_ships_a_non_dominated_model_with_fused_rows(vits, tmp_pa
     report = json.loads((tmp_path / "cpu-ort" / "report.json").read_text())
     fused = [c for c in report["candidates"] if c["kind"] == "fused"]
     assert fused and all(c["depth"] for c in fused) and all(c["latency_by_batch"] for c in fused)
-    assert "ensemble_batched" not in report and not report["batched_heads"]  # attention has no batched form yet
+    assert report["ensemble_batched"]["label"].startswith("ensemble, batched (member axis)")
+    assert report["batched_heads"] and not any(c["alpha"] for c in report["candidates"])  # alpha: no grouped form
     assert report["parity"]["max_abs_diff"] < 1e-4
     shipped = report["shipped"]["key"]
     assert next(c for c in report["candidates"] if c["key"] == shipped)["dominated_by"] is None

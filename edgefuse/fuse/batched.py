@@ -20,6 +20,7 @@ from ..base.errors import EdgefuseError, UnsupportedModelError, first_line
 from ..spec.trace import _ELEMENTWISE, _ELEMENTWISE_METHOD, _SAME, _SAME_FN, _SAME_METHOD, drop_path_off, is_drop_path
 from .layers import GroupedLinear, WideLinear, as_param, batched_conv, batched_norm, cat_copy
 from ..base.combine import DEFAULT_COMBINE, check_combine, combine_outputs
+from .stacked import stack_models
 from .views import ChannelViews
 
 _REDUCE = {torch.mean, torch.sum, torch.amax, torch.amin}
@@ -226,8 +227,19 @@ class BatchRewriter(ChannelViews):
         return self.emit("call_method", "flatten", (joined, 1, 2), {}, batched=True)
 
 
+def grouped_refusal(models: list[nn.Module]) -> str | None:
+    """Why the models have no grouped-kernel form (the refusal, naming the node), or None where they have one: alpha
+    fusion builds on it (fuse/neuron.py)."""
+    try:
+        with torch.no_grad():
+            BatchRewriter(list(models[:2]), DEFAULT_COMBINE, False).run()
+    except UnsupportedModelError as e:
+        return str(e)
+    return None
+
+
 def batch_refusal(models: list[nn.Module]) -> str | None:
-    """Why the models have no batched form (the refusal, naming the node), or None where they have one."""
+    """Why the models have no batched form at all, grouped kernels or a member axis, or None where they have one."""
     try:
         batch_models(models[:2])
     except UnsupportedModelError as e:
@@ -237,10 +249,20 @@ def batch_refusal(models: list[nn.Module]) -> str | None:
 
 def batch_models(models: list[nn.Module], combine: str = DEFAULT_COMBINE, head_outputs: bool = False) -> fx.GraphModule:
     """One module computing the `combine` of the N members' outputs with grouped kernels (and, with
-    `head_outputs`, every member's output too). It owns copies of every tensor; an operation without a batched form
-    raises UnsupportedModelError naming the node."""
+    `head_outputs`, every member's output too); where the members have no grouped-kernel form (attention), with a
+    leading member axis instead (fuse/stacked.py). It owns copies of every tensor and says which form it is in
+    `form`; an operation with neither form raises UnsupportedModelError naming the node."""
     check_combine(combine)
     if len(models) < 1:
         raise EdgefuseError("batching needs at least one model")
-    with torch.no_grad():
-        return BatchRewriter(list(models), combine, head_outputs).run()
+    try:
+        with torch.no_grad():
+            gm = BatchRewriter(list(models), combine, head_outputs).run()
+        gm.form = "grouped kernels"
+    except UnsupportedModelError as grouped:
+        try:
+            gm = stack_models(models, combine, head_outputs)
+        except UnsupportedModelError:
+            raise grouped from None
+        gm.form = "member axis"
+    return gm

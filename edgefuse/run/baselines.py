@@ -21,7 +21,13 @@ from ..targets import Target
 
 EXACT = ("ensemble", "ensemble_batched", "ensemble_sessions")
 EXACT_LABELS = {"ensemble": "ensemble (members one after another, one graph)",
-                "ensemble_batched": "ensemble, batched (grouped kernels)"}
+                "ensemble_batched": "ensemble, batched"}
+
+
+def exact_label(name: str, module: nn.Module) -> str:
+    """An exact ensemble's label; the batched one says its form (grouped kernels, or a member axis)."""
+    form = getattr(module.heads[0], "form", None) if name == "ensemble_batched" else None
+    return EXACT_LABELS[name] + (f" ({form})" if form else "")
 
 
 def member_logits(files: list[str], x) -> np.ndarray:
@@ -57,7 +63,7 @@ def exact_ensembles(members: list[nn.Module], member_files: list[str], splits: S
     rows, modules = {}, {}
     for name, module in (("ensemble", seq), ("ensemble_batched", batched)) if batched.batched else (("ensemble", seq),):
         rows[name] = export_and_measure(module, splits, out_dir / f"{name}.onnx", target, cache=cache, key=name,
-                                        label=EXACT_LABELS[name] + _how(combine), kind="ensemble",
+                                        label=exact_label(name, module) + _how(combine), kind="ensemble",
                                         combine=combine)
         modules[name] = module
     if target.runtime != "cuda":
@@ -122,7 +128,7 @@ def int8_ensembles(modules: dict[str, nn.Module], splits: Splits, target: Target
     rows = []
     for name in (n for n in ("ensemble", "ensemble_batched") if n in modules):
         row = export_and_measure(modules[name], splits, out_dir / f"{name}-int8.onnx", target, "int8",
-                                 key=f"{name}-int8", label=f"{EXACT_LABELS[name]}, INT8", kind="ensemble")
+                                 key=f"{name}-int8", label=f"{exact_label(name, modules[name])}, INT8", kind="ensemble")
         rows.append(with_agreement(row, reference))
     return rows
 

@@ -33,12 +33,16 @@ def grid(n_cuts: int, alphas: tuple[float, ...], methods: tuple[str, ...], repai
 
 
 def fusable(s: Setup, tgt: Target, alphas: tuple[float, ...], console: Console) -> tuple[Target, tuple[float, ...]]:
-    """The target and the alphas these members allow: without a batched form (attention has none yet) a fused
-    model's heads run one after another and no alpha model can be built (its units live in one batched network)."""
-    if s.batch_refusal is None:
-        return tgt, alphas
-    console.print(f"[bold]no batched form[/]: {s.batch_refusal} — heads run one after another; no alpha points")
-    return replace(tgt, batch_heads=False), ()
+    """The target and the alphas these members allow: an alpha model's units live in one network of grouped kernels
+    (attention has none yet: no alpha points), and without any batched form a fused model's heads run one after
+    another."""
+    if s.alpha_refusal is not None:
+        console.print(f"[bold]no alpha points[/]: {s.alpha_refusal} (alpha fusion needs grouped kernels)")
+        alphas = ()
+    if s.batch_refusal is not None:
+        console.print(f"[bold]no batched form[/]: {s.batch_refusal} — heads run one after another")
+        tgt = replace(tgt, batch_heads=False)
+    return tgt, alphas
 
 
 @dataclass

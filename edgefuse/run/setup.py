@@ -20,7 +20,7 @@ from .config import RunConfig
 from ..models.fit import check_fit
 from ..models.sources import load_data
 from ..fuse import ensemble
-from ..fuse.batched import batch_refusal
+from ..fuse.batched import batch_refusal, grouped_refusal
 from ..spec.permspec import PermSpec, permutation_spec, permute
 
 SHARED_BASIN = 0.9  # alignment leaving this share of units in place: the members share a basin (fine-tunes)
@@ -54,7 +54,8 @@ class Setup:
     seconds: dict[str, float]  # wall-clock seconds of each phase so far: models, data, align
     base: dict | None = None  # the pretrained weights the members were fine-tuned from, where known
     zoo_partition: str | None = None  # the zoo members' training data, in words; None for the user's models
-    batch_refusal: str | None = None  # why the members have no batched form (attention), None where they have one
+    batch_refusal: str | None = None  # why the members have no batched form at all, None where they have one
+    alpha_refusal: str | None = None  # why they have no grouped-kernel form, which alpha fusion builds on (attention)
 
     def data_lines(self) -> dict[str, str]:
         """What was used for what, in words for the report: the source as given, where each split came from,
@@ -114,7 +115,13 @@ def prepare(run: RunConfig, console: Console) -> Setup:
     reference = torch_predictions(ensemble(models), splits.x_test)
     phases = {"models": t1 - t0, "data": t2 - t1, "align": time.perf_counter() - t2}
     return Setup(models, label, splits, spec, aligned, seconds, reference, regime, phases, base,
-                 partition.describe() if run.models is None else None, batch_refusal(models))
+                 partition.describe() if run.models is None else None, *refusals(models))
+
+
+def refusals(models: list[nn.Module]) -> tuple[str | None, str | None]:
+    """(why the members have no batched form, why they have no grouped-kernel form): None where they have it."""
+    grouped = grouped_refusal(models)
+    return (None if grouped is None else batch_refusal(models)), grouped
 
 
 def identity_share(perms: list[dict]) -> float:

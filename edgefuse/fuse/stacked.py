@@ -1,0 +1,302 @@
+"""N members of one architecture as one graph with a leading member axis: every hidden tensor is (N, …) — the
+members' tensors stacked — and every operation runs once for all of them. The batched form of networks whose
+channels do not stay on axis 1 (transformers: tokens, heads, attention), where the grouped-kernel rewrite
+(batched.py) has none: a Linear is one batched MatMul over (N, in, out), a LayerNorm normalises and then scales by
+(N, …, C), attention sees the member axis as one more batch axis, and every `dim` argument moves one axis right
+(negative ones name the same axis already). Tensors all members share (the input, a fused trunk's output) stay
+unstacked until a layer with per-member weights reads them; broadcasting does the rest."""
+from __future__ import annotations
+
+import copy
+import functools
+import operator
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.nn import functional as F
+
+from ..base.combine import combine_outputs
+from ..base.errors import EdgefuseError, UnsupportedModelError, first_line
+from ..spec.trace import _ELEMENTWISE, _ELEMENTWISE_METHOD, _SAME, _SAME_FN, _SAME_METHOD, drop_path_off, is_drop_path
+from .layers import as_param, batched_conv, cat_copy
+
+_MATMUL = {torch.matmul, operator.matmul, torch.bmm}
+_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+          nn.AdaptiveMaxPool2d)
+_POOL_FN = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d}
+_SDPA = F.scaled_dot_product_attention
+_DIM_ARG = {  # operation → positions of its dim arguments (after the tensor), for functions and methods alike
+    "softmax": (1,), "log_softmax": (1,), "mean": (1,), "sum": (1,), "amax": (1,), "amin": (1,),
+    "transpose": (1, 2), "flatten": (1, 2), "unbind": (1,), "chunk": (2,), "split": (2,), "unflatten": (1,),
+    "size": (1,), "unsqueeze": (1,), "squeeze": (1,)}
+
+
+def _shift(d):
+    """A dim of one member's tensor on the stacked one: non-negative dims move right past the member axis."""
+    if isinstance(d, (tuple, list)):
+        return type(d)(_shift(x) for x in d)
+    return d + 1 if isinstance(d, int) and not isinstance(d, bool) and d >= 0 else d
+
+
+class StackedLinear(nn.Module):
+    """N Linear layers as one MatMul with weights (N, in, out); an unstacked input broadcasts to every member."""
+
+    def __init__(self, linears: list[nn.Linear], stacked_input: bool) -> None:
+        super().__init__()
+        self.n, self.stacked_input = len(linears), stacked_input
+        self.weight = as_param(torch.stack([m.weight.detach().t() for m in linears]).contiguous())
+        self.bias = as_param(torch.stack([m.bias.detach() for m in linears])) if linears[0].bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight's member axis lines up with x's (or leads x's batch axes when x is shared); the bias then
+        broadcasts over every axis between the member axis and the features."""
+        batch = x.dim() - (3 if self.stacked_input else 2)  # x's batch axes after the member axis
+        out = torch.matmul(x, self.weight.reshape(self.n, *[1] * batch, *self.weight.shape[1:]))
+        return out if self.bias is None else out + self.bias.reshape(self.n, *[1] * (out.dim() - 2), -1)
+
+
+class StackedLayerNorm(nn.Module):
+    """N LayerNorms over the last axis: the normalisation is the same for every member, the affine is per member."""
+
+    def __init__(self, norms: list[nn.LayerNorm], stacked_input: bool, node: str) -> None:
+        super().__init__()
+        first = norms[0]
+        if len(first.normalized_shape) != 1:
+            raise UnsupportedModelError(node, "LayerNorm", "only LayerNorm over one axis is stacked")
+        self.n, self.shape, self.eps, self.stacked_input = len(norms), first.normalized_shape, first.eps, stacked_input
+        affine = first.weight is not None
+        self.weight = as_param(torch.stack([m.weight.detach() for m in norms])) if affine else None
+        self.bias = as_param(torch.stack([m.bias.detach() for m in norms])) if first.bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x, self.shape, eps=self.eps)
+        between = x.dim() - (2 if self.stacked_input else 1)
+        if self.weight is not None:
+            y = y * self.weight.reshape(self.n, *[1] * between, -1)
+        return y if self.bias is None else y + self.bias.reshape(self.n, *[1] * between, -1)
+
+
+class ChannelMajor(nn.Module):
+    """A conv (or BatchNorm) over N members' channels side by side on axis 1, between stacked tensors."""
+
+    def __init__(self, layer: nn.Module, n: int, stacked_input: bool) -> None:
+        super().__init__()
+        self.layer, self.n, self.stacked_input = layer, n, stacked_input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stacked_input:
+            x = x.movedim(0, 1).flatten(1, 2)
+        return split_axis(self.layer(x), 1, self.n).movedim(1, 0)
+
+
+class PerSample(nn.Module):
+    """A layer that sees one sample at a time (a pooling): the member and batch axes as one batch axis."""
+
+    def __init__(self, layer: nn.Module, n: int) -> None:
+        super().__init__()
+        self.layer, self.n = layer, n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return split_axis(self.layer(x.flatten(0, 1)), 0, self.n)
+
+
+def _per_sample(fn, x: torch.Tensor, n: int, *args, **kwargs) -> torch.Tensor:
+    return split_axis(fn(x.flatten(0, 1), *args, **kwargs), 0, n)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, *args, **kwargs) -> torch.Tensor:
+    return split_axis(_SDPA(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), *args, **kwargs), 0, n)
+
+
+def split_axis(x: torch.Tensor, axis: int, n: int) -> torch.Tensor:
+    """unflatten(axis, (n, -1)) as a reshape of x's own sizes: after an unflatten the TorchScript exporter fixes
+    the batch size that later reads of the shape see (a class token expanded to it), after a reshape it does not."""
+    return x.reshape(*x.shape[:axis], n, -1, *x.shape[axis + 1:])
+
+
+class StackRewriter:
+    """Walks the members' identical fx graphs once, building the stacked graph and its modules."""
+
+    def __init__(self, models: list[nn.Module], combine: str, head_outputs: bool) -> None:
+        try:
+            self.gms = [m if isinstance(m, fx.GraphModule) else fx.symbolic_trace(m) for m in models]
+        except Exception as e:  # fx raises many kinds on data-dependent Python
+            raise UnsupportedModelError("<trace>", type(models[0]).__name__,
+                                        f"torch.fx cannot trace it: {first_line(e)}") from None
+        self.n, self.combine, self.head_outputs = len(models), combine, head_outputs
+        self.mods = [dict(g.named_modules()) for g in self.gms]
+        self.graph, self.env, self.owned = fx.Graph(), {}, nn.Module()
+        self.stacked: set[fx.Node] = set()
+        self.shapes: dict[fx.Node, fx.Node] = {}  # the shape of a stacked tensor → that tensor
+
+    def run(self) -> fx.GraphModule:
+        nodes = [list(g.graph.nodes) for g in self.gms]
+        if len({len(ns) for ns in nodes}) != 1:
+            raise EdgefuseError("the models differ in structure: their traced graphs have different lengths")
+        for group in zip(*nodes):
+            if any(nd.op != group[0].op or nd.target != group[0].target for nd in group):
+                raise EdgefuseError(f"the models differ in structure at node '{group[0].name}'")
+            self.env[group[0]] = self.visit(group[0])
+        gm = fx.GraphModule(self.owned, self.graph)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        return gm.eval()
+
+    def emit(self, op: str, target, args, kwargs, stacked: bool) -> fx.Node:
+        out = self.graph.create_node(op, target, args, kwargs)
+        if stacked:
+            self.stacked.add(out)
+        return out
+
+    def is_stacked(self, a) -> bool:
+        found: list = []
+        fx.node.map_arg(a, lambda n: found.append(self.env[n] in self.stacked))
+        return any(found)
+
+    def own(self, name: str, module: nn.Module) -> str:
+        key = name.replace(".", "_")
+        self.owned.add_module(key, module)
+        return key
+
+    def spread(self, x):
+        """An unstacked tensor as every member's copy of it: (N, …)."""
+        if not isinstance(x, fx.Node) or x in self.stacked:
+            return x
+        return self.emit("call_function", _expand_members, (x, self.n), {}, True)
+
+    def visit(self, node: fx.Node):
+        if node.op == "placeholder":
+            return self.graph.node_copy(node)
+        if node.op == "get_attr":
+            values = [functools.reduce(getattr, node.target.split("."), g) for g in self.gms]
+            same = not isinstance(values[0], torch.Tensor) or all(torch.equal(values[0], v) for v in values[1:])
+            value = copy.deepcopy(values[0]) if same else torch.stack([v.detach() for v in values])
+            key = node.target.replace(".", "_")
+            if isinstance(values[0], nn.Parameter):  # trainable still: a stacked fused model may be distilled
+                self.owned.register_parameter(key, as_param(value.detach().clone()))
+            elif isinstance(value, torch.Tensor):
+                self.owned.register_buffer(key, value)
+            else:
+                setattr(self.owned, key, value)
+            return self.emit("get_attr", key, (), {}, not same)
+        if node.op == "output":
+            return self.visit_output(node)
+        if node.op == "call_module":
+            return self.visit_module(node, [m[node.target] for m in self.mods])
+        return self.visit_function(node)
+
+    def visit_output(self, node: fx.Node):
+        (out,) = node.args
+        if not isinstance(out, fx.Node):
+            raise UnsupportedModelError(node.name, "output", "models with several outputs are not stacked yet")
+        new = self.env[out]
+        if new in self.stacked:
+            members = new
+            new = self.graph.call_function(combine_outputs, (members, 0, self.combine))
+            if self.head_outputs:
+                new = (new, self.graph.call_method("transpose", (members, 0, 1)))
+        return self.graph.output(new)
+
+    def visit_module(self, node: fx.Node, mods: list[nn.Module]):
+        first, src = mods[0], node.args[0] if node.args else None
+        x = self.env[src] if isinstance(src, fx.Node) else None
+        stacked = x in self.stacked
+        if isinstance(first, nn.Linear):
+            module = StackedLinear(mods, stacked)
+        elif isinstance(first, nn.LayerNorm):
+            module = StackedLayerNorm(mods, stacked, node.name)
+        elif isinstance(first, (nn.Conv1d, nn.Conv2d)):
+            module = ChannelMajor(batched_conv(mods, shared_input=not stacked), self.n, stacked)
+        elif isinstance(first, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            if not stacked:
+                x, stacked = self.spread(x), True
+            bn = copy.deepcopy(first)
+            bn.num_features = self.n * first.num_features
+            for t in ("weight", "bias", "running_mean", "running_var"):
+                if getattr(first, t) is not None:
+                    value = cat_copy([getattr(m, t) for m in mods])
+                    setattr(bn, t, as_param(value) if t in ("weight", "bias") else value)
+            module = ChannelMajor(bn, self.n, True)
+        elif isinstance(first, _SAME) or not list(first.parameters()) + list(first.buffers()):
+            if isinstance(first, nn.Flatten) and stacked:
+                module = nn.Flatten(_shift(first.start_dim), _shift(first.end_dim))
+            elif isinstance(first, _POOLS) and stacked:
+                module = PerSample(copy.deepcopy(first), self.n)
+            else:
+                module = copy.deepcopy(first)
+            return self.emit("call_module", self.own(node.target, module), fx.node.map_arg(
+                node.args, lambda n: self.env[n]), fx.node.map_arg(node.kwargs, lambda n: self.env[n]), stacked)
+        else:
+            raise UnsupportedModelError(node.name, type(first).__name__, "no stacked form for this layer yet")
+        return self.emit("call_module", self.own(node.target, module), (x,), {}, True)
+
+    def visit_function(self, node: fx.Node):
+        method, target = node.op == "call_method", node.target
+        args = fx.node.map_arg(node.args, lambda n: self.env[n])
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: self.env[n])
+        x = args[0] if args and isinstance(args[0], fx.Node) else None
+        if target is operator.getitem and x in self.shapes and isinstance(args[1], int):
+            # size(i), not shape[i]: the TorchScript exporter keeps it dynamic (a batch size read from a shape
+            # entry of a tensor after movedim became a constant)
+            return self.emit("call_method", "size", (self.shapes[x], _shift(args[1])), {}, False)
+        if not self.is_stacked((node.args, node.kwargs)):
+            return self.emit(node.op, target, args, kwargs, False)
+        name = target if method else getattr(target, "__name__", "")
+        if target is getattr and args[1] == "shape" or (method and target == "size" and len(args) == 1):
+            out = self.emit(node.op, target, args, kwargs, False)
+            self.shapes[out] = x
+            return out
+        if method and target == "dim":
+            return self.graph.call_function(operator.sub, (self.emit(node.op, target, args, kwargs, False), 1))
+        if is_drop_path(node) and drop_path_off(node):
+            return args[0]
+        if target in _POOL_FN:
+            return self.emit(node.op, _per_sample, (target, x, self.n, *args[1:]), kwargs, True)
+        if target in _SAME_FN or (method and target in _SAME_METHOD) or target in _ELEMENTWISE or \
+                (method and target in _ELEMENTWISE_METHOD) or target in _MATMUL or (method and target == "matmul"):
+            return self.emit(node.op, target, args, kwargs, True)
+        if target is _SDPA:  # exporters take 4-D attention only: members and samples as one batch axis
+            q, k, v = (self.spread(a) for a in args[:3])
+            return self.emit(node.op, _attention, (q, k, v, self.n, *args[3:]), kwargs, True)
+        if target is operator.getitem:
+            if _is_tuple_value(node.args[0]):  # one part of an unbind, chunk or split: already stacked
+                return self.emit(node.op, target, args, kwargs, True)
+            index = args[1] if isinstance(args[1], tuple) else (args[1],)
+            return self.emit(node.op, target, (x, (slice(None), *index)), kwargs, True)
+        if target in (torch.cat, torch.concat):
+            parts = [self.spread(p) for p in args[0]]
+            return self.emit(node.op, target, (parts, _shift(args[1] if len(args) > 1 else kwargs.get("dim", 0))),
+                             {}, True)
+        if name in ("view", "reshape", "permute"):
+            sizes = tuple(args[1]) if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+            sizes = (0, *_shift(sizes)) if name == "permute" else (self.n, *sizes)
+            return self.emit(node.op, target, (x, *sizes) if method else (x, sizes), {}, True)
+        if name == "expand" and method:
+            return self.emit(node.op, target, (x, -1, *args[1:]), {}, True)
+        if name in _DIM_ARG:
+            args = tuple(_shift(a) if i in _DIM_ARG[name] else a for i, a in enumerate(args))
+            kwargs = {k: _shift(v) if k in ("dim", "start_dim", "end_dim", "dim0", "dim1") else v
+                      for k, v in kwargs.items()}
+            if name in ("mean", "sum", "amax", "amin") and len(args) < 2 and "dim" not in kwargs:
+                raise UnsupportedModelError(node.name, name, "a reduction over every axis mixes the members")
+            return self.emit(node.op, target, args, kwargs, name != "size")
+        raise UnsupportedModelError(node.name, name or str(target), "no stacked form for this operation yet")
+
+
+def _is_tuple_value(node: fx.Node) -> bool:
+    """Whether a node returns several tensors (unbind, chunk, split): getitem then picks one, unchanged."""
+    return node.target in (torch.unbind, torch.chunk, torch.split) or (
+        node.op == "call_method" and node.target in ("unbind", "chunk", "split"))
+
+
+def _expand_members(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(…) → (n, …) without reading x's shape (-1 keeps every axis, so an exported graph keeps its dynamic batch)."""
+    return x.unsqueeze(0).expand(n, *[-1] * x.dim())
+
+
+def stack_models(models: list[nn.Module], combine: str, head_outputs: bool = False) -> fx.GraphModule:
+    """One module computing the `combine` of the N members' outputs with a leading member axis (and, with
+    `head_outputs`, every member's output too); an operation without a stacked form raises UnsupportedModelError."""
+    with torch.no_grad():
+        return StackRewriter(list(models), combine, head_outputs).run()
