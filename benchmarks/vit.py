@@ -3,7 +3,8 @@ width 384, MLP 1536) and 4 ViT-B/16s (torchvision's VisionTransformer, random we
 matching, not its quality): the spec, the first pass and each round. (2) The ViT zoo (4 × `--arch vit` on
 Fashion-MNIST) through `edgefuse sweep` with repairs none and lsq: members, the exact ensemble, sub-ensembles,
 cascades, every depth and the distilled member, each row's test accuracy and its MACs and p50 latency against the
-exact ensemble of the same run. Writes build/bench/vit.json.
+exact ensemble of the same run. Writes build/bench/vit.json; each part's result is kept as it finishes
+(build/bench/vit-*.json), so a stopped run resumes.
 
     python benchmarks/vit.py [--threads 2] [--skip-b16] [--skip-zoo]
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from common import threads
+from common import resumed, threads
 
 import edgefuse as ef
 from edgefuse.align.weight import weight_matching
@@ -88,10 +89,11 @@ def main() -> None:
         for name in SIZES:
             if name == "ViT-B/16" and args.skip_b16:
                 continue
-            result["matching"][name] = matching_cost(name)
+            slug = name.lower().replace("/", "")
+            result["matching"][name] = resumed(OUT / f"vit-matching-{slug}.json", lambda: matching_cost(name))
             print(name, result["matching"][name])
     if not args.skip_zoo:
-        result["zoo"] = zoo_rows(OUT / "vit")
+        result["zoo"] = resumed(OUT / "vit-zoo.json", lambda: zoo_rows(OUT / "vit"))
         for row in result["zoo"]["rows"]:
             print(row)
     atomic_write_text(OUT / "vit.json", json.dumps(result, indent=1))

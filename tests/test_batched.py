@@ -1,9 +1,12 @@
-"""The batched exact ensemble and batched heads: grouped kernels, same function."""
+"""The batched exact ensemble and batched heads: grouped kernels (or a member axis), same function."""
+import re
+
 import onnx
 import pytest
 import torch
 
 import edgefuse as ef
+from edgefuse.fuse.batched import grouped_refusal
 from edgefuse.models import zoo
 from edgefuse.graph.onnx import onnx_nodes
 
@@ -90,7 +93,10 @@ def test_batched_onnx_has_fewer_nodes_and_same_outputs(tmp_path, opset):
 
 
 @pytest.mark.parametrize("factory,node", [(nets.HiddenSoftmax, "'softmax'"), (nets.TinyViTBlock, "'(embed|mean)'")])
-def test_batching_refuses_channel_mixing_ops(factory, node):
+def test_channel_mixing_ops_have_no_grouped_kernels_and_batch_along_a_member_axis(factory, node):
     models = [factory().eval() for _ in range(2)]
-    with pytest.raises(ef.UnsupportedModelError, match=node):
-        ef.ensemble(models, batched=True)(X[:2, :, :8, :8])
+    assert re.search(node, grouped_refusal(models))
+    batched = ef.ensemble(models, batched=True)
+    assert batched.heads[0].form == "member axis"
+    with torch.no_grad():
+        torch.testing.assert_close(batched(X[:5, :, :8, :8]), ef.ensemble(models)(X[:5, :, :8, :8]))

@@ -18,14 +18,14 @@ from torch.nn import functional as F
 
 from ..base.combine import combine_outputs
 from ..base.errors import EdgefuseError, UnsupportedModelError, first_line
-from ..spec.trace import _ELEMENTWISE, _ELEMENTWISE_METHOD, _SAME, _SAME_FN, _SAME_METHOD, drop_path_off, is_drop_path
+from ..spec.trace import (_ELEMENTWISE, _ELEMENTWISE_METHOD, _SAME, _SAME_FN, _SAME_METHOD, POOLS, drop_path_off,
+                          is_drop_path)
 from .layers import as_param, batched_conv, cat_copy
+from .stacked_layers import (SDPA, ChannelMajor, PerSample, StackedLayerNorm, StackedLinear, attention, expand_members,
+                             per_sample)
 
 _MATMUL = {torch.matmul, operator.matmul, torch.bmm}
-_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-          nn.AdaptiveMaxPool2d)
 _POOL_FN = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d}
-_SDPA = F.scaled_dot_product_attention
 _DIM_ARG = {  # operation → positions of its dim arguments (after the tensor), for functions and methods alike
     "softmax": (1,), "log_softmax": (1,), "mean": (1,), "sum": (1,), "amax": (1,), "amin": (1,),
     "transpose": (1, 2), "flatten": (1, 2), "unbind": (1,), "chunk": (2,), "split": (2,), "unflatten": (1,),
@@ -37,82 +37,6 @@ def _shift(d):
     if isinstance(d, (tuple, list)):
         return type(d)(_shift(x) for x in d)
     return d + 1 if isinstance(d, int) and not isinstance(d, bool) and d >= 0 else d
-
-
-class StackedLinear(nn.Module):
-    """N Linear layers as one MatMul with weights (N, in, out); an unstacked input broadcasts to every member."""
-
-    def __init__(self, linears: list[nn.Linear], stacked_input: bool) -> None:
-        super().__init__()
-        self.n, self.stacked_input = len(linears), stacked_input
-        self.weight = as_param(torch.stack([m.weight.detach().t() for m in linears]).contiguous())
-        self.bias = as_param(torch.stack([m.bias.detach() for m in linears])) if linears[0].bias is not None else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The weight's member axis lines up with x's (or leads x's batch axes when x is shared); the bias then
-        broadcasts over every axis between the member axis and the features."""
-        batch = x.dim() - (3 if self.stacked_input else 2)  # x's batch axes after the member axis
-        out = torch.matmul(x, self.weight.reshape(self.n, *[1] * batch, *self.weight.shape[1:]))
-        return out if self.bias is None else out + self.bias.reshape(self.n, *[1] * (out.dim() - 2), -1)
-
-
-class StackedLayerNorm(nn.Module):
-    """N LayerNorms over the last axis: the normalisation is the same for every member, the affine is per member."""
-
-    def __init__(self, norms: list[nn.LayerNorm], stacked_input: bool, node: str) -> None:
-        super().__init__()
-        first = norms[0]
-        if len(first.normalized_shape) != 1:
-            raise UnsupportedModelError(node, "LayerNorm", "only LayerNorm over one axis is stacked")
-        self.n, self.shape, self.eps, self.stacked_input = len(norms), first.normalized_shape, first.eps, stacked_input
-        affine = first.weight is not None
-        self.weight = as_param(torch.stack([m.weight.detach() for m in norms])) if affine else None
-        self.bias = as_param(torch.stack([m.bias.detach() for m in norms])) if first.bias is not None else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.layer_norm(x, self.shape, eps=self.eps)
-        between = x.dim() - (2 if self.stacked_input else 1)
-        if self.weight is not None:
-            y = y * self.weight.reshape(self.n, *[1] * between, -1)
-        return y if self.bias is None else y + self.bias.reshape(self.n, *[1] * between, -1)
-
-
-class ChannelMajor(nn.Module):
-    """A conv (or BatchNorm) over N members' channels side by side on axis 1, between stacked tensors."""
-
-    def __init__(self, layer: nn.Module, n: int, stacked_input: bool) -> None:
-        super().__init__()
-        self.layer, self.n, self.stacked_input = layer, n, stacked_input
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.stacked_input:
-            x = x.movedim(0, 1).flatten(1, 2)
-        return split_axis(self.layer(x), 1, self.n).movedim(1, 0)
-
-
-class PerSample(nn.Module):
-    """A layer that sees one sample at a time (a pooling): the member and batch axes as one batch axis."""
-
-    def __init__(self, layer: nn.Module, n: int) -> None:
-        super().__init__()
-        self.layer, self.n = layer, n
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return split_axis(self.layer(x.flatten(0, 1)), 0, self.n)
-
-
-def _per_sample(fn, x: torch.Tensor, n: int, *args, **kwargs) -> torch.Tensor:
-    return split_axis(fn(x.flatten(0, 1), *args, **kwargs), 0, n)
-
-
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, *args, **kwargs) -> torch.Tensor:
-    return split_axis(_SDPA(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), *args, **kwargs), 0, n)
-
-
-def split_axis(x: torch.Tensor, axis: int, n: int) -> torch.Tensor:
-    """unflatten(axis, (n, -1)) as a reshape of x's own sizes: after an unflatten the TorchScript exporter fixes
-    the batch size that later reads of the shape see (a class token expanded to it), after a reshape it does not."""
-    return x.reshape(*x.shape[:axis], n, -1, *x.shape[axis + 1:])
 
 
 class StackRewriter:
@@ -163,7 +87,7 @@ class StackRewriter:
         """An unstacked tensor as every member's copy of it: (N, …)."""
         if not isinstance(x, fx.Node) or x in self.stacked:
             return x
-        return self.emit("call_function", _expand_members, (x, self.n), {}, True)
+        return self.emit("call_function", expand_members, (x, self.n), {}, True)
 
     def visit(self, node: fx.Node):
         if node.op == "placeholder":
@@ -221,7 +145,7 @@ class StackRewriter:
         elif isinstance(first, _SAME) or not list(first.parameters()) + list(first.buffers()):
             if isinstance(first, nn.Flatten) and stacked:
                 module = nn.Flatten(_shift(first.start_dim), _shift(first.end_dim))
-            elif isinstance(first, _POOLS) and stacked:
+            elif isinstance(first, POOLS) and stacked:
                 module = PerSample(copy.deepcopy(first), self.n)
             else:
                 module = copy.deepcopy(first)
@@ -252,13 +176,13 @@ class StackRewriter:
         if is_drop_path(node) and drop_path_off(node):
             return args[0]
         if target in _POOL_FN:
-            return self.emit(node.op, _per_sample, (target, x, self.n, *args[1:]), kwargs, True)
+            return self.emit(node.op, per_sample, (target, x, self.n, *args[1:]), kwargs, True)
         if target in _SAME_FN or (method and target in _SAME_METHOD) or target in _ELEMENTWISE or \
                 (method and target in _ELEMENTWISE_METHOD) or target in _MATMUL or (method and target == "matmul"):
             return self.emit(node.op, target, args, kwargs, True)
-        if target is _SDPA:  # exporters take 4-D attention only: members and samples as one batch axis
+        if target is SDPA:  # exporters take 4-D attention only: members and samples as one batch axis
             q, k, v = (self.spread(a) for a in args[:3])
-            return self.emit(node.op, _attention, (q, k, v, self.n, *args[3:]), kwargs, True)
+            return self.emit(node.op, attention, (q, k, v, self.n, *args[3:]), kwargs, True)
         if target is operator.getitem:
             if _is_tuple_value(node.args[0]):  # one part of an unbind, chunk or split: already stacked
                 return self.emit(node.op, target, args, kwargs, True)
@@ -288,11 +212,6 @@ def _is_tuple_value(node: fx.Node) -> bool:
     """Whether a node returns several tensors (unbind, chunk, split): getitem then picks one, unchanged."""
     return node.target in (torch.unbind, torch.chunk, torch.split) or (
         node.op == "call_method" and node.target in ("unbind", "chunk", "split"))
-
-
-def _expand_members(x: torch.Tensor, n: int) -> torch.Tensor:
-    """(…) → (n, …) without reading x's shape (-1 keeps every axis, so an exported graph keeps its dynamic batch)."""
-    return x.unsqueeze(0).expand(n, *[-1] * x.dim())
 
 
 def stack_models(models: list[nn.Module], combine: str, head_outputs: bool = False) -> fx.GraphModule:

@@ -7,10 +7,7 @@ from torch import nn
 
 from ..base.errors import UnsupportedModelError
 from .layouts import LAYOUTS
-from .trace import _SAME, tensor_shape
-
-_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-          nn.AdaptiveMaxPool2d)
+from .trace import _SAME, POOLS, tensor_shape
 
 
 class LayerVisits:
@@ -19,7 +16,7 @@ class LayerVisits:
     def visit_module(self, node: fx.Node, mod: nn.Module, src):
         tokens_out = isinstance(mod, nn.Linear) and len(tensor_shape(node) or ()) >= 3
         if isinstance(src, LAYOUTS) or tokens_out or isinstance(mod, nn.MultiheadAttention) and src is not None:
-            if isinstance(mod, _SAME) and not isinstance(mod, _POOLS):
+            if isinstance(mod, _SAME) and not isinstance(mod, POOLS):
                 return src
             return self.visit_token_module(node, mod, src)
         if isinstance(mod, (nn.Conv1d, nn.Conv2d)) and mod.groups == mod.in_channels == mod.out_channels > 1:

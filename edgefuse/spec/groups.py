@@ -12,6 +12,7 @@ from .channels import Cut, LayoutError, Segments, contiguous, correspond, flatte
 from ..base.errors import UnsupportedModelError
 from .group_layers import LayerVisits
 from .layouts import Parts, Scores
+from .attention import AttentionVisits
 from .tokens import TokenVisits, is_layout_op, layout_segments
 from .trace import (_ELEMENTWISE, _ELEMENTWISE_METHOD, _NON_TENSOR_METHOD, _SAME_FN, _SAME_METHOD, FIXED,
                     drop_path_off, is_drop_path, is_split, numel, op_name, tensor_shape)
@@ -25,7 +26,7 @@ class _Shuffling:
         self.segs, self.groups, self.swapped = segs, groups, swapped
 
 
-class GroupTracer(LayerVisits, TokenVisits):
+class GroupTracer(LayerVisits, TokenVisits, AttentionVisits):
     """Walks the fx graph once, giving each tensor the groups of its channel axis (dim 1) and unioning the groups
     that an operation ties together. A tensor's channels are a tuple of `Seg`s (channels.py): one normally, several
     after a `cat`, interleaved after a channel shuffle, repeated after a flatten. A group that reaches the output,

@@ -1,0 +1,93 @@
+"""Layers of the member-axis rewrite (stacked.py): N members' layers as one layer over (N, …) tensors, and the
+functions its graphs call where an operation needs members and samples as one batch axis."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..base.errors import UnsupportedModelError
+from .layers import as_param
+
+SDPA = F.scaled_dot_product_attention
+
+
+class StackedLinear(nn.Module):
+    """N Linear layers as one MatMul with weights (N, in, out); an unstacked input broadcasts to every member."""
+
+    def __init__(self, linears: list[nn.Linear], stacked_input: bool) -> None:
+        super().__init__()
+        self.n, self.stacked_input = len(linears), stacked_input
+        self.weight = as_param(torch.stack([m.weight.detach().t() for m in linears]).contiguous())
+        self.bias = as_param(torch.stack([m.bias.detach() for m in linears])) if linears[0].bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight's member axis lines up with x's (or leads x's batch axes when x is shared); the bias then
+        broadcasts over every axis between the member axis and the features."""
+        batch = x.dim() - (3 if self.stacked_input else 2)  # x's batch axes after the member axis
+        out = torch.matmul(x, self.weight.reshape(self.n, *[1] * batch, *self.weight.shape[1:]))
+        return out if self.bias is None else out + self.bias.reshape(self.n, *[1] * (out.dim() - 2), -1)
+
+
+class StackedLayerNorm(nn.Module):
+    """N LayerNorms over the last axis: the normalisation is the same for every member, the affine is per member."""
+
+    def __init__(self, norms: list[nn.LayerNorm], stacked_input: bool, node: str) -> None:
+        super().__init__()
+        first = norms[0]
+        if len(first.normalized_shape) != 1:
+            raise UnsupportedModelError(node, "LayerNorm", "only LayerNorm over one axis is stacked")
+        self.n, self.shape, self.eps, self.stacked_input = len(norms), first.normalized_shape, first.eps, stacked_input
+        affine = first.weight is not None
+        self.weight = as_param(torch.stack([m.weight.detach() for m in norms])) if affine else None
+        self.bias = as_param(torch.stack([m.bias.detach() for m in norms])) if first.bias is not None else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x, self.shape, eps=self.eps)
+        between = x.dim() - (2 if self.stacked_input else 1)
+        if self.weight is not None:
+            y = y * self.weight.reshape(self.n, *[1] * between, -1)
+        return y if self.bias is None else y + self.bias.reshape(self.n, *[1] * between, -1)
+
+
+class ChannelMajor(nn.Module):
+    """A conv (or BatchNorm) over N members' channels side by side on axis 1, between stacked tensors."""
+
+    def __init__(self, layer: nn.Module, n: int, stacked_input: bool) -> None:
+        super().__init__()
+        self.layer, self.n, self.stacked_input = layer, n, stacked_input
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stacked_input:
+            x = x.movedim(0, 1).flatten(1, 2)
+        return split_axis(self.layer(x), 1, self.n).movedim(1, 0)
+
+
+class PerSample(nn.Module):
+    """A layer that sees one sample at a time (a pooling): the member and batch axes as one batch axis."""
+
+    def __init__(self, layer: nn.Module, n: int) -> None:
+        super().__init__()
+        self.layer, self.n = layer, n
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return split_axis(self.layer(x.flatten(0, 1)), 0, self.n)
+
+
+def per_sample(fn, x: torch.Tensor, n: int, *args, **kwargs) -> torch.Tensor:
+    return split_axis(fn(x.flatten(0, 1), *args, **kwargs), 0, n)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n: int, *args, **kwargs) -> torch.Tensor:
+    return split_axis(SDPA(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), *args, **kwargs), 0, n)
+
+
+def split_axis(x: torch.Tensor, axis: int, n: int) -> torch.Tensor:
+    """unflatten(axis, (n, -1)) as a reshape of x's own sizes: after an unflatten the TorchScript exporter fixes
+    the batch size that later reads of the shape see (a class token expanded to it), after a reshape it does not."""
+    return x.reshape(*x.shape[:axis], n, -1, *x.shape[axis + 1:])
+
+
+def expand_members(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(…) → (n, …) without reading x's shape (-1 keeps every axis, so an exported graph keeps its dynamic batch)."""
+    return x.unsqueeze(0).expand(n, *[-1] * x.dim())
