@@ -14,6 +14,7 @@ from edgefuse.fuse import fuse
 from edgefuse.fuse.batched import grouped_refusal
 from edgefuse.fuse.stacked import stack_models
 from edgefuse.graph.onnx import export_onnx
+from edgefuse.measure.metrics import macs
 from edgefuse.models import data, zoo
 from edgefuse.targets import load_target
 
@@ -115,3 +116,12 @@ def test_export_of_vits_ships_a_non_dominated_model_with_fused_rows(vits, tmp_pa
     assert report["parity"]["max_abs_diff"] < 1e-4
     shipped = report["shipped"]["key"]
     assert next(c for c in report["candidates"] if c["key"] == shipped)["dominated_by"] is None
+
+
+def test_a_batched_vit_costs_the_macs_of_its_members(vits):
+    x, _ = data.digits()
+    member = macs(vits[0], x[:1])
+    assert member > 0 and macs(ef.ensemble(vits).batch_heads(), x[:1]) == len(vits) * member
+    spec = ef.permutation_spec(vits[0], x[:2])
+    full = fuse(ef.align(vits, spec, method="weight"), spec, depth=len(spec.cut_points), repair=None)
+    assert macs(full.batch_heads(), x[:1]) == member  # the full merge's heads are the N final Linears, averaged

@@ -21,6 +21,10 @@ class StackedLinear(nn.Module):
         self.weight = as_param(torch.stack([m.weight.detach().t() for m in linears]).contiguous())
         self.bias = as_param(torch.stack([m.bias.detach() for m in linears])) if linears[0].bias is not None else None
 
+    @property
+    def inputs_per_output(self) -> int:
+        return self.weight.shape[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The weight's member axis lines up with x's (or leads x's batch axes when x is shared); the bias then
         broadcasts over every axis between the member axis and the features."""

@@ -22,7 +22,7 @@ def macs(module: nn.Module, example_input: torch.Tensor) -> int:
             per_out = mod.inputs_per_output
         else:
             per_out = mod.weight.shape[1] if isinstance(mod, nn.Linear) else mod.weight[0].numel()
-        total += output.numel() // output.shape[0] * per_out
+        total += output.numel() * per_out  # one sample: a member-axis layer's output is (N, 1, …)
 
     handles = [m.register_forward_hook(hook) for m in module.modules()
                if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or hasattr(m, "inputs_per_output")]
