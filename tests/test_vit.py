@@ -125,3 +125,30 @@ def test_a_batched_vit_costs_the_macs_of_its_members(vits):
     spec = ef.permutation_spec(vits[0], x[:2])
     full = fuse(ef.align(vits, spec, method="weight"), spec, depth=len(spec.cut_points), repair=None)
     assert macs(full.batch_heads(), x[:1]) == member  # the full merge's heads are the N final Linears, averaged
+
+
+@pytest.mark.skipif(an.torchvision_vit() is None, reason="torchvision's models do not import here")
+def test_torchvision_vits_batch_along_a_member_axis_with_their_macs(tmp_path):
+    """nn.MultiheadAttention as one stacked layer; its projections count as MACs in the members and the batch."""
+    make = an.torchvision_vit()
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        m = make(image_size=8, patch_size=2, num_layers=2, num_heads=4, hidden_dim=16, mlp_dim=32, num_classes=10)
+        torch.nn.init.normal_(m.heads.head.weight)
+        torch.nn.init.normal_(m.class_token)
+        models.append(an.randomize_norms(m.eval(), seed))
+    x = torch.rand(5, 3, 8, 8)
+    ens = ef.ensemble(models, head_outputs=True)
+    batched = ens.batch_heads()
+    assert batched.heads[0].form == "member axis"
+    with torch.no_grad():
+        (a, heads_a), (b, heads_b) = ens(x), batched(x)
+    torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(heads_b, heads_a, atol=1e-5, rtol=1e-4)
+    attention = 2 * 4 * 16 * 16 * 17  # 2 blocks, 4·E² per token, 17 tokens
+    assert macs(batched, x[:1]) == macs(ens, x[:1]) == 3 * macs(models[0], x[:1]) and macs(models[0], x[:1]) > attention
+    path = export_onnx(batched, x[:2], tmp_path / "tv.onnx", 18)
+    session = ort.InferenceSession(str(path))
+    np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], a.numpy(),
+                               atol=1e-4, rtol=1e-4)

@@ -21,8 +21,8 @@ from ..base.errors import EdgefuseError, UnsupportedModelError, first_line
 from ..spec.trace import (_ELEMENTWISE, _ELEMENTWISE_METHOD, _SAME, _SAME_FN, _SAME_METHOD, POOLS, drop_path_off,
                           is_drop_path)
 from .layers import as_param, batched_conv, cat_copy
-from .stacked_layers import (SDPA, ChannelMajor, PerSample, StackedLayerNorm, StackedLinear, attention, expand_members,
-                             per_sample)
+from .stacked_layers import (SDPA, ChannelMajor, PerSample, StackedAttention, StackedLayerNorm, StackedLinear, attention,
+                             expand_members, per_sample)
 
 _MATMUL = {torch.matmul, operator.matmul, torch.bmm}
 _POOL_FN = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d}
@@ -53,6 +53,7 @@ class StackRewriter:
         self.graph, self.env, self.owned = fx.Graph(), {}, nn.Module()
         self.stacked: set[fx.Node] = set()
         self.shapes: dict[fx.Node, fx.Node] = {}  # the shape of a stacked tensor → that tensor
+        self.tuples: set[fx.Node] = set()  # nodes that return several stacked tensors
 
     def run(self) -> fx.GraphModule:
         nodes = [list(g.graph.nodes) for g in self.gms]
@@ -128,6 +129,17 @@ class StackRewriter:
         stacked = x in self.stacked
         if isinstance(first, nn.Linear):
             module = StackedLinear(mods, stacked)
+        elif isinstance(first, nn.MultiheadAttention):
+            inputs = [a for a in node.args[:3]] + [node.kwargs.get(k) for k in ("query", "key", "value")]
+            if len({a for a in inputs if isinstance(a, fx.Node)}) != 1 or any(
+                    v is not None and k not in ("need_weights", "average_attn_weights") for k, v in
+                    node.kwargs.items() if k not in ("query", "key", "value")):
+                raise UnsupportedModelError(node.name, "MultiheadAttention", "only self-attention without masks is "
+                                            "stacked")
+            out = self.emit("call_module", self.own(node.target, StackedAttention(mods, stacked, node.name)), (x,), {},
+                            True)
+            self.tuples.add(out)
+            return out
         elif isinstance(first, nn.LayerNorm):
             module = StackedLayerNorm(mods, stacked, node.name)
         elif isinstance(first, (nn.Conv1d, nn.Conv2d)):
@@ -184,7 +196,7 @@ class StackRewriter:
             q, k, v = (self.spread(a) for a in args[:3])
             return self.emit(node.op, attention, (q, k, v, self.n, *args[3:]), kwargs, True)
         if target is operator.getitem:
-            if _is_tuple_value(node.args[0]):  # one part of an unbind, chunk or split: already stacked
+            if x in self.tuples:  # one part of an unbind, chunk, split or attention's (output, weights)
                 return self.emit(node.op, target, args, kwargs, True)
             index = args[1] if isinstance(args[1], tuple) else (args[1],)
             return self.emit(node.op, target, (x, (slice(None), *index)), kwargs, True)
@@ -204,14 +216,11 @@ class StackRewriter:
                       for k, v in kwargs.items()}
             if name in ("mean", "sum", "amax", "amin") and len(args) < 2 and "dim" not in kwargs:
                 raise UnsupportedModelError(node.name, name, "a reduction over every axis mixes the members")
-            return self.emit(node.op, target, args, kwargs, name != "size")
+            out = self.emit(node.op, target, args, kwargs, name != "size")
+            if name in ("unbind", "chunk", "split"):
+                self.tuples.add(out)
+            return out
         raise UnsupportedModelError(node.name, name or str(target), "no stacked form for this operation yet")
-
-
-def _is_tuple_value(node: fx.Node) -> bool:
-    """Whether a node returns several tensors (unbind, chunk, split): getitem then picks one, unchanged."""
-    return node.target in (torch.unbind, torch.chunk, torch.split) or (
-        node.op == "call_method" and node.target in ("unbind", "chunk", "split"))
 
 
 def stack_models(models: list[nn.Module], combine: str, head_outputs: bool = False) -> fx.GraphModule:

@@ -54,6 +54,41 @@ class StackedLayerNorm(nn.Module):
         return y if self.bias is None else y + self.bias.reshape(self.n, *[1] * between, -1)
 
 
+class StackedAttention(nn.Module):
+    """N nn.MultiheadAttention layers (self-attention, no masks) as one: Q, K and V of every member by one batched
+    MatMul, attention over members and samples as one batch axis, the output projections as one StackedLinear.
+    Returns (output, None), as the layer does with need_weights=False."""
+
+    def __init__(self, layers: list[nn.MultiheadAttention], stacked_input: bool, node: str) -> None:
+        super().__init__()
+        first = layers[0]
+        if not first._qkv_same_embed_dim or first.bias_k is not None or first.add_zero_attn:
+            raise UnsupportedModelError(node, "MultiheadAttention", "attention with separate key/value widths, "
+                                        "bias_k/bias_v or add_zero_attn has no stacked form")
+        self.n, self.heads, self.batch_first, self.stacked_input = len(layers), first.num_heads, first.batch_first, \
+            stacked_input
+        self.in_proj = StackedLinear([_as_linear(m.in_proj_weight, m.in_proj_bias) for m in layers], True)
+        self.out_proj = StackedLinear([m.out_proj for m in layers], True)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if not self.stacked_input:
+            x = expand_members(x, self.n)
+        if not self.batch_first:  # (N, T, B, E) → (N, B, T, E)
+            x = x.transpose(1, 2)
+        t, e = x.shape[2], x.shape[3]
+        q, k, v = self.in_proj(x).reshape(-1, t, 3, self.heads, e // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        y = self.out_proj(SDPA(q, k, v).transpose(1, 2).reshape(self.n, -1, t, e))
+        return (y if self.batch_first else y.transpose(1, 2)), None
+
+
+def _as_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    layer.weight = as_param(weight.detach().clone())
+    if bias is not None:
+        layer.bias = as_param(bias.detach().clone())
+    return layer
+
+
 class ChannelMajor(nn.Module):
     """A conv (or BatchNorm) over N members' channels side by side on axis 1, between stacked tensors."""
 

@@ -13,19 +13,24 @@ from ..base.errors import EdgefuseError
 
 def macs(module: nn.Module, example_input: torch.Tensor) -> int:
     """MACs for one sample: Linear and Conv layers as they are actually called (a head run N times counts N times),
-    and any layer that says how many inputs each of its outputs reads (`inputs_per_output`)."""
+    nn.MultiheadAttention's projections (4·E per output: Q, K, V and the output projection, which it calls as
+    tensors, not layers), and any layer that says how many inputs each of its outputs reads
+    (`inputs_per_output`)."""
     total = 0
 
     def hook(mod: nn.Module, inputs, output) -> None:
         nonlocal total
-        if hasattr(mod, "inputs_per_output"):
+        if isinstance(mod, nn.MultiheadAttention):
+            output, per_out = output[0], 4 * mod.embed_dim
+        elif hasattr(mod, "inputs_per_output"):
             per_out = mod.inputs_per_output
         else:
             per_out = mod.weight.shape[1] if isinstance(mod, nn.Linear) else mod.weight[0].numel()
         total += output.numel() * per_out  # one sample: a member-axis layer's output is (N, 1, …)
 
     handles = [m.register_forward_hook(hook) for m in module.modules()
-               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or hasattr(m, "inputs_per_output")]
+               if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention))
+               or hasattr(m, "inputs_per_output")]
     try:
         with torch.no_grad():
             module.eval()(example_input[:1])
