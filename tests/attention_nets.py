@@ -119,3 +119,19 @@ def digits_vit() -> nn.Module:
     """The zoo's ViT at digits size: 8×8 images in 2×2 patches, width 16, 2 blocks of 2 heads."""
     from edgefuse.models.vit import ViT
     return ViT(width=16, depth=2, heads=2, patch=2, image=8)
+
+
+class LayerScaleBlock(nn.Module):
+    """A pre-LN MLP block whose branch is scaled per channel by a learned vector (timm's LayerScale: x * gamma)."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.embed, self.norm = nn.Linear(16, dim), nn.LayerNorm(dim)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+        self.gamma = nn.Parameter(torch.rand(dim))
+        self.head = nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.embed(x.reshape(x.shape[0], 4, 16))
+        x = x + self.fc2(F.gelu(self.fc1(self.norm(x)))) * self.gamma
+        return self.head(x.mean(1))

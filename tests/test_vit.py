@@ -89,8 +89,9 @@ def test_a_vit_ensemble_batched_along_a_member_axis_is_the_ensemble(vits, combin
 
 
 @pytest.mark.parametrize("make", [lambda: an.TinyViT(an.TimmAttention), lambda: an.TinyViT(an.HandAttention),
-                                  an.ConvNeXtBlock, lambda: zoo.resnet20(width=4), lambda: zoo.mobilenetv2(width=4)],
-                         ids=["timm-style", "by hand", "channels-last", "resnet20", "mobilenetv2"])
+                                  an.ConvNeXtBlock, an.LayerScaleBlock, lambda: zoo.resnet20(width=4),
+                                  lambda: zoo.mobilenetv2(width=4)],
+                         ids=["timm-style", "by hand", "channels-last", "layer scale", "resnet20", "mobilenetv2"])
 def test_the_member_axis_form_computes_every_member(make):
     """The stacked rewrite alone (batch_models picks grouped kernels where they exist), on nets of every kind."""
     torch.manual_seed(0)

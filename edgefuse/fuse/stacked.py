@@ -21,8 +21,8 @@ from ..base.errors import EdgefuseError, UnsupportedModelError, first_line
 from ..spec.trace import (_ELEMENTWISE, _ELEMENTWISE_METHOD, _SAME, _SAME_FN, _SAME_METHOD, POOLS, drop_path_off,
                           is_drop_path)
 from .layers import as_param, batched_conv, cat_copy
-from .stacked_layers import (SDPA, ChannelMajor, PerSample, StackedAttention, StackedLayerNorm, StackedLinear, attention,
-                             expand_members, per_sample)
+from .stacked_layers import (SDPA, ChannelMajor, PerSample, StackedAttention, StackedLayerNorm, StackedLinear, align_param,
+                             attention, expand_members, per_sample)
 
 _MATMUL = {torch.matmul, operator.matmul, torch.bmm}
 _POOL_FN = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d}
@@ -54,6 +54,7 @@ class StackRewriter:
         self.stacked: set[fx.Node] = set()
         self.shapes: dict[fx.Node, fx.Node] = {}  # the shape of a stacked tensor → that tensor
         self.tuples: set[fx.Node] = set()  # nodes that return several stacked tensors
+        self.params: set[fx.Node] = set()  # members' own parameters read in forward, stacked: (N, *shape)
 
     def run(self) -> fx.GraphModule:
         nodes = [list(g.graph.nodes) for g in self.gms]
@@ -104,7 +105,10 @@ class StackRewriter:
                 self.owned.register_buffer(key, value)
             else:
                 setattr(self.owned, key, value)
-            return self.emit("get_attr", key, (), {}, not same)
+            out = self.emit("get_attr", key, (), {}, not same)
+            if not same:
+                self.params.add(out)
+            return out
         if node.op == "output":
             return self.visit_output(node)
         if node.op == "call_module":
@@ -189,8 +193,19 @@ class StackRewriter:
             return args[0]
         if target in _POOL_FN:
             return self.emit(node.op, per_sample, (target, x, self.n, *args[1:]), kwargs, True)
-        if target in _SAME_FN or (method and target in _SAME_METHOD) or target in _ELEMENTWISE or \
-                (method and target in _ELEMENTWISE_METHOD) or target in _MATMUL or (method and target == "matmul"):
+        if target in _MATMUL or (method and target == "matmul"):
+            if any(a in self.params for a in args[:2]):
+                raise UnsupportedModelError(node.name, name or "matmul", "a product with a parameter (not a Linear) "
+                                            "has no stacked form yet")
+            return self.emit(node.op, target, args, kwargs, True)
+        if target in _ELEMENTWISE or (method and target in _ELEMENTWISE_METHOD):
+            other = next((a for a in args if isinstance(a, fx.Node) and a in self.stacked and a not in self.params),
+                         None)
+            if other is not None:  # a parameter (N, *shape) lined up with the tensor's axes (a layer scale (N, C))
+                args = tuple(self.emit("call_function", align_param, (a, other), {}, True) if a in self.params else a
+                             for a in args)
+            return self.emit(node.op, target, args, kwargs, True)
+        if target in _SAME_FN or (method and target in _SAME_METHOD):
             return self.emit(node.op, target, args, kwargs, True)
         if target is SDPA:  # exporters take 4-D attention only: members and samples as one batch axis
             q, k, v = (self.spread(a) for a in args[:3])

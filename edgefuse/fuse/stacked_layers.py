@@ -130,3 +130,9 @@ def split_axis(x: torch.Tensor, axis: int, n: int) -> torch.Tensor:
 def expand_members(x: torch.Tensor, n: int) -> torch.Tensor:
     """(…) → (n, …) without reading x's shape (-1 keeps every axis, so an exported graph keeps its dynamic batch)."""
     return x.unsqueeze(0).expand(n, *[-1] * x.dim())
+
+
+def align_param(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Members' parameters (N, *shape) viewed to broadcast against a stacked tensor x (N, …): ones between the member
+    axis and the parameter's own axes, as broadcasting would insert them in front of *shape for one member."""
+    return p.reshape(p.shape[0], *[1] * (x.dim() - p.dim()), *p.shape[1:])
