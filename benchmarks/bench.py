@@ -5,7 +5,8 @@ distilled member at three MACs budgets, 3 distillation seeds, two zoos (fused_vs
 throughput of distilling from a folder of 20,000 JPEGs (data_memory.py); BN reset, REPAIR and the least-squares
 repair at every depth and alpha before distillation (repairs.py); where fusion ships, on zoos trained on IID and
 label-skewed shards (regimes.py); ZipIt!-style merges against weight and activation matching (zipit.py); merges,
-fused depths and the plain candidates on fine-tunes of one pretrained network (finetunes.py).
+fused depths and the plain candidates on fine-tunes of one pretrained network (finetunes.py); Vision Transformers:
+weight matching at ViT-S/B scale and the ViT zoo with repairs none and lsq (vit.py).
 
 Prints, per architecture, accuracy and the MACs and p50 latency ratios against the ensemble measured in the same
 run, and writes build/bench/bench.json."""
@@ -147,6 +148,9 @@ def main(out_root: Path = Path("build/bench")) -> int:
     from finetunes import run as finetunes
 
     results["finetunes"] = finetunes()
+    from vit import run as vit
+
+    results["vit"] = vit()
     from data_memory import data_memory
 
     results["data_memory"] = data_memory(out_root)

@@ -76,27 +76,33 @@ def zoo_rows(out_root: Path) -> dict:
                      for c in report["candidates"]]}
 
 
+def run(n_threads: int = 2, skip_b16: bool = False, skip_zoo: bool = False) -> dict:
+    """Both parts (the make bench entry), printed as they finish and written to build/bench/vit.json."""
+    result = {"threads": threads(n_threads), "matching": {}}
+    if vision_transformer() is None:
+        print("torchvision's VisionTransformer does not import here: alignment timing skipped")
+    else:
+        for name in SIZES:
+            if name == "ViT-B/16" and skip_b16:
+                continue
+            slug = name.lower().replace("/", "")
+            result["matching"][name] = resumed(OUT / f"vit-matching-{slug}.json", lambda: matching_cost(name))
+            print(name, result["matching"][name])
+    if not skip_zoo:
+        result["zoo"] = resumed(OUT / "vit-zoo.json", lambda: zoo_rows(OUT / "vit"))
+        for row in result["zoo"]["rows"]:
+            print(row)
+    atomic_write_text(OUT / "vit.json", json.dumps(result, indent=1))
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-b16", action="store_true")
     ap.add_argument("--skip-zoo", action="store_true")
     args = ap.parse_args()
-    result = {"threads": threads(args.threads), "matching": {}}
-    if vision_transformer() is None:
-        print("torchvision's VisionTransformer does not import here: alignment timing skipped")
-    else:
-        for name in SIZES:
-            if name == "ViT-B/16" and args.skip_b16:
-                continue
-            slug = name.lower().replace("/", "")
-            result["matching"][name] = resumed(OUT / f"vit-matching-{slug}.json", lambda: matching_cost(name))
-            print(name, result["matching"][name])
-    if not args.skip_zoo:
-        result["zoo"] = resumed(OUT / "vit-zoo.json", lambda: zoo_rows(OUT / "vit"))
-        for row in result["zoo"]["rows"]:
-            print(row)
-    atomic_write_text(OUT / "vit.json", json.dumps(result, indent=1))
+    run(args.threads, args.skip_b16, args.skip_zoo)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..base.errors import EdgefuseError, UnsupportedModelError, first_line
-from ..spec.trace import _ELEMENTWISE, _ELEMENTWISE_METHOD, _SAME, _SAME_FN, _SAME_METHOD, drop_path_off, is_drop_path
+from ..base.errors import EdgefuseError, UnsupportedModelError
+from ..spec.trace import (_ELEMENTWISE, _ELEMENTWISE_METHOD, _SAME, _SAME_FN, _SAME_METHOD, drop_path_off, is_drop_path,
+                          node_groups, trace_members)
 from .layers import GroupedLinear, WideLinear, as_param, batched_conv, batched_norm, cat_copy
 from ..base.combine import DEFAULT_COMBINE, check_combine, combine_outputs
 from .stacked import stack_models
@@ -31,11 +32,7 @@ class BatchRewriter(ChannelViews):
     """Walks the members' identical fx graphs once, building the batched graph and its modules."""
 
     def __init__(self, models: list[nn.Module], combine: str, head_outputs: bool) -> None:
-        try:
-            self.gms = [m if isinstance(m, fx.GraphModule) else fx.symbolic_trace(m) for m in models]
-        except Exception as e:  # fx raises many kinds on data-dependent Python
-            raise UnsupportedModelError("<trace>", type(models[0]).__name__,
-                                        f"torch.fx cannot trace it: {first_line(e)}") from None
+        self.gms = trace_members(models)
         self.n, self.combine, self.head_outputs = len(models), combine, head_outputs
         self.mods = [dict(g.named_modules()) for g in self.gms]
         self.graph, self.env, self.owned = fx.Graph(), {}, {}
@@ -46,14 +43,8 @@ class BatchRewriter(ChannelViews):
         self.init_views()
 
     def run(self) -> fx.GraphModule:
-        node_lists = [list(g.graph.nodes) for g in self.gms]
-        if len({len(ns) for ns in node_lists}) != 1:
-            raise EdgefuseError("the models differ in structure: their traced graphs have different lengths")
-        for group in zip(*node_lists):
-            ref = group[0]
-            if any(nd.op != ref.op or nd.target != ref.target for nd in group):
-                raise EdgefuseError(f"the models differ in structure at node '{ref.name}'")
-            self.env[ref] = self.visit(ref, group)
+        for group in node_groups(self.gms):
+            self.env[group[0]] = self.visit(group[0], group)
         gm = fx.GraphModule(self.owned, self.graph)
         gm.graph.eliminate_dead_code()
         gm.recompile()

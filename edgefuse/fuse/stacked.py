@@ -17,9 +17,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..base.combine import combine_outputs
-from ..base.errors import EdgefuseError, UnsupportedModelError, first_line
+from ..base.errors import UnsupportedModelError
 from ..spec.trace import (_ELEMENTWISE, _ELEMENTWISE_METHOD, _SAME, _SAME_FN, _SAME_METHOD, POOLS, drop_path_off,
-                          is_drop_path)
+                          is_drop_path, node_groups, trace_members)
 from .layers import as_param, batched_conv, cat_copy
 from .stacked_layers import (SDPA, ChannelMajor, PerSample, StackedAttention, StackedLayerNorm, StackedLinear, align_param,
                              attention, expand_members, per_sample)
@@ -43,11 +43,7 @@ class StackRewriter:
     """Walks the members' identical fx graphs once, building the stacked graph and its modules."""
 
     def __init__(self, models: list[nn.Module], combine: str, head_outputs: bool) -> None:
-        try:
-            self.gms = [m if isinstance(m, fx.GraphModule) else fx.symbolic_trace(m) for m in models]
-        except Exception as e:  # fx raises many kinds on data-dependent Python
-            raise UnsupportedModelError("<trace>", type(models[0]).__name__,
-                                        f"torch.fx cannot trace it: {first_line(e)}") from None
+        self.gms = trace_members(models)
         self.n, self.combine, self.head_outputs = len(models), combine, head_outputs
         self.mods = [dict(g.named_modules()) for g in self.gms]
         self.graph, self.env, self.owned = fx.Graph(), {}, nn.Module()
@@ -57,12 +53,7 @@ class StackRewriter:
         self.params: set[fx.Node] = set()  # members' own parameters read in forward, stacked: (N, *shape)
 
     def run(self) -> fx.GraphModule:
-        nodes = [list(g.graph.nodes) for g in self.gms]
-        if len({len(ns) for ns in nodes}) != 1:
-            raise EdgefuseError("the models differ in structure: their traced graphs have different lengths")
-        for group in zip(*nodes):
-            if any(nd.op != group[0].op or nd.target != group[0].target for nd in group):
-                raise EdgefuseError(f"the models differ in structure at node '{group[0].name}'")
+        for group in node_groups(self.gms):
             self.env[group[0]] = self.visit(group[0])
         gm = fx.GraphModule(self.owned, self.graph)
         gm.graph.eliminate_dead_code()

@@ -76,3 +76,23 @@ def trace(model: nn.Module, example_input: torch.Tensor | None = None) -> fx.Gra
             raise EdgefuseError(f"an input of shape {tuple(example_input.shape[1:])} does not fit the model: "
                                 f"{first_line(e)}") from None
     return gm
+
+
+def trace_members(models: list[nn.Module]) -> list[fx.GraphModule]:
+    """Every member traced (a GraphModule as it is), for the rewrites that walk N graphs node by node."""
+    try:
+        return [m if isinstance(m, fx.GraphModule) else fx.symbolic_trace(m) for m in models]
+    except Exception as e:  # fx raises many kinds on data-dependent Python
+        raise UnsupportedModelError("<trace>", type(models[0]).__name__,
+                                    f"torch.fx cannot trace it: {first_line(e)}") from None
+
+
+def node_groups(gms: list[fx.GraphModule]):
+    """The members' nodes in step, one tuple per node; members that differ in structure are an error."""
+    nodes = [list(g.graph.nodes) for g in gms]
+    if len({len(ns) for ns in nodes}) != 1:
+        raise EdgefuseError("the models differ in structure: their traced graphs have different lengths")
+    for group in zip(*nodes):
+        if any(nd.op != group[0].op or nd.target != group[0].target for nd in group):
+            raise EdgefuseError(f"the models differ in structure at node '{group[0].name}'")
+        yield group
