@@ -153,3 +153,20 @@ def test_torchvision_vits_batch_along_a_member_axis_with_their_macs(tmp_path):
     session = ort.InferenceSession(str(path))
     np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], a.numpy(),
                                atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(an.torchvision_vit() is None, reason="torchvision's models do not import here")
+def test_activation_matching_of_multihead_attention_falls_back_to_weight_matching(capsys):
+    """Q, K and V inside nn.MultiheadAttention never appear in the graph: weight matching aligns them, said once."""
+    make = an.torchvision_vit()
+    models = []
+    for seed in range(2):
+        torch.manual_seed(seed)
+        models.append(make(image_size=8, patch_size=2, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16,
+                           num_classes=10).eval())
+    x = torch.rand(8, 3, 8, 8)
+    spec = ef.permutation_spec(models[0], x)
+    perms = ef.align_perms(models, spec, method="activation", data=[x])
+    assert "weight matching aligns these models instead" in capsys.readouterr().err
+    expected = ef.align_perms(models, spec, method="weight")
+    assert all(torch.equal(perms[1][g], expected[1][g]) for g in spec.groups)

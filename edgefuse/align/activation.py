@@ -11,11 +11,11 @@ import torch.fx as fx
 from torch import nn
 
 from ..models.data import require_batches
-from ..base.errors import EdgefuseError
+from ..base.errors import EdgefuseError, warn_once
 from ..spec.permspec import PermSpec
 from . import register
 from .blocks import assign
-from .weight import lsa
+from .weight import lsa, weight_matching
 
 
 class _Probe(fx.Interpreter):
@@ -78,7 +78,14 @@ def correlations(models: list[nn.Module], spec: PermSpec, xs: list[torch.Tensor]
 def activation_matching(models: list[nn.Module], spec: PermSpec, data: Iterable | None = None, seed: int = 0,
                         max_rounds: int = 20) -> list[dict]:
     """Match each model to models[0], then each to the mean of the others' aligned units until nothing changes. A
-    family of blocks (grouped convolutions) is matched as one, keeping its blocks whole."""
+    family of blocks (grouped convolutions, attention heads) is matched as one, keeping its blocks whole. Where
+    some units never appear in the graph (Q, K and V inside nn.MultiheadAttention), weight matching aligns the
+    models instead, and says so once."""
+    hidden = sorted(set(spec.groups) - set(spec.probes))
+    if hidden:
+        warn_once(f"activation matching cannot observe {len(hidden)} group(s) computed inside a layer ({hidden[0]}"
+                  f"{', …' if len(hidden) > 1 else ''}): weight matching aligns these models instead")
+        return weight_matching(models, spec, seed=seed)
     corr = correlations(models, spec, require_batches(data, "activation matching", models[0]))
     n = len(models)
     perms = [spec.identity_perms() for _ in models]
