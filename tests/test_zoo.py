@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from edgefuse.models import data, zoo
+from edgefuse.models import data, train, zoo
 
 
 def test_zoo_caches_and_does_not_retrain(tmp_path, monkeypatch):
@@ -9,9 +9,10 @@ def test_zoo_caches_and_does_not_retrain(tmp_path, monkeypatch):
     images = torch.nn.functional.interpolate(x[:256], size=28)
     monkeypatch.setattr(data, "fashion_mnist", lambda split="train": (images, y[:256]))
     monkeypatch.setattr(data, "VALIDATION_IMAGES", 56)
+    monkeypatch.setattr(zoo.os, "cpu_count", lambda: 1)  # in this process, where the patched data is seen
     calls = []
-    real = zoo.train_model
-    monkeypatch.setattr(zoo, "train_model", lambda m, x, *a, **k: calls.append(x) or real(m, x, *a, **k))
+    real = train.train_model
+    monkeypatch.setattr(train, "train_model", lambda m, x, *a, **k: calls.append(x) or real(m, x, *a, **k))
     first, paths = zoo.zoo_models("mlp", 2, width=8, epochs=1, cache=tmp_path, quiet=True)
     assert len(calls) == 2 and all(p.suffix == ".safetensors" and p.is_file() for p in paths)
     held_out = data.load_dataset("fashion-mnist").x_val
