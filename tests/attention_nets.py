@@ -135,3 +135,17 @@ class LayerScaleBlock(nn.Module):
         x = self.embed(x.reshape(x.shape[0], 4, 16))
         x = x + self.fc2(F.gelu(self.fc1(self.norm(x)))) * self.gamma
         return self.head(x.mean(1))
+
+
+def torchvision_vits(n: int, layers: int = 2, heads: int = 4, width: int = 16) -> list[nn.Module]:
+    """n small torchvision ViTs for 8×8 RGB images, seeds 0..n-1, with a non-zero head and class token (torchvision
+    starts both at zero) and LayerNorm affines away from (1, 0)."""
+    make, models = torchvision_vit(), []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        model = make(image_size=8, patch_size=2, num_layers=layers, num_heads=heads, hidden_dim=width,
+                     mlp_dim=2 * width, num_classes=10)
+        nn.init.normal_(model.heads.head.weight)
+        nn.init.normal_(model.class_token)
+        models.append(randomize_norms(model.eval(), seed))
+    return models

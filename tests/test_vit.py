@@ -131,14 +131,7 @@ def test_a_batched_vit_costs_the_macs_of_its_members(vits):
 @pytest.mark.skipif(an.torchvision_vit() is None, reason="torchvision's models do not import here")
 def test_torchvision_vits_batch_along_a_member_axis_with_their_macs(tmp_path):
     """nn.MultiheadAttention as one stacked layer; its projections count as MACs in the members and the batch."""
-    make = an.torchvision_vit()
-    models = []
-    for seed in range(3):
-        torch.manual_seed(seed)
-        m = make(image_size=8, patch_size=2, num_layers=2, num_heads=4, hidden_dim=16, mlp_dim=32, num_classes=10)
-        torch.nn.init.normal_(m.heads.head.weight)
-        torch.nn.init.normal_(m.class_token)
-        models.append(an.randomize_norms(m.eval(), seed))
+    models = an.torchvision_vits(3)
     x = torch.rand(5, 3, 8, 8)
     ens = ef.ensemble(models, head_outputs=True)
     batched = ens.batch_heads()
@@ -158,12 +151,7 @@ def test_torchvision_vits_batch_along_a_member_axis_with_their_macs(tmp_path):
 @pytest.mark.skipif(an.torchvision_vit() is None, reason="torchvision's models do not import here")
 def test_activation_matching_of_multihead_attention_falls_back_to_weight_matching(capsys):
     """Q, K and V inside nn.MultiheadAttention never appear in the graph: weight matching aligns them, said once."""
-    make = an.torchvision_vit()
-    models = []
-    for seed in range(2):
-        torch.manual_seed(seed)
-        models.append(make(image_size=8, patch_size=2, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16,
-                           num_classes=10).eval())
+    models = an.torchvision_vits(2, layers=1, heads=2, width=8)
     x = torch.rand(8, 3, 8, 8)
     spec = ef.permutation_spec(models[0], x)
     perms = ef.align_perms(models, spec, method="activation", data=[x])

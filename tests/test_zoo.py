@@ -9,7 +9,6 @@ def test_zoo_caches_and_does_not_retrain(tmp_path, monkeypatch):
     images = torch.nn.functional.interpolate(x[:256], size=28)
     monkeypatch.setattr(data, "fashion_mnist", lambda split="train": (images, y[:256]))
     monkeypatch.setattr(data, "VALIDATION_IMAGES", 56)
-    monkeypatch.setattr(zoo.os, "cpu_count", lambda: 1)  # in this process, where the patched data is seen
     calls = []
     real = train.train_model
     monkeypatch.setattr(train, "train_model", lambda m, x, *a, **k: calls.append(x) or real(m, x, *a, **k))

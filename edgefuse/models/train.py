@@ -1,4 +1,4 @@
-"""Training zoo members: Adam with a one-cycle schedule, one member per process where there are cores to spare."""
+"""Training zoo members: Adam with a one-cycle schedule, each member's checkpoint written as it finishes."""
 from __future__ import annotations
 
 import os
@@ -49,8 +49,8 @@ class Member:
     path: str
 
 
-def train_member(job: Member, splits=None, progress=None) -> None:
-    """Train one member and write its checkpoint (safetensors, the host's file modes)."""
+def train_member(job: Member, splits=None, progress=None) -> dict[str, torch.Tensor]:
+    """Train one member, write its checkpoint (safetensors, the host's file modes) and return its weights."""
     from safetensors.torch import save_file
 
     from .data import load_dataset
@@ -67,32 +67,4 @@ def train_member(job: Member, splits=None, progress=None) -> None:
     os.close(fd)
     save_file(model.state_dict(), tmp, metadata={"arch": job.arch, "width": str(job.width)})
     commit(Path(tmp), Path(job.path))  # the host's file modes (mkstemp's are private)
-
-
-def train_in_workers(jobs: list[Member], workers: int, progress) -> None:
-    """Members trained side by side in spawned processes of one torch thread each (on 2 cores, 2 members in the
-    time of one); Ctrl-C stops them all and says one line."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    task = progress.add_task(f"training {len(jobs)} × {jobs[0].arch} in {workers} processes", total=len(jobs))
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_worker_setup)
-    try:
-        for f in as_completed([pool.submit(train_member, job) for job in jobs]):
-            f.result()
-            progress.advance(task)
-    except KeyboardInterrupt:
-        for proc in list((getattr(pool, "_processes", None) or {}).values()):
-            proc.terminate()
-        raise
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _worker_setup() -> None:
-    """One torch thread per worker; Ctrl-C is the parent's to handle."""
-    import signal
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(1)
+    return model.state_dict()

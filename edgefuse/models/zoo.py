@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -13,7 +12,7 @@ from .architectures import (ARCHITECTURES, BasicBlock, InvertedResidual, Squeeze
 from .data import VALIDATION_IMAGES
 from .normalize import Normalize  # noqa: F401  (zoo.Normalize: the zoo's first layer)
 from .partition import Partition
-from .train import Member, train_in_workers, train_member, train_model  # noqa: F401
+from .train import Member, train_member, train_model  # noqa: F401
 from ..base.errors import EdgefuseError, first_line, warn_once
 
 
@@ -37,8 +36,7 @@ def zoo_models(arch: str = DEFAULT_ARCH, n: int = 4, width: int | None = None, e
                partition: Partition = Partition()) -> tuple[list[nn.Module], list[Path]]:
     """Train (or load from the cache) N models of one zoo architecture on Fashion-MNIST's training part (the
     validation images held out), seeds s·N .. s·N+N−1 for the partition's seed s, each on all of it or on its
-    shard of `partition`. Missing members train side by side, one process of one torch thread per core (on one
-    core, here, one after another).
+    shard of `partition`.
     `train=False` only reads the cache (machines that must never retrain) and names what is missing."""
     from rich.progress import Progress
 
@@ -59,15 +57,10 @@ def zoo_models(arch: str = DEFAULT_ARCH, n: int = 4, width: int | None = None, e
     if missing:
         folder.mkdir(parents=True, exist_ok=True)
         jobs = [Member(arch, width, epochs, seeds[s], s, n, partition, str(paths[s])) for s in missing]
-        workers = min(len(jobs), os.cpu_count() or 1)
+        splits = load_dataset("fashion-mnist")
         with Progress(disable=quiet) as progress:
-            if workers > 1:
-                train_in_workers(jobs, workers, progress)
-            else:
-                splits = load_dataset("fashion-mnist")
-                for job in jobs:
-                    train_member(job, splits, progress)
-        states = [cached_weights(p) for p in paths]
+            for s, job in zip(missing, jobs):
+                states[s] = train_member(job, splits, progress)
         (folder / "zoo.json").write_text(json.dumps({"arch": arch, "width": width, "epochs": epochs,
                                                      "partition": partition.describe(), "members": n,
                                                      "seeds": seeds}))
