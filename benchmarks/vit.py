@@ -60,8 +60,8 @@ def matching_cost(name: str, n: int = 4) -> dict:
 
 def zoo_rows(out_root: Path) -> dict:
     """The sweep's candidates, each as test accuracy and MACs and p50 (batch 1 and 32) over the exact ensemble's."""
-    cmd = [str(Path(sys.executable).parent / "edgefuse"), "sweep", "--arch", "vit", "--repair", "none", "--repair", "lsq",
-           "--out-root", str(out_root)]
+    cmd = [str(Path(sys.executable).parent / "edgefuse"), "sweep", "--arch", "vit", "--repair", "none",
+           "--repair", "lsq", "--out-root", str(out_root)]
     subprocess.run(cmd, check=True)
     report = json.loads((out_root / "cpu-ort" / "sweep" / "sweep.json").read_text())
     ens = report["ensemble"]

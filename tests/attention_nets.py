@@ -43,7 +43,8 @@ class HandAttention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.width = heads, kv_heads or heads, dim // heads
         kv = self.kv_heads * self.width
-        self.q, self.k, self.v, self.o = nn.Linear(dim, dim), nn.Linear(dim, kv), nn.Linear(dim, kv), nn.Linear(dim, dim)
+        self.q, self.o = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.k, self.v = nn.Linear(dim, kv), nn.Linear(dim, kv)
         self.rotary = nn.Parameter(torch.randn(1, 1, 17, self.width)) if rotary else None
 
     def split(self, x, heads):

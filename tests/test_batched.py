@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import edgefuse as ef
-from edgefuse.fuse.batched import grouped_refusal
+from edgefuse.fuse.batched import batch_refusals
 from edgefuse.models import zoo
 from edgefuse.graph.onnx import onnx_nodes
 
@@ -95,7 +95,8 @@ def test_batched_onnx_has_fewer_nodes_and_same_outputs(tmp_path, opset):
 @pytest.mark.parametrize("factory,node", [(nets.HiddenSoftmax, "'softmax'"), (nets.TinyViTBlock, "'(embed|mean)'")])
 def test_channel_mixing_ops_have_no_grouped_kernels_and_batch_along_a_member_axis(factory, node):
     models = [factory().eval() for _ in range(2)]
-    assert re.search(node, grouped_refusal(models))
+    batched_refusal, grouped = batch_refusals(models)
+    assert re.search(node, grouped) and batched_refusal is None
     batched = ef.ensemble(models, batched=True)
     assert batched.heads[0].form == "member axis"
     with torch.no_grad():

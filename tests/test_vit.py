@@ -11,7 +11,7 @@ import edgefuse as ef
 from edgefuse.cli.main import cli
 from edgefuse.device.check import check_onnx
 from edgefuse.fuse import fuse
-from edgefuse.fuse.batched import grouped_refusal
+from edgefuse.fuse.batched import batch_refusals
 from edgefuse.fuse.stacked import stack_models
 from edgefuse.graph.onnx import export_onnx
 from edgefuse.measure.metrics import macs
@@ -74,7 +74,8 @@ def test_a_fused_vit_exports_with_parity(vits, tmp_path):
 @pytest.mark.parametrize("combine", ["mean", "probs"])
 def test_a_vit_ensemble_batched_along_a_member_axis_is_the_ensemble(vits, combine, tmp_path):
     x, _ = data.digits()
-    assert grouped_refusal(vits) is not None  # attention: no grouped-kernel form
+    batched_refusal, grouped = batch_refusals(vits)
+    assert grouped is not None and batched_refusal is None  # attention: no grouped kernels, but a member axis
     ens = ef.ensemble(vits, combine=combine, head_outputs=True)
     batched = ens.batch_heads()
     assert batched.batched and batched.heads[0].form == "member axis"

@@ -11,7 +11,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..models.data import require_batches
-from ..base.errors import EdgefuseError, warn_once
+from ..base.errors import warn_once
 from ..spec.permspec import PermSpec
 from . import register
 from .blocks import assign
@@ -34,10 +34,8 @@ class _Probe(fx.Interpreter):
 
 
 def correlations(models: list[nn.Module], spec: PermSpec, xs: list[torch.Tensor]) -> dict[str, np.ndarray]:
-    """Per group, an (N, N, units, units) array: correlation of model i's unit u with model j's unit v."""
-    missing = set(spec.groups) - set(spec.probes)
-    if missing:
-        raise EdgefuseError(f"activation matching cannot observe group(s) {', '.join(sorted(missing))}")
+    """Per group, an (N, N, units, units) array: correlation of model i's unit u with model j's unit v. Every group
+    has a probe (activation_matching hands models with unobservable groups to weight matching)."""
     by_node: dict[str, list] = {}
     for g, (node, start, stride, axis) in spec.probes.items():
         by_node.setdefault(node, []).append((g, axis, start + torch.arange(spec.groups[g]) * stride))

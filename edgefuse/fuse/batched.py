@@ -218,24 +218,22 @@ class BatchRewriter(ChannelViews):
         return self.emit("call_method", "flatten", (joined, 1, 2), {}, batched=True)
 
 
-def grouped_refusal(models: list[nn.Module]) -> str | None:
-    """Why the models have no grouped-kernel form (the refusal, naming the node), or None where they have one: alpha
-    fusion builds on it (fuse/neuron.py)."""
+def batch_refusals(models: list[nn.Module]) -> tuple[str | None, str | None]:
+    """(why the models have no batched form at all, why they have no grouped-kernel form, which alpha fusion builds
+    on (fuse/neuron.py)): each the refusal naming the node, None where they have it. Two members show it; the
+    member-axis form is tried only where grouped kernels refuse, and a model with neither is refused as
+    `batch_models` refuses it, by its grouped-kernel refusal."""
     try:
         with torch.no_grad():
             BatchRewriter(list(models[:2]), DEFAULT_COMBINE, False).run()
+        return None, None
     except UnsupportedModelError as e:
-        return str(e)
-    return None
-
-
-def batch_refusal(models: list[nn.Module]) -> str | None:
-    """Why the models have no batched form at all, grouped kernels or a member axis, or None where they have one."""
+        grouped = str(e)
     try:
-        batch_models(models[:2])
-    except UnsupportedModelError as e:
-        return str(e)
-    return None
+        stack_models(models[:2], DEFAULT_COMBINE)
+        return None, grouped
+    except UnsupportedModelError:
+        return grouped, grouped
 
 
 def batch_models(models: list[nn.Module], combine: str = DEFAULT_COMBINE, head_outputs: bool = False) -> fx.GraphModule:

@@ -48,8 +48,8 @@ class FusedModel(nn.Module):
                           head_outputs=self.head_outputs).eval()
 
     def fastest(self) -> FusedModel:
-        """`batch_heads()` where the heads have a batched form, else this model (heads one after another): a
-        transformer's attention has no grouped-kernel form yet."""
+        """`batch_heads()` where the heads have a batched form (grouped kernels, or a member axis), else this model,
+        its heads one after another (attention with a mask has neither yet)."""
         try:
             return self.batch_heads()
         except UnsupportedModelError:

@@ -18,13 +18,12 @@ from torch.nn import functional as F
 
 from ..base.combine import combine_outputs
 from ..base.errors import UnsupportedModelError
-from ..spec.trace import (_ELEMENTWISE, _ELEMENTWISE_METHOD, _SAME, _SAME_FN, _SAME_METHOD, POOLS, drop_path_off,
-                          is_drop_path, node_groups, trace_members)
-from .layers import as_param, batched_conv, cat_copy
-from .stacked_layers import (SDPA, ChannelMajor, PerSample, StackedAttention, StackedLayerNorm, StackedLinear, align_param,
+from ..spec.trace import (_ELEMENTWISE, _ELEMENTWISE_METHOD, _SAME, _SAME_FN, _SAME_METHOD, MATMUL, POOLS, SDPA,
+                          drop_path_off, is_drop_path, node_groups, trace_members)
+from .layers import as_param, batched_conv, batched_norm
+from .stacked_layers import (ChannelMajor, PerSample, StackedAttention, StackedLayerNorm, StackedLinear, align_param,
                              attention, expand_members, per_sample)
 
-_MATMUL = {torch.matmul, operator.matmul, torch.bmm}
 _POOL_FN = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d}
 _DIM_ARG = {  # operation → positions of its dim arguments (after the tensor), for functions and methods alike
     "softmax": (1,), "log_softmax": (1,), "mean": (1,), "sum": (1,), "amax": (1,), "amin": (1,),
@@ -125,7 +124,7 @@ class StackRewriter:
         if isinstance(first, nn.Linear):
             module = StackedLinear(mods, stacked)
         elif isinstance(first, nn.MultiheadAttention):
-            inputs = [a for a in node.args[:3]] + [node.kwargs.get(k) for k in ("query", "key", "value")]
+            inputs = [*node.args[:3], *(node.kwargs.get(k) for k in ("query", "key", "value"))]
             if len({a for a in inputs if isinstance(a, fx.Node)}) != 1 or any(
                     v is not None and k not in ("need_weights", "average_attn_weights") for k, v in
                     node.kwargs.items() if k not in ("query", "key", "value")):
@@ -142,13 +141,7 @@ class StackRewriter:
         elif isinstance(first, (nn.BatchNorm1d, nn.BatchNorm2d)):
             if not stacked:
                 x, stacked = self.spread(x), True
-            bn = copy.deepcopy(first)
-            bn.num_features = self.n * first.num_features
-            for t in ("weight", "bias", "running_mean", "running_var"):
-                if getattr(first, t) is not None:
-                    value = cat_copy([getattr(m, t) for m in mods])
-                    setattr(bn, t, as_param(value) if t in ("weight", "bias") else value)
-            module = ChannelMajor(bn, self.n, True)
+            module = ChannelMajor(batched_norm(mods, node), self.n, True)
         elif isinstance(first, _SAME) or not list(first.parameters()) + list(first.buffers()):
             if isinstance(first, nn.Flatten) and stacked:
                 module = nn.Flatten(_shift(first.start_dim), _shift(first.end_dim))
@@ -184,7 +177,7 @@ class StackRewriter:
             return args[0]
         if target in _POOL_FN:
             return self.emit(node.op, per_sample, (target, x, self.n, *args[1:]), kwargs, True)
-        if target in _MATMUL or (method and target == "matmul"):
+        if target in MATMUL or (method and target == "matmul"):
             if any(a in self.params for a in args[:2]):
                 raise UnsupportedModelError(node.name, name or "matmul", "a product with a parameter (not a Linear) "
                                             "has no stacked form yet")

@@ -7,9 +7,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..base.errors import UnsupportedModelError
+from ..spec.trace import SDPA
 from .layers import as_param
-
-SDPA = F.scaled_dot_product_attention
 
 
 class StackedLinear(nn.Module):
@@ -128,7 +127,7 @@ def split_axis(x: torch.Tensor, axis: int, n: int) -> torch.Tensor:
 
 
 def expand_members(x: torch.Tensor, n: int) -> torch.Tensor:
-    """(…) → (n, …) without reading x's shape (-1 keeps every axis, so an exported graph keeps its dynamic batch)."""
+    """(…) → (n, …) without reading x's shape: -1 keeps every axis, so an exported graph keeps its dynamic batch."""
     return x.unsqueeze(0).expand(n, *[-1] * x.dim())
 
 

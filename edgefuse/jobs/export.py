@@ -171,7 +171,8 @@ def _bytes_needed(models: list, points: int) -> int:
 def _forced(f: Field, depth: int) -> Choice:
     """--depth overrides the chooser: the batched ensemble for 0, else that depth (distilled when it was). The
     report still says what dominates it."""
-    chosen = f.exact.get("ensemble_batched", f.exact["ensemble"]) if depth == 0 else [c for c in f.others if c.depth == depth][-1]
+    chosen = f.exact.get("ensemble_batched", f.exact["ensemble"]) if depth == 0 else \
+        [c for c in f.others if c.depth == depth][-1]
     beaten = dominance(f.rows, list(chosen.latency_by_batch))
     reason = f"asked for with --depth {depth}"
     if chosen.key in beaten:

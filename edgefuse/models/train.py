@@ -11,7 +11,6 @@ from torch import nn
 
 from ..base.files import commit
 from .architectures import build
-from .partition import Partition
 
 
 def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int,
@@ -38,31 +37,23 @@ def train_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int,
 
 @dataclass(frozen=True)
 class Member:
-    """One zoo member to train: its seed, its shard (`index` of `n` under `partition`) and its checkpoint."""
+    """One zoo member to train: its architecture, seed and checkpoint."""
     arch: str
     width: int
     epochs: int
     seed: int
-    index: int
-    n: int
-    partition: Partition
     path: str
 
 
-def train_member(job: Member, splits=None, progress=None) -> dict[str, torch.Tensor]:
-    """Train one member, write its checkpoint (safetensors, the host's file modes) and return its weights."""
+def train_member(job: Member, x: torch.Tensor, y: torch.Tensor, progress) -> dict[str, torch.Tensor]:
+    """Train one member on (x, y), its shard, with a task on the rich `progress`; write its checkpoint
+    (safetensors, the host's file modes) and return its weights."""
     from safetensors.torch import save_file
 
-    from .data import load_dataset
-
-    splits = splits if splits is not None else load_dataset("fashion-mnist")
-    shard = job.partition.shards(splits.y_train, job.n)[job.index]
-    x, y = splits.x_train[shard], splits.y_train[shard]
     torch.manual_seed(job.seed)
     model = build(job.arch, width=job.width)
-    task = progress.add_task(f"training {job.arch} seed {job.seed}", total=job.epochs * ((len(x) + 127) // 128)) \
-        if progress is not None else None
-    train_model(model, x, y, job.epochs, seed=job.seed, progress=(progress, task) if task is not None else None)
+    task = progress.add_task(f"training {job.arch} seed {job.seed}", total=job.epochs * ((len(x) + 127) // 128))
+    train_model(model, x, y, job.epochs, seed=job.seed, progress=(progress, task))
     fd, tmp = tempfile.mkstemp(dir=Path(job.path).parent, suffix=".tmp")
     os.close(fd)
     save_file(model.state_dict(), tmp, metadata={"arch": job.arch, "width": str(job.width)})

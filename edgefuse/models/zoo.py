@@ -56,11 +56,12 @@ def zoo_models(arch: str = DEFAULT_ARCH, n: int = 4, width: int | None = None, e
                             f"where training is possible, then copy {cache} here)")
     if missing:
         folder.mkdir(parents=True, exist_ok=True)
-        jobs = [Member(arch, width, epochs, seeds[s], s, n, partition, str(paths[s])) for s in missing]
         splits = load_dataset("fashion-mnist")
+        shards = partition.shards(splits.y_train, n)
         with Progress(disable=quiet) as progress:
-            for s, job in zip(missing, jobs):
-                states[s] = train_member(job, splits, progress)
+            for s in missing:
+                states[s] = train_member(Member(arch, width, epochs, seeds[s], str(paths[s])),
+                                         splits.x_train[shards[s]], splits.y_train[shards[s]], progress)
         (folder / "zoo.json").write_text(json.dumps({"arch": arch, "width": width, "epochs": epochs,
                                                      "partition": partition.describe(), "members": n,
                                                      "seeds": seeds}))

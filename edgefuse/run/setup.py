@@ -20,7 +20,7 @@ from .config import RunConfig
 from ..models.fit import check_fit
 from ..models.sources import load_data
 from ..fuse import ensemble
-from ..fuse.batched import batch_refusal, grouped_refusal
+from ..fuse.batched import batch_refusals
 from ..spec.permspec import PermSpec, permutation_spec, permute
 
 SHARED_BASIN = 0.9  # alignment leaving this share of units in place: the members share a basin (fine-tunes)
@@ -115,13 +115,7 @@ def prepare(run: RunConfig, console: Console) -> Setup:
     reference = torch_predictions(ensemble(models), splits.x_test)
     phases = {"models": t1 - t0, "data": t2 - t1, "align": time.perf_counter() - t2}
     return Setup(models, label, splits, spec, aligned, seconds, reference, regime, phases, base,
-                 partition.describe() if run.models is None else None, *refusals(models))
-
-
-def refusals(models: list[nn.Module]) -> tuple[str | None, str | None]:
-    """(why the members have no batched form, why they have no grouped-kernel form): None where they have it."""
-    grouped = grouped_refusal(models)
-    return (None if grouped is None else batch_refusal(models)), grouped
+                 partition.describe() if run.models is None else None, *batch_refusals(models))
 
 
 def identity_share(perms: list[dict]) -> float:

@@ -27,9 +27,10 @@ class _Shuffling:
 
 
 class GroupTracer(LayerVisits, TokenVisits, AttentionVisits):
-    """Walks the fx graph once, giving each tensor the groups of its channel axis (dim 1) and unioning the groups
-    that an operation ties together. A tensor's channels are a tuple of `Seg`s (channels.py): one normally, several
-    after a `cat`, interleaved after a channel shuffle, repeated after a flatten. A group that reaches the output,
+    """Walks the fx graph once, giving each tensor the groups of its channel axis (dim 1, or the layouts of
+    layouts.py: tokens, heads, scores) and unioning the groups that an operation ties together. A tensor's channels
+    are a tuple of `Seg`s (channels.py): one normally, several after a `cat`, interleaved after a channel shuffle,
+    repeated after a flatten. A group that reaches the output,
     or meets a tensor it cannot be permuted with, is tied to FIXED and never permuted. When an operation takes part
     of a group (a chunk, a shuffle), the group is cut: `splits` records where each layer's outputs are cut, and
     `resolve` traces again until nothing more needs cutting."""

@@ -47,9 +47,9 @@ class PermSpec:
     """Permutation groups of a model. `params` maps state-dict keys to, per tensor axis, a tuple of `Axis`
     segments or None; `cut_points` are fx node names, in order, where a single tensor carries everything
     downstream needs; `probes` give, per group, the last node that carries it unflattened, as (node, first
-    channel, stride, channel axis): activation matching observes it there; `families` tie groups into blocks (grouped convolutions), and `grouped` maps
-    each grouped convolution's weight to (groups, input channels): `params` describes it as the dense block-diagonal
-    matrix it stands for (see `dense_state`)."""
+    channel, stride, channel axis): activation matching observes it there; `families` tie groups into blocks
+    (grouped convolutions, attention heads), and `grouped` maps each grouped convolution's weight to (groups, input
+    channels): `params` describes it as the dense block-diagonal matrix it stands for (see `dense_state`)."""
     groups: MappingProxyType
     params: MappingProxyType
     cut_points: tuple[str, ...]

@@ -15,13 +15,11 @@ from torch import nn
 from ..base.errors import UnsupportedModelError
 from .channels import Segments, take
 from .layouts import LAYOUTS, Heads, Parts, Scores, Stacked, Tokens, axis_order, swap
-from .trace import _ELEMENTWISE, _ELEMENTWISE_METHOD, _SAME_FN, _SAME_METHOD, numel, op_name, tensor_shape
+from .trace import _ELEMENTWISE, _ELEMENTWISE_METHOD, _SAME_FN, _SAME_METHOD, MATMUL, SDPA, numel, op_name, tensor_shape
 
 _AXES = {"permute", "transpose"}
-_MATMUL = {torch.matmul, operator.matmul, torch.bmm}
 _SOFTMAX = {torch.softmax, nn.functional.softmax}
 _PARAM_VIEWS = {"expand", "repeat", "to", "type_as", "contiguous", "clone"}
-_SDPA = nn.functional.scaled_dot_product_attention
 
 
 def _is(node: fx.Node, functions: set, methods: set) -> bool:
@@ -85,9 +83,9 @@ class TokenVisits:
             return src
         if node.target in _ELEMENTWISE or _is(node, set(), _ELEMENTWISE_METHOD):
             return self.visit_layout_elementwise(node)
-        if node.target in _MATMUL or _is(node, set(), {"matmul", "bmm"}):
+        if node.target in MATMUL or _is(node, set(), {"matmul", "bmm"}):
             return self.visit_matmul(node)
-        if node.target is _SDPA:
+        if node.target is SDPA:
             return self.visit_sdpa(node)
         if node.target in (torch.cat, torch.concat):
             return self.visit_token_cat(node)
