@@ -46,3 +46,19 @@ def test_the_settled_figures_lie_within_the_precision_of_the_full_run():
             for stat in (np.mean, lambda v: np.percentile(v, 50)):
                 assert abs(stat(two) - stat(three)) <= runners.PRECISION * stat(three)
     assert checked > 100
+
+
+def test_a_torch_runner_leaves_the_callers_thread_count():
+    """Timing on one thread must not leave repairs and distillation that follow on one thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        runner = runners.TorchRunner(torch.nn.Linear(3, 2), threads=1)
+        seen = []
+        runner.module.register_forward_hook(lambda *_: seen.append(torch.get_num_threads()))
+        runner(np.zeros((4, 3), np.float32))
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

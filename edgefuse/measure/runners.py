@@ -27,10 +27,16 @@ class TorchRunner:
         return self.outputs(x)[0]
 
     def outputs(self, x: np.ndarray) -> list[np.ndarray]:
-        """Every output: the logits, then head_logits where the module gives them."""
+        """Every output: the logits, then head_logits where the module gives them. The runner's thread count
+        holds for its own calls only: the process's is the caller's again afterwards (repairs and distillation
+        that follow a timing would otherwise run on one thread)."""
+        before = torch.get_num_threads()
         torch.set_num_threads(self.threads)
-        with torch.no_grad():
-            out = self.module(torch.from_numpy(x))
+        try:
+            with torch.no_grad():
+                out = self.module(torch.from_numpy(x))
+        finally:
+            torch.set_num_threads(before)
         return [o.numpy() for o in (out if isinstance(out, (tuple, list)) else [out])]
 
 

@@ -84,7 +84,7 @@ def select_members(members: list[nn.Module], splits: Splits) -> list[tuple[int, 
     """Greedy forward selection on validation, as Caruana's ensemble selection: start from the most accurate
     member and add, one at a time, the member whose addition gives the most accurate mean of logits (lower NLL
     breaks ties). The nested subsets of 2 ... N-1 members, each sorted."""
-    logits = np.stack([predict(TorchRunner(m.eval()), splits.x_val) for m in members])
+    logits = np.stack([predict(TorchRunner(m.eval(), ALL_CORES), splits.x_val) for m in members])
 
     def merit(subset: list[int]) -> tuple[float, float]:
         s = scores(logits[subset].mean(0), splits.y_val)
