@@ -147,3 +147,45 @@ def test_cached_distilled_weights_that_do_not_load_are_distilled_again(mlps, tmp
     again = build(job, splits).state_dict()
     assert "do not load" in capsys.readouterr().err and cached.stat().st_size > 64  # distilled and stored again
     assert all(torch.equal(first[k], again[k]) for k in first)  # the same seeded distillation
+
+
+def test_a_fused_point_is_kept_for_the_next_run_and_rebuilt_when_its_inputs_change(cnns, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """A second build of the same point loads the repaired model the first stored (the same function, no repair
+    run); other calibration images, or other code, make a new key; a cut entry is built again."""
+    import numpy as np
+
+    from edgefuse.models.data import load_dataset
+    from edgefuse.run import points
+    from edgefuse.run.candidate import Point
+    from edgefuse.run.points import Job, build
+
+    monkeypatch.setattr(errors, "_WARNED", set())
+    splits = load_dataset("digits")
+    spec = ef.permutation_spec(cnns[0], splits.example)
+    aligned = [ef.permute(m, spec, p) for m, p in zip(cnns, ef.align_perms(cnns, spec, data=splits.calib_batches))]
+
+    def built(s=splits) -> tuple[torch.nn.Module, dict]:
+        seconds = {}
+        job = Job(point=Point("alpha", 0.25, "activation", "lsq"), aligned=aligned, splits=s,
+                  target=load_target("cpu-ort"), out_dir=str(tmp_path), ensemble_predictions=np.zeros(1),
+                  cache=str(tmp_path), spec=spec)
+        return build(job, s, seconds), seconds
+
+    first, how = built()
+    assert "fuse and repair" in how
+    second, how = built()
+    assert list(how) == ["loaded"] and second is not first
+    x = splits.x_val[:32]
+    with torch.no_grad():
+        assert torch.equal(first(x), second(x))
+    (entry,) = (tmp_path / "fused").iterdir()
+    assert "fuse and repair" in built(splits.with_calibration(100))[1]  # other calibration images
+    monkeypatch.setattr(points, "code_digest", lambda: "changed")
+    assert "fuse and repair" in built()[1]  # other code
+    assert len(list((tmp_path / "fused").iterdir())) == 3
+    monkeypatch.undo()
+    monkeypatch.setattr(errors, "_WARNED", set())
+    entry.write_bytes(entry.read_bytes()[:64])  # cut short, as by a full disk
+    assert "fuse and repair" in built()[1] and "does not load" in capsys.readouterr().err
+    assert entry.stat().st_size > 64  # stored again

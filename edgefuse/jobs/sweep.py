@@ -6,7 +6,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from ..run.points import fingerprint
+from ..run.kept import fingerprint
 from ..run.choose import choose
 from ..run.config import RunConfig, run_config
 from ..run.field import FieldPlan, RunPlan, fusable, grid, measure_field, plan_run, report_head

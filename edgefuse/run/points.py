@@ -1,6 +1,7 @@
 """Jobs: build one candidate (a member, the distilled member, a fused point), export it and measure it — in this
 process, in worker processes or on a Ray cluster. Finished points are stored one file each, so a sweep resumes;
-distilled weights are cached, so a second run does not train again."""
+fused points and distilled weights are kept in the cache folder (run/kept.py), so a second run builds neither
+again."""
 from __future__ import annotations
 
 import copy
@@ -18,15 +19,16 @@ from torch import nn
 
 from ..models.data import Splits
 from ..graph.int8 import quantize_int8
-from ..base.errors import EdgefuseError, first_line, warn_once
+from ..base.errors import EdgefuseError
 from ..graph.onnx import export_onnx, onnx_nodes
-from ..base.files import atomic_write_bytes, atomic_write_text, file_digest
+from ..base.files import atomic_write_text, file_digest
 from ..fuse import DistillConfig, distill, ensemble, fuse
 from ..measure.cuda import CudaRunner
 from ..measure.runners import latency_batch, peak_memory_mb
 from ..spec.permspec import PermSpec, permutation_spec
 from ..targets import Target
 from .candidate import Candidate, Point, measure, with_agreement
+from .kept import code_digest, fingerprint, kept_module, kept_state
 from ..base.combine import DEFAULT_COMBINE
 
 
@@ -49,17 +51,6 @@ class Job:
     built: nn.Module | None = None  # the same point fused and repaired earlier in this run: distilled from a copy
 
 
-def fingerprint(models: list[nn.Module], *parts: str) -> str:
-    """Identity of a job's inputs: stored points and distilled weights are reused only for the same models,
-    data and settings."""
-    h = hashlib.sha256("\0".join(parts).encode())
-    for m in models:
-        for k, v in sorted(m.state_dict().items()):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def build(job: Job, splits, seconds: dict[str, float] | None = None) -> nn.Module:
     """The point's module: a member as it is, or the aligned models fused at the point (BN reset or REPAIR), then
     distilled towards their exact ensemble when the point says so. A depth split also outputs its heads' logits
@@ -73,11 +64,8 @@ def build(job: Job, splits, seconds: dict[str, float] | None = None) -> nn.Modul
     elif job.built is not None:  # fusion and repair are deterministic: the module built before is this one
         module = copy.deepcopy(job.built)
     else:
-        spec = job.spec or permutation_spec(job.aligned[0], splits.example)
-        kw = dict(depth=int(p.value)) if p.kind == "depth" else dict(alpha=p.value)
-        module = fuse(job.aligned, spec, data=splits.calib_batches, repair=p.repair,
-                      batch_heads=p.kind == "depth" and job.target.batch_heads, head_outputs=p.kind == "depth", **kw)
-        seconds["fuse and repair"] = time.perf_counter() - t
+        module, loaded = kept_module(_fused_path(job, splits), lambda: _fused(job, splits), "fused point")
+        seconds["loaded" if loaded else "fuse and repair"] = time.perf_counter() - t
     if p.distill:
         if job.distill is None:
             raise EdgefuseError(f"{p.label}: no distillation budget was given")
@@ -87,6 +75,24 @@ def build(job: Job, splits, seconds: dict[str, float] | None = None) -> nn.Modul
     return module.eval()
 
 
+def _fused(job: Job, splits) -> nn.Module:
+    p = job.point
+    spec = job.spec or permutation_spec(job.aligned[0], splits.example)
+    kw = dict(depth=int(p.value)) if p.kind == "depth" else dict(alpha=p.value)
+    return fuse(job.aligned, spec, data=splits.calib_batches, repair=p.repair,
+                batch_heads=p.kind == "depth" and job.target.batch_heads, head_outputs=p.kind == "depth", **kw)
+
+
+def _fused_path(job: Job, splits) -> Path | None:
+    """Where a fused point is kept: keyed by the aligned models, the calibration images, the point, its form and
+    the code that builds it."""
+    if not job.cache:
+        return None
+    key = fingerprint(job.aligned, job.point.key, str(job.target.batch_heads), str(tuple(splits.example.shape)),
+                      code_digest(), tensors=splits.calib_batches)
+    return Path(job.cache) / "fused" / f"{key}.pt"
+
+
 def _distilled(student: nn.Module, job: Job, splits) -> None:
     """Distil in place, or load the weights of an earlier run with the same models, point and budget."""
     cfg = job.distill
@@ -94,24 +100,15 @@ def _distilled(student: nn.Module, job: Job, splits) -> None:
                       str(job.target.batch_heads), str(job.teacher),  # starts: its form and repaired weights
                       *(() if job.teacher_combine == DEFAULT_COMBINE else (job.teacher_combine,)))
     path = Path(job.cache) / "distilled" / f"{key}.pt" if job.cache else None
-    if path is not None and path.is_file():
-        try:
-            with open(path, "rb") as f:
-                student.load_state_dict(torch.load(f, weights_only=True))
-            return
-        except Exception as e:  # a cut or edited cache file: distil again rather than trust it
-            warn_once(f"cached distilled weights {path} do not load ({first_line(e)}): distilled again")
     members = job.aligned if job.teacher is None else [job.aligned[i] for i in job.teacher]
-    teacher = ensemble(members, combine=job.teacher_combine, head_outputs=cfg.per_head).fastest()
-    distill(student, teacher, splits.x_train, cfg, label=job.point.label,
-            quiet=multiprocessing.parent_process() is not None or None,
-            targets=_teacher_pass(fingerprint(members, repr(cfg), job.splits.digest, job.teacher_combine)))
-    if path is not None:
-        import io
 
-        buf = io.BytesIO()
-        torch.save(student.state_dict(), buf)
-        atomic_write_bytes(path, buf.getvalue())
+    def train() -> None:
+        teacher = ensemble(members, combine=job.teacher_combine, head_outputs=cfg.per_head).fastest()
+        distill(student, teacher, splits.x_train, cfg, label=job.point.label,
+                quiet=multiprocessing.parent_process() is not None or None,
+                targets=_teacher_pass(fingerprint(members, repr(cfg), job.splits.digest, job.teacher_combine)))
+
+    kept_state(path, student, train, "distilled weights")
 
 
 _TEACHER_PASS: dict[str, list] = {}
