@@ -80,7 +80,8 @@ def measure_zoo(partition: Partition, seed: int) -> dict:
     members = [row(m, splits, ens.macs, key=f"member{i}", label=f"member {i}", kind="member",
                    point=Point("member", i, repair=None)) for i, m in enumerate(aligned)]
     subs = [row(ensemble([aligned[i] for i in s], batched=True), splits, ens.macs, key=f"sub{'-'.join(map(str, s))}",
-                label=f"best {len(s)}", kind="sub-ensemble", members=s) for s in select_members(aligned, splits)]
+                label=f"best {len(s)}", kind="sub-ensemble", members=s) for s in
+            select_members(np.stack([_logits(m, splits.x_val) for m in aligned]), splits.y_val)]
     fused, seconds, modules = [], {}, {}
     for repair in REPAIRS:
         for kind, values in (("depth", range(1, len(spec.cut_points) + 1)), ("alpha", ALPHAS)):

@@ -122,7 +122,7 @@ def test_cascade_rows_from_the_best_member(cnns, tmp_path):
     members = [export_and_measure(m, s, tmp_path / f"member{i}.onnx", target, key=f"member{i}", label=f"m{i}",
                                   kind="member") for i, m in enumerate(cnns)]
     reference_predictions = members[0].test_predictions
-    val = member_logits([m.file for m in members], s.x_val)
+    val = member_logits([m.file for m in members], s, "validation")
     rows, refs = cascades(members, cnns, [(0, 1)], s, target, tmp_path, reference_predictions, val)
     first = max(range(4), key=lambda i: (members[i].accuracy, -members[i].validation["nll"]))
     assert rows and all(r.kind == "cascade" and r.cascade["first"] == first for r in rows)

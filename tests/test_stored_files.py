@@ -189,3 +189,53 @@ def test_a_fused_point_is_kept_for_the_next_run_and_rebuilt_when_its_inputs_chan
     entry.write_bytes(entry.read_bytes()[:64])  # cut short, as by a full disk
     assert "fuse and repair" in built()[1] and "does not load" in capsys.readouterr().err
     assert entry.stat().st_size > 64  # stored again
+
+
+def test_a_graphs_outputs_are_kept_by_its_bytes_and_computed_again_when_it_changes(mlps, tmp_path, capsys,
+                                                                                  monkeypatch):
+    import numpy as np
+
+    from edgefuse.measure.runners import OrtRunner
+    from edgefuse.models.data import load_dataset
+    from edgefuse.run import kept
+
+    monkeypatch.setattr(errors, "_WARNED", set())
+    splits = load_dataset("digits")
+    graph = ef.export_onnx(mlps[0], splits.example, tmp_path / "m.onnx")
+    runs = []
+    real = kept.predict_with_heads
+    monkeypatch.setattr(kept, "predict_with_heads", lambda r, x: runs.append(len(x)) or real(r, x))
+    first, _ = kept.kept_outputs(tmp_path, OrtRunner(graph), splits, "validation")
+    again, _ = kept.kept_outputs(tmp_path, OrtRunner(graph), splits, "validation")
+    assert runs == [len(splits.x_val)] and np.array_equal(first, again)
+    test, _ = kept.kept_outputs(tmp_path, OrtRunner(graph), splits, "test")
+    assert runs[-1] == len(splits.x_test) and len(test) == len(splits.x_test)  # another split, another entry
+    ef.export_onnx(mlps[1], splits.example, graph)  # the same file name, another graph
+    other, _ = kept.kept_outputs(tmp_path, OrtRunner(graph), splits, "validation")
+    assert len(runs) == 3 and not np.array_equal(first, other)
+    for entry in (tmp_path / "scores").iterdir():
+        entry.write_bytes(entry.read_bytes()[:40])
+    kept.kept_outputs(tmp_path, OrtRunner(graph), splits, "validation")
+    assert len(runs) == 4 and "do not load" in capsys.readouterr().err
+
+
+def test_an_alignment_is_kept_for_the_next_run(cnns, tmp_path, monkeypatch):
+    """The second run of the same models and calibration images reads the permutations the first computed (and
+    says so); the aligned models are the same."""
+    from rich.console import Console
+
+    from edgefuse.models.data import load_dataset
+    from edgefuse.run import setup
+    from edgefuse.run.config import RunConfig
+
+    computed = []
+    real = setup.align_perms
+    monkeypatch.setattr(setup, "align_perms", lambda *a, **k: computed.append(1) or real(*a, **k))
+    run = RunConfig(models=tuple(cnns), data=load_dataset("digits"), cache=str(tmp_path))
+    first, second = (setup.prepare(run, Console(quiet=True)) for _ in range(2))
+    assert computed == [1] and first.align_seconds == second.align_seconds  # the time it took when computed
+    for a, b in zip(first.aligned["activation"], second.aligned["activation"]):
+        assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+    setup.prepare(RunConfig(models=tuple(reversed(cnns)), data=load_dataset("digits"), cache=str(tmp_path)),
+                  Console(quiet=True))
+    assert computed == [1, 1]  # other models, another entry

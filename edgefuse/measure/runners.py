@@ -59,6 +59,7 @@ class OrtRunner:
                                             ["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
         self.name = "onnxruntime:" + self.session.get_providers()[0]
+        self.graphs = (Path(onnx_path),)  # what it runs: its outputs are a function of these files alone
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input: x})[0]
@@ -74,6 +75,7 @@ class SessionsRunner:
     def __init__(self, onnx_paths: list[str | Path], threads: int = 1, combine: str = DEFAULT_COMBINE) -> None:
         self.sessions = [OrtRunner(p, threads) for p in onnx_paths]
         self.combine, self.name = combine, f"{self.sessions[0].name} ×{len(onnx_paths)} sessions"
+        self.graphs = tuple(Path(p) for p in onnx_paths)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         return self.outputs(x)[0]

@@ -14,9 +14,10 @@ from ..models.data import Splits
 from ..graph.onnx import onnx_nodes
 from ..fuse import ensemble
 from ..measure.metrics import scores
-from ..measure.runners import OrtRunner, SessionsRunner, TorchRunner, peak_memory_mb, predict
+from ..measure.runners import OrtRunner, SessionsRunner, peak_memory_mb
 from .points import export_and_measure
 from .candidate import ALL_CORES, Candidate, measure, with_agreement
+from .kept import kept_outputs
 from ..targets import Target
 
 EXACT = ("ensemble", "ensemble_batched", "ensemble_sessions")
@@ -30,9 +31,10 @@ def exact_label(name: str, module: nn.Module) -> str:
     return EXACT_LABELS[name] + (f" ({form})" if form else "")
 
 
-def member_logits(files: list[str], x) -> np.ndarray:
-    """Every member's outputs on `x` (members, inputs, classes), from its exported graph."""
-    return np.stack([predict(OrtRunner(f, ALL_CORES), x) for f in files])
+def member_logits(files: list[str], splits: Splits, split: str, cache: Path | None = None) -> np.ndarray:
+    """Every member's outputs on the `split` (members, inputs, classes), from its exported graph (kept in `cache`
+    when it ran before)."""
+    return np.stack([kept_outputs(cache, OrtRunner(f, ALL_CORES), splits, split)[0] for f in files])
 
 
 def choose_combine(logits: np.ndarray, y: np.ndarray) -> str:
@@ -56,8 +58,8 @@ def exact_ensembles(members: list[nn.Module], member_files: list[str], splits: S
                     cache: Path | None = None) -> tuple[dict[str, Candidate], dict[str, nn.Module]]:
     """The exact ensembles as candidates, and the modules of the two that are one graph, combining by `combine`.
     Each also gives every member's logits (head_logits), for the uncertainty of their disagreement. The N-sessions
-    form is onnxruntime's own, so a `cuda` target measures the two one-graph forms only. `cache`: graphs exported
-    before (graph/onnx.py)."""
+    form is onnxruntime's own, so a `cuda` target measures the two one-graph forms only. `cache`: the run's cache
+    folder (graphs exported before, their outputs)."""
     seq = ensemble(members, combine=combine, head_outputs=True)
     batched = seq.fastest()
     rows, modules = {}, {}
@@ -72,7 +74,7 @@ def exact_ensembles(members: list[nn.Module], member_files: list[str], splits: S
         predictor = SessionsRunner(member_files, ALL_CORES, combine)
         rows["ensemble_sessions"] = measure(
             seq, splits, batch_sizes=target.batch_sizes, threads=threads, runner=runner, predictor=predictor,
-            key="ensemble_sessions", label=f"ensemble, {len(members)} separate sessions{_how(combine)}",
+            key="ensemble_sessions", label=f"ensemble, {len(members)} separate sessions{_how(combine)}", cache=cache,
             kind="ensemble", combine=combine,
             onnx_nodes=sum(onnx_nodes(f) for f in member_files),
             peak_memory_mb=peak_memory_mb(member_files, max(target.batch_sizes), threads))
@@ -80,20 +82,20 @@ def exact_ensembles(members: list[nn.Module], member_files: list[str], splits: S
     return {k: with_agreement(r, reference) for k, r in rows.items()}, modules
 
 
-def select_members(members: list[nn.Module], splits: Splits) -> list[tuple[int, ...]]:
-    """Greedy forward selection on validation, as Caruana's ensemble selection: start from the most accurate
-    member and add, one at a time, the member whose addition gives the most accurate mean of logits (lower NLL
-    breaks ties). The nested subsets of 2 ... N-1 members, each sorted."""
-    logits = np.stack([predict(TorchRunner(m.eval(), ALL_CORES), splits.x_val) for m in members])
+def select_members(logits: np.ndarray, y: torch.Tensor) -> list[tuple[int, ...]]:
+    """Greedy forward selection on validation (the members' `logits` there, labels `y`), as Caruana's ensemble
+    selection: start from the most accurate member and add, one at a time, the member whose addition gives the most
+    accurate mean of logits (lower NLL breaks ties). The nested subsets of 2 ... N-1 members, each sorted."""
+    n = len(logits)
 
     def merit(subset: list[int]) -> tuple[float, float]:
-        s = scores(logits[subset].mean(0), splits.y_val)
+        s = scores(logits[subset].mean(0), y)
         return s["accuracy"], -s["nll"]
 
-    chosen = [max(range(len(members)), key=lambda i: merit([i]))]
+    chosen = [max(range(n), key=lambda i: merit([i]))]
     out = []
-    while len(chosen) < len(members) - 1:
-        chosen.append(max((j for j in range(len(members)) if j not in chosen), key=lambda j: merit(chosen + [j])))
+    while len(chosen) < n - 1:
+        chosen.append(max((j for j in range(n) if j not in chosen), key=lambda j: merit(chosen + [j])))
         out.append(tuple(sorted(chosen)))
     return out
 
@@ -105,7 +107,7 @@ def sub_ensembles(members: list[nn.Module], splits: Splits, target: Target, out_
     outputs (`val_logits`) say: the middle ground between one member and the whole ensemble, at k/N of its MACs;
     also as INT8 when the target weighs INT8."""
     rows, modules = [], {}
-    for subset in select_members(members, splits):
+    for subset in select_members(val_logits, splits.y_val):
         how = choose_combine(val_logits[list(subset)], splits.y_val.numpy())
         module = ensemble([members[i] for i in subset], combine=how, head_outputs=True).fastest()
         key = "sub-ensemble-" + "-".join(map(str, subset))

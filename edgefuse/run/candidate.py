@@ -14,9 +14,10 @@ from ..align import DEFAULT_METHOD
 from ..fuse.repair import DEFAULT_REPAIR
 from ..models.data import Splits
 from ..measure.metrics import macs, params, scores
-from ..measure.runners import OrtRunner, Runner, TorchRunner, predict, predict_with_heads, stream_latency
+from ..measure.runners import OrtRunner, Runner, TorchRunner, predict, stream_latency
 from ..measure.uncertainty import flag_rule
 from ..targets import DEFAULT_BINDS
+from .kept import kept_outputs
 
 KINDS = ("member", "distilled member", "sub-ensemble", "ensemble", "fused", "cascade")
 ALL_CORES = os.cpu_count() or 1
@@ -162,14 +163,16 @@ class Candidate:
 
 def measure(module: nn.Module, splits: Splits, onnx_path: str | Path | None = None,
             batch_sizes: tuple[int, ...] = (1,), threads: int = 1,
-            runner: Runner | None = None, predictor: Runner | None = None, **fields) -> Candidate:
+            runner: Runner | None = None, predictor: Runner | None = None, cache: Path | None = None,
+            **fields) -> Candidate:
     """Score `module` on the validation and test splits and time it, through `runner` when given, else the ONNX
     file when given, else PyTorch. Scores come from the same graph run on every core (`predictor`): only the timing
-    needs the target's thread count. MACs and parameters always come from `module`."""
+    needs the target's thread count; a graph's outputs are kept in `cache` (run/kept.py) for the next run. MACs and
+    parameters always come from `module`."""
     runner = runner or (OrtRunner(onnx_path, threads) if onnx_path else TorchRunner(module, threads))
     predictor = predictor or (OrtRunner(onnx_path, ALL_CORES) if onnx_path else runner)
-    val, val_heads = predict_with_heads(predictor, splits.x_val)
-    test, test_heads = predict_with_heads(predictor, splits.x_test)
+    val, val_heads = kept_outputs(cache, predictor, splits, "validation")
+    test, test_heads = kept_outputs(cache, predictor, splits, "test")
     x_test = splits.x_test.numpy()
     lat = {str(b): stream_latency(runner, x_test, b) for b in batch_sizes}
     fields.setdefault("file", str(onnx_path) if onnx_path else None)

@@ -19,12 +19,13 @@ from ..graph.onnx import export_onnx, onnx_nodes
 from ..graph.cascade import cascade_graph
 from ..measure.cascade import calls_escalated
 from ..measure.metrics import macs, misclassification_auroc, params, scores
-from ..measure.runners import OrtRunner, peak_memory_mb, predict, stream_latency
+from ..measure.runners import OrtRunner, peak_memory_mb, stream_latency
 from ..measure.uncertainty import flag_rule
 from ..models.data import Splits
 from ..targets import Target
 from .baselines import choose_combine
 from .candidate import ALL_CORES, Candidate, with_agreement
+from .kept import kept_outputs
 
 RATES = (0.05, 0.1, 0.2, 0.35)  # shares of validation inputs escalated, one cascade row each
 SHIFT = 2.0  # a test escalation rate this many times above or below validation's: the inputs have shifted
@@ -42,39 +43,40 @@ def choose_gate(first_logits: np.ndarray, y: np.ndarray) -> str:
 
 
 def cascades(members: list[Candidate], modules: list[nn.Module], subsets: list[tuple[int, ...]], splits: Splits,
-             target: Target, out_dir: Path, reference: np.ndarray,
-             val: np.ndarray) -> tuple[list[Candidate], dict[str, nn.Module]]:
+             target: Target, out_dir: Path, reference: np.ndarray, val: np.ndarray,
+             cache: Path | None = None) -> tuple[list[Candidate], dict[str, nn.Module]]:
     """Cascade rows from the best member on validation to each ensemble containing it, at each rate of RATES, and
     each row's reference module (the rule over the PyTorch members) by key. `val`: every member's validation
-    logits (members, inputs, classes)."""
+    logits (members, inputs, classes); `cache`: the run's cache folder (graphs exported before, their outputs)."""
     first = max(range(len(members)), key=lambda i: (members[i].accuracy, -members[i].validation["nll"]))
     y_val = splits.y_val.numpy()
-    first_logits = {"validation": val[first], "test": predict(OrtRunner(members[first].file, ALL_CORES),
-                                                                 splits.x_test)}
+    first_logits = {"validation": val[first],
+                    "test": kept_outputs(cache, OrtRunner(members[first].file, ALL_CORES), splits, "test")[0]}
     gate = choose_gate(val[first], y_val)
     score = GATES[gate](val[first])
     rows, refs = [], {}
     for members_set in cascade_sets(len(members), subsets, first):
         rest = tuple(i for i in members_set if i != first)
         rule_combine = choose_combine(val[list(members_set)], y_val)
-        rest_file, rest_module = _rest_graph(rest, members, modules, splits, target, out_dir)
+        rest_file, rest_module = _rest_graph(rest, members, modules, splits, target, out_dir, cache)
         for threshold in dict.fromkeys(float(min(1.0, np.quantile(score, r))) for r in RATES):
             rule = CascadeRule(first, rest, gate, threshold, rule_combine)
-            row = _measure(rule, members, first_logits, rest_file, rest_module, splits, target, out_dir)
+            row = _measure(rule, members, first_logits, (rest_file, rest_module), splits, target, out_dir, cache)
             rows.append(with_agreement(row, reference))
             refs[row.key] = Reference(rule, modules)
     return rows, refs
 
 
 def _rest_graph(rest: tuple[int, ...], members: list[Candidate], modules: list[nn.Module], splits: Splits,
-                target: Target, out_dir: Path) -> tuple[str, nn.Module]:
+                target: Target, out_dir: Path, cache: Path | None) -> tuple[str, nn.Module]:
     """The second stage's graph: the one missing member's own file, or the missing members as one batched graph
     whose second output is each member's logits."""
     if len(rest) == 1:
         return members[rest[0]].file, modules[rest[0]]
     module = ensemble([modules[i] for i in rest], head_outputs=True).fastest()
     path = export_onnx(module, splits.example, out_dir / f"cascade-rest-{'-'.join(map(str, rest))}.onnx",
-                       opset=target.opset)  # written afresh: a sweep's folder may hold another run's
+                       opset=target.opset, cache=Path(cache) / "onnx" if cache else None)  # written here
+    # afresh (or copied from the export cache): a sweep's folder may hold another run's
     return str(path), module
 
 
@@ -97,17 +99,18 @@ class Reference(nn.Module):
         return torch.from_numpy(out)
 
 
-def _measure(rule: CascadeRule, members: list[Candidate], first_logits: dict[str, np.ndarray], rest_file: str,
-             rest_module: nn.Module, splits: Splits, target: Target, out_dir: Path) -> Candidate:
+def _measure(rule: CascadeRule, members: list[Candidate], first_logits: dict[str, np.ndarray],
+             second: tuple[str, nn.Module], splits: Splits, target: Target, out_dir: Path,
+             cache: Path | None) -> Candidate:
     """One cascade row: its one-graph form (graph/cascade.py) scored on both splits and timed on a stream of test
     inputs, the escalation share from the rule on the first stage's logits."""
-    first = members[rule.first]
+    first, (rest_file, rest_module) = members[rule.first], second
     key = f"cascade-{rule.first}-to-{'-'.join(map(str, rule.members))}-t{rule.threshold:.4f}"
     t = time.perf_counter()
     graph = str(cascade_graph(rule, first.file, rest_file, out_dir / f"{key}.onnx"))
     seconds, t = {"export": time.perf_counter() - t}, time.perf_counter()
     predictor = OrtRunner(graph, ALL_CORES)
-    val, test = predict(predictor, splits.x_val), predict(predictor, splits.x_test)
+    val, test = (kept_outputs(cache, predictor, splits, split)[0] for split in ("validation", "test"))
     x_test = splits.x_test.numpy()
     timer = OrtRunner(graph, target.threads)
     lat = {str(b): stream_latency(timer, x_test, b) for b in target.batch_sizes}

@@ -152,14 +152,14 @@ def measure_field(s: Setup, tgt: Target, points: list[Point], budget: Budget, co
     members = [Point("member", i, method, None) for i in range(len(s.models))]
     out.members = run(members, "members", 0)
     t = out.timed("members", t)
-    val_logits = member_logits([m.file for m in out.members], s.splits.x_val)
-    graphs = Path(cache) / "onnx" if cache else None  # graphs exported by an earlier run, reused
+    kept = Path(cache) if cache else None  # graphs an earlier run exported, and their outputs, reused
+    val_logits = member_logits([m.file for m in out.members], s.splits, "validation", kept)
     exact, modules = exact_ensembles(s.aligned[method], [m.file for m in out.members], s.splits, tgt, out_dir,
-                                     choose_combine(val_logits, s.splits.y_val.numpy()), graphs)
+                                     choose_combine(val_logits, s.splits.y_val.numpy()), kept)
     out.exact, out.modules = exact, out.modules | modules
     t = out.timed("ensembles", t)
     subs, sub_modules = sub_ensembles(s.aligned[method], s.splits, tgt, out_dir, s.ensemble_predictions, val_logits,
-                                      graphs)
+                                      kept)
     out.others += subs
     out.modules |= sub_modules
     t = out.timed("sub-ensembles", t)
@@ -172,7 +172,7 @@ def measure_field(s: Setup, tgt: Target, points: list[Point], budget: Budget, co
     if tgt.runtime != "cuda":  # timed here on onnxruntime (for TensorRT, as every row, a proxy: the device times it)
         subsets = [c.members for c in subs if c.precision == "fp32"]
         rows, refs = cascades(out.members, s.aligned[method], subsets, s.splits, tgt, out_dir,
-                              s.ensemble_predictions, val_logits)
+                              s.ensemble_predictions, val_logits, kept)
         out.others += rows
         out.modules |= refs
         console.print(f"[bold]cascades[/]: {len(rows)}, from member {rows[0].cascade['first']} "

@@ -1,7 +1,9 @@
 """What one run builds and the next can reuse, under the run's cache folder: fused points (fused and repaired — an
-lsq repair takes seconds to a minute a point) and distilled weights. An entry is keyed by everything its result
-depends on: the models' tensors, the data it was calibrated or trained on, the point and its settings and, for a
-whole pickled module, the package's code. A cut or unreadable entry is built again, never trusted."""
+lsq repair takes seconds to a minute a point), distilled weights, and a graph's outputs on the validation and test
+data (scoring the slowest graphs takes seconds). An entry is keyed by everything its result depends on: the models'
+tensors, the data it was calibrated on, trained on or run on, the point and its settings and, for a whole pickled
+module, the package's code; a graph's outputs by the graph files' bytes. A cut or unreadable entry is built again,
+never trusted. Latency is never kept: every run times every candidate."""
 from __future__ import annotations
 
 import functools
@@ -10,11 +12,14 @@ import io
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..base.errors import first_line, warn_once
-from ..base.files import atomic_write_bytes
+from ..base.files import atomic_write_bytes, file_digest
+from ..measure.runners import Runner, predict_with_heads
+from ..models.data import Splits
 
 
 def fingerprint(models: list[nn.Module], *parts: str, tensors: list[torch.Tensor] = ()) -> str:
@@ -61,6 +66,23 @@ def kept_module(path: Path | None, build: Callable[[], nn.Module], what: str) ->
     return module, False
 
 
+def kept_value(path: Path | None, compute: Callable[[], object], what: str) -> tuple[object, bool]:
+    """A value of tensors, numbers and strings (in lists and dicts) stored at `path`, else `compute()`'s, stored
+    there; and whether it was loaded."""
+    if path is not None and path.is_file():
+        try:
+            with open(path, "rb") as f:
+                return torch.load(f, weights_only=True), True
+        except Exception as e:
+            warn_once(f"the kept {what} {path} does not load ({first_line(e)}): computed again")
+    value = compute()
+    if path is not None:
+        buf = io.BytesIO()
+        torch.save(value, buf)
+        atomic_write_bytes(path, buf.getvalue())
+    return value, False
+
+
 def kept_state(path: Path | None, module: nn.Module, train: Callable[[], None], what: str) -> bool:
     """Load `module`'s weights from `path` when stored there, else `train()` it in place and store them; whether
     they were loaded."""
@@ -77,3 +99,26 @@ def kept_state(path: Path | None, module: nn.Module, train: Callable[[], None], 
         torch.save(module.state_dict(), buf)
         atomic_write_bytes(path, buf.getvalue())
     return False
+
+
+def kept_outputs(cache: Path | None, runner: Runner, splits: Splits, split: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """`runner`'s outputs (logits, and every head's where it gives them) on the `split` ("validation" or "test"),
+    read from `cache`/scores when the same graph files ran on the same data before; only a runner of graph files
+    (onnxruntime) is kept."""
+    x = splits.x_val if split == "validation" else splits.x_test
+    graphs = getattr(runner, "graphs", None)
+    if cache is None or not graphs:
+        return predict_with_heads(runner, x)
+    ident = [file_digest(g) for g in graphs] + [getattr(runner, "combine", ""), splits.digest, split]
+    path = Path(cache) / "scores" / f"{hashlib.sha256(chr(0).join(ident).encode()).hexdigest()[:24]}.npz"
+    if path.is_file():
+        try:
+            with np.load(path) as f:
+                return f["logits"], f["heads"] if "heads" in f else None
+        except Exception as e:
+            warn_once(f"the kept outputs {path} do not load ({first_line(e)}): computed again")
+    logits, heads = predict_with_heads(runner, x)
+    buf = io.BytesIO()
+    np.savez(buf, logits=logits, **({} if heads is None else {"heads": heads}))
+    atomic_write_bytes(path, buf.getvalue())
+    return logits, heads

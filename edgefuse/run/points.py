@@ -133,7 +133,7 @@ def evaluate(job: Job) -> tuple[Candidate, nn.Module | None]:
     module = build(job, splits, seconds)
     p = job.point
     row = export_and_measure(module, splits, Path(job.out_dir) / f"{p.key}.onnx", job.target, p.precision,
-                             Path(job.cache) / "onnx" if job.cache else None, key=p.key, label=p.label,
+                             Path(job.cache) if job.cache else None, key=p.key, label=p.label,
                              kind=p.row_kind, point=p, batched_heads=p.kind == "depth" and job.target.batch_heads,
                              distill=job.distill.describe() if p.distill else None, seconds=seconds)
     return with_agreement(row, job.ensemble_predictions), module if job.keep_module else None
@@ -145,17 +145,18 @@ def export_and_measure(module: nn.Module, splits, path: Path, target: Target, pr
     each batch size on the target's runtime — onnxruntime, its peak memory taken in a fresh process, or torch on the
     CUDA GPU for a `cuda` target. An INT8 candidate is the QDQ graph of that export, calibrated on training images
     only (first and last weighted layers kept in FP32 where the target says so), and measured the same way. The
-    row's `seconds` adds the time its export and its measurement took to those given (building it). `cache`: a
-    folder of graphs exported before (graph/onnx.py's export cache)."""
-    t = time.perf_counter()
+    row's `seconds` adds the time its export and its measurement took to those given (building it). `cache`: the
+    run's cache folder, where graphs exported before (onnx/, graph/onnx.py's export cache) and their outputs
+    (scores/, run/kept.py) are kept."""
+    t, graphs = time.perf_counter(), Path(cache) / "onnx" if cache else None
     if precision == "int8":
         fp32 = export_onnx(module, splits.example, path.with_name(f"{path.stem}-fp32.onnx"), opset=target.opset,
-                           cache=cache)
+                           cache=graphs)
         q = quantize_int8(fp32, splits.x_train, path, target.int8_keep_ends)
         fp32.unlink()
         path, fields = q.path, fields | {"precision": "int8", "quantization": q.summary()}
     else:
-        path = export_onnx(module, splits.example, path, opset=target.opset, cache=cache)
+        path = export_onnx(module, splits.example, path, opset=target.opset, cache=graphs)
     fields |= {"onnx_nodes": onnx_nodes(path)}
     seconds = fields.pop("seconds", None) or {}
     seconds["export"], t = time.perf_counter() - t, time.perf_counter()
@@ -165,7 +166,7 @@ def export_and_measure(module: nn.Module, splits, path: Path, target: Target, pr
         row = measure(module, splits, path, target.batch_sizes, runner=runner, predictor=runner,
                       peak_memory_mb=runner.peak_memory_mb(big), **fields)
     else:
-        row = measure(module, splits, path, target.batch_sizes, target.threads,
+        row = measure(module, splits, path, target.batch_sizes, target.threads, cache=cache,
                       peak_memory_mb=peak_memory_mb([path], max(target.batch_sizes), target.threads), **fields)
     seconds["measure"] = time.perf_counter() - t
     return replace(row, seconds={k: round(v, 2) for k, v in seconds.items()})

@@ -3,6 +3,7 @@ permutation spec and the alignment, and the exact ensemble's test predictions (f
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ from ..base.errors import warn_once
 from ..models.data import Splits
 from ..models.partition import parse_partition
 from .config import RunConfig
+from .kept import code_digest, fingerprint, kept_value
 from ..models.fit import check_fit
 from ..models.sources import load_data
 from ..fuse import ensemble
@@ -103,19 +105,34 @@ def prepare(run: RunConfig, console: Console) -> Setup:
         if base is not None:
             aligned[method], seconds[method] = list(models), 0.0
             continue
-        start = time.perf_counter()
-        perms = align_perms(models, spec, method=method, data=splits.calib_batches)
+        (perms, seconds[method]), loaded = kept_value(_perms_path(run, models, method, splits),
+                                                       lambda: _aligned(models, spec, method, splits), "alignment")
         aligned[method] = [permute(m, spec, p) for m, p in zip(models, perms)]
-        seconds[method], shares[method] = time.perf_counter() - start, identity_share(perms)
+        shares[method] = identity_share(perms)
         console.print(f"[bold]align[/]: {method} matching of {len(models)} models, {len(spec.groups)} groups, "
-                      f"{seconds[method]:.1f} s; {len(spec.cut_points)} cut points; "
-                      f"{shares[method]:.0%} of units left in place")
+                      f"{seconds[method]:.1f} s{' (kept from an earlier run)' if loaded else ''}; "
+                      f"{len(spec.cut_points)} cut points; {shares[method]:.0%} of units left in place")
     regime = regime_of(base, shares)
     console.print(f"[bold]regime[/]: {regime.name} — {regime.why}")
     reference = torch_predictions(ensemble(models), splits.x_test)
     phases = {"models": t1 - t0, "data": t2 - t1, "align": time.perf_counter() - t2}
     return Setup(models, label, splits, spec, aligned, seconds, reference, regime, phases, base,
                  partition.describe() if run.models is None else None, *batch_refusals(models))
+
+
+def _aligned(models: list[nn.Module], spec, method: str, splits: Splits) -> tuple[list[dict], float]:
+    """The permutations and the seconds they took."""
+    start = time.perf_counter()
+    perms = align_perms(models, spec, method=method, data=splits.calib_batches)
+    return perms, time.perf_counter() - start
+
+
+def _perms_path(run: RunConfig, models: list[nn.Module], method: str, splits: Splits) -> Path | None:
+    """Where an alignment is kept: keyed by the models, the method, the calibration images and the code."""
+    if not run.cache:
+        return None
+    key = fingerprint(models, method, str(tuple(splits.example.shape)), code_digest(), tensors=splits.calib_batches)
+    return Path(run.cache) / "aligned" / f"{key}.pt"
 
 
 def identity_share(perms: list[dict]) -> float:
