@@ -19,7 +19,7 @@ from edgefuse.base.files import file_digest
 from edgefuse.measure.cascade import Cascade, calls_escalated, predict_cascade
 from edgefuse.measure.runners import OrtRunner, stream_latency
 from edgefuse.models import data
-from edgefuse.run.baselines import choose_combine, member_logits
+from edgefuse.run.baselines import choose_combine
 from edgefuse.run.cascade import cascades
 from edgefuse.run.choose import Budget, choose
 from edgefuse.targets import load_target
@@ -122,8 +122,7 @@ def test_cascade_rows_from_the_best_member(cnns, tmp_path):
     members = [export_and_measure(m, s, tmp_path / f"member{i}.onnx", target, key=f"member{i}", label=f"m{i}",
                                   kind="member") for i, m in enumerate(cnns)]
     reference_predictions = members[0].test_predictions
-    val = member_logits([m.file for m in members], s, "validation")
-    rows, refs = cascades(members, cnns, [(0, 1)], s, target, tmp_path, reference_predictions, val)
+    rows, refs = cascades(members, cnns, [(0, 1)], s, target, tmp_path, reference_predictions)
     first = max(range(4), key=lambda i: (members[i].accuracy, -members[i].validation["nll"]))
     assert rows and all(r.kind == "cascade" and r.cascade["first"] == first for r in rows)
     for r in rows:

@@ -7,9 +7,10 @@ import shutil
 import time
 from pathlib import Path
 
+import torch
 from rich.console import Console
 
-from ..run.candidate import ALL_CORES, Point
+from ..run.candidate import Point
 from ..run.choose import Choice, choose, dominance
 from ..run.config import RunConfig, run_config
 from ..run.field import Field, FieldPlan, RunPlan, fusable, grid, measure_field, plan_run, report_head
@@ -120,7 +121,7 @@ def _run(plan: RunPlan, run: RunConfig, out_dir: Path, console: Console) -> dict
                         "batch_sizes": [1, 3]}
     naive = fuse(s.models, s.spec, depth=len(s.spec.cut_points), data=s.splits.calib_batches,
                  repair="bn" if batchnorms(s.models[0]) else None)  # the plain average, BN reset where there is any
-    report["naive_merge"] = scores(predict(TorchRunner(naive, ALL_CORES), s.splits.x_test), s.splits.y_test)
+    report["naive_merge"] = scores(predict(TorchRunner(naive, torch.get_num_threads()), s.splits.x_test), s.splits.y_test)
     if chosen.depth and tgt.batch_heads:
         unbatched = fuse(s.aligned[method], s.spec, depth=chosen.depth, data=s.splits.calib_batches,
                          repair=None)  # read for its node count only, which no repair changes

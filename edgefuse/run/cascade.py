@@ -23,7 +23,7 @@ from ..measure.runners import OrtRunner, peak_memory_mb, stream_latency
 from ..measure.uncertainty import flag_rule
 from ..models.data import Splits
 from ..targets import Target
-from .baselines import choose_combine
+from .baselines import choose_combine, member_logits
 from .candidate import ALL_CORES, Candidate, with_agreement
 from .kept import kept_outputs
 
@@ -43,11 +43,12 @@ def choose_gate(first_logits: np.ndarray, y: np.ndarray) -> str:
 
 
 def cascades(members: list[Candidate], modules: list[nn.Module], subsets: list[tuple[int, ...]], splits: Splits,
-             target: Target, out_dir: Path, reference: np.ndarray, val: np.ndarray,
+             target: Target, out_dir: Path, reference: np.ndarray,
              cache: Path | None = None) -> tuple[list[Candidate], dict[str, nn.Module]]:
     """Cascade rows from the best member on validation to each ensemble containing it, at each rate of RATES, and
-    each row's reference module (the rule over the PyTorch members) by key. `val`: every member's validation
-    logits (members, inputs, classes); `cache`: the run's cache folder (graphs exported before, their outputs)."""
+    each row's reference module (the rule over the PyTorch members) by key. `cache`: the run's cache folder, where
+    the members' outputs were kept when they were scored."""
+    val = member_logits([m.file for m in members], splits, "validation", cache)
     first = max(range(len(members)), key=lambda i: (members[i].accuracy, -members[i].validation["nll"]))
     y_val = splits.y_val.numpy()
     first_logits = {"validation": val[first],
@@ -58,7 +59,7 @@ def cascades(members: list[Candidate], modules: list[nn.Module], subsets: list[t
     for members_set in cascade_sets(len(members), subsets, first):
         rest = tuple(i for i in members_set if i != first)
         rule_combine = choose_combine(val[list(members_set)], y_val)
-        rest_file, rest_module = _rest_graph(rest, members, modules, splits, target, out_dir, cache)
+        rest_file, rest_module = _rest_graph(rest, members, modules, splits, target, out_dir)
         for threshold in dict.fromkeys(float(min(1.0, np.quantile(score, r))) for r in RATES):
             rule = CascadeRule(first, rest, gate, threshold, rule_combine)
             row = _measure(rule, members, first_logits, (rest_file, rest_module), splits, target, out_dir, cache)
@@ -68,15 +69,14 @@ def cascades(members: list[Candidate], modules: list[nn.Module], subsets: list[t
 
 
 def _rest_graph(rest: tuple[int, ...], members: list[Candidate], modules: list[nn.Module], splits: Splits,
-                target: Target, out_dir: Path, cache: Path | None) -> tuple[str, nn.Module]:
+                target: Target, out_dir: Path) -> tuple[str, nn.Module]:
     """The second stage's graph: the one missing member's own file, or the missing members as one batched graph
     whose second output is each member's logits."""
     if len(rest) == 1:
         return members[rest[0]].file, modules[rest[0]]
     module = ensemble([modules[i] for i in rest], head_outputs=True).fastest()
     path = export_onnx(module, splits.example, out_dir / f"cascade-rest-{'-'.join(map(str, rest))}.onnx",
-                       opset=target.opset, cache=Path(cache) / "onnx" if cache else None)  # written here
-    # afresh (or copied from the export cache): a sweep's folder may hold another run's
+                       opset=target.opset)  # written afresh: a sweep's folder may hold another run's
     return str(path), module
 
 

@@ -172,7 +172,7 @@ def measure_field(s: Setup, tgt: Target, points: list[Point], budget: Budget, co
     if tgt.runtime != "cuda":  # timed here on onnxruntime (for TensorRT, as every row, a proxy: the device times it)
         subsets = [c.members for c in subs if c.precision == "fp32"]
         rows, refs = cascades(out.members, s.aligned[method], subsets, s.splits, tgt, out_dir,
-                              s.ensemble_predictions, val_logits, kept)
+                              s.ensemble_predictions, kept)
         out.others += rows
         out.modules |= refs
         console.print(f"[bold]cascades[/]: {len(rows)}, from member {rows[0].cascade['first']} "

@@ -61,8 +61,15 @@ def kept_module(path: Path | None, build: Callable[[], nn.Module], what: str) ->
     module = build()
     if path is not None:
         buf = io.BytesIO()
-        torch.save(module, buf)
+        try:
+            torch.save(module, buf)
+        except Exception as e:  # a module that does not pickle (a traced function, a lambda) is built each run
+            warn_once(f"a {what} is not kept for the next run: it does not pickle ({first_line(e)})")
+            return module, False
         atomic_write_bytes(path, buf.getvalue())
+        # the run goes on with the module as the next run will load it, so both export the same graph (the graph
+        # cache keys on the module's code and tensors, which a round trip through pickle may reorder)
+        module = torch.load(io.BytesIO(buf.getvalue()), weights_only=False).eval()
     return module, False
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
 from ..fuse.merges import MERGES, merged_model
@@ -15,13 +16,13 @@ from ..measure.metrics import scores
 from ..measure.runners import TorchRunner, predict
 from ..models.data import Splits
 from ..targets import Target
-from .candidate import ALL_CORES, Candidate, with_agreement
+from .candidate import Candidate, with_agreement
 from .points import export_and_measure
 
 
 def _merit(module: nn.Module, splits: Splits) -> tuple[float, float]:
     """Validation accuracy, then lower NLL: what every setting and every soup ingredient is chosen on."""
-    s = scores(predict(TorchRunner(module.eval(), ALL_CORES), splits.x_val), splits.y_val)
+    s = scores(predict(TorchRunner(module.eval(), torch.get_num_threads()), splits.x_val), splits.y_val)
     return s["accuracy"], -s["nll"]
 
 
