@@ -32,7 +32,7 @@ def documented_keys() -> tuple[set[str], set[str], set[str]]:
 
 def test_export_end_to_end(checkpoints, tmp_path):
     res = run("export", "--model", "tests.nets:digits_cnn", *checkpoints, "--dataset", "digits",
-              "--out-root", str(tmp_path))
+              "--out-root", str(tmp_path), "--cache", str(tmp_path / "cache"))  # built here, nothing kept before
     assert res.exit_code == 0, res.output
     out = tmp_path / "cpu-ort"
     for name in ("model.onnx", "report.json", "report.md", "pareto.png"):
