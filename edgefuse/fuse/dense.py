@@ -82,16 +82,17 @@ def _dense(first: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return new
 
 
-def densify(fused: FusedModel) -> int:
-    """Make an α model's mixed layers single dense layers, in place, wherever that costs at most DENSE_MAX× their
-    blocks' MACs; returns how many changed. The outputs stay equal up to rounding."""
+def densify(fused: FusedModel, limit: float = DENSE_MAX) -> int:
+    """Make an α model's mixed layers single dense layers, in place, wherever that costs at most `limit`× their
+    blocks' MACs (math.inf: every one that has a dense form); returns how many changed. The outputs stay equal up
+    to rounding."""
     changed = 0
     for net in fused.heads:
         for name, layer in list(net.named_modules()):
             if not isinstance(layer, MixedLayer):
                 continue
             blocks = _blocks(layer)
-            if blocks is None or blocks[3] > DENSE_MAX * blocks[2]:
+            if blocks is None or blocks[3] > limit * blocks[2]:
                 continue
             net.set_submodule(name, _dense(layer.fused, blocks[0], blocks[1]))
             changed += 1

@@ -28,6 +28,7 @@ from ..measure.runners import latency_batch, peak_memory_mb
 from ..spec.permspec import PermSpec, permutation_spec
 from ..targets import Target
 from .candidate import Candidate, Point, measure, with_agreement
+from .forms import faster_form
 from .kept import code_digest, fingerprint, kept_module, kept_state
 from ..base.combine import DEFAULT_COMBINE
 
@@ -76,11 +77,15 @@ def build(job: Job, splits, seconds: dict[str, float] | None = None) -> nn.Modul
 
 
 def _fused(job: Job, splits) -> nn.Module:
+    """The point fused and repaired; an α model in the graph form that runs faster on the target (run/forms.py)."""
     p = job.point
     spec = job.spec or permutation_spec(job.aligned[0], splits.example)
     kw = dict(depth=int(p.value)) if p.kind == "depth" else dict(alpha=p.value)
-    return fuse(job.aligned, spec, data=splits.calib_batches, repair=p.repair,
-                batch_heads=p.kind == "depth" and job.target.batch_heads, head_outputs=p.kind == "depth", **kw)
+    module = fuse(job.aligned, spec, data=splits.calib_batches, repair=p.repair,
+                  batch_heads=p.kind == "depth" and job.target.batch_heads, head_outputs=p.kind == "depth", **kw)
+    if p.kind == "alpha":
+        module, module.form = faster_form(module, splits, job.target, Path(job.out_dir) / f".{p.key}-form")
+    return module
 
 
 def _fused_path(job: Job, splits) -> Path | None:
