@@ -140,7 +140,8 @@ def evaluate(job: Job) -> tuple[Candidate, nn.Module | None]:
     row = export_and_measure(module, splits, Path(job.out_dir) / f"{p.key}.onnx", job.target, p.precision,
                              Path(job.cache) if job.cache else None, key=p.key, label=p.label,
                              kind=p.row_kind, point=p, batched_heads=p.kind == "depth" and job.target.batch_heads,
-                             distill=job.distill.describe() if p.distill else None, seconds=seconds)
+                             distill=job.distill.describe() if p.distill else None, seconds=seconds,
+                             form=getattr(module, "form", None) if p.kind == "alpha" else None)
     return with_agreement(row, job.ensemble_predictions), module if job.keep_module else None
 
 
