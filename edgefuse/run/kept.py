@@ -1,9 +1,10 @@
 """What one run builds and the next can reuse, under the run's cache folder: fused points (fused and repaired — an
 lsq repair takes seconds to a minute a point), distilled weights, and a graph's outputs on the validation and test
 data (scoring the slowest graphs takes seconds). An entry is keyed by everything its result depends on: the models'
-tensors, the data it was calibrated on, trained on or run on, the point and its settings and, for a whole pickled
-module, the package's code; a graph's outputs by the graph files' bytes. A cut or unreadable entry is built again,
-never trusted. Latency is never kept: every run times every candidate."""
+tensors, the data it was calibrated on, trained on or run on, the point and its settings and, for a fused point
+or an alignment, the package's code; a graph's outputs by the graph files' bytes. Only tensors, numbers and strings
+are stored, read with weights_only=True: nothing kept runs code. A cut or unreadable entry is built again, never
+trusted. Latency is never kept: every run times every candidate."""
 from __future__ import annotations
 
 import functools
@@ -37,7 +38,8 @@ def fingerprint(models: list[nn.Module], *parts: str, tensors: list[torch.Tensor
 
 @functools.cache
 def code_digest() -> str:
-    """The package's source: a pickled module is rebuilt by its classes' code, so any change to it is a new key."""
+    """The package's source: a kept fused point's tensors fit the layout this code makes, and an alignment is what
+    this code computes, so any change to it is a new key."""
     root = Path(__file__).resolve().parent.parent
     h = hashlib.sha256()
     for f in sorted(root.rglob("*.py")):
@@ -46,31 +48,54 @@ def code_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def kept_module(path: Path | None, build: Callable[[], nn.Module], what: str) -> tuple[nn.Module, bool]:
-    """The module stored at `path`, else `build()`'s, stored there; and whether it was loaded. Whole modules are
-    pickled (a fused model's layout is made while it is built), so only this run's own cache folder is read."""
+def kept_module(path: Path | None, build: Callable[[], nn.Module], layout: Callable[[str | None], nn.Module],
+                example: torch.Tensor) -> tuple[nn.Module, bool]:
+    """The module whose tensors are stored at `path`, else `build()`'s, stored there; and whether it was loaded.
+    Only tensors are stored (never pickled code): `layout(form)` makes the module as fusion lays it out before any
+    repair, in its graph form (`module.form`, run/forms.py), and the tensors load into it. A module whose repair
+    changed its layout beyond new biases (its layout's outputs on `example` differ) is built each run."""
     if path is not None and path.is_file():
         try:
             with open(path, "rb") as f:
-                module = torch.load(f, weights_only=False)
-            if isinstance(module, nn.Module):
-                return module.eval(), True
-            raise TypeError(f"it holds a {type(module).__name__}")
+                stored = torch.load(f, weights_only=True)
+            return _filled(layout(stored["form"] or None), stored["state"]), True
         except Exception as e:
-            warn_once(f"the kept {what} {path} does not load ({first_line(e)}): built again")
+            warn_once(f"the kept fused point {path} does not load ({first_line(e)}): built again")
     module = build()
-    if path is not None:
-        buf = io.BytesIO()
-        try:
-            torch.save(module, buf)
-        except Exception as e:  # a module that does not pickle (a traced function, a lambda) is built each run
-            warn_once(f"a {what} is not kept for the next run: it does not pickle ({first_line(e)})")
-            return module, False
-        atomic_write_bytes(path, buf.getvalue())
-        # the run goes on with the module as the next run will load it, so both export the same graph (the graph
-        # cache keys on the module's code and tensors, which a round trip through pickle may reorder)
-        module = torch.load(io.BytesIO(buf.getvalue()), weights_only=False).eval()
-    return module, False
+    if path is None:
+        return module, False
+    state, form = module.state_dict(), getattr(module, "form", None)
+    try:  # the run goes on with the module as the next run loads it, so both export the same graph
+        again = _filled(layout(form), state)
+        same = _same(module, again, example)
+    except Exception:
+        same = False
+    if not same:
+        warn_once("a fused point of these models is not kept for the next run: its repair changes its layout")
+        return module, False
+    buf = io.BytesIO()
+    torch.save({"state": state, "form": form or ""}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+    return again, False
+
+
+def _filled(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """`module` with `state` loaded, strictly: a layer that a repair gave a bias gets one first."""
+    own = module.state_dict()
+    for key, value in state.items():
+        owner, _, name = key.rpartition(".")
+        if key not in own and name == "bias" and getattr(module.get_submodule(owner), "bias", 0) is None:
+            module.get_submodule(owner).bias = nn.Parameter(torch.empty_like(value))
+    module.load_state_dict(state, strict=True)
+    return module.eval()
+
+
+def _same(a: nn.Module, b: nn.Module, x: torch.Tensor) -> bool:
+    """Whether two modules give the same outputs (every output, bit for bit) on `x`."""
+    with torch.no_grad():
+        out_a, out_b = a.eval()(x), b.eval()(x)
+    pairs = zip(out_a, out_b) if isinstance(out_a, (tuple, list)) else [(out_a, out_b)]
+    return all(torch.equal(p, q) for p, q in pairs)
 
 
 def kept_value(path: Path | None, compute: Callable[[], object], what: str) -> tuple[object, bool]:

@@ -5,6 +5,7 @@ again."""
 from __future__ import annotations
 
 import copy
+import math
 import hashlib
 import json
 import multiprocessing
@@ -23,6 +24,7 @@ from ..base.errors import EdgefuseError
 from ..graph.onnx import export_onnx, onnx_nodes
 from ..base.files import atomic_write_text, file_digest
 from ..fuse import DistillConfig, distill, ensemble, fuse
+from ..fuse.dense import densify
 from ..measure.cuda import CudaRunner
 from ..measure.runners import latency_batch, peak_memory_mb
 from ..spec.permspec import PermSpec, permutation_spec
@@ -65,7 +67,8 @@ def build(job: Job, splits, seconds: dict[str, float] | None = None) -> nn.Modul
     elif job.built is not None:  # fusion and repair are deterministic: the module built before is this one
         module = copy.deepcopy(job.built)
     else:
-        module, loaded = kept_module(_fused_path(job, splits), lambda: _fused(job, splits), "fused point")
+        module, loaded = kept_module(_fused_path(job, splits), lambda: _fused(job, splits),
+                                     lambda form: _layout(job, splits, form), splits.example)
         seconds["loaded" if loaded else "fuse and repair"] = time.perf_counter() - t
     if p.distill:
         if job.distill is None:
@@ -76,15 +79,25 @@ def build(job: Job, splits, seconds: dict[str, float] | None = None) -> nn.Modul
     return module.eval()
 
 
-def _fused(job: Job, splits) -> nn.Module:
-    """The point fused and repaired; an α model in the graph form that runs faster on the target (run/forms.py)."""
+def _fused(job: Job, splits, repair: bool = True) -> nn.Module:
+    """The point fused and repaired (`repair` False: as fusion lays it out, before any repair)."""
     p = job.point
     spec = job.spec or permutation_spec(job.aligned[0], splits.example)
     kw = dict(depth=int(p.value)) if p.kind == "depth" else dict(alpha=p.value)
-    module = fuse(job.aligned, spec, data=splits.calib_batches, repair=p.repair,
+    module = fuse(job.aligned, spec, data=splits.calib_batches, repair=p.repair if repair else None,
                   batch_heads=p.kind == "depth" and job.target.batch_heads, head_outputs=p.kind == "depth", **kw)
-    if p.kind == "alpha":
+    if p.kind == "alpha" and repair:  # in the graph form that runs faster on the target (run/forms.py)
         module, module.form = faster_form(module, splits, job.target, Path(job.out_dir) / f".{p.key}-form")
+    return module
+
+
+def _layout(job: Job, splits, form: str | None) -> nn.Module:
+    """What a kept fused point's tensors load into: the point before repair, in the graph form it was kept in."""
+    module = _fused(job, splits, repair=False)
+    if form == "dense":
+        densify(module, math.inf)
+    if form is not None:
+        module.form = form
     return module
 
 
