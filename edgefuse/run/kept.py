@@ -73,9 +73,7 @@ def kept_module(path: Path | None, build: Callable[[], nn.Module], layout: Calla
     if not same:
         warn_once("a fused point of these models is not kept for the next run: its repair changes its layout")
         return module, False
-    buf = io.BytesIO()
-    torch.save({"state": state, "form": form or ""}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    _write(path, {"state": state, "form": form or ""})
     return again, False
 
 
@@ -109,9 +107,7 @@ def kept_value(path: Path | None, compute: Callable[[], object], what: str) -> t
             warn_once(f"the kept {what} {path} does not load ({first_line(e)}): computed again")
     value = compute()
     if path is not None:
-        buf = io.BytesIO()
-        torch.save(value, buf)
-        atomic_write_bytes(path, buf.getvalue())
+        _write(path, value)
     return value, False
 
 
@@ -127,10 +123,15 @@ def kept_state(path: Path | None, module: nn.Module, train: Callable[[], None], 
             warn_once(f"the kept {what} {path} do not load ({first_line(e)}): trained again")
     train()
     if path is not None:
-        buf = io.BytesIO()
-        torch.save(module.state_dict(), buf)
-        atomic_write_bytes(path, buf.getvalue())
+        _write(path, module.state_dict())
     return False
+
+
+def _write(path: Path, value: object) -> None:
+    """`value` saved by torch (tensors, numbers, strings), replacing `path` at once: a killed run leaves no cut file."""
+    buf = io.BytesIO()
+    torch.save(value, buf)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def kept_outputs(cache: Path | None, runner: Runner, splits: Splits, split: str) -> tuple[np.ndarray, np.ndarray | None]:
