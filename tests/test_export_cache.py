@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from edgefuse.base.errors import EdgefuseError
 from edgefuse.graph import onnx as graph_onnx
 
 pytest.importorskip("onnx")
@@ -35,3 +36,28 @@ def test_a_cache_entry_that_computes_something_else_is_replaced(tmp_path):
     out = graph_onnx.export_onnx(_net(0), X, tmp_path / "b.onnx", cache=cache)
     assert graph_onnx.parity(out, _net(0), graph_onnx.parity_inputs(X)) < 1e-4
     assert entry.read_bytes() == out.read_bytes()  # the entry now holds the right graph
+
+
+def test_a_graph_the_torchscript_exporter_gets_wrong_comes_from_the_dynamo_exporter(tmp_path, monkeypatch):
+    """The first exporter's graph is accepted only if it gives the module's outputs; opset 17 has no second one."""
+    export, used = graph_onnx._export, []
+
+    def frozen_batch(module, example, path, opset, dynamo):  # the TorchScript graph runs at batch 2 only
+        used.append(dynamo)
+        export(module if dynamo else _FrozenBatch(module), example, path, opset, dynamo)
+
+    monkeypatch.setattr(graph_onnx, "_export", frozen_batch)
+    path = graph_onnx.export_onnx(_net(0), X, tmp_path / "a.onnx")
+    assert used == [False, True] and graph_onnx.parity(path, _net(0), [X[:1], X[:3]]) < 1e-4
+    with pytest.raises(EdgefuseError, match="does not run|differs from PyTorch"):
+        graph_onnx.export_onnx(_net(0), X, tmp_path / "b.onnx", opset=17)
+    assert not (tmp_path / "b.onnx").exists()
+
+
+class _FrozenBatch(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.reshape(2, *x.shape[1:]))

@@ -66,7 +66,9 @@ class GroupedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _require_2d(x, self.node, "Linear")
-        out = torch.matmul(x.unflatten(1, (self.n, -1)).transpose(0, 1), self.weight).transpose(0, 1).flatten(1)
+        # a reshape to constant sizes: the TorchScript exporter computes unflatten's sizes from the input's shape
+        out = torch.matmul(x.reshape(-1, self.n, self.weight.shape[1]).transpose(0, 1), self.weight)
+        out = out.transpose(0, 1).flatten(1)
         return out if self.bias is None else out + self.bias
 
 
