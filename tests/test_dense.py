@@ -45,9 +45,9 @@ def test_a_small_share_of_isolated_units_leaves_one_kernel_per_layer(cnns, digit
     assert nodes["dense"] == nodes["member"] < nodes["blocks"]  # BatchNorm folded, no slices or concatenations
 
 
-@pytest.mark.parametrize("dense_is_faster", [True, False])
-def test_the_alpha_form_that_times_faster_is_kept(dense_is_faster, tmp_path, monkeypatch):
-    """run/forms.faster_form times the α model and its all-dense copy and keeps the faster; either computes the
+@pytest.mark.parametrize("fastest", ["blocks", "dense", "branches"])
+def test_the_alpha_form_that_times_fastest_is_kept(fastest, tmp_path, monkeypatch):
+    """run/forms.faster_form times the α model in each graph form and keeps the fastest; every form computes the
     same function; its scratch graphs are removed; a TensorRT target keeps the model as built."""
     from dataclasses import replace
 
@@ -62,17 +62,41 @@ def test_the_alpha_form_that_times_faster_is_kept(dense_is_faster, tmp_path, mon
     timed = []
 
     def fake(runner, x, batch, passes):
-        dense = runner.graphs[0].name.endswith("-dense.onnx")
-        timed.append((dense, batch, passes))
-        return {"p50": 1.0 if dense == dense_is_faster else 2.0}
+        form = runner.graphs[0].name.rsplit("-", 1)[1].removesuffix(".onnx")
+        timed.append((form, batch, passes))
+        return {"p50": 1.0 if form == fastest else 2.0}
 
     monkeypatch.setattr(forms, "stream_latency", fake)
     cpu = load_target("cpu-ort")
     kept, form = forms.faster_form(fused, splits, cpu, tmp_path / "a")
-    assert form == ("dense" if dense_is_faster else "blocks") and (kept is fused) != dense_is_faster
-    assert sorted(timed) == sorted((d, b, forms.FORM_PASSES) for d in (True, False) for b in cpu.batch_sizes)
+    assert form == fastest and (kept is fused) == (fastest == "blocks")
+    assert sorted(timed) == sorted((f, b, forms.FORM_PASSES) for f in ("blocks", "dense", "branches")
+                                   for b in cpu.batch_sizes)
     with torch.no_grad():
         a, b = fused(X), kept(X)
     assert float((a - b).abs().max() / a.abs().max()) <= 1e-5
     assert not list(tmp_path.iterdir())
     assert forms.faster_form(fused, splits, replace(cpu, runtime="tensorrt"), tmp_path / "a") == (fused, "blocks")
+
+
+@pytest.mark.parametrize("alpha", [0.25, 0.75])
+def test_an_alpha_model_in_branches_computes_the_same_function_with_the_same_macs(alpha, tmp_path):
+    """fuse/branches.py: each member's isolated units as one convolution over its inputs; the exported graph
+    computes it too, with one add fewer per layer changed."""
+    onnx = pytest.importorskip("onnx")
+    from edgefuse.fuse.branches import BranchLayer, branch
+    from edgefuse.graph.onnx import export_onnx
+
+    aligned, spec = _aligned("cnn-bn")
+    fused = ef.fuse(aligned, spec, alpha=alpha, repair=None, dense=False)
+    branched = copy.deepcopy(fused)
+    changed = branch(branched)
+    assert changed == sum(isinstance(m, BranchLayer) for m in branched.modules()) > 0
+    with torch.no_grad():
+        a, b = fused(X), branched(X)
+    assert float((a - b).abs().max() / a.abs().max()) <= 1e-5
+    assert macs(branched, X) == macs(fused, X)
+    ops = {name: [n.op_type for n in onnx.load(export_onnx(m, X[:2], tmp_path / f"{name}.onnx")).graph.node]
+           for name, m in (("blocks", fused), ("branches", branched))}
+    assert ops["branches"].count("Add") == ops["blocks"].count("Add") - changed
+    assert ops["branches"].count("Gather") == len(aligned) * changed

@@ -1,19 +1,22 @@
-"""An α model's graph form, chosen by measurement on the target's runtime. Its mixed layers run either as blocks
-(the fused units from every input, each member's isolated units from the fused inputs and its own: fewest MACs, but
-two or three operators joined by slices, an add and a concatenation per layer) or as single dense layers (zeros
-multiplied, one kernel per layer, its BatchNorm folded). fuse/dense.py makes a layer dense by a MACs rule; which
-form runs faster depends on the widths and the runtime, so where the whole model also has an all-dense form, both
-are timed and the faster is kept. On the default zoo (onnxruntime CPU, 1 thread) the all-dense α 0.25 graph ran
-0.85× the blocks' latency at batch 1 for 1.32× their MACs; at α 0.5 and 0.75 the blocks stayed faster."""
+"""An α model's graph form, chosen by measurement on the target's runtime. Its mixed layers run as blocks (the
+fused units from every input, each member's isolated units from the fused inputs and its own: fewest MACs, but two
+or three operators joined by slices, an add and a concatenation per layer), as single dense layers (zeros
+multiplied, one kernel per layer, its BatchNorm folded; fuse/dense.py) or with one convolution per member for its
+isolated units (the blocks' MACs, a gather instead of slices and an add; fuse/branches.py). Which runs faster
+depends on the widths and the runtime, so every form that changes the model is timed and the fastest kept. On the
+default zoo (onnxruntime CPU, 1 thread) the all-dense α 0.25 graph ran 0.85× the blocks' latency at batch 1 for
+1.32× their MACs; at α 0.5 and 0.75 the blocks beat the dense form."""
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from torch import nn
 
+from ..fuse.branches import branch
 from ..fuse.dense import densify
 from ..graph.onnx import export_onnx
 from ..measure.runners import OrtRunner, stream_latency
@@ -21,17 +24,31 @@ from ..models.data import Splits
 from ..targets import Target
 
 FORM_PASSES = 2  # the quick timing that picks a form; the row is timed in full afterwards, as every row
+# Each form other than the blocks fusion builds: what makes it, in place, returning how many layers changed.
+FORMS: dict[str, Callable[[nn.Module], int]] = {"dense": lambda m: densify(m, math.inf), "branches": branch}
+
+
+def in_form(module: nn.Module, form: str | None) -> nn.Module:
+    """`module` (as fusion builds it) made `form`, in place; "blocks" and None leave it as it is."""
+    if form in FORMS:
+        FORMS[form](module)
+    return module
 
 
 def faster_form(module: nn.Module, splits: Splits, target: Target, scratch: Path) -> tuple[nn.Module, str]:
-    """`module` (an α model, dense where the MACs rule says) or its all-dense copy, whichever has the lower p50
-    latency on the target's onnxruntime (geometric mean over its batch sizes), and which that was: "blocks" or
-    "dense". A target timed elsewhere (TensorRT on the device, torch on a CUDA GPU) keeps `module`, as does a model
-    with no further dense layer to make. `scratch`: a path prefix for the two graphs, removed afterwards."""
+    """`module` (an α model, dense where the MACs rule says) or a copy in another form, whichever has the lowest
+    p50 latency on the target's onnxruntime (geometric mean over its batch sizes), and which form that was:
+    "blocks", "dense" or "branches". A target timed elsewhere (TensorRT on the device, torch on a CUDA GPU) keeps
+    `module`, as does a model that no other form changes. `scratch`: a path prefix for the graphs, removed
+    afterwards."""
     if target.runtime != "onnxruntime":
         return module, "blocks"
-    dense = copy.deepcopy(module)
-    if not densify(dense, math.inf):
+    candidates = {"blocks": module}
+    for form, make in FORMS.items():
+        copied = copy.deepcopy(module)
+        if make(copied):
+            candidates[form] = copied
+    if len(candidates) == 1:
         return module, "blocks"
     x = splits.x_test.numpy()
 
@@ -44,4 +61,6 @@ def faster_form(module: nn.Module, splits: Splits, target: Target, scratch: Path
             path.unlink(missing_ok=True)
         return float(np.exp(np.mean(np.log(p50))))
 
-    return (dense, "dense") if cost(dense, "dense") < cost(module, "blocks") else (module, "blocks")
+    costs = {form: cost(m, form) for form, m in candidates.items()}
+    form = min(costs, key=costs.get)
+    return candidates[form], form

@@ -5,7 +5,6 @@ again."""
 from __future__ import annotations
 
 import copy
-import math
 import hashlib
 import json
 import multiprocessing
@@ -24,13 +23,12 @@ from ..base.errors import EdgefuseError
 from ..graph.onnx import export_onnx, onnx_nodes
 from ..base.files import atomic_write_text, file_digest
 from ..fuse import DistillConfig, distill, ensemble, fuse
-from ..fuse.dense import densify
 from ..measure.cuda import CudaRunner
 from ..measure.runners import latency_batch, peak_memory_mb
 from ..spec.permspec import PermSpec, permutation_spec
 from ..targets import Target
 from .candidate import Candidate, Point, measure, with_agreement
-from .forms import faster_form
+from .forms import faster_form, in_form
 from .kept import code_digest, fingerprint, kept_module, kept_state
 from ..base.combine import DEFAULT_COMBINE
 
@@ -93,9 +91,7 @@ def _fused(job: Job, splits, repair: bool = True) -> nn.Module:
 
 def _layout(job: Job, splits, form: str | None) -> nn.Module:
     """What a kept fused point's tensors load into: the point before repair, in the graph form it was kept in."""
-    module = _fused(job, splits, repair=False)
-    if form == "dense":
-        densify(module, math.inf)
+    module = in_form(_fused(job, splits, repair=False), form)
     if form is not None:
         module.form = form
     return module
