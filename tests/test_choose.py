@@ -223,3 +223,12 @@ def test_a_chain_of_ties_never_ships_a_model_beaten_beyond_noise():
     close = row("member0", "member", 0.0, 25, 0.19, 7.9, val=worse_by(best.val_correct, 3))
     choice = choose([best, cheap, close, ENS, BATCHED], Budget(max_macs_ratio=0.5), ENS)
     assert choice.chosen.key == "member0"  # the fastest of the candidates within noise of the best
+
+
+def test_a_budget_whose_every_row_is_beaten_from_outside_names_the_winner():
+    """Nothing within the MACs budget ships when a row outside it is more accurate and faster: the error says which."""
+    rows = [row("member0", "member", 0.85, 25, 0.25, 8.0, seed=2), ENS,
+            row("alpha0.5", "fused", 0.91, 80, 0.2, 7.0, seed=7)]
+    with pytest.raises(ef.EdgefuseError, match=r"every candidate within the budget \(MACs ≤ 0.5× the ensemble\) is "
+                                               r"beaten .* by one outside it: alpha0.5 \(validation accuracy 0.9100"):
+        choose(rows, Budget(max_macs_ratio=0.5), ENS)

@@ -120,10 +120,10 @@ class _Stop(Exception):
 
 
 def _solve(a: torch.Tensor, b: torch.Tensor, ridge: float) -> torch.Tensor:
-    reg = torch.eye(len(a), dtype=a.dtype) * ridge * a.diagonal().mean().clamp_min(1e-12)
-    reg[-1, -1] = 0  # the bias is not shrunk
-    factor, info = torch.linalg.cholesky_ex(a + reg)  # symmetric positive definite: half the work of an LU solve
-    return torch.cholesky_solve(b, factor) if int(info) == 0 else torch.linalg.solve(a + reg, b)
+    shrunk = a.clone()
+    shrunk.diagonal()[:-1] += ridge * a.diagonal().mean().clamp_min(1e-12)  # the bias (last) is not shrunk
+    factor, info = torch.linalg.cholesky_ex(shrunk)  # symmetric positive definite: half the work of an LU solve
+    return torch.cholesky_solve(b, factor) if int(info) == 0 else torch.linalg.solve(shrunk, b)
 
 
 def fit_layer(fused: nn.Module, members: list[nn.Module], fit: Fit, xs: list[torch.Tensor]) -> float:

@@ -113,6 +113,13 @@ def choose(rows: list[Candidate], budget: Budget, ensemble: Candidate) -> Choice
     if budget.max_drop is not None:
         within = [c for c in within if c.accuracy >= ensemble.accuracy - budget.max_drop]
     pool = [c for c in within if c.key not in beaten]
+    if within and not pool:  # every row within the budget is beaten, in the end by one outside it
+        inside, by_key = {c.key for c in within}, {c.key: c for c in rows}
+        winner = max((by_key[beaten[c.key]] for c in within if beaten[c.key] not in inside), key=lambda c: c.accuracy)
+        raise EdgefuseError(f"every candidate within the budget ({budget.describe()}) is beaten on validation accuracy "
+                            f"and latency by one outside it: {winner.label} (validation accuracy "
+                            f"{winner.accuracy:.4f}, {binds} {winner.latency(batches[0], binds):.3f} ms at batch "
+                            f"{batches[0]}); widen the budget to ship it")
     if not pool:
         cheapest = min(rows, key=lambda c: _speed(c, batches, binds))
         raise EdgefuseError(f"no candidate meets the budget ({budget.describe()}); the cheapest is {cheapest.label}: "

@@ -129,7 +129,7 @@ def _validate(raw: dict, source: str) -> None:
 
 
 # Each key's type and range: ints are never booleans, numbers are finite; (low, high) bounds are inclusive except
-# max_macs_ratio's lower one. Opsets: what edgefuse's two exporters write (TorchScript up to 17, dynamo 18 to 23).
+# max_macs_ratio's lower one. Opsets: what edgefuse's two exporters write (TorchScript 9 to 20, dynamo 18 to 23).
 INTS = {"opset": (9, 23), "threads": (1, 256), "workspace_mb": (1, 1 << 20), "distill_steps": (0, 10_000_000),
         "distill_batch_size": (1, 65536)}
 NUMBERS = {"max_macs_ratio": (0.0, 1.0), "memory_budget_mb": (1e-9, 1e9), "atol": (0.0, 1e9), "rtol": (0.0, 1e9),
