@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 
@@ -6,13 +8,25 @@ from edgefuse.models import data, zoo
 from . import nets
 
 
-def train_digits(factory, n: int, epochs: int = 30) -> list[torch.nn.Module]:
+@contextlib.contextmanager
+def two_threads():
+    """The test zoos are trained on 2 threads (their weights depend on it); every test after runs on the thread
+    count `make test` gives each worker (1), as two workers share 2 cores."""
+    before = torch.get_num_threads()
     torch.set_num_threads(2)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train_digits(factory, n: int, epochs: int = 30) -> list[torch.nn.Module]:
     x, y = data.digits()
     models = []
-    for s in range(n):
-        torch.manual_seed(s)
-        models.append(zoo.train_model(factory(), x[:1000], y[:1000], epochs, seed=s, batch_size=64, lr=3e-3))
+    with two_threads():
+        for s in range(n):
+            torch.manual_seed(s)
+            models.append(zoo.train_model(factory(), x[:1000], y[:1000], epochs, seed=s, batch_size=64, lr=3e-3))
     return models
 
 
@@ -59,12 +73,12 @@ def finetunes():
     seed and learning rate — the regime where members share a basin."""
     import copy
 
-    torch.set_num_threads(2)
     x, y = data.digits()
-    torch.manual_seed(100)
-    base = zoo.train_model(nets.digits_cnn(), x[:500], y[:500], 15, seed=100, batch_size=64, lr=3e-3)
-    members = []
-    for s, lr in enumerate((1e-3, 5e-4, 2e-3, 7e-4)):
-        members.append(zoo.train_model(copy.deepcopy(base), x[500:1000], y[500:1000], 3, seed=s, batch_size=64,
-                                       lr=lr))
+    with two_threads():
+        torch.manual_seed(100)
+        base = zoo.train_model(nets.digits_cnn(), x[:500], y[:500], 15, seed=100, batch_size=64, lr=3e-3)
+        members = []
+        for s, lr in enumerate((1e-3, 5e-4, 2e-3, 7e-4)):
+            members.append(zoo.train_model(copy.deepcopy(base), x[500:1000], y[500:1000], 3, seed=s, batch_size=64,
+                                           lr=lr))
     return base, members

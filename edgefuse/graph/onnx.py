@@ -16,7 +16,8 @@ from torch import nn
 
 from ..base.compare import differences
 from ..base.errors import EdgefuseError, first_line, warn_once
-from ..base.files import commit, native, new_temp_path
+from ..base.files import commit, new_temp_path
+from ..measure.runners import OrtRunner
 
 INPUT, OUTPUT, HEADS = "input", "logits", "head_logits"
 # The TorchScript exporter writes opsets up to 20 and exports the zoo's CNN in 0.04 s against the dynamo exporter's
@@ -117,14 +118,13 @@ def _simplify(path: Path) -> None:
 
 
 def parity(onnx_path: str | Path, module: nn.Module, inputs: list[torch.Tensor]) -> float:
-    """Largest |ONNX - PyTorch| over the given input batches, run with onnxruntime on the CPU."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(native(onnx_path), providers=["CPUExecutionProvider"])
+    """Largest |ONNX - PyTorch| over the given input batches, run with onnxruntime on the CPU (on the process's
+    torch threads, never spinning)."""
+    runner = OrtRunner(onnx_path, torch.get_num_threads())
     worst = 0.0
     for x in inputs:
         refs = [r.numpy() for r in _outputs(module, x)]
-        diff, problems = differences(sess.run(None, {sess.get_inputs()[0].name: x.numpy()}), refs)
+        diff, problems = differences(runner.outputs(x.numpy()), refs)
         if problems:
             raise EdgefuseError(f"the ONNX graph and the PyTorch model (the reference) at batch {len(x)}: "
                                 f"{problems[0]}" + (" (non-finite values: NaN or Inf is never a result)"

@@ -16,7 +16,7 @@ from ..fuse import ensemble
 from ..measure.metrics import scores
 from ..measure.runners import OrtRunner, SessionsRunner, peak_memory_mb
 from .points import export_and_measure
-from .candidate import ALL_CORES, Candidate, measure, with_agreement
+from .candidate import scoring_threads, Candidate, measure, with_agreement
 from .kept import kept_outputs
 from ..targets import Target
 
@@ -34,7 +34,7 @@ def exact_label(name: str, module: nn.Module) -> str:
 def member_logits(files: list[str], splits: Splits, split: str, cache: Path | None = None) -> np.ndarray:
     """Every member's outputs on the `split` (members, inputs, classes), from its exported graph (kept in `cache`
     when it ran before)."""
-    return np.stack([kept_outputs(cache, OrtRunner(f, ALL_CORES), splits, split)[0] for f in files])
+    return np.stack([kept_outputs(cache, OrtRunner(f, scoring_threads()), splits, split)[0] for f in files])
 
 
 def choose_combine(logits: np.ndarray, y: np.ndarray) -> str:
@@ -71,7 +71,7 @@ def exact_ensembles(members: list[nn.Module], member_files: list[str], splits: S
     if target.runtime != "cuda":
         threads = target.threads
         runner = SessionsRunner(member_files, threads, combine)
-        predictor = SessionsRunner(member_files, ALL_CORES, combine)
+        predictor = SessionsRunner(member_files, scoring_threads(), combine)
         rows["ensemble_sessions"] = measure(
             seq, splits, batch_sizes=target.batch_sizes, threads=threads, runner=runner, predictor=predictor,
             key="ensemble_sessions", label=f"ensemble, {len(members)} separate sessions{_how(combine)}", cache=cache,

@@ -20,7 +20,13 @@ from ..targets import DEFAULT_BINDS
 from .kept import kept_outputs
 
 KINDS = ("member", "distilled member", "sub-ensemble", "ensemble", "fused", "cascade")
-ALL_CORES = os.cpu_count() or 1
+
+
+def scoring_threads() -> int:
+    """Threads for scoring a graph on the validation and test data (timing uses the target's): the process's
+    torch thread count, which is every core unless OMP_NUM_THREADS (or a caller) says fewer, as `make test` does
+    for its two workers on 2 cores."""
+    return torch.get_num_threads()
 
 
 @dataclass(frozen=True)
@@ -171,7 +177,7 @@ def measure(module: nn.Module, splits: Splits, onnx_path: str | Path | None = No
     needs the target's thread count; a graph's outputs are kept in `cache` (run/kept.py) for the next run. MACs and
     parameters always come from `module`."""
     runner = runner or (OrtRunner(onnx_path, threads) if onnx_path else TorchRunner(module, threads))
-    predictor = predictor or (OrtRunner(onnx_path, ALL_CORES) if onnx_path else runner)
+    predictor = predictor or (OrtRunner(onnx_path, scoring_threads()) if onnx_path else runner)
     val, val_heads = kept_outputs(cache, predictor, splits, "validation")
     test, test_heads = kept_outputs(cache, predictor, splits, "test")
     x_test = splits.x_test.numpy()

@@ -24,7 +24,7 @@ from ..measure.uncertainty import flag_rule
 from ..models.data import Splits
 from ..targets import Target
 from .baselines import choose_combine, member_logits
-from .candidate import ALL_CORES, Candidate, with_agreement
+from .candidate import scoring_threads, Candidate, with_agreement
 from .kept import kept_outputs
 
 RATES = (0.05, 0.1, 0.2, 0.35)  # shares of validation inputs escalated, one cascade row each
@@ -52,7 +52,7 @@ def cascades(members: list[Candidate], modules: list[nn.Module], subsets: list[t
     first = max(range(len(members)), key=lambda i: (members[i].accuracy, -members[i].validation["nll"]))
     y_val = splits.y_val.numpy()
     first_logits = {"validation": val[first],
-                    "test": kept_outputs(cache, OrtRunner(members[first].file, ALL_CORES), splits, "test")[0]}
+                    "test": kept_outputs(cache, OrtRunner(members[first].file, scoring_threads()), splits, "test")[0]}
     gate = choose_gate(val[first], y_val)
     score = GATES[gate](val[first])
     rows, refs = [], {}
@@ -109,7 +109,7 @@ def _measure(rule: CascadeRule, members: list[Candidate], first_logits: dict[str
     t = time.perf_counter()
     graph = str(cascade_graph(rule, first.file, rest_file, out_dir / f"{key}.onnx"))
     seconds, t = {"export": time.perf_counter() - t}, time.perf_counter()
-    predictor = OrtRunner(graph, ALL_CORES)
+    predictor = OrtRunner(graph, scoring_threads())
     val, test = (kept_outputs(cache, predictor, splits, split)[0] for split in ("validation", "test"))
     x_test = splits.x_test.numpy()
     timer = OrtRunner(graph, target.threads)
