@@ -116,8 +116,9 @@ def test_export_of_vits_ships_a_non_dominated_model_with_fused_rows(vits, tmp_pa
     assert report["ensemble_batched"]["label"].startswith("ensemble, batched (member axis)")
     assert report["batched_heads"] and not any(c["alpha"] for c in report["candidates"])  # alpha: no grouped form
     assert report["parity"]["max_abs_diff"] < 1e-4
-    shipped = report["shipped"]["key"]
-    assert next(c for c in report["candidates"] if c["key"] == shipped)["dominated_by"] is None
+    shipped = next(c for c in report["candidates"] if c["key"] == report["shipped"]["key"])
+    if shipped["dominated_by"] is not None:  # only within noise: a member tied with what would ship, as fast
+        assert shipped["kind"] in ("member", "distilled member") and "not clearly slower" in report["shipped"]["reason"]
 
 
 def test_a_batched_vit_costs_the_macs_of_its_members(vits):
