@@ -35,10 +35,15 @@ class Pick:
     yielded: Entry | None  # the fused model, cascade or merge that gave way to a plainer `chosen`
 
 
-def speed(e: Entry) -> float:
-    """Geometric mean of the bound latency over the batch sizes: one number to order candidates by speed."""
-    values = [max(v, 1e-9) for v in e.latency.values()]
+def geometric_mean(latencies) -> float:
+    """One number to order latencies over several batch sizes by: each batch size counts alike."""
+    values = [max(v, 1e-9) for v in latencies]
     return math.exp(sum(map(math.log, values)) / len(values))
+
+
+def speed(e: Entry) -> float:
+    """The bound latency's geometric mean over the batch sizes."""
+    return geometric_mean(e.latency.values())
 
 
 def _same_network(a: Entry, b: Entry) -> bool:

@@ -13,9 +13,9 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 from torch import nn
 
+from ..base.tie_rule import geometric_mean
 from ..fuse.branches import branch
 from ..fuse.dense import densify
 from ..graph.onnx import export_onnx
@@ -56,10 +56,9 @@ def faster_form(module: nn.Module, splits: Splits, target: Target, scratch: Path
         path = export_onnx(m, splits.example, scratch.with_name(f"{scratch.name}-{name}.onnx"), opset=target.opset)
         try:
             runner = OrtRunner(path, target.threads)
-            p50 = [stream_latency(runner, x, b, passes=FORM_PASSES)["p50"] for b in target.batch_sizes]
+            return geometric_mean(stream_latency(runner, x, b, passes=FORM_PASSES)["p50"] for b in target.batch_sizes)
         finally:
             path.unlink(missing_ok=True)
-        return float(np.exp(np.mean(np.log(p50))))
 
     costs = {form: cost(m, form) for form, m in candidates.items()}
     form = min(costs, key=costs.get)
