@@ -97,7 +97,7 @@ class Candidate:
     combine: str | None = None  # how a row that combines members does it: "mean" of logits or "probs"
     merge: dict | None = None  # a merge's method, its parameters (chosen on validation) and the members merged
     seconds: dict[str, float] | None = None  # where its time went: fuse and repair, distill, export, measure
-    form: str | None = None  # an α model's graph form, "blocks", "dense" or "branches", whichever timed fastest (run/forms.py)
+    form: str | None = None  # an α model's graph form: blocks, dense or branches, the fastest (run/forms.py)
     val_correct: np.ndarray | None = field(default=None, repr=False, compare=False)
     test_predictions: np.ndarray | None = field(default=None, repr=False, compare=False)
 

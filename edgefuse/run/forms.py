@@ -3,9 +3,8 @@ fused units from every input, each member's isolated units from the fused inputs
 or three operators joined by slices, an add and a concatenation per layer), as single dense layers (zeros
 multiplied, one kernel per layer, its BatchNorm folded; fuse/dense.py) or with one convolution per member for its
 isolated units (the blocks' MACs, a gather instead of slices and an add; fuse/branches.py). Which runs faster
-depends on the widths and the runtime, so every form that changes the model is timed and the fastest kept. On the
-default zoo (onnxruntime CPU, 1 thread) the all-dense α 0.25 graph ran 0.85× the blocks' latency at batch 1 for
-1.32× their MACs; at α 0.5 and 0.75 the blocks beat the dense form."""
+depends on the widths and the runtime, so every form that changes the model is timed and the fastest kept. In one
+`make export` (onnxruntime CPU, 1 thread) α 0.25 and 0.5 ran fastest all dense and α 0.75 as branches."""
 from __future__ import annotations
 
 import copy
