@@ -90,7 +90,7 @@ def test_export_end_to_end(checkpoints, tmp_path):
         assert steps >= {"export", "measure"} or c["key"] == "ensemble_sessions", c["key"]
         assert ("distill" in steps) == bool(c["distill"])  # a distilled point starts from a copy of the point
         assert ("fuse and repair" in steps) == (c["kind"] == "fused" and not c["distill"])  # built before it
-        assert (c["form"] in ("blocks", "dense", "branches")) == (c["alpha"] is not None)  # the faster graph form, timed
+        assert (c["form"] in ("blocks", "dense", "branches")) == (c["alpha"] is not None)  # the fastest form, timed
     # Rows with heads are scored on their disagreement too; the shipped model's flagging rule lands beside it.
     for c in report["candidates"]:
         has_heads = c["kind"] in ("ensemble", "sub-ensemble") or bool(c["depth"])
