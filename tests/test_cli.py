@@ -54,11 +54,14 @@ def test_export_end_to_end(checkpoints, tmp_path):
     assert abs(subs[0]["macs"] / report["ensemble"]["macs"] - 2 / 3) < 0.01
     assert report["distillation"]["teacher"] in {report["ensemble"]["label"], subs[0]["label"]}
     # Nothing in the report dominates what shipped: validation accuracy at least as high and expected latency per
-    # call (what cpu-ort's budget binds) no higher at every batch size.
+    # call (what cpu-ort's budget binds) no higher at every batch size. The tie rule's one exception: a member
+    # within noise of what would ship, on validation and in latency, ships instead, and its reason says so.
     assert report["budget"]["binds"] == "mean"
     shipped = next(c for c in report["candidates"] if c["key"] == report["shipped"]["key"])
+    yielded = "not clearly slower" in report["shipped"]["reason"]
+    assert shipped["dominated_by"] is None or yielded and shipped["kind"] in ("member", "distilled member")
     for c in report["candidates"]:
-        if c is not shipped:
+        if c is not shipped and not yielded:
             assert not (c["validation"]["accuracy"] >= shipped["validation"]["accuracy"] and all(
                 c["latency_by_batch"][b]["expected"] <= shipped["latency_by_batch"][b]["expected"]
                 for b in shipped["latency_by_batch"])), c["key"]
