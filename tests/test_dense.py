@@ -100,3 +100,29 @@ def test_an_alpha_model_in_branches_computes_the_same_function_with_the_same_mac
            for name, m in (("blocks", fused), ("branches", branched))}
     assert ops["branches"].count("Add") == ops["blocks"].count("Add") - changed
     assert ops["branches"].count("Gather") == len(aligned) * changed
+
+
+def test_a_form_outside_the_macs_budget_is_not_timed_where_another_fits(tmp_path, monkeypatch):
+    """The all-dense copy multiplies zeros: under a MACs cap the blocks meet and it does not, it is never timed or
+    kept, however fast it would be; where no form fits the cap, every form is timed."""
+    from edgefuse.models.data import Splits
+    from edgefuse.run import forms
+    from edgefuse.targets import load_target
+
+    aligned, spec = _aligned("cnn-bn")
+    fused = ef.fuse(aligned, spec, alpha=0.5, repair=None)
+    y = torch.zeros(len(X), dtype=torch.long)
+    splits = Splits("x", X, y, X, y, X, y)
+    timed = []
+
+    def fake(runner, x, batch, passes):
+        form = runner.graphs[0].name.rsplit("-", 1)[1].removesuffix(".onnx")
+        timed.append(form)
+        return {"p50": 1.0 if form == "dense" else 2.0}
+
+    monkeypatch.setattr(forms, "stream_latency", fake)
+    cpu = load_target("cpu-ort")
+    blocks = macs(fused, X[:1])
+    assert forms.faster_form(fused, splits, cpu, tmp_path / "a", macs_cap=blocks)[1] in ("blocks", "branches")
+    assert "dense" not in timed and {"blocks", "branches"} <= set(timed)
+    assert forms.faster_form(fused, splits, cpu, tmp_path / "a", macs_cap=blocks / 2)[1] == "dense"

@@ -18,6 +18,7 @@ from ..base.tie_rule import geometric_mean
 from ..fuse.branches import branch
 from ..fuse.dense import densify
 from ..graph.onnx import export_onnx
+from ..measure.metrics import macs
 from ..measure.runners import OrtRunner, stream_latency
 from ..models.data import Splits
 from ..targets import Target
@@ -34,12 +35,14 @@ def in_form(module: nn.Module, form: str | None) -> nn.Module:
     return module
 
 
-def faster_form(module: nn.Module, splits: Splits, target: Target, scratch: Path) -> tuple[nn.Module, str]:
+def faster_form(module: nn.Module, splits: Splits, target: Target, scratch: Path,
+                macs_cap: float | None = None) -> tuple[nn.Module, str]:
     """`module` (an α model, dense where the MACs rule says) or a copy in another form, whichever has the lowest
     p50 latency on the target's onnxruntime (geometric mean over its batch sizes), and which form that was:
     "blocks", "dense" or "branches". A target timed elsewhere (TensorRT on the device, torch on a CUDA GPU) keeps
-    `module`, as does a model that no other form changes. `scratch`: a path prefix for the graphs, removed
-    afterwards."""
+    `module`, as does a model that no other form changes. `macs_cap`: the target's MACs budget; where some form
+    fits it, only those that fit are timed (a dense form multiplies zeros, and a faster model outside the budget
+    is one the chooser cannot ship). `scratch`: a path prefix for the graphs, removed afterwards."""
     if target.runtime != "onnxruntime":
         return module, "blocks"
     candidates = {"blocks": module}
@@ -47,8 +50,11 @@ def faster_form(module: nn.Module, splits: Splits, target: Target, scratch: Path
         copied = copy.deepcopy(module)
         if make(copied):
             candidates[form] = copied
+    if macs_cap is not None:
+        candidates = {f: m for f, m in candidates.items() if macs(m, splits.example[:1]) <= macs_cap} or candidates
     if len(candidates) == 1:
-        return module, "blocks"
+        (form, only), = candidates.items()
+        return only, form
     x = splits.x_test.numpy()
 
     def cost(m: nn.Module, name: str) -> float:
@@ -62,3 +68,9 @@ def faster_form(module: nn.Module, splits: Splits, target: Target, scratch: Path
     costs = {form: cost(m, form) for form, m in candidates.items()}
     form = min(costs, key=costs.get)
     return candidates[form], form
+
+
+def budget_macs(target: Target, members: list[nn.Module], example) -> float:
+    """The target's MACs budget for one sample: its share of the exact ensemble's MACs (its members' sum), as the
+    chooser reads it."""
+    return target.max_macs_ratio * sum(macs(m, example[:1]) for m in members)

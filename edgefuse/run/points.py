@@ -28,7 +28,7 @@ from ..measure.runners import latency_batch, peak_memory_mb
 from ..spec.permspec import PermSpec, permutation_spec
 from ..targets import Target
 from .candidate import Candidate, Point, measure, with_agreement
-from .forms import faster_form, in_form
+from .forms import budget_macs, faster_form, in_form
 from .kept import code_digest, fingerprint, kept_module, kept_state
 from ..base.combine import DEFAULT_COMBINE
 
@@ -85,7 +85,8 @@ def _fused(job: Job, splits, repair: bool = True) -> nn.Module:
     module = fuse(job.aligned, spec, data=splits.calib_batches, repair=p.repair if repair else None,
                   batch_heads=p.kind == "depth" and job.target.batch_heads, head_outputs=p.kind == "depth", **kw)
     if p.kind == "alpha" and repair:  # in the graph form that runs faster on the target (run/forms.py)
-        module, module.form = faster_form(module, splits, job.target, Path(job.out_dir) / f".{p.key}-form")
+        module, module.form = faster_form(module, splits, job.target, Path(job.out_dir) / f".{p.key}-form",
+                                          budget_macs(job.target, job.aligned, splits.example))
     return module
 
 
