@@ -44,7 +44,7 @@ def test_a_graph_the_torchscript_exporter_gets_wrong_comes_from_the_dynamo_expor
 
     def frozen_batch(module, example, path, opset, dynamo):  # the TorchScript graph runs at batch 2 only
         used.append(dynamo)
-        export(module if dynamo else _FrozenBatch(module), example, path, opset, dynamo)
+        return export(module if dynamo else _FrozenBatch(module), example, path, opset, dynamo)
 
     monkeypatch.setattr(graph_onnx, "_export", frozen_batch)
     path = graph_onnx.export_onnx(_net(0), X, tmp_path / "a.onnx")
@@ -61,3 +61,31 @@ class _FrozenBatch(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(x.reshape(2, *x.shape[1:]))
+
+
+class _Branchy(nn.Module):
+    """Which layer runs depends on the input's values: a trace holds one branch only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = _net(0), _net(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x) if x.mean() > -1 else self.b(x)  # inputs in [0, 1] never take b
+
+
+def test_a_trace_that_froze_a_branch_is_not_shipped_where_another_exporter_can_try(tmp_path, monkeypatch):
+    """The parity inputs take one branch, so the traced graph passes parity; the tracer's warning sends the export
+    to the dynamo exporter, which refuses the data-dependent branch in one line instead of freezing it."""
+    export, used = graph_onnx._export, []
+
+    def record(module, example, path, opset, dynamo):
+        used.append(dynamo)
+        return export(module, example, path, opset, dynamo)
+
+    monkeypatch.setattr(graph_onnx, "_export", record)
+    with pytest.raises(EdgefuseError, match="ONNX export failed"):
+        graph_onnx.export_onnx(_Branchy().eval(), X, tmp_path / "a.onnx")
+    assert used == [False, True] and not (tmp_path / "a.onnx").exists()
+    assert graph_onnx.parity(graph_onnx.export_onnx(_Branchy().eval(), X, tmp_path / "b.onnx", opset=17),
+                             _Branchy().eval(), [X]) < 1e-4  # opset 17 has one exporter: its parity-checked trace

@@ -40,8 +40,10 @@ def _exporters(opset: int) -> list[bool]:
     return ([False] if opset <= TORCHSCRIPT_MAX_OPSET else []) + ([True] if opset >= DYNAMO_MIN_OPSET else [])
 
 
-def _export(module: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamo: bool) -> None:
-    """One exporter's graph. A second output (a FusedModel's per-head outputs) is named head_logits."""
+def _export(module: nn.Module, example: torch.Tensor, path: Path, opset: int, dynamo: bool) -> list[str]:
+    """One exporter's graph; returns what the TorchScript tracer warned of (a value it froze into the graph: a
+    branch taken on a tensor, a size turned into a number). A second output (a FusedModel's per-head outputs) is
+    named head_logits."""
     names = [OUTPUT, HEADS][:len(_outputs(module, example))]
     kwargs: dict = dict(input_names=[INPUT], output_names=names, opset_version=opset, dynamo=dynamo)
     if dynamo:
@@ -49,23 +51,28 @@ def _export(module: nn.Module, example: torch.Tensor, path: Path, opset: int, dy
     else:
         kwargs.update(dynamic_axes={INPUT: {0: "batch"}, **{n: {0: "batch"} for n in names}})
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), _silent_fd1():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(io.StringIO()), _silent_fd1():
+        warnings.simplefilter("always")
         torch.onnx.export(module, (example,), str(path), **kwargs)
+    return [str(w.message) for w in caught if issubclass(w.category, torch.jit.TracerWarning)]
 
 
 def _checked_graph(module: nn.Module, example: torch.Tensor, path: Path, opset: int, simplify: bool,
                    atol: float) -> None:
     """Write at `path` the first exporter's graph that passes onnx's checker and, simplified, gives the module's
-    outputs at batch 1 and 3; else one line saying what the last exporter's graph got wrong."""
+    outputs at batch 1 and 3 — a TorchScript trace that froze a value only where no other exporter follows —;
+    else one line saying what the last exporter's graph got wrong."""
     import onnx
 
-    problem = ""
-    for dynamo in _exporters(opset):
+    problem, exporters = "", _exporters(opset)
+    for i, dynamo in enumerate(exporters):
         try:
-            _export(module, example, path, opset, dynamo)
+            froze = _export(module, example, path, opset, dynamo)
         except Exception as e:  # exporter failures are many types; report the first line
             problem = f"ONNX export failed: {first_line(e)}"
+            continue
+        if froze and i < len(exporters) - 1:  # a graph right on the parity inputs may be wrong on others
+            problem = f"ONNX export failed: the TorchScript trace froze a value ({first_line(froze[0])})"
             continue
         try:
             onnx.checker.check_model(onnx.load(str(path)), full_check=True)
