@@ -51,23 +51,9 @@ def test_the_alpha_form_that_times_fastest_is_kept(fastest, tmp_path, monkeypatc
     same function; its scratch graphs are removed; a TensorRT target keeps the model as built."""
     from dataclasses import replace
 
-    from edgefuse.models.data import Splits
     from edgefuse.run import forms
-    from edgefuse.targets import load_target
 
-    aligned, spec = _aligned("cnn-bn")
-    fused = ef.fuse(aligned, spec, alpha=0.5, repair=None)
-    y = torch.zeros(len(X), dtype=torch.long)
-    splits = Splits("x", X, y, X, y, X, y)
-    timed = []
-
-    def fake(runner, x, batch, passes):
-        form = runner.graphs[0].name.rsplit("-", 1)[1].removesuffix(".onnx")
-        timed.append((form, batch, passes))
-        return {"p50": 1.0 if form == fastest else 2.0}
-
-    monkeypatch.setattr(forms, "stream_latency", fake)
-    cpu = load_target("cpu-ort")
+    fused, splits, cpu, timed = _timed_forms(monkeypatch, fastest)
     kept, form = forms.faster_form(fused, splits, cpu, tmp_path / "a")
     assert form == fastest and (kept is fused) == (fastest == "blocks")
     assert sorted(timed) == sorted((f, b, forms.FORM_PASSES) for f in ("blocks", "dense", "branches")
@@ -105,6 +91,18 @@ def test_an_alpha_model_in_branches_computes_the_same_function_with_the_same_mac
 def test_a_form_outside_the_macs_budget_is_not_timed_where_another_fits(tmp_path, monkeypatch):
     """The all-dense copy multiplies zeros: under a MACs cap the blocks meet and it does not, it is never timed or
     kept, however fast it would be; where no form fits the cap, every form is timed."""
+    from edgefuse.run import forms
+
+    fused, splits, cpu, timed = _timed_forms(monkeypatch, "dense")
+    blocks = macs(fused, X[:1])
+    assert forms.faster_form(fused, splits, cpu, tmp_path / "a", macs_cap=blocks)[1] in ("blocks", "branches")
+    assert "dense" not in {f for f, _, _ in timed} and {"blocks", "branches"} <= {f for f, _, _ in timed}
+    assert forms.faster_form(fused, splits, cpu, tmp_path / "a", macs_cap=blocks / 2)[1] == "dense"
+
+
+def _timed_forms(monkeypatch, fastest: str):
+    """An α 0.5 model, its data, the cpu-ort target and the list of (form, batch, passes) a scripted timer, under
+    which `fastest` is the fastest form, is asked for."""
     from edgefuse.models.data import Splits
     from edgefuse.run import forms
     from edgefuse.targets import load_target
@@ -112,17 +110,12 @@ def test_a_form_outside_the_macs_budget_is_not_timed_where_another_fits(tmp_path
     aligned, spec = _aligned("cnn-bn")
     fused = ef.fuse(aligned, spec, alpha=0.5, repair=None)
     y = torch.zeros(len(X), dtype=torch.long)
-    splits = Splits("x", X, y, X, y, X, y)
     timed = []
 
     def fake(runner, x, batch, passes):
         form = runner.graphs[0].name.rsplit("-", 1)[1].removesuffix(".onnx")
-        timed.append(form)
-        return {"p50": 1.0 if form == "dense" else 2.0}
+        timed.append((form, batch, passes))
+        return {"p50": 1.0 if form == fastest else 2.0}
 
     monkeypatch.setattr(forms, "stream_latency", fake)
-    cpu = load_target("cpu-ort")
-    blocks = macs(fused, X[:1])
-    assert forms.faster_form(fused, splits, cpu, tmp_path / "a", macs_cap=blocks)[1] in ("blocks", "branches")
-    assert "dense" not in timed and {"blocks", "branches"} <= set(timed)
-    assert forms.faster_form(fused, splits, cpu, tmp_path / "a", macs_cap=blocks / 2)[1] == "dense"
+    return fused, Splits("x", X, y, X, y, X, y), load_target("cpu-ort"), timed
