@@ -16,7 +16,7 @@ export: setup data
 	$(BIN)/edgefuse export --force --target $(TARGET)
 
 # Two worker processes, each running whole test files (a file's fixtures are built once) with one torch thread: on
-# 2 cores the suite takes about 5 minutes (4m22s–5m52s over five runs on a clean build/cache). TEST_WORKERS=0 runs
+# 2 cores the suite takes about 5 minutes (4m01s–5m52s over six runs on a clean build/cache). TEST_WORKERS=0 runs
 # it in one process.
 TEST_WORKERS ?= 2
 
