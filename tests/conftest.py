@@ -1,23 +1,16 @@
-import contextlib
-
 import pytest
 import torch
 
+from edgefuse.measure.runners import torch_threads
 from edgefuse.models import data, zoo
 
 from . import nets
 
 
-@contextlib.contextmanager
 def two_threads():
     """The test zoos are trained on 2 threads (their weights depend on it); every test after runs on the thread
     count `make test` gives each worker (1), as two workers share 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
+    return torch_threads(2)
 
 
 def train_digits(factory, n: int, epochs: int = 30) -> list[torch.nn.Module]:

@@ -17,7 +17,7 @@ from torch import nn
 from ..base.compare import differences
 from ..base.errors import EdgefuseError, first_line, warn_once
 from ..base.files import commit, new_temp_path
-from ..measure.runners import OrtRunner
+from ..measure.runners import OrtRunner, scoring_threads
 
 INPUT, OUTPUT, HEADS = "input", "logits", "head_logits"
 # The TorchScript exporter writes opsets up to 20 and exports the zoo's CNN in 0.04 s against the dynamo exporter's
@@ -127,7 +127,7 @@ def _simplify(path: Path) -> None:
 def parity(onnx_path: str | Path, module: nn.Module, inputs: list[torch.Tensor]) -> float:
     """Largest |ONNX - PyTorch| over the given input batches, run with onnxruntime on the CPU (on the process's
     torch threads, never spinning)."""
-    runner = OrtRunner(onnx_path, torch.get_num_threads())
+    runner = OrtRunner(onnx_path, scoring_threads())
     worst = 0.0
     for x in inputs:
         refs = [r.numpy() for r in _outputs(module, x)]

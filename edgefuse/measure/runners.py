@@ -1,6 +1,7 @@
 """One runner interface over PyTorch and onnxruntime, and latency measured the same way for every candidate."""
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Protocol
@@ -19,6 +20,24 @@ class Runner(Protocol):
     def __call__(self, x: np.ndarray) -> np.ndarray: ...
 
 
+def scoring_threads() -> int:
+    """Threads for scoring a graph on data or checking it against PyTorch (timing uses the target's): the
+    process's torch thread count, which is every core unless OMP_NUM_THREADS (or a caller) says fewer, as `make
+    test` does for its two workers on 2 cores."""
+    return torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Torch runs on `n` threads inside the block; the caller's count is back afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class TorchRunner:
     def __init__(self, module: nn.Module, threads: int = 1) -> None:
         self.module, self.threads, self.name = module.eval(), threads, "torch"
@@ -30,13 +49,8 @@ class TorchRunner:
         """Every output: the logits, then head_logits where the module gives them. The runner's thread count
         holds for its own calls only: the process's is the caller's again afterwards (repairs and distillation
         that follow a timing would otherwise run on one thread)."""
-        before = torch.get_num_threads()
-        torch.set_num_threads(self.threads)
-        try:
-            with torch.no_grad():
-                out = self.module(torch.from_numpy(x))
-        finally:
-            torch.set_num_threads(before)
+        with torch_threads(self.threads), torch.no_grad():
+            out = self.module(torch.from_numpy(x))
         return [o.numpy() for o in (out if isinstance(out, (tuple, list)) else [out])]
 
 

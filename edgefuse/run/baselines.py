@@ -14,9 +14,9 @@ from ..models.data import Splits
 from ..graph.onnx import onnx_nodes
 from ..fuse import ensemble
 from ..measure.metrics import scores
-from ..measure.runners import OrtRunner, SessionsRunner, peak_memory_mb
+from ..measure.runners import OrtRunner, SessionsRunner, peak_memory_mb, scoring_threads
 from .points import export_and_measure
-from .candidate import scoring_threads, Candidate, measure, with_agreement
+from .candidate import Candidate, measure, with_agreement
 from .kept import kept_outputs
 from ..targets import Target
 

@@ -14,19 +14,12 @@ from ..align import DEFAULT_METHOD
 from ..fuse.repair import DEFAULT_REPAIR
 from ..models.data import Splits
 from ..measure.metrics import macs, params, scores
-from ..measure.runners import OrtRunner, Runner, TorchRunner, predict, stream_latency
+from ..measure.runners import OrtRunner, Runner, TorchRunner, predict, scoring_threads, stream_latency
 from ..measure.uncertainty import flag_rule
 from ..targets import DEFAULT_BINDS
 from .kept import kept_outputs
 
 KINDS = ("member", "distilled member", "sub-ensemble", "ensemble", "fused", "cascade")
-
-
-def scoring_threads() -> int:
-    """Threads for scoring a graph on the validation and test data (timing uses the target's): the process's
-    torch thread count, which is every core unless OMP_NUM_THREADS (or a caller) says fewer, as `make test` does
-    for its two workers on 2 cores."""
-    return torch.get_num_threads()
 
 
 @dataclass(frozen=True)

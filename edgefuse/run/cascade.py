@@ -19,12 +19,12 @@ from ..graph.onnx import export_onnx, onnx_nodes
 from ..graph.cascade import cascade_graph
 from ..measure.cascade import calls_escalated
 from ..measure.metrics import macs, misclassification_auroc, params, scores
-from ..measure.runners import OrtRunner, peak_memory_mb, stream_latency
+from ..measure.runners import OrtRunner, peak_memory_mb, scoring_threads, stream_latency
 from ..measure.uncertainty import flag_rule
 from ..models.data import Splits
 from ..targets import Target
 from .baselines import choose_combine, member_logits
-from .candidate import scoring_threads, Candidate, with_agreement
+from .candidate import Candidate, with_agreement
 from .kept import kept_outputs
 
 RATES = (0.05, 0.1, 0.2, 0.35)  # shares of validation inputs escalated, one cascade row each
