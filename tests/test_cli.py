@@ -46,6 +46,11 @@ def test_export_end_to_end(checkpoints, tmp_path):
         assert {"validation", "test"} <= set(report[entry])
     assert report["parity"]["max_abs_diff"] < 1e-4
     assert report["fused"]["macs"] <= 0.5 * report["ensemble"]["macs"]
+    # Fused points over the MACs budget in every form are listed, unbuilt; every fused row built is within it.
+    cap = report["budget"]["max_macs_ratio"] * report["ensemble"]["macs"]
+    assert all(p["macs"] > cap and p["why"] for p in report["pruned"])
+    assert not {p["key"] for p in report["pruned"]} & {c["key"] for c in report["candidates"]}
+    assert all(c["macs"] <= cap for c in report["candidates"] if c["kind"] == "fused")
     kinds = [c["kind"] for c in report["candidates"]]
     assert kinds.count("member") == 3 and kinds.count("ensemble") == 3 and kinds.count("distilled member") == 1
     # The middle ground: with 3 members, the pair that greedy selection on validation picks, batched, with heads.

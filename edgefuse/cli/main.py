@@ -171,6 +171,9 @@ def _fuse_to(obj: dict, checkpoints: tuple[str, ...], opts: dict) -> None:
               help="Shift/flip the distillation images (default: the target's distill_augment).")
 @click.option("--out-root", default=Default(CONFIG + "out_root"), show_default=True)
 @click.option("--force", is_flag=True, help="Replace an earlier export of this target.")
+@click.option("--all-points", is_flag=True,
+              help="Build and measure every fused point, also those over the target's MACs budget, which could not "
+              "ship (by default they are listed in the report, unbuilt).")
 @click.pass_obj
 def export(obj: dict, checkpoints: tuple[str, ...], **opts) -> None:
     """The main job: every member, the distilled member, the sub-ensembles, the exact ensembles and the fused

@@ -21,6 +21,7 @@ from ..fuse import fuse
 from ..models.batchnorm import batchnorms
 from ..measure.cuda import require_cuda
 from ..measure.metrics import scores
+from ..run.prune import Pruned, over_budget
 from ..run.setup import prepare
 from ..run.report import build_report, write_report
 from ..measure.cascade import write_cascade
@@ -100,11 +101,18 @@ def _run(plan: RunPlan, run: RunConfig, out_dir: Path, console: Console) -> dict
         console.print(f"[bold]distillation budget[/]: {cfg.describe()} per distilled candidate (distill_steps in "
                       f"{tgt.source}); about {cfg.steps * cfg.batch_size / len(s.splits.x_train):.1f} passes over the "
                       "unlabeled training images")
+    pruned: list[Pruned] = []
     if depth is None:
         points = grid(len(s.spec.cut_points), alphas, (method,), run.repairs)
+        if not run.all_points:
+            points, pruned = over_budget(points, s, tgt)
     else:  # that depth alone, and its distilled form when the target distils
         points = [Point("depth", float(depth), method, run.repairs[0], d) for d in (False, True)
                   if depth and (cfg or not d)]
+    if pruned:
+        console.print(f"[bold]not built[/]: {', '.join(p.point.label for p in pruned)} — over the MACs budget "
+                      f"({tgt.max_macs_ratio:g}× the ensemble's) in every graph form, so none could ship "
+                      "(--all-points builds them)")
     room(out_dir, _bytes_needed(s.models, len(points)), f"this export of {len(points)} fused points")
     f = measure_field(s, tgt, points, budget, console,
                       FieldPlan(out_dir / "candidates", cfg, run.cache, workers=0, pick=depth is None))
@@ -116,6 +124,7 @@ def _run(plan: RunPlan, run: RunConfig, out_dir: Path, console: Console) -> dict
     console.print(f"[bold]ship[/]: {choice.chosen.label} — {choice.reason}")
     head = report_head(tgt, s, (method,), budget, cfg, f)
     report = build_report(head, f.members, f.exact, f.others, choice, out_dir)
+    report["pruned"] = [p.as_dict(f.exact["ensemble"].macs) for p in pruned]
     chosen, module = choice.chosen, f.modules[choice.chosen.key]
     report["parity"] = {"max_abs_diff": parity(chosen.file, module, parity_inputs(s.splits.example)),
                         "batch_sizes": [1, 3]}

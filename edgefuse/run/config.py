@@ -52,6 +52,7 @@ class RunConfig:
     workers: int = 1
     ray_address: str | None = None
     force: bool = False
+    all_points: bool = False  # export: build the fused points over the MACs budget too (run/prune.py)
 
     def __post_init__(self) -> None:
         if self.models is not None:

@@ -80,6 +80,9 @@ def markdown(report: dict) -> str:
                   f"{u['test']['flagged']:.1%} of the inputs and catches {_num(u['test']['errors_flagged'], '.1%')} "
                   f"of the errors, accuracy on the rest {_num(u['test']['kept_accuracy'], '.4f')}."]
     lines += _cascade_lines(report, batches)
+    if report.get("pruned"):
+        lines += ["", "Not built (`--all-points` builds them): " + "; ".join(
+            f"{p['label']}, {p['why']}" for p in report["pruned"]) + "."]
     if "naive_merge" in report:
         lines += ["", "Unaligned weight average (full merge, BatchNorm statistics reset where there are any): test "
                   f"accuracy {report['naive_merge']['accuracy']:.4f}."]

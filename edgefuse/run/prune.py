@@ -1,0 +1,54 @@
+"""Fused points an export need not build: those whose MACs exceed the target's MACs budget in every graph form. A
+point's MACs are fixed by its widths before any repair (a repair changes weights, never shapes, and of its forms
+the one fusion builds has the fewest MACs: run/forms.py only adds zeros), so the point is fused once without
+repair, counted, and left out when even that is over the budget: the chooser could never ship it, and its repair,
+form timing, distillation and measurement (about 100 s of the default export's 6 minutes on 2 cores) change
+nothing the run decides. Only where the host's chooser decides with that budget: a TensorRT device chooses from
+the frontier by its own latency, so every point is built for it. The report lists what was left out and why;
+`--all-points` builds everything, for a report of the whole front."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..fuse import fuse
+from ..measure.metrics import macs
+from ..targets import Target
+from .candidate import Point
+from .choose import MEASURED_HERE
+from .forms import budget_macs
+from .setup import Setup
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """A point left unbuilt: its MACs for one sample and the budget it exceeds."""
+    point: Point
+    macs: int
+    cap: float
+
+    def as_dict(self, ensemble_macs: int) -> dict:
+        return {"key": self.point.key, "label": self.point.label, "macs": self.macs,
+                "macs_ratio": round(self.macs / ensemble_macs, 4),
+                "why": f"{self.macs / ensemble_macs:.2f}× the ensemble's MACs in its cheapest form, over the MACs "
+                       f"budget ({self.cap / ensemble_macs:.2f}×): it could not ship"}
+
+
+def point_macs(p: Point, s: Setup, target: Target) -> int:
+    """The point's MACs for one sample as fusion lays it out (before repair), in the form the run would build."""
+    kw = dict(depth=int(p.value)) if p.kind == "depth" else dict(alpha=p.value)
+    module = fuse(s.aligned[p.method], s.spec, data=s.splits.calib_batches, repair=None,
+                  batch_heads=p.kind == "depth" and target.batch_heads, head_outputs=p.kind == "depth", **kw)
+    return macs(module, s.splits.example[:1])
+
+
+def over_budget(points: list[Point], s: Setup, target: Target) -> tuple[list[Point], list[Pruned]]:
+    """The points to build, and those left out for exceeding the target's MACs budget (none on a target whose
+    device chooses)."""
+    if target.runtime not in MEASURED_HERE:
+        return points, []
+    cap = budget_macs(target, s.models, s.splits.example)
+    kept, pruned = [], []
+    for p in points:
+        m = point_macs(p, s, target) if p.kind in ("depth", "alpha") else 0
+        (pruned.append(Pruned(p, m, cap)) if m > cap else kept.append(p))
+    return kept, pruned
