@@ -43,6 +43,9 @@ def test_a_small_share_of_isolated_units_leaves_one_kernel_per_layer(cnns, digit
     nodes = {name: len(onnx.load(export_onnx(m, x[:2], tmp_path / f"{name}.onnx")).graph.node)
              for name, m in (("blocks", fused), ("dense", dense), ("member", cnns[0]))}
     assert nodes["dense"] == nodes["member"] < nodes["blocks"]  # BatchNorm folded, no slices or concatenations
+    from edgefuse.run.forms import built_form
+
+    assert built_form(dense) == "dense" and built_form(fused) == "blocks"  # as the report names the row's form
 
 
 @pytest.mark.parametrize("fastest", ["blocks", "dense", "branches"])

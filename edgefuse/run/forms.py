@@ -17,6 +17,7 @@ from torch import nn
 from ..base.tie_rule import geometric_mean
 from ..fuse.branches import branch
 from ..fuse.dense import densify
+from ..fuse.neuron import MixedLayer
 from ..graph.onnx import export_onnx
 from ..measure.metrics import macs
 from ..measure.runners import OrtRunner, stream_latency
@@ -35,17 +36,25 @@ def in_form(module: nn.Module, form: str | None) -> nn.Module:
     return module
 
 
+def built_form(module: nn.Module) -> str:
+    """The form fusion built: "dense" where its MACs rule already made every mixed layer one dense layer (small
+    isolated shares: fuse/dense.py), else "blocks"."""
+    split = any(isinstance(m, MixedLayer) and (m.from_fused is not None or m.from_isolated is not None)
+                for m in module.modules())
+    return "blocks" if split else "dense"
+
+
 def faster_form(module: nn.Module, splits: Splits, target: Target, scratch: Path,
                 macs_cap: float | None = None) -> tuple[nn.Module, str]:
     """`module` (an α model, dense where the MACs rule says) or a copy in another form, whichever has the lowest
     p50 latency on the target's onnxruntime (geometric mean over its batch sizes), and which form that was:
     "blocks", "dense" or "branches". A target timed elsewhere (TensorRT on the device, torch on a CUDA GPU) keeps
-    `module`, as does a model that no other form changes. `macs_cap`: the target's MACs budget; where some form
+    `module`, as does a model that no other form changes (named by `built_form`). `macs_cap`: the target's MACs budget; where some form
     fits it, only those that fit are timed (a dense form multiplies zeros, and a faster model outside the budget
     is one the chooser cannot ship). `scratch`: a path prefix for the graphs, removed afterwards."""
     if target.runtime != "onnxruntime":
-        return module, "blocks"
-    candidates = {"blocks": module}
+        return module, built_form(module)
+    candidates = {built_form(module): module}
     for form, make in FORMS.items():
         copied = copy.deepcopy(module)
         if make(copied):
