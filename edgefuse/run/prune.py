@@ -1,11 +1,11 @@
 """Fused points an export need not build: those whose MACs exceed the target's MACs budget in every graph form. A
 point's MACs are fixed by its widths before any repair (a repair changes weights, never shapes, and of its forms
 the one fusion builds has the fewest MACs: run/forms.py only adds zeros), so the point is fused once without
-repair, counted, and left out when even that is over the budget: the chooser could never ship it, and its repair,
-form timing, distillation and measurement (about 100 s of the default export's 6 minutes on 2 cores) change
-nothing the run decides. Only where the host's chooser decides with that budget: a TensorRT device chooses from
-the frontier by its own latency, so every point is built for it. The report lists what was left out and why;
-`--all-points` builds everything, for a report of the whole front."""
+repair, counted, and left out when even that is over the budget: the chooser could never ship it. Its repair, form
+timing, distillation and measurement (about 2m20s of the default export's 6m10s on 2 cores) could change what the
+run ships only by dominating a point within the budget (docs/how-it-works.md). Only where the host's chooser
+decides with that budget: a TensorRT device chooses from the frontier by its own latency, so every point is built
+for it. The report lists what was left out and why; `--all-points` builds everything, for the whole front."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -50,5 +50,8 @@ def over_budget(points: list[Point], s: Setup, target: Target) -> tuple[list[Poi
     kept, pruned = [], []
     for p in points:
         m = point_macs(p, s, target) if p.kind in ("depth", "alpha") else 0
-        (pruned.append(Pruned(p, m, cap)) if m > cap else kept.append(p))
+        if m > cap:
+            pruned.append(Pruned(p, m, cap))
+        else:
+            kept.append(p)
     return kept, pruned
