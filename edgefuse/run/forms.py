@@ -49,9 +49,10 @@ def faster_form(module: nn.Module, splits: Splits, target: Target, scratch: Path
     """`module` (an α model, dense where the MACs rule says) or a copy in another form, whichever has the lowest
     p50 latency on the target's onnxruntime (geometric mean over its batch sizes), and which form that was:
     "blocks", "dense" or "branches". A target timed elsewhere (TensorRT on the device, torch on a CUDA GPU) keeps
-    `module`, as does a model that no other form changes (named by `built_form`). `macs_cap`: the target's MACs budget; where some form
-    fits it, only those that fit are timed (a dense form multiplies zeros, and a faster model outside the budget
-    is one the chooser cannot ship). `scratch`: a path prefix for the graphs, removed afterwards."""
+    `module`, as does a model that no other form changes (named by `built_form`). `macs_cap`: the target's MACs
+    budget; where some form fits it, only those that fit are timed (a dense form multiplies zeros, and a faster
+    model outside the budget is one the chooser cannot ship). `scratch`: a path prefix for the graphs, removed
+    afterwards."""
     if target.runtime != "onnxruntime":
         return module, built_form(module)
     candidates = {built_form(module): module}
