@@ -219,7 +219,7 @@ def distill_picks(f: Field, budget: Budget) -> list[Point]:
     return picks
 
 
-DISTILL_WHY = "the same budget for every distilled candidate, sized to keep make export under 10 minutes on 2 cores"
+DISTILL_WHY = "the same budget for every distilled candidate, sized to keep make export under 5 minutes on 2 cores"
 
 
 def report_head(tgt: Target, s: Setup, methods: tuple[str, ...], budget: Budget, cfg: DistillConfig | None,

@@ -17,7 +17,8 @@ DEFAULT_BINDS = "mean"
 
 # The distillation budget, the one default for every target and for `DistillConfig`: each distilled candidate (the
 # member most accurate on validation, and the best depth and alpha within the budget) trains this many steps of this
-# many unlabeled training images towards the ensemble, about 40 s each on 2 cores. Member 0 of the zoo CNN gained
+# many unlabeled training images towards the ensemble, 12–29 s each for the zoo CNN on 2 cores (66–76 s of a fresh
+# `make export`'s 3m51s–4m18s). Member 0 of the zoo CNN gained
 # 0.0004 / 0.0014 / 0.0008 validation accuracy at 400 / 800 / 1,600 steps, so little is lost by stopping early, and
 # 500 keeps `make export` near its time. A target raises it where time allows, or sets 0 for no distillation.
 DISTILL_STEPS = 500
