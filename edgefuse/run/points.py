@@ -75,13 +75,21 @@ def build(job: Job, splits, seconds: dict[str, float] | None = None) -> nn.Modul
     return module.eval()
 
 
+def fused_point(p: Point, aligned: list[nn.Module], spec: PermSpec, splits, target: Target,
+                repair: bool = True) -> nn.Module:
+    """A depth or α point fused as every run builds it: a depth split with its heads' outputs (batched where the
+    target batches heads), repaired with the point's repair (`repair` False: as fusion lays it out, before any
+    repair), before any choice of graph form."""
+    kw = dict(depth=int(p.value)) if p.kind == "depth" else dict(alpha=p.value)
+    return fuse(aligned, spec, data=splits.calib_batches, repair=p.repair if repair else None,
+                batch_heads=p.kind == "depth" and target.batch_heads, head_outputs=p.kind == "depth", **kw)
+
+
 def _fused(job: Job, splits, repair: bool = True) -> nn.Module:
     """The point fused and repaired (`repair` False: as fusion lays it out, before any repair)."""
     p = job.point
     spec = job.spec or permutation_spec(job.aligned[0], splits.example)
-    kw = dict(depth=int(p.value)) if p.kind == "depth" else dict(alpha=p.value)
-    module = fuse(job.aligned, spec, data=splits.calib_batches, repair=p.repair if repair else None,
-                  batch_heads=p.kind == "depth" and job.target.batch_heads, head_outputs=p.kind == "depth", **kw)
+    module = fused_point(p, job.aligned, spec, splits, job.target, repair)
     if p.kind == "alpha" and repair:  # in the graph form that runs faster on the target (run/forms.py)
         module, module.form = faster_form(module, splits, job.target, Path(job.out_dir) / f".{p.key}-form",
                                           budget_macs(job.target, job.aligned, splits.example))

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..fuse import fuse
 from ..measure.metrics import macs
 from ..targets import Target
 from .candidate import Point
 from .choose import MEASURED_HERE
 from .forms import budget_macs
+from .points import fused_point
 from .setup import Setup
 
 
@@ -36,10 +36,7 @@ class Pruned:
 
 def point_macs(p: Point, s: Setup, target: Target) -> int:
     """The point's MACs for one sample as fusion lays it out (before repair), in the form the run would build."""
-    kw = dict(depth=int(p.value)) if p.kind == "depth" else dict(alpha=p.value)
-    module = fuse(s.aligned[p.method], s.spec, data=s.splits.calib_batches, repair=None,
-                  batch_heads=p.kind == "depth" and target.batch_heads, head_outputs=p.kind == "depth", **kw)
-    return macs(module, s.splits.example[:1])
+    return macs(fused_point(p, s.aligned[p.method], s.spec, s.splits, target, repair=False), s.splits.example[:1])
 
 
 def over_budget(points: list[Point], s: Setup, target: Target) -> tuple[list[Point], list[Pruned]]:
@@ -50,7 +47,7 @@ def over_budget(points: list[Point], s: Setup, target: Target) -> tuple[list[Poi
     cap = budget_macs(target, s.models, s.splits.example)
     kept, pruned = [], []
     for p in points:
-        m = point_macs(p, s, target) if p.kind in ("depth", "alpha") else 0
+        m = point_macs(p, s, target)
         if m > cap:
             pruned.append(Pruned(p, m, cap))
         else:
